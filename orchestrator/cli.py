@@ -1,0 +1,235 @@
+"""`repurpose`: the command line (shared/CONTRACTS.md "Command line").
+
+``plan`` lives here; every other command is a function of another module, imported only when that command
+runs (the driver stays light: no torch, no Ray at import). Each such function receives the parsed
+``argparse.Namespace`` and returns an exit code (None means 0):
+
+    submit  -> orchestrator.driver.submit(args)    args: grid, name (None: the grid's), storage, address
+    resume  -> orchestrator.driver.resume(args)    args: name, storage, address
+    status  -> orchestrator.driver.status(args)    args: name, json, storage, address
+    fit     -> analysis.report.fit_command(args)   args: name, out (None: <storage>/<name>/analysis/), storage
+    recipe  -> analysis.report.recipe_command(args)  args: name, budget (float > 0), json, storage
+    demo    -> orchestrator.demo.run(args)         args: name ("demo"), storage, address
+    suite build -> workers.suite.build_command(args)  args: out (None: the suite's default), storage
+    suite list  -> workers.suite.list_command(args)   args: json, storage
+
+Errors: a ``UserError`` (or ``workers.models.ModelConfigError`` / ``workers.data.DataError``) anywhere becomes
+one line on stderr and exit code 2, no traceback; so do argparse errors. Anything else is a bug and keeps its
+traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import sys
+
+from orchestrator.errors import EXIT_USER_ERROR, UserError, as_user_error
+
+DEFAULT_STORAGE = "./sweeps"
+
+# command -> (module, function); see the module docstring for the arguments each receives
+COMMANDS = {
+    "submit": ("orchestrator.driver", "submit"),
+    "resume": ("orchestrator.driver", "resume"),
+    "status": ("orchestrator.driver", "status"),
+    "fit": ("analysis.report", "fit_command"),
+    "recipe": ("analysis.report", "recipe_command"),
+    "demo": ("orchestrator.demo", "run"),
+    "suite build": ("workers.suite", "build_command"),
+    "suite list": ("workers.suite", "list_command"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (and exit code 2, as argparse's own)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}\n")
+
+
+# --- argument types ----------------------------------------------------------------------------------------
+def _positive_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        x = float("nan")
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return x
+
+
+def _gpu_count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return int(text)
+
+
+def _sweep_name(text: str) -> str:
+    from orchestrator.grid import SWEEP_NAME_PATTERN
+
+    if not re.match(SWEEP_NAME_PATTERN, text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a sweep name ({SWEEP_NAME_PATTERN[1:-1]})")
+    return text
+
+
+# --- the parser --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    storage = os.environ.get("REPURPOSE_STORAGE") or DEFAULT_STORAGE
+    address = os.environ.get("RAY_ADDRESS") or None
+
+    def common(p: argparse.ArgumentParser, *, sweep: bool = False) -> argparse.ArgumentParser:
+        p.add_argument("--storage", default=storage, metavar="URI",
+                       help=f"the sweep store: a path, s3://… or gs://… (default: $REPURPOSE_STORAGE, "
+                       f"else {DEFAULT_STORAGE})")
+        if sweep:
+            p.add_argument("--address", default=address,
+                           help="Ray address (default: $RAY_ADDRESS, else a local Ray started for the run)")
+        return p
+
+    parser = _Parser(prog="repurpose", description="Compute-optimal recipes for repurposing LMs into embedding "
+                     "models: plan, run and fit a sweep.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    p = common(sub.add_parser("plan", help="validate a grid and print every trial's plan (starts no Ray)"))
+    p.add_argument("grid", metavar="GRID.yaml")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.add_argument("--gpus", type=_gpu_count, default=None, metavar="N",
+                   help="plan resources for N GPUs per node (default: the grid's resources.gpus; auto: CPU)")
+    p.set_defaults(handler=cmd_plan)
+
+    p = common(sub.add_parser("submit", help="run (or extend, or finish) a sweep"), sweep=True)
+    p.add_argument("grid", metavar="GRID.yaml")
+    p.add_argument("--name", type=_sweep_name, default=None, help="sweep name (default: the grid's name)")
+    p.set_defaults(handler=_delegate("submit"))
+
+    p = common(sub.add_parser("resume", help="finish an interrupted sweep from its stored grid"), sweep=True)
+    p.add_argument("name", type=_sweep_name, metavar="NAME")
+    p.set_defaults(handler=_delegate("resume"))
+
+    p = common(sub.add_parser("status", help="counts, FLOP spent / planned, the trials"), sweep=True)
+    p.add_argument("name", type=_sweep_name, metavar="NAME")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_delegate("status"))
+
+    p = common(sub.add_parser("fit", help="fit the frontier; write figures and the recipe table"))
+    p.add_argument("name", type=_sweep_name, metavar="NAME")
+    p.add_argument("--out", default=None, metavar="DIR", help="default: <storage>/<NAME>/analysis/")
+    p.set_defaults(handler=_delegate("fit"))
+
+    p = common(sub.add_parser("recipe", help="the compute-optimal recipe at a budget"))
+    p.add_argument("name", type=_sweep_name, metavar="NAME")
+    p.add_argument("--budget", type=_positive_float, required=True, metavar="FLOP")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_delegate("recipe"))
+
+    p = common(sub.add_parser("demo", help="offline mini suite, small sweep on a local Ray, fit, recipe"),
+               sweep=True)
+    p.add_argument("--name", type=_sweep_name, default="demo", help="sweep name (default: demo)")
+    p.set_defaults(handler=_delegate("demo"))
+
+    suite = sub.add_parser("suite", help="the offline mini model suite")
+    suite_sub = suite.add_subparsers(dest="suite_command", required=True, metavar="{build,list}",
+                                     parser_class=_Parser)
+    p = common(suite_sub.add_parser("build", help="build (or reuse) the mini suite and its data"))
+    p.add_argument("--out", default=None, metavar="DIR", help="default: the suite's cache directory")
+    p.set_defaults(handler=_delegate("suite build"))
+    p = common(suite_sub.add_parser("list", help="list the suite's models"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_delegate("suite list"))
+    return parser
+
+
+# --- commands ----------------------------------------------------------------------------------------------
+class CommandUnavailable(UserError):
+    """The module behind a command is not part of this installation."""
+
+
+def _delegate(command: str):
+    module_name, func_name = COMMANDS[command]
+
+    def handler(args: argparse.Namespace) -> int | None:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not (module_name == e.name or module_name.startswith(e.name + ".")):
+                raise  # a dependency of the module is missing: a real ImportError, keep its traceback
+            module = None
+        func = getattr(module, func_name, None)
+        if func is None:
+            raise CommandUnavailable(f"repurpose {command}: not available in this installation "
+                                     f"({module_name}.{func_name} is missing)")
+        return func(args)
+
+    handler.__name__ = f"run_{command.replace(' ', '_')}"
+    return handler
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from orchestrator.grid import load_grid
+    from orchestrator.plan import plan_grid
+
+    plan = plan_grid(load_grid(args.grid), gpus_available=args.gpus)
+    for warning in plan.warnings:
+        print(warning, file=sys.stderr)
+    if args.json:
+        print(json.dumps(plan.to_json()))
+    else:
+        print(render_plan(plan))
+    return 0
+
+
+def render_plan(plan) -> str:
+    """The dry run as an aligned text table (deterministic; no terminal width games), then the totals."""
+    from orchestrator.plan import short
+
+    header = ("trial_id", "model", "method", "rank/frac", "budget", "tokens", "steps", "resources", "status")
+    rows = []
+    for t in plan.trials:
+        hyper = f"r={t.lora_rank}" if t.lora_rank is not None else (
+            f"f={t.trainable_fraction:g}" if t.trainable_fraction is not None else "-")
+        resources = " ".join(f"{k}={v:g}" for k, v in t.display_resources().items())
+        status = "ok" if t.runnable else f"SKIP {t.skip_reason}"
+        rows.append((t.trial_id, t.model, t.method, hyper, sci(t.budget_flops), short(t.planned_tokens),
+                     str(t.steps), resources, status))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    g = plan.grid
+    lines.insert(0, f"sweep {g.name}: {len(g.models)} models x {len(g.methods.cells())} method settings x "
+                    f"{len(g.budgets)} budgets; resources for "
+                    + (f"{plan.gpus_available} GPUs per node" if plan.gpus_available else "a CPU-only cluster"))
+    lines.append(f"{len(plan.trials)} trials: {len(plan.runnable)} runnable, {len(plan.skipped)} skipped; "
+                 f"{sci(plan.total_flops)} FLOP planned (runnable trials)")
+    return "\n".join(lines)
+
+
+def sci(x: float) -> str:
+    """1.5e15 -> '1.5e15'."""
+    mantissa, exp = f"{x:.1e}".split("e")
+    return f"{mantissa}e{int(exp)}"
+
+
+# --- entry point -------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # -h (0) or a usage error (2, already printed)
+        return e.code if isinstance(e.code, int) else EXIT_USER_ERROR
+    try:
+        code = args.handler(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        error = as_user_error(e)
+        if error is None:
+            raise
+        print(" ".join(str(error).split()), file=sys.stderr)
+        return error.exit_code
+    return 0 if code is None else int(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

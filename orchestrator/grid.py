@@ -1,0 +1,471 @@
+"""The grid file (shared/CONTRACTS.md "Grid file"): YAML -> a frozen, typed ``Grid`` -> trials.
+
+Validated at the edge: unknown keys, wrong types, out-of-range values and a hyperparameter given to the wrong
+method raise ``GridError`` with one line ``<file>: <dotted.path>: <problem>``; nothing downstream re-validates.
+Relative model and data paths resolve against ``base_dir`` (default: the grid file's directory).
+
+Trial identity: ``trial_id`` is the first 16 hex digits of sha256 over the canonical JSON of
+``TrialSpec.identity()`` in which the model and the data are written *as in the grid* (normalised:
+``./models/a/`` == ``models/a``), not as resolved on this machine. So the same grid gives the same ids across
+submits, machines and checkouts; moving data files changes ids only if the URI written in the grid changes
+(and editing a file in place changes none: the id hashes the URI, not the content). Runtime knobs
+(``run.report_every``, ``run.checkpoint_every_s``, ``run.chunk_size``, ``run.save_model``, the planner's
+tokens-per-pair) never change an id; LoRA's ``alpha``/``dropout``/``targets`` change only LoRA trials' ids.
+"""
+from __future__ import annotations
+
+import difflib
+import glob
+import hashlib
+import json
+import math
+import os
+import posixpath
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+
+from orchestrator.errors import GridError
+from workers import spec as defaults
+from workers.flops import LORA_TARGETS, METHODS
+from workers.models import ModelConfigError, auto_lr, model_shape, read_config
+from workers.spec import TrialSpec
+
+SWEEP_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+TRIAL_ID_HEX = 16
+LoraTarget = Literal["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+assert LoraTarget.__args__ == LORA_TARGETS
+
+
+# --- value types: YAML scalars -> typed values, with the messages users see ---------------------------------
+def _got(v: Any) -> dict:
+    return {"got": repr(v) if len(repr(v)) <= 40 else type(v).__name__}
+
+
+def _number(v: Any) -> float:
+    """A finite number. Strings too: PyYAML (YAML 1.1) reads ``1.5e15`` and ``1e9`` as strings."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise PydanticCustomError("number_type", "must be a number, got {got}", _got(v))
+    try:
+        x = float(v)
+    except ValueError:
+        raise PydanticCustomError("number_type", "must be a number, got {got}", _got(v)) from None
+    if not math.isfinite(x):
+        raise PydanticCustomError("number_finite", "must be a finite number, got {got}", _got(v))
+    return x
+
+
+def _int(v: Any) -> int:
+    """An integer; ``8.0`` and ``"2.1e6"`` are accepted (integral), ``8.5``, ``true`` and ``"eight"`` are not."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if isinstance(v, (float, str)) and not isinstance(v, bool):
+        try:
+            x = float(v)
+        except ValueError:
+            x = math.nan
+        if math.isfinite(x) and x.is_integer():
+            return int(x)
+    raise PydanticCustomError("int_type", "must be an integer, got {got}", _got(v))
+
+
+def _listify(v: Any) -> Any:
+    """``rank: 8`` means ``rank: [8]``."""
+    return [v] if isinstance(v, (int, float, str)) else v
+
+
+def _unique(values: tuple) -> tuple:
+    seen = set()
+    for v in values:
+        if v in seen:
+            raise PydanticCustomError("duplicate", "{value} is listed twice", {"value": repr(v)})
+        seen.add(v)
+    return values
+
+
+def _lr(v: Any) -> float | str:
+    if v == "auto":
+        return v
+    try:
+        x = _number(v)
+    except PydanticCustomError:
+        x = math.nan
+    if not x > 0:
+        raise PydanticCustomError("lr", "must be 'auto' or a number > 0, got {got}", _got(v))
+    return x
+
+
+def _gpus(v: Any) -> int | str:
+    if v == "auto":
+        return v
+    try:
+        n = _int(v)
+    except PydanticCustomError:
+        n = -1
+    if n < 0:
+        raise PydanticCustomError("gpus", "must be 'auto' or an integer >= 0, got {got}", _got(v))
+    return n
+
+
+Number = Annotated[float, BeforeValidator(_number)]
+Int = Annotated[int, BeforeValidator(_int)]
+Text = Annotated[str, Field(min_length=1)]
+StrictBool = Annotated[bool, Field(strict=True)]
+
+
+def _list_of(item: Any) -> Any:
+    """A non-empty list of distinct items (a scalar is a list of one)."""
+    return Annotated[tuple[item, ...], BeforeValidator(_listify), Field(min_length=1), AfterValidator(_unique)]
+
+
+# --- the grid's sections -----------------------------------------------------------------------------------
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Optional(_Section):
+    """A section that may be left empty: `train:` (nothing after the colon) is YAML null = the defaults."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_defaults(cls, data: Any) -> Any:
+        return {} if data is None else data
+
+
+class FullConfig(_Optional):
+    """Full fine-tuning: no hyperparameter."""
+
+
+class BiasConfig(_Optional):
+    """Bias-only tuning: every parameter named *bias* trains; no hyperparameter."""
+
+
+class FreezeConfig(_Optional):
+    # last ceil(f * L) blocks train (workers.flops.trained_blocks)
+    trainable_fraction: _list_of(Annotated[Number, Field(gt=0, le=1)])
+
+
+class LoraConfig(_Optional):
+    rank: _list_of(Annotated[Int, Field(ge=1)])
+    alpha: Annotated[Number, Field(gt=0)] | None = None  # None: peft's default, as the authors' code
+    dropout: Annotated[Number, Field(ge=0, lt=1)] = 0.0
+    targets: _list_of(LoraTarget) = LORA_TARGETS  # PAPER.md: the authors' targets (embed_in left out)
+
+
+class Methods(_Section):
+    full: FullConfig | None = None
+    freeze: FreezeConfig | None = None
+    bias: BiasConfig | None = None
+    lora: LoraConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_selected(cls, data: Any) -> Any:
+        # `bias:` selects the method with its defaults; None here would mean "not in the grid"
+        if isinstance(data, dict):
+            return {k: ({} if v is None else v) for k, v in data.items()}
+        return data
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> "Methods":
+        if not self.selected():
+            raise PydanticCustomError("no_method", "must name at least one of " + ", ".join(METHODS))
+        return self
+
+    def selected(self) -> tuple[str, ...]:
+        return tuple(m for m in METHODS if getattr(self, m) is not None)
+
+    def cells(self) -> tuple[tuple[str, int | None, float | None], ...]:
+        """(method, lora_rank, trainable_fraction) per method hyperparameter setting, in METHODS order."""
+        out = []
+        for m in self.selected():
+            if m == "lora":
+                out += [(m, r, None) for r in self.lora.rank]
+            elif m == "freeze":
+                out += [(m, None, f) for f in self.freeze.trainable_fraction]
+            else:
+                out.append((m, None, None))
+        return tuple(out)
+
+
+class DataConfig(_Section):
+    train: Text  # BGE JSONL or Parquet: path, glob or s3:// / gs:// URI
+    eval: Text | None = None  # held-out pairs for eval_loss
+
+
+class TrainConfig(_Optional):
+    """Defaults are the paper's (PAPER.md "Training recipe", via workers.spec)."""
+
+    batch_size: Annotated[Int, Field(ge=2)] = defaults.BATCH_SIZE  # in-batch negatives need 2
+    temperature: Annotated[Number, Field(gt=0)] = defaults.TEMPERATURE
+    max_length: Annotated[Int, Field(ge=1)] = defaults.MAX_LENGTH
+    lr: Annotated[float | Literal["auto"], BeforeValidator(_lr)] = "auto"  # auto: pretraining lr / 10
+    warmup_fraction: Annotated[Number, Field(ge=0, lt=1)] = defaults.WARMUP_FRACTION
+    weight_decay: Annotated[Number, Field(ge=0)] = defaults.WEIGHT_DECAY
+    seed: Int = 0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    gradient_checkpointing: StrictBool = True
+
+
+class PlanConfig(_Optional):
+    min_steps: Annotated[Int, Field(ge=1)] = 10  # fewer optimizer steps than this: skipped
+    max_epochs: Annotated[Number, Field(gt=0)] = 1.0  # more passes over the training pairs than this: skipped
+    tokens_per_pair: Annotated[Number, Field(gt=0)] | None = None  # overrides the measurement on the data
+    train_pairs: Annotated[Int, Field(ge=1)] | None = None  # overrides counting the training pairs
+    sample_pairs: Annotated[Int, Field(ge=1)] = 1024  # pairs read to measure tokens per pair
+
+
+class ResourcesConfig(_Optional):
+    """Per-trial resources (orchestrator.plan.trial_resources): CPU-only clusters use ``cpus_per_trial``
+    CPUs; on GPU clusters models with N below ``gpu_fraction_below_params`` share a GPU
+    (``gpu_fraction`` each), larger ones take one GPU, and trials with N_tr >= ``deepspeed_from_params``
+    take ``deepspeed_gpus`` GPUs of one node (default: all of them) under DeepSpeed ZeRO."""
+
+    gpus: Annotated[int | Literal["auto"], BeforeValidator(_gpus)] = "auto"  # GPUs per node; auto: ask Ray
+    cpus_per_trial: Annotated[Number, Field(gt=0)] = 1.0
+    gpu_fraction: Annotated[Number, Field(gt=0, le=1)] = 0.25
+    gpu_fraction_below_params: Annotated[Number, Field(ge=0)] = 1e8  # Pythia 14m-160m share a GPU
+    deepspeed_from_params: Annotated[Number, Field(gt=0)] = 1e9
+    deepspeed_gpus: Annotated[Int, Field(ge=1)] | None = None
+
+
+class RunConfig(_Optional):
+    max_concurrent_trials: Annotated[Int, Field(ge=1)] | None = None  # None: as many as resources allow
+    max_failures: Annotated[Int, Field(ge=0)] = 2  # retries of a failed trial (from its checkpoint)
+    checkpoint_every_s: Annotated[Number, Field(gt=0)] = 60.0
+    report_every: Annotated[Int, Field(ge=1)] = 1  # optimizer steps between metrics rows
+    eval_every: Annotated[Int, Field(ge=0)] = 0  # optimizer steps between evaluations; 0: at the end only
+    eval_pairs: Annotated[Int, Field(ge=1)] = 4096
+    chunk_size: Annotated[Int, Field(ge=1)] | None = None  # gradient-cache sub-batch; None: automatic
+    save_model: StrictBool = False
+
+
+class Grid(_Section):
+    name: Annotated[str, Field(pattern=SWEEP_NAME_PATTERN)]
+    models: _list_of(Text)  # HF names or local paths of GPT-NeoX (Pythia) checkpoints
+    methods: Methods
+    budgets: _list_of(Annotated[Number, Field(gt=0)])  # FLOP, paper convention
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    plan: PlanConfig = PlanConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    run: RunConfig = RunConfig()
+    # Where relative paths resolve; load_grid sets it to an absolute directory (default: the grid file's), and
+    # the store's copy of the grid keeps it, so `resume` finds the same files.
+    base_dir: str | None = None
+
+    def resolve(self, ref: str) -> str:
+        """A data path or URI as the workers open it: relative paths against ``base_dir``."""
+        if "://" in ref:
+            return ref
+        path = os.path.expanduser(ref)
+        return os.path.normpath(path if os.path.isabs(path) else os.path.join(self.base_dir or ".", path))
+
+    def model_path(self, model: str) -> str:
+        """A model as the workers load it: a local checkpoint directory, else the HF name as written."""
+        if _looks_local(model) or os.path.exists(self.resolve(model)):
+            return self.resolve(model)
+        return model
+
+    def to_yaml(self) -> str:
+        """The resolved grid (``base_dir`` absolute) as YAML: what the store keeps and ``resume`` reloads."""
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+def _looks_local(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~")) or model in (".", "..")
+
+
+# --- loading -----------------------------------------------------------------------------------------------
+def load_grid(path: str) -> Grid:
+    """Read, validate and resolve a grid file; any problem is a GridError naming ``path`` and the field."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise GridError.at(path, None, f"cannot read the grid file ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else None
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise GridError.at(path, where, f"invalid YAML: {problem}") from None
+    return parse_grid(data, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
+
+
+def parse_grid(data: Any, *, source: str = "grid.yaml", base_dir: str = ".") -> Grid:
+    """Validate an already-parsed grid; relative paths (and a relative ``base_dir`` key) resolve against
+    ``base_dir``. Checks the models (config readable, GPT-NeoX, lr resolvable) and that local data exists."""
+    if not isinstance(data, dict):
+        raise GridError.at(source, None, "must be a YAML mapping with name, models, methods, budgets, data")
+    try:
+        grid = Grid.model_validate(data)
+    except ValidationError as e:
+        raise GridError(f"{source}: {format_validation_error(e)}") from None
+    root = os.path.join(os.path.abspath(base_dir), os.path.expanduser(grid.base_dir or "."))
+    grid = grid.model_copy(update={"base_dir": os.path.normpath(root)})
+    _check_references(grid, source)
+    return grid
+
+
+def _check_references(grid: Grid, source: str) -> None:
+    seen: dict[str, int] = {}
+    for i, model in enumerate(grid.models):
+        ref = normalise_ref(model)
+        if ref in seen:
+            raise GridError.at(source, f"models[{i}]", f"the same model as models[{seen[ref]}]")
+        seen[ref] = i
+        path = grid.model_path(model)
+        try:
+            config = read_config(path)
+            model_shape(path)
+        except ModelConfigError as e:
+            raise GridError.at(source, f"models[{i}]", str(e)) from None
+        if grid.train.lr == "auto":
+            try:
+                auto_lr(path, config)
+            except ModelConfigError:
+                raise GridError.at(source, "train.lr", f"'auto' needs the pretraining lr of {model} (a Pythia "
+                                   "name or 'repurpose_pretrain_lr' in its config.json); give a number") from None
+    for field in ("train", "eval"):
+        ref = getattr(grid.data, field)
+        if ref is not None and "://" not in ref and not glob.glob(grid.resolve(ref)):
+            raise GridError.at(source, f"data.{field}", f"no file matches {grid.resolve(ref)}")
+    if grid.run.eval_every > 0 and grid.data.eval is None:
+        raise GridError.at(source, "run.eval_every", "evaluating during training needs data.eval")
+
+
+# --- pydantic errors -> one line ---------------------------------------------------------------------------
+_SECTIONS: dict[tuple, type[BaseModel]] = {
+    (): Grid, ("methods",): Methods, ("methods", "full"): FullConfig, ("methods", "freeze"): FreezeConfig,
+    ("methods", "bias"): BiasConfig, ("methods", "lora"): LoraConfig, ("data",): DataConfig,
+    ("train",): TrainConfig, ("plan",): PlanConfig, ("resources",): ResourcesConfig, ("run",): RunConfig,
+}
+_TYPE_PROBLEMS = {
+    "missing": "required",
+    "string_too_short": "must not be empty",
+    "string_type": "must be a string",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "list_type": "must be a list",
+    "tuple_type": "must be a list",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+}
+
+
+def dotted_path(loc: tuple) -> str:
+    """('methods', 'lora', 'rank', 2) -> 'methods.lora.rank[2]'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def format_validation_error(e: ValidationError) -> str:
+    """The first error as ``<dotted.path>: <problem>``."""
+    err = e.errors(include_url=False)[0]
+    return f"{dotted_path(err['loc'])}: {_problem(err)}"
+
+
+def _problem(err: dict) -> str:
+    kind, ctx, loc = err["type"], err.get("ctx") or {}, tuple(err["loc"])
+    bounds = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"),
+              "less_than_equal": ("<=", "le"), "less_than": ("<", "lt")}
+    if kind in bounds:
+        op, key = bounds[kind]
+        return f"must be {op} {ctx[key]}"
+    if kind == "extra_forbidden":
+        return _unknown_key(loc)
+    if kind == "string_pattern_mismatch":
+        return f"must match {ctx['pattern'].strip('^$')}, got {err['input']!r}"
+    if kind == "literal_error":
+        return f"must be one of {ctx['expected']}, got {err['input']!r}"
+    if kind == "too_short":
+        return "must not be empty"
+    if kind in _TYPE_PROBLEMS:
+        return _TYPE_PROBLEMS[kind]
+    return err["msg"].removeprefix("Value error, ")
+
+
+def _unknown_key(loc: tuple) -> str:
+    *parent, key = loc
+    parent = tuple(parent)
+    if parent == ("methods",):
+        return "unknown method (expected one of " + ", ".join(METHODS) + ")"
+    if len(parent) == 2 and parent[0] == "methods":
+        owners = [m for m in METHODS if key in _SECTIONS[("methods", m)].model_fields]
+        if owners:
+            return f"{key} is a hyperparameter of {' and '.join(owners)}, not {parent[1]}"
+        allowed = list(_SECTIONS[parent].model_fields)
+        return f"unknown key for {parent[1]} (allowed: {', '.join(allowed) or 'none'})"
+    allowed = list(_SECTIONS.get(parent, Grid).model_fields)
+    close = difflib.get_close_matches(str(key), allowed, n=1)
+    return "unknown key" + (f" (did you mean {close[0]}?)" if close else "")
+
+
+# --- expansion: grid -> trials -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Trial:
+    trial_id: str
+    model: str  # as written in the grid (the store's `model` column)
+    spec: TrialSpec  # model and data resolved to what the workers open
+
+
+def normalise_ref(ref: str) -> str:
+    """A model or data reference as it enters the trial id: as written, with ./, // and a trailing / gone."""
+    if "://" in ref:
+        return ref
+    return posixpath.normpath(ref.replace(os.sep, "/"))
+
+
+def trial_id(identity: dict) -> str:
+    """Short sha256 of the canonical JSON of a trial's identity (sorted keys, no spaces, repr floats)."""
+    blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:TRIAL_ID_HEX]
+
+
+def trial_identity(grid: Grid, model: str, spec: TrialSpec) -> dict:
+    """``spec.identity()`` with the model and data as written in the grid, not as resolved here."""
+    identity = spec.identity()
+    identity["model"] = normalise_ref(model)
+    identity["train_data"] = normalise_ref(grid.data.train)
+    identity["eval_data"] = normalise_ref(grid.data.eval) if grid.data.eval is not None else None
+    return identity
+
+
+def trial_spec(grid: Grid, model: str, method: str, budget_flops: float,
+               lora_rank: int | None = None, trainable_fraction: float | None = None) -> TrialSpec:
+    t, r, lora = grid.train, grid.run, grid.methods.lora
+    lora_fields = {}
+    if method == "lora":  # LoRA's knobs define LoRA trials only
+        lora_fields = {"lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "lora_targets": lora.targets}
+    return TrialSpec(
+        model=grid.model_path(model), method=method, budget_flops=float(budget_flops),
+        train_data=grid.resolve(grid.data.train),
+        eval_data=grid.resolve(grid.data.eval) if grid.data.eval is not None else None,
+        lora_rank=lora_rank, trainable_fraction=trainable_fraction, **lora_fields,
+        batch_size=t.batch_size, temperature=t.temperature, max_length=t.max_length,
+        lr=None if t.lr == "auto" else float(t.lr), warmup_fraction=t.warmup_fraction,
+        weight_decay=t.weight_decay, seed=t.seed, max_epochs=grid.plan.max_epochs,
+        gradient_checkpointing=t.gradient_checkpointing, precision=t.precision,
+        eval_every=r.eval_every, eval_pairs=r.eval_pairs,
+        chunk_size=r.chunk_size, report_every=r.report_every, checkpoint_every_s=r.checkpoint_every_s,
+        save_model=r.save_model,
+    )
+
+
+def expand(grid: Grid) -> tuple[Trial, ...]:
+    """model x method x (rank | fraction) x budget, in that nesting order."""
+    trials = []
+    for model in grid.models:
+        for method, rank, fraction in grid.methods.cells():
+            for budget in grid.budgets:
+                spec = trial_spec(grid, model, method, budget, rank, fraction)
+                trials.append(Trial(trial_id(trial_identity(grid, model, spec)), model, spec))
+    return tuple(trials)

@@ -1,0 +1,282 @@
+"""Feasibility of a grid before anything runs: per trial N, tokens, optimizer steps, resources or a skip reason.
+
+Pure functions (``planned_steps``, ``skip_reason``, ``trial_resources``, ``plan_trial``) and one entry point,
+``plan_grid(grid) -> Plan``, which adds the only I/O: the models' configs (never their weights) and, once per
+(tokenizer, data), a measurement of the tokens a pair really has; once per data file, a count of its pairs.
+
+Per trial (PAPER.md "FLOP accounting"): N, N_tr from the config (``workers.flops.param_counts``), planned tokens
+= ``tokens_for_budget(budget, cost_per_token)``, planned pairs = tokens / tokens per pair, steps =
+pairs // batch_size. Infeasible cells are kept, marked with ``skip_reason``: too few optimizer steps to be a
+training run, or more pairs than ``max_epochs`` passes over the data hold.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Mapping
+
+from orchestrator.errors import UserError
+from orchestrator.grid import Grid, Trial, expand
+from workers.flops import NeoxShape, cost_per_token, param_counts, tokens_for_budget
+from workers.models import model_shape, pythia_size
+from workers.spec import TrialSpec
+
+# The authors planned every cell with 78 tokens per pair (14 query + 64 positive at max length 75; PAPER.md).
+# Used only when the data cannot be read here (e.g. `plan` on a laptop for an s3:// grid), with a warning.
+FALLBACK_TOKENS_PER_PAIR = 78.0
+
+
+@dataclass(frozen=True)
+class PlannedTrial:
+    trial_id: str
+    model: str  # as written in the grid
+    spec: TrialSpec  # spec.planned_tokens_per_pair carries the planner's measurement (a runtime knob)
+    n_params: int  # N: non-embedding parameters, LoRA adapters included
+    n_trainable: int  # N_tr
+    cost_per_token: float  # FLOP per real token, paper convention
+    planned_tokens: int
+    planned_pairs: float
+    steps: int  # optimizer steps
+    planned_flops: float  # planned_tokens * cost_per_token <= budget_flops
+    resources: Mapping[str, float]  # Ray resources of one trial: {"CPU": 1, "GPU": 0.25}
+    deepspeed_gpus: int  # 0: plain PyTorch; k: DeepSpeed ZeRO over the k GPUs in `resources`
+    skip_reason: str | None  # None: runnable
+
+    @property
+    def method(self) -> str:
+        return self.spec.method
+
+    @property
+    def lora_rank(self) -> int | None:
+        return self.spec.lora_rank
+
+    @property
+    def trainable_fraction(self) -> float | None:
+        return self.spec.trainable_fraction
+
+    @property
+    def budget_flops(self) -> float:
+        return self.spec.budget_flops
+
+    @property
+    def runnable(self) -> bool:
+        return self.skip_reason is None
+
+    def display_resources(self) -> dict[str, float]:
+        """``resources`` plus ``"deepspeed": k`` for multi-GPU trials (what `plan` shows; not for Ray)."""
+        return {**self.resources, "deepspeed": self.deepspeed_gpus} if self.deepspeed_gpus else dict(self.resources)
+
+    def to_json(self) -> dict:
+        """One row of `plan --json` (shared/CONTRACTS.md): exactly these keys."""
+        return {
+            "trial_id": self.trial_id, "model": self.model, "method": self.method, "lora_rank": self.lora_rank,
+            "trainable_fraction": self.trainable_fraction, "budget_flops": self.budget_flops,
+            "planned_tokens": self.planned_tokens, "steps": self.steps, "resources": self.display_resources(),
+            "skip_reason": self.skip_reason,
+        }
+
+
+@dataclass(frozen=True)
+class DataStats:
+    """What the planner needs to know about the data: tokens per pair by model (as in the grid), the number
+    of training pairs (None: unknown, the max_epochs check is not applied), and warnings for the user."""
+
+    tokens_per_pair: Mapping[str, float]
+    train_pairs: int | None
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    grid: Grid
+    trials: tuple[PlannedTrial, ...]
+    gpus_available: int  # GPUs per node the resources were planned for (0: CPU-only)
+    data: DataStats
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return self.data.warnings
+
+    @property
+    def runnable(self) -> tuple[PlannedTrial, ...]:
+        return tuple(t for t in self.trials if t.runnable)
+
+    @property
+    def skipped(self) -> tuple[PlannedTrial, ...]:
+        return tuple(t for t in self.trials if not t.runnable)
+
+    @property
+    def total_flops(self) -> float:
+        """Planned FLOP of the runnable trials (paper convention)."""
+        return float(sum(t.planned_flops for t in self.runnable))
+
+    def to_json(self) -> dict:
+        """`plan --json` (shared/CONTRACTS.md)."""
+        return {"trials": [t.to_json() for t in self.trials], "total_flops": self.total_flops}
+
+
+# --- pure policy -------------------------------------------------------------------------------------------
+def planned_steps(tokens: int, tokens_per_pair: float, batch_size: int) -> tuple[float, int]:
+    """(pairs, optimizer steps) that ``tokens`` real tokens buy."""
+    pairs = tokens / tokens_per_pair
+    return pairs, int(pairs // batch_size)
+
+
+def skip_reason(*, pairs: float, steps: int, min_steps: int, train_pairs: int | None,
+                max_epochs: float) -> str | None:
+    """Why a cell is infeasible, or None. Both ends of PAPER.md's degenerate cells: 2.8B full at 1.5e15 is
+    ~one batch; 14M at 1.5e18 needs ~2.7e9 pairs."""
+    reasons = []
+    if train_pairs is not None and pairs > max_epochs * train_pairs:
+        reasons.append(f"needs {short(pairs)} pairs, data has {short(train_pairs)} (max_epochs {max_epochs:g})")
+    if steps < min_steps:
+        reasons.append(f"{steps} optimizer steps < min_steps {min_steps}")
+    return "; ".join(reasons) or None
+
+
+def trial_resources(n_params: int, n_trainable: int, gpus_available: int, grid: Grid) -> tuple[dict, int]:
+    """(Ray resources of one trial, DeepSpeed GPUs or 0). ``gpus_available``: GPUs on one node, 0 = CPU-only.
+
+    N decides sharing (activations and frozen weights scale with N): below ``gpu_fraction_below_params`` a
+    trial takes ``gpu_fraction`` of a GPU, else a whole one. N_tr decides DeepSpeed (gradients and AdamW's
+    two moments, 12 bytes per trainable parameter, are what ZeRO shards): from ``deepspeed_from_params`` on, a
+    trial takes ``deepspeed_gpus`` GPUs of one node (default: all). So LoRA on 2.8B (small N_tr) takes one
+    GPU, full fine-tuning of 1.4B takes a node."""
+    r = grid.resources
+    cpus = r.cpus_per_trial
+    if gpus_available <= 0:
+        return {"CPU": _num(cpus)}, 0
+    if n_trainable >= r.deepspeed_from_params:
+        k = min(gpus_available, r.deepspeed_gpus or gpus_available)
+        return {"CPU": _num(cpus * k), "GPU": k}, k
+    if n_params < r.gpu_fraction_below_params:
+        return {"CPU": _num(cpus), "GPU": _num(r.gpu_fraction)}, 0
+    return {"CPU": _num(cpus), "GPU": 1}, 0
+
+
+def plan_trial(trial: Trial, shape: NeoxShape, tokens_per_pair: float, train_pairs: int | None,
+               gpus_available: int, grid: Grid) -> PlannedTrial:
+    spec = trial.spec
+    n, n_tr = param_counts(shape, spec.method, spec.lora_rank, spec.trainable_fraction, spec.lora_targets)
+    cost = cost_per_token(spec.method, n, n_tr)
+    tokens = tokens_for_budget(spec.budget_flops, cost)
+    pairs, steps = planned_steps(tokens, tokens_per_pair, spec.batch_size)
+    resources, ds = trial_resources(n, n_tr, gpus_available, grid)
+    return PlannedTrial(
+        trial_id=trial.trial_id, model=trial.model,
+        spec=dataclasses.replace(spec, planned_tokens_per_pair=tokens_per_pair),
+        n_params=n, n_trainable=n_tr, cost_per_token=cost, planned_tokens=tokens, planned_pairs=pairs,
+        steps=steps, planned_flops=tokens * cost, resources=resources, deepspeed_gpus=ds,
+        skip_reason=skip_reason(pairs=pairs, steps=steps, min_steps=grid.plan.min_steps,
+                                train_pairs=train_pairs, max_epochs=grid.plan.max_epochs),
+    )
+
+
+def default_gpus(grid: Grid) -> int:
+    """What `plan` assumes without a cluster: the grid's ``resources.gpus``, CPU-only when it is ``auto``."""
+    return grid.resources.gpus if isinstance(grid.resources.gpus, int) else 0
+
+
+def plan_grid(grid: Grid, *, gpus_available: int | None = None, data: DataStats | None = None,
+              strict_data: bool = False) -> Plan:
+    """Every trial of the grid with its plan. ``gpus_available``: GPUs per node (the driver asks Ray; None:
+    ``default_gpus``). ``data``: known data statistics (None: measured, see ``measure_data``)."""
+    gpus = default_gpus(grid) if gpus_available is None else gpus_available
+    data = measure_data(grid, strict=strict_data) if data is None else data
+    shapes = {m: model_shape(grid.model_path(m)) for m in grid.models}
+    trials = tuple(plan_trial(t, shapes[t.model], data.tokens_per_pair[t.model], data.train_pairs, gpus, grid)
+                   for t in expand(grid))
+    return Plan(grid=grid, trials=trials, gpus_available=gpus, data=data)
+
+
+# --- the data: measured once ------------------------------------------------------------------------------
+def tokenizer_key(grid: Grid, model: str) -> str:
+    """Models that share a tokenizer share a measurement: all Pythia hub models use GPT-NeoX-20B's."""
+    path = grid.model_path(model)
+    if path == model and pythia_size(model):
+        return "pythia"
+    return path
+
+
+def measure_data(grid: Grid, *, strict: bool = False) -> DataStats:
+    """Tokens per pair (``plan.tokens_per_pair`` or measured on ``plan.sample_pairs`` pairs once per tokenizer)
+    and training pairs (``plan.train_pairs`` or counted once). Local data that is bad is a UserError; remote
+    data or a tokenizer that cannot be reached here falls back (78 tokens per pair; pairs unknown) with a
+    warning, unless ``strict`` (the driver: a sweep must not run on a guess)."""
+    warnings: list[str] = []
+    uri = grid.resolve(grid.data.train)
+    train_pairs = grid.plan.train_pairs
+    readable = True
+    if train_pairs is None:
+        try:
+            from workers.data import count_pairs
+
+            train_pairs = count_pairs(uri)
+        except Exception as e:  # noqa: BLE001 -- classified below: bad input, or unreachable here
+            _unreachable(e, uri, strict)
+            readable = False
+            warnings.append(f"warning: cannot count the pairs in {uri} ({_one_line(e)}); max_epochs not "
+                            "checked (set plan.train_pairs)")
+    tokens_per_pair: dict[str, float] = {}
+    measured: dict[str, float] = {}
+    for model in grid.models:
+        if grid.plan.tokens_per_pair is not None:
+            tokens_per_pair[model] = grid.plan.tokens_per_pair
+            continue
+        key = tokenizer_key(grid, model)
+        if key not in measured:
+            measured[key] = _measure(grid, model, uri, readable, strict, warnings)
+        tokens_per_pair[model] = measured[key]
+    return DataStats(tokens_per_pair, train_pairs, tuple(warnings))
+
+
+def _measure(grid: Grid, model: str, uri: str, readable: bool, strict: bool, warnings: list[str]) -> float:
+    fallback = (f"planning with {FALLBACK_TOKENS_PER_PAIR:g} tokens per pair (the authors' constant; "
+                "set plan.tokens_per_pair)")
+    if not readable:
+        warnings.append(f"warning: cannot read {uri}: {fallback}")
+        return FALLBACK_TOKENS_PER_PAIR
+    try:
+        from workers.data import measure_tokens_per_pair
+
+        tokenizer = _load_tokenizer(grid.model_path(model))
+    except Exception as e:  # noqa: BLE001 -- no tokenizer here (offline hub, no tokenizer files)
+        if strict:
+            raise UserError(f"{model}: cannot load its tokenizer ({_one_line(e)})") from None
+        warnings.append(f"warning: cannot load the tokenizer of {model} ({_one_line(e)}): {fallback}")
+        return FALLBACK_TOKENS_PER_PAIR
+    try:
+        return measure_tokens_per_pair(uri, tokenizer, grid.train.max_length, sample=grid.plan.sample_pairs)
+    except Exception as e:  # noqa: BLE001
+        _unreachable(e, uri, strict)
+        warnings.append(f"warning: cannot read {uri} ({_one_line(e)}): {fallback}")
+        return FALLBACK_TOKENS_PER_PAIR
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer  # lazy: the driver stays light
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _unreachable(e: Exception, uri: str, strict: bool) -> None:
+    """Re-raise what is the user's to fix: any problem with local data, any problem at all when strict."""
+    if strict or "://" not in uri:
+        raise UserError(_one_line(e) if uri in str(e) else f"{uri}: {_one_line(e)}") from None
+
+
+# --- numbers as people read them ---------------------------------------------------------------------------
+def short(x: float) -> str:
+    """1273.4 -> '1273', 2.7e9 -> '2.7e9' (no '+', no leading zeros in the exponent)."""
+    if abs(x) < 1e4:
+        return f"{x:.0f}"
+    mantissa, exp = f"{x:.1e}".split("e")
+    return f"{mantissa}e{int(exp)}"
+
+
+def _num(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__

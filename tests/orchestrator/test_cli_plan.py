@@ -1,0 +1,252 @@
+"""`repurpose plan` through main() and through the console script; dispatch of the other commands."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import yaml
+
+from orchestrator import cli
+from orchestrator.errors import UserError
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+PAPER = os.path.join(REPO, "grids", "paper.yaml")
+TINY_CONFIG = {"model_type": "gpt_neox", "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+               "intermediate_size": 256, "vocab_size": 512, "use_parallel_residual": True,
+               "repurpose_pretrain_lr": 1e-3}
+CONTRACT_KEYS = {"trial_id", "model", "method", "lora_rank", "trainable_fraction", "budget_flops",
+                 "planned_tokens", "steps", "resources", "skip_reason"}
+
+
+@pytest.fixture
+def grid_file(tmp_path):
+    """A grid whose data numbers are given (no tokenizer, no data read): full at 1.2e9 has 8 steps < 10."""
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "config.json").write_text(json.dumps(TINY_CONFIG))
+    (tmp_path / "train.jsonl").write_text(json.dumps({"query": "q", "pos": ["d"]}) + "\n")
+    grid = {"name": "t", "models": ["./tiny"], "methods": {"full": {}, "lora": {"rank": [8]}},
+            "budgets": [1.2e9, 1.2e10], "data": {"train": "train.jsonl"}, "train": {"batch_size": 4},
+            "plan": {"tokens_per_pair": 30, "train_pairs": 1000}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return str(path)
+
+
+def test_plan_table(grid_file, capsys):
+    assert cli.main(["plan", grid_file]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[0] == "sweep t: 1 models x 2 method settings x 2 budgets; resources for a CPU-only cluster"
+    assert lines[1].split() == ["trial_id", "model", "method", "rank/frac", "budget", "tokens", "steps",
+                                "resources", "status"]
+    assert lines[2].split()[1:] == ["./tiny", "full", "-", "1.2e9", "999", "8", "CPU=1", "SKIP", "8", "optimizer",
+                                    "steps", "<", "min_steps", "10"]
+    assert lines[5].split()[1:] == ["./tiny", "lora", "r=8", "1.2e10", "1.2e4", "100", "CPU=1", "ok"]
+    assert lines[-1].startswith("4 trials: 3 runnable, 1 skipped; ") and lines[-1].endswith("FLOP planned "
+                                                                                              "(runnable trials)")
+    assert err == ""
+
+
+def test_plan_json(grid_file, capsys):
+    assert cli.main(["plan", grid_file, "--json", "--gpus", "2"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) == {"trials", "total_flops"} and len(doc["trials"]) == 4
+    assert all(set(row) == CONTRACT_KEYS for row in doc["trials"])
+    full = doc["trials"][0]
+    assert (full["method"], full["lora_rank"], full["budget_flops"], full["planned_tokens"], full["steps"]) == (
+        "full", None, 1.2e9, 999, 8)
+    assert full["skip_reason"] == "8 optimizer steps < min_steps 10" and full["resources"] == {"CPU": 1, "GPU": 0.25}
+    lora = doc["trials"][2]
+    assert (lora["lora_rank"], lora["trainable_fraction"], lora["skip_reason"]) == (8, None, None)
+    # 6 * 200,064 FLOP per token for full, 4 * 232,832 + 2 * 32,768 for LoRA r=8; total over runnable trials
+    assert doc["total_flops"] == 9996 * 1_200_384 + 1203 * 996_864 + 12037 * 996_864
+
+
+def test_plan_bad_grid_is_one_line_and_exit_2(grid_file, capsys):
+    with open(grid_file) as f:
+        grid = yaml.safe_load(f)
+    grid["methods"]["lora"]["rank"] = [8, 32, 0]
+    with open(grid_file, "w") as f:
+        yaml.safe_dump(grid, f)
+    assert cli.main(["plan", grid_file]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"{grid_file}: methods.lora.rank[2]: must be >= 1\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["plan"], "repurpose plan: error: the following arguments are required: GRID.yaml"),
+    (["fly"], "repurpose: error: argument COMMAND: invalid choice: 'fly'"),
+    (["plan", "g.yaml", "--gpus", "-1"], "repurpose plan: error: argument --gpus: must be an integer >= 0, got '-1'"),
+    (["recipe", "s", "--budget", "lots"], "repurpose recipe: error: argument --budget: must be a number > 0, "
+                                          "got 'lots'"),
+    (["recipe", "s"], "repurpose recipe: error: the following arguments are required: --budget"),
+    (["status", "Bad Name"], "repurpose status: error: argument NAME: 'Bad Name' is not a sweep name"),
+    (["suite"], "repurpose suite: error: the following arguments are required: {build,list}"),
+])
+def test_argument_errors_exit_2_in_one_line(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_help_exits_0(capsys):
+    assert cli.main(["--help"]) == 0
+    assert "plan" in capsys.readouterr().out
+
+
+def test_paper_grid_plans_offline(capsys, monkeypatch):
+    """The shipped paper grid: data on a placeholder bucket, unreadable here -> 78 tokens per pair, warned."""
+    fake = types.ModuleType("workers.data")
+    fake.DataError = type("DataError", (ValueError,), {})
+
+    def unreachable(uri, *a, **k):
+        raise fake.DataError(f"{uri}: cannot open: no network")
+
+    fake.count_pairs = fake.measure_tokens_per_pair = unreachable
+    monkeypatch.setitem(sys.modules, "workers.data", fake)
+    assert cli.main(["plan", PAPER, "--json"]) == 0
+    out, err = capsys.readouterr()
+    doc = json.loads(out)
+    assert len(doc["trials"]) == 432
+    big = next(t for t in doc["trials"] if t["model"].endswith("2.8b") and t["method"] == "full")
+    assert big["budget_flops"] == 1.5e15 and big["skip_reason"] == "1 optimizer steps < min_steps 10"
+    assert [line.split(" (")[0] for line in err.splitlines()] == [
+        "warning: cannot count the pairs in s3://your-bucket/bge/train/*.jsonl",
+        "warning: cannot read s3://your-bucket/bge/train/*.jsonl: planning with 78 tokens per pair"]
+
+
+# --- the console script, in a subprocess -------------------------------------------------------------------
+def run_cli(*args, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_console_script(grid_file, tmp_path):
+    ok = run_cli("plan", "grid.yaml", "--json", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert len(json.loads(ok.stdout)["trials"]) == 4
+    bad = run_cli("plan", "missing.yaml", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr == "missing.yaml: cannot read the grid file (No such file or directory)\n"
+    usage = run_cli("plan", cwd=tmp_path)
+    assert usage.returncode == 2 and "Traceback" not in usage.stderr
+
+
+def test_plan_imports_no_torch(grid_file, tmp_path):
+    """The driver stays light: planning a grid with known data numbers imports neither torch nor transformers."""
+    code = ("import sys; from orchestrator.cli import main; rc = main(['plan', 'grid.yaml']); "
+            "heavy = [m for m in ('torch', 'transformers', 'ray', 'peft', 'deepspeed') if m in sys.modules]; "
+            "assert not heavy, heavy; sys.exit(rc)")
+    env = {**os.environ, "PYTHONPATH": REPO}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+# --- dispatch of the other commands ------------------------------------------------------------------------
+@pytest.fixture
+def fakes(monkeypatch):
+    """Stand-ins for the modules behind the other commands: each records the args it received."""
+    calls = []
+
+    def install(name, *funcs, result=None):
+        module = types.ModuleType(name)
+        for func in funcs:
+            setattr(module, func, lambda args, _f=func: calls.append((name, _f, args)) or result)
+        monkeypatch.setitem(sys.modules, name, module)
+
+    monkeypatch.setenv("REPURPOSE_STORAGE", "s3://bucket/sweeps")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    install("orchestrator.driver", "submit", "resume", "status")
+    install("orchestrator.demo", "run")
+    install("analysis.report", "fit_command", "recipe_command")
+    install("workers.suite", "build_command", "list_command")
+    return calls
+
+
+def test_dispatch_contract(fakes, monkeypatch):
+    assert cli.main(["submit", "g.yaml", "--name", "ext-1"]) == 0
+    assert cli.main(["resume", "paper-grid", "--storage", "/tmp/s"]) == 0
+    assert cli.main(["status", "paper-grid", "--json", "--address", "auto"]) == 0
+    assert cli.main(["fit", "paper-grid", "--out", "figs"]) == 0
+    assert cli.main(["recipe", "paper-grid", "--budget", "1.5e18", "--json"]) == 0
+    assert cli.main(["demo"]) == 0
+    assert cli.main(["suite", "build", "--out", "suite"]) == 0
+    assert cli.main(["suite", "list", "--json"]) == 0
+    seen = {(m, f): vars(a) for m, f, a in fakes}
+    sub = seen[("orchestrator.driver", "submit")]
+    assert (sub["grid"], sub["name"], sub["storage"], sub["address"]) == (
+        "g.yaml", "ext-1", "s3://bucket/sweeps", "ray://head:10001")
+    assert seen[("orchestrator.driver", "resume")]["storage"] == "/tmp/s"
+    status = seen[("orchestrator.driver", "status")]
+    assert (status["name"], status["json"], status["address"]) == ("paper-grid", True, "auto")
+    assert seen[("analysis.report", "fit_command")]["out"] == "figs"
+    recipe = seen[("analysis.report", "recipe_command")]
+    assert (recipe["name"], recipe["budget"], recipe["json"]) == ("paper-grid", 1.5e18, True)
+    assert seen[("orchestrator.demo", "run")]["name"] == "demo"
+    assert seen[("workers.suite", "build_command")]["out"] == "suite"
+    assert seen[("workers.suite", "list_command")]["json"] is True
+    monkeypatch.delenv("REPURPOSE_STORAGE")
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert cli.main(["resume", "x"]) == 0
+    last = vars(fakes[-1][2])
+    assert (last["storage"], last["address"]) == ("./sweeps", None)
+
+
+def test_dispatch_exit_codes_and_errors(fakes, monkeypatch, capsys):
+    driver = sys.modules["orchestrator.driver"]
+    monkeypatch.setattr(driver, "submit", lambda args: 1, raising=False)  # the sweep ran, trials failed
+    assert cli.main(["submit", "g.yaml"]) == 1
+
+    def bad_storage(args):
+        raise UserError.at("s3://bucket/sweeps", "x", "no such sweep")
+
+    monkeypatch.setattr(driver, "status", bad_storage)
+    assert cli.main(["status", "x"]) == 2
+    assert capsys.readouterr().err == "s3://bucket/sweeps: x: no such sweep\n"
+
+    from workers.models import ModelConfigError
+
+    def bad_model(args):
+        raise ModelConfigError("my-model: cannot read the model's config.json (OSError)")
+
+    monkeypatch.setattr(driver, "resume", bad_model)
+    assert cli.main(["resume", "x"]) == 2
+    assert capsys.readouterr().err == "my-model: cannot read the model's config.json (OSError)\n"
+
+    def bug(args):
+        raise RuntimeError("a bug keeps its traceback")
+
+    monkeypatch.setattr(driver, "resume", bug)
+    with pytest.raises(RuntimeError):
+        cli.main(["resume", "x"])
+
+
+def test_data_errors_are_user_errors(monkeypatch, capsys):
+    fake = types.ModuleType("workers.data")
+    fake.DataError = type("DataError", (ValueError,), {})
+    monkeypatch.setitem(sys.modules, "workers.data", fake)
+    demo = types.ModuleType("orchestrator.demo")
+
+    def run(args):
+        raise fake.DataError("train.jsonl: 3 of 4 lines unusable\n(> 1%)")
+
+    demo.run = run
+    monkeypatch.setitem(sys.modules, "orchestrator.demo", demo)
+    assert cli.main(["demo"]) == 2
+    assert capsys.readouterr().err == "train.jsonl: 3 of 4 lines unusable (> 1%)\n"
+
+
+def test_missing_module_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setitem(cli.COMMANDS, "submit", ("orchestrator.not_written_yet", "submit"))
+    assert cli.main(["submit", "g.yaml"]) == 2
+    assert capsys.readouterr().err == ("repurpose submit: not available in this installation "
+                                       "(orchestrator.not_written_yet.submit is missing)\n")
+    monkeypatch.setitem(cli.COMMANDS, "fit", ("orchestrator.errors", "fit_command"))
+    assert cli.main(["fit", "x"]) == 2
+    assert "orchestrator.errors.fit_command is missing" in capsys.readouterr().err
