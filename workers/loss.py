@@ -1,0 +1,122 @@
+"""Embeddings and the contrastive loss, with an exact gradient cache for batches larger than memory.
+
+Pooling and loss follow PAPER.md ("Training recipe"): masked mean of the last hidden layer over real
+tokens (the authors divided by the padded length; we divide by the real length), L2-normalised;
+symmetric InfoNCE over in-batch negatives with temperature tau.
+
+Gradient cache (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited
+Setup"): embed all sub-batches without grad, take the loss and its gradient w.r.t. the embeddings, then
+re-embed each sub-batch with grad and back-propagate the cached embedding gradient. Parameter gradients
+equal the one-shot batch's (tests/workers/test_loss.py).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+
+def embed(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) token ids and mask -> (B, D) unit-norm embeddings (fp32)."""
+    hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, D)
+    m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    pooled = (hidden * m).sum(dim=1).float() / mask.sum(dim=1, keepdim=True).clamp(min=1).float()  # (B, D)
+    return F.normalize(pooled, dim=-1)
+
+
+def info_nce(q: torch.Tensor, d: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE: 1/2 [CE(q -> d) + CE(d -> q)], logits cos(q_i, d_j) / tau, positives on the diagonal."""
+    logits = q @ d.T / temperature  # (B, B)
+    labels = torch.arange(q.shape[0], device=q.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+class _RngFork:
+    """Remembers the RNG state before a sub-batch's first forward so its re-run draws the same dropout."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.cpu_state = torch.get_rng_state()
+        self.cuda_state = torch.cuda.get_rng_state(device) if self.cuda else None
+
+    @contextlib.contextmanager
+    def replay(self):
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if self.cuda else []):
+            torch.set_rng_state(self.cpu_state)
+            if self.cuda:
+                torch.cuda.set_rng_state(self.cuda_state)
+            yield
+
+
+def _chunks(ids: torch.Tensor, mask: torch.Tensor, size: int):
+    """Sub-batches trimmed to their own longest sequence (less padding, same result)."""
+    for i in range(0, ids.shape[0], size):
+        m = mask[i:i + size]
+        t = int(m.sum(dim=1).max())
+        yield ids[i:i + size, :t], m[:, :t]
+
+
+def step_shapes(batch, chunk_size: int | None) -> list[tuple[int, int]]:
+    """(pairs, padded length) of every forward a training step runs, both sides (for FLOP accounting)."""
+    shapes = []
+    for ids, mask in ((batch.q_ids, batch.q_mask), (batch.d_ids, batch.d_mask)):
+        size = ids.shape[0] if chunk_size is None else min(chunk_size, ids.shape[0])
+        shapes += [(i.shape[0], i.shape[1]) for i, _ in _chunks(ids, mask, size)]
+    return shapes
+
+
+def contrastive_backward(model, batch, temperature: float, chunk_size: int | None, autocast) -> float:
+    """Loss of one contrastive batch; parameter gradients accumulated in .grad. Returns the loss value.
+
+    ``chunk_size`` None or >= the batch: one pass. Smaller: the exact gradient cache.
+    ``autocast``: a zero-argument context-manager factory (bf16 autocast or a null context).
+    """
+    n = batch.q_ids.shape[0]
+    if chunk_size is None or chunk_size >= n:
+        (q_ids, q_mask), = _chunks(batch.q_ids, batch.q_mask, n)
+        (d_ids, d_mask), = _chunks(batch.d_ids, batch.d_mask, n)
+        with autocast():
+            q = embed(model, q_ids, q_mask)
+            d = embed(model, d_ids, d_mask)
+        loss = info_nce(q, d, temperature)
+        loss.backward()
+        return loss.item()
+
+    sides = [(batch.q_ids, batch.q_mask), (batch.d_ids, batch.d_mask)]
+    device = batch.q_ids.device
+    cached, forks = [], []
+    with torch.no_grad():
+        for ids, mask in sides:
+            parts = []
+            for c_ids, c_mask in _chunks(ids, mask, chunk_size):
+                forks.append(_RngFork(device))
+                with autocast():
+                    parts.append(embed(model, c_ids, c_mask))
+            cached.append(torch.cat(parts))
+    q, d = (e.detach().requires_grad_() for e in cached)
+    loss = info_nce(q, d, temperature)
+    loss.backward()  # gradients w.r.t. the embeddings only: (B, D) each
+    grads = iter(forks)
+    for (ids, mask), emb in zip(sides, (q, d)):
+        for (c_ids, c_mask), g in zip(_chunks(ids, mask, chunk_size), emb.grad.split(chunk_size)):
+            with next(grads).replay(), autocast():
+                e = embed(model, c_ids, c_mask)
+            e.backward(g)
+    return loss.item()
+
+
+@torch.no_grad()
+def eval_loss(model, batches, temperature: float, chunk_size: int | None, autocast) -> float:
+    """Mean contrastive loss over held-out batches (weighted by pairs); negatives = the whole batch."""
+    total, pairs = 0.0, 0
+    for batch in batches:
+        embs = []
+        for ids, mask in ((batch.q_ids, batch.q_mask), (batch.d_ids, batch.d_mask)):
+            size = chunk_size or ids.shape[0]
+            with autocast():
+                embs.append(torch.cat([embed(model, i, m) for i, m in _chunks(ids, mask, size)]))
+        n = embs[0].shape[0]
+        total += info_nce(embs[0], embs[1], temperature).item() * n
+        pairs += n
+    return total / max(pairs, 1)

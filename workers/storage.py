@@ -1,0 +1,80 @@
+"""Local paths and object stores (s3://, gs://) behind one small API, through pyarrow filesystems.
+
+Writes are atomic: a reader sees the old object or the new one, never half of one (temp + rename
+locally; on object stores a PUT is atomic, and we write a temp key and move it for the same shape).
+"""
+from __future__ import annotations
+
+import os
+import uuid
+
+import pyarrow.fs as pafs
+
+SCHEMES = ("s3", "gs", "gcs")
+
+
+class StorageError(ValueError):
+    """A storage URI that cannot be used; the message names it."""
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it). Local paths are made absolute."""
+    if not is_remote(uri):
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    scheme = uri.split("://", 1)[0]
+    if scheme not in SCHEMES:
+        raise StorageError(f"{uri}: unsupported storage scheme {scheme!r} (use a local path, s3:// or gs://)")
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError with long texts
+        raise StorageError(f"{uri}: cannot open storage ({str(e).splitlines()[0]})") from None
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *parts])
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = resolve(uri)
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[1]}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.replace(tmp, path)
+    else:
+        fs.move(tmp, path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_dir(uri: str) -> list[str]:
+    """Base names directly inside a directory ([] when it does not exist)."""
+    fs, path = resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(i.base_name for i in infos)
+
+
+def delete(uri: str) -> None:
+    """Deletes a file or a directory tree; missing is fine."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
