@@ -197,7 +197,7 @@ def run_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | None = None
         progress.rows[-1]["eval_loss"] = progress.eval_loss
         if not pending or pending[-1] is not progress.rows[-1]:
             pending.append(progress.rows[-1])  # the last row again, now with eval_loss: the consumer upserts
-    _save(checkpoint_uri, progress, trainable, optimizer, None)
+    _save(checkpoint_uri, progress, [], None, None)  # the done marker: counters and rows, no tensors
     row = _trial_row(progress, base)
     report(_event(progress, base, pending, restart=restart, done=True, trial=row))
     return row
@@ -333,6 +333,9 @@ def _save(uri, progress: Progress, trainable, optimizer, started) -> None:
     state = asdict(progress)
     if started is not None:  # a mid-run checkpoint carries the wall time so far
         state["wall_s"] = progress.wall_s + time.perf_counter() - started
+    if optimizer is None:  # a finished trial's marker: nothing to train on from here
+        checkpoint.save(uri, progress.step, {}, {"progress": state, "param_groups": []})
+        return
     opt_tensors, groups = checkpoint.optimizer_tensors(optimizer)
     tensors = {f"param.{name}": p for name, p in trainable} | opt_tensors | {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -342,6 +345,8 @@ def _save(uri, progress: Progress, trainable, optimizer, started) -> None:
 
 def _restore(restored, trainable, optimizer) -> Progress:
     tensors, state = restored
+    if state["progress"]["done"]:
+        return Progress(**state["progress"])
     with torch.no_grad():
         for name, p in trainable:
             p.copy_(tensors[f"param.{name}"])

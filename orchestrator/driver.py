@@ -1,0 +1,216 @@
+"""The sweep driver: plan -> Ray Tune -> the store. ``submit``, ``resume`` and ``status`` (CONTRACTS.md).
+
+The store is the source of truth for what is done: a submit runs every runnable trial of the grid that
+is not ``completed`` there (so re-submitting finishes a sweep, and a larger grid extends it), and
+``resume`` does the same from the grid the store keeps. Each trial keeps its own checkpoint in the store
+(``checkpoints/<trial_id>/``), so a trial interrupted in any way (a worker killed, a node lost, the
+driver killed) continues from it, whether Tune retries it (``FailureConfig``) or a later submit does.
+That is why ``Tuner.restore`` is not needed: Tune's experiment state holds nothing the store lacks.
+
+Everything that can be checked without Ray is checked before Ray starts: the grid, the models' configs,
+the data (strict), the store. Torch is imported only inside the trial (orchestrator/trainable.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+
+from orchestrator.errors import UserError
+from orchestrator.grid import Grid, load_grid, parse_grid
+from orchestrator.plan import Plan, PlannedTrial, plan_grid
+from orchestrator.store import Recorder, Store, StoreError
+
+# The store replaces Tune's per-trial JSON/CSV/TensorBoard files: turning them off cuts per-trial overhead.
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+EXIT_TRIALS_FAILED = 1
+
+
+# --- commands ------------------------------------------------------------------------------------------------
+def submit(args) -> int:
+    grid = load_grid(args.grid)
+    if args.name and args.name != grid.name:
+        grid = grid.model_copy(update={"name": args.name})
+    return run_sweep(grid, Store(args.storage, grid.name), args.address)
+
+
+def resume(args) -> int:
+    store = Store(args.storage, args.name)
+    grid = stored_grid(store)
+    return run_sweep(grid, store, args.address)
+
+
+def status(args) -> int:
+    import json
+
+    store = Store(args.storage, args.name)
+    stored_grid(store)  # an unknown sweep is an error, not an empty table
+    trials = store.read_trials()
+    summary = summarize(args.name, trials)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(render_status(summary, trials))
+    return 0
+
+
+def stored_grid(store: Store) -> Grid:
+    doc = store.read_grid()
+    return parse_grid(doc["grid"], source=storage_join(store.uri, "grid.yaml"), base_dir=doc["grid"].get("base_dir"))
+
+
+def storage_join(*parts: str) -> str:
+    from workers.storage import join
+
+    return join(*parts)
+
+
+# --- the sweep -----------------------------------------------------------------------------------------------
+def run_sweep(grid: Grid, store: Store, address: str | None, *, progress: bool = True) -> int:
+    """Plan, run what is not done, record. Returns 0, or 1 when trials failed."""
+    plan = plan_grid(grid, strict_data=True)  # bad input stops here, before Ray and before any write
+    existing = store.read_trials()
+    with ray_session(address) as gpus_per_node:
+        if gpus_per_node:
+            plan = plan_grid(grid, gpus_available=gpus_per_node, data=plan.data)
+        trials = merge_trials(existing, plan)
+        store.write_grid(grid.model_dump(mode="json", exclude_none=True))
+        recorder = Recorder(store, trials)
+        recorder.flush()
+        todo = [t for t in plan.runnable if trials[t.trial_id]["status"] != "completed"]
+        done_before = len(plan.runnable) - len(todo)
+        print(f"sweep {grid.name}: {len(plan.trials)} trials, {done_before} already completed, {len(todo)} to run, "
+              f"{len(plan.skipped)} skipped -> {store.uri}", file=sys.stderr)
+        if todo:
+            from orchestrator.tuning import run_tuner  # Ray Tune only when something runs
+
+            run_tuner(todo, recorder, grid, store, progress=Progress(recorder, [t.trial_id for t in todo])
+                      if progress else None)
+    failed = [t.trial_id for t in todo if trials[t.trial_id]["status"] != "completed"]
+    for trial_id in failed:
+        print(f"failed {trial_id}: {trials[trial_id]['reason']}", file=sys.stderr)
+    print(render_counts(summarize(grid.name, trials)), file=sys.stderr)
+    return EXIT_TRIALS_FAILED if failed else 0
+
+
+def merge_trials(existing: dict[str, dict], plan: Plan) -> dict[str, dict]:
+    """The store's rows, completed ones untouched; every other trial of the plan (re)set from the plan."""
+    trials = dict(existing)
+    for t in plan.trials:
+        if existing.get(t.trial_id, {}).get("status") == "completed":
+            continue
+        trials[t.trial_id] = initial_row(plan.grid.name, t)
+    return trials
+
+
+def initial_row(sweep: str, t: PlannedTrial) -> dict:
+    return {
+        "sweep": sweep, "trial_id": t.trial_id, "model": t.model, "method": t.method, "lora_rank": t.lora_rank,
+        "trainable_fraction": t.trainable_fraction, "budget_flops": t.budget_flops, "n_params": t.n_params,
+        "n_trainable": t.n_trainable, "status": "pending" if t.runnable else "skipped", "reason": t.skip_reason,
+        "tokens": 0, "steps": 0, "flops": 0.0, "hardware_flops": 0.0, "eval_loss": None, "train_loss": None,
+        "wall_s": 0.0, "planned_tokens": t.planned_tokens, "planned_steps": t.steps, "updated_at": time.time(),
+    }
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None):
+    """Connects to ``address`` or starts an embedded local Ray (loopback only, no dashboard); yields the
+    most GPUs any node has (0 on a CPU-only cluster)."""
+    import ray
+
+    if ray.is_initialized():
+        yield _gpus_per_node(ray)
+        return
+    common = dict(include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level="WARNING")
+    try:
+        if address:
+            ray.init(address=address, **common)
+        else:
+            ray.init(_node_ip_address="127.0.0.1", **common)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        raise UserError(f"--address {address or '(local)'}: cannot start or reach Ray "
+                        f"({' '.join(str(e).split())[:200]})") from None
+    try:
+        yield _gpus_per_node(ray)
+    finally:
+        ray.shutdown()
+
+
+def _gpus_per_node(ray) -> int:
+    return int(max((n.get("Resources", {}).get("GPU", 0) for n in ray.nodes() if n.get("Alive")), default=0))
+
+
+class Progress:
+    """Live progress on stderr: trials done/running/failed/pending, FLOP spent of planned, ETA."""
+
+    def __init__(self, recorder: Recorder, trial_ids: list[str], every_s: float = 5.0):
+        self.recorder, self.ids, self.every_s = recorder, trial_ids, every_s
+        self.started = time.monotonic()
+        self.last = 0.0
+        self.flops0 = self._spent()
+        self.tty = sys.stderr.isatty()
+
+    def _spent(self) -> float:
+        return sum(self.recorder.trials[i]["flops"] or 0.0 for i in self.ids)
+
+    def update(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < self.every_s:
+            return
+        self.last = now
+        rows = [self.recorder.trials[i] for i in self.ids]
+        counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "running", "failed", "pending")}
+        planned = sum(r["budget_flops"] for r in rows)
+        spent = self._spent()
+        rate = (spent - self.flops0) / max(now - self.started, 1e-9)
+        eta = (planned - spent) / rate if rate > 0 else math.inf
+        line = (f"trials {counts['completed']}/{len(rows)} done, {counts['running']} running, "
+                f"{counts['failed']} failed, {counts['pending']} pending | FLOP {spent:.2e}/{planned:.2e} "
+                f"({spent / planned:.0%}) | ETA {_duration(eta)}")
+        print(("\r" + line + "\x1b[K") if self.tty and not force else line, file=sys.stderr,
+              end="" if self.tty and not force else "\n", flush=True)
+
+
+def _duration(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# --- status --------------------------------------------------------------------------------------------------
+def summarize(sweep: str, trials: dict[str, dict]) -> dict:
+    """`status --json` (CONTRACTS.md): counts by status, FLOP spent (all trials) and planned (non-skipped)."""
+    counts = {s: 0 for s in ("completed", "running", "pending", "failed", "skipped")}
+    for r in trials.values():
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return {
+        "sweep": sweep, "counts": counts,
+        "flops_spent": float(sum(r["flops"] or 0.0 for r in trials.values())),
+        "flops_planned": float(sum(r["budget_flops"] for r in trials.values() if r["status"] != "skipped")),
+    }
+
+
+def render_counts(summary: dict) -> str:
+    c = summary["counts"]
+    share = summary["flops_spent"] / summary["flops_planned"] if summary["flops_planned"] else 0.0
+    return (f"sweep {summary['sweep']}: " + ", ".join(f"{n} {s}" for s, n in c.items())
+            + f" | FLOP {summary['flops_spent']:.2e} spent of {summary['flops_planned']:.2e} planned ({share:.0%})")
+
+
+def render_status(summary: dict, trials: dict[str, dict]) -> str:
+    header = ("trial_id", "model", "method", "rank/frac", "budget", "status", "steps", "flops", "eval_loss", "reason")
+    rows = []
+    for r in sorted(trials.values(), key=lambda r: (r["model"], r["method"], r["budget_flops"])):
+        hyper = (f"r={r['lora_rank']}" if r["lora_rank"] is not None else
+                 f"f={r['trainable_fraction']:g}" if r["trainable_fraction"] is not None else "-")
+        loss = f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-"
+        rows.append((r["trial_id"], r["model"], r["method"], hyper, f"{r['budget_flops']:.1e}", r["status"],
+                     str(r["steps"] or 0), f"{r['flops'] or 0.0:.2e}", loss, (r["reason"] or "")[:60]))
+    widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in [header, *rows]]
+    return "\n".join([render_counts(summary), *lines])

@@ -1,0 +1,109 @@
+"""Ray Tune glue: one ``Tuner`` per submit, a store callback, the FLOP guard. Imported only when trials run."""
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+
+from ray import tune
+
+from orchestrator.grid import Grid
+from orchestrator.plan import PlannedTrial
+from orchestrator.store import Recorder, Store
+from orchestrator.trainable import run_tune_trial
+
+
+def run_tuner(todo: list[PlannedTrial], recorder: Recorder, grid: Grid, store: Store, *, progress=None) -> None:
+    """One Tuner over the trials to run; results stream into ``recorder`` as they come."""
+    configs = [{"trial_id": t.trial_id, "spec": t.spec.to_dict(), "checkpoint_uri": store.checkpoint_uri(t.trial_id),
+                "resources": dict(t.resources), "deepspeed_gpus": t.deepspeed_gpus} for t in todo]
+    trainable = tune.with_resources(run_tune_trial,
+                                    lambda config: tune.PlacementGroupFactory([config["trial"]["resources"]]))
+    callback = _StoreCallback(recorder, progress)
+    tune_dir = tempfile.mkdtemp(prefix="repurpose-tune-")
+    try:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search(configs)},
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=grid.run.max_concurrent_trials,
+                trial_name_creator=lambda trial: trial.config["trial"]["trial_id"],
+                trial_dirname_creator=lambda trial: trial.config["trial"]["trial_id"],
+            ),
+            run_config=tune.RunConfig(
+                name=grid.name, storage_path=tune_dir, verbose=0, stop=_FlopGuard(),
+                failure_config=tune.FailureConfig(max_failures=grid.run.max_failures),
+                callbacks=[callback],
+            ),
+        )
+        # Tune's result analysis looks for the per-trial files the store replaces; it would warn per trial.
+        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+        tuner.fit()
+    finally:
+        callback.close()
+        recorder.flush()
+        shutil.rmtree(tune_dir, ignore_errors=True)
+
+
+class _FlopGuard(tune.Stopper):
+    """Tune-side guard beside the worker's own stop: a trial whose FLOP reach its budget stops."""
+
+    def __call__(self, trial_id, result):
+        return result.get("flops", 0.0) >= result.get("budget_flops", math.inf)
+
+    def stop_all(self):
+        return False
+
+
+def _error_line(trial) -> str:
+    text = trial.get_error() or ""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    reason = lines[-1] if lines else "the trial failed"
+    return reason[:500]
+
+
+class _StoreCallback(tune.Callback):
+    """Tune -> the store: every result is a worker event; errors and retries become trial statuses."""
+
+    def __init__(self, recorder: Recorder, progress=None):
+        self.recorder = recorder
+        self.progress = progress
+
+    @staticmethod
+    def _id(trial) -> str:
+        return trial.config["trial"]["trial_id"]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.recorder.set_status(self._id(trial), "running")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        event = {k: result.get(k) for k in ("rows", "restart", "step", "tokens", "flops", "train_loss", "trial")}
+        event["done"] = bool(result.get("final"))
+        self.recorder.on_event(self._id(trial), event)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.recorder.set_status(self._id(trial), "running", f"retrying after: {_error_line(trial)}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.recorder.set_status(self._id(trial), "failed", _error_line(trial))
+        self.recorder.flush()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        row = self.recorder.trials[self._id(trial)]
+        if row["status"] != "completed":
+            last = trial.last_result or {}
+            reason = ("stopped by the FLOP guard: flops reached budget_flops before the final report"
+                      if last.get("flops", 0.0) >= last.get("budget_flops", math.inf)
+                      else "the trial ended without a final report")
+            self.recorder.set_status(self._id(trial), "failed", reason)
+            self.recorder.flush()
+
+    def on_step_end(self, iteration, trials, **info):
+        self.recorder.maybe_flush()
+        if self.progress:
+            self.progress.update()
+
+    def close(self):
+        if self.progress:
+            self.progress.update(force=True)
