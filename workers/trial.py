@@ -137,7 +137,8 @@ def run_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | None = None
             final = cost * batch.real_tokens > remaining
             if final:  # the last step: only the pairs that still fit the budget
                 per_pair = (batch.q_mask.sum(1) + batch.d_mask.sum(1)).cumsum(0)  # (B,)
-                n = int((per_pair * cost <= remaining).sum())
+                # float64: a long tensor times a float is float32, whose rounding could admit a pair past the budget
+                n = int((per_pair.double() * cost <= remaining).sum())
                 if n < 2:
                     exhausted = False
                     break
@@ -183,6 +184,14 @@ def run_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | None = None
     finally:
         stream.close()
     progress.bad_lines = stream.stats.bad_lines
+    if progress.step and (not progress.rows or progress.rows[-1]["step"] != progress.step):
+        # the loop ended between report steps (data exhausted, no pair left): the last step gets its row,
+        # so the final eval_loss below is not pinned to an earlier step
+        now = time.perf_counter()
+        row = _row(progress, optimizer.param_groups[0]["lr"], progress.wall_s + now - started,
+                   report_tokens / max(now - last_report, 1e-9), None)
+        progress.rows.append(row)
+        pending.append(row)
 
     # 4. evaluate
     progress.eval_loss = evaluate()
