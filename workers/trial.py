@@ -12,7 +12,8 @@ Events (dicts) passed to ``report``:
 
 The budget (PAPER.md, "FLOP accounting"): cost per real token by method x real tokens. Before a step the
 worker knows its batch's real tokens; a batch that would overshoot is cut to the pairs that still fit
-(a last, smaller contrastive batch), so ``flops`` ends within one pair of the budget, never above.
+(a last, smaller contrastive batch), so ``flops`` ends within two pairs of the budget (a contrastive
+batch needs two), never above.
 The lr schedule (linear warmup over 10 %, cosine to 0) runs on the fraction of the budget spent, which
 equals the fraction of planned optimizer steps up to batch-to-batch token variation and ends exactly at
 the budget.
@@ -319,7 +320,7 @@ def _row(p: Progress, lr: float, wall_s: float, tokens_per_s: float, eval_loss) 
 
 
 def _event(p: Progress, base: dict, rows: list, *, restart: bool, done: bool = False, trial: dict | None = None):
-    event = {"rows": list(rows), "restart": restart, "done": done, "step": p.step, "tokens": p.tokens,
+    event = {"rows": [dict(r) for r in rows], "restart": restart, "done": done, "step": p.step, "tokens": p.tokens,
              "flops": p.flops, "budget_flops": base["budget_flops"], "train_loss": p.train_loss,
              "eval_loss": p.eval_loss}
     if done:
