@@ -74,7 +74,7 @@ def run_sweep(grid: Grid, store: Store, address: str | None, *, progress: bool =
     plan = plan_grid(grid, strict_data=True)  # bad input stops here, before Ray and before any write
     existing = store.read_trials()
     with ray_session(address) as gpus_per_node:
-        if gpus_per_node:
+        if grid.resources.gpus == "auto" and gpus_per_node:  # an explicit count wins (autoscaling from 0)
             plan = plan_grid(grid, gpus_available=gpus_per_node, data=plan.data)
         trials = merge_trials(existing, plan)
         store.write_grid(grid.model_dump(mode="json", exclude_none=True))
