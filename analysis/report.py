@@ -1,0 +1,258 @@
+"""The layer the CLI calls: read the store, run the pure fits, write files (``repurpose fit``) or return the
+recipe (``repurpose recipe``). The only module of ``analysis`` that writes.
+
+- ``write_fit_outputs(sweep_uri, out_dir)``: figures (PNG + CSV of the plotted points), the recipe table
+  (Markdown + CSV), findings (Markdown), surfaces.csv, excluded.csv, summary.json; returns the summary.
+- ``recipe_at(sweep_uri, budget_flops)``: the CONTRACTS.md ``recipe --json`` document (+ ``per_method``,
+  ``empirical``); ``format_recipe`` renders it for humans.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import pandas as pd
+import pyarrow.fs as pafs
+
+from .findings import Analysis, analyze, findings_markdown, recipe_markdown, recipe_table, surfaces_table
+from .fit import CI_LEVEL, N_BOOTSTRAP, FitError, fit_surfaces, require_usable
+from .load import StoreError, load_trials, open_uri
+from .recipe import Choice, compute_recipe, infer_max_tokens
+
+RECIPE_KEYS = ("budget_flops", "method", "model", "n_params", "tokens", "lora_rank", "trainable_fraction",
+               "predicted_loss", "predicted_loss_low", "predicted_loss_high")  # shared/CONTRACTS.md
+SAME_BUDGET_RTOL = 1e-6  # a requested budget this close to a grid budget is that budget
+
+
+def _sweep_name(sweep_uri: str) -> str:
+    return str(sweep_uri).rstrip("/").rsplit("/", 1)[-1] or str(sweep_uri)
+
+
+def _num(x):
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
+    if x is None:
+        return None
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if x is pd.NA:
+        return None
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------
+# recipe
+
+def _choice_dict(c: Choice) -> dict:
+    return {"method": c.method, "model": c.model, "n_params": int(c.n_params), "n_trainable": int(c.n_trainable),
+            "tokens": int(c.tokens), "flops": _num(c.flops), "lora_rank": c.lora_rank,
+            "trainable_fraction": c.trainable_fraction, "predicted_loss": _num(c.predicted_loss),
+            "predicted_loss_low": _num(c.predicted_loss_low), "predicted_loss_high": _num(c.predicted_loss_high),
+            "data_limited": c.data_limited, "extrapolated": c.extrapolated}
+
+
+def _empirical_at(usable: pd.DataFrame, budget_flops: float) -> dict | None:
+    at = usable[np.isclose(usable["budget_flops"].astype(float), budget_flops, rtol=SAME_BUDGET_RTOL, atol=0)]
+    if at.empty:
+        return None
+    r = at.loc[at["eval_loss"].idxmin()]
+    return {"trial_id": r["trial_id"], "method": r["method"], "model": r["model"], "n_params": _num(r["n_params"]),
+            "tokens": _num(r["tokens"]), "lora_rank": _num(r["lora_rank"]),
+            "trainable_fraction": _num(r["trainable_fraction"]), "eval_loss": _num(r["eval_loss"]),
+            "budget_flops": _num(r["budget_flops"])}
+
+
+def recipe_at(sweep_uri: str, budget_flops: float, max_tokens: int | None = None, *, n_boot: int = N_BOOTSTRAP,
+              seed: int = 0) -> dict:
+    """The compute-optimal recipe at ``budget_flops`` (CONTRACTS.md ``recipe --json`` keys) plus
+    ``per_method`` ({method: choice, or {"refused": why}}, with each method's bootstrap ``win_fraction`` and
+    excluded-trial counts) and ``empirical`` (the best completed trial at that budget if it is a grid budget,
+    else None). ``max_tokens``: the training data's token count; default: inferred from the trials, else no
+    cap. Raises StoreError (no such sweep) or FitError (too few trials), each one line."""
+    budget_flops = float(budget_flops)
+    if not (budget_flops > 0 and math.isfinite(budget_flops)):
+        raise FitError(f"budget must be a positive number of FLOP (got {budget_flops:g})")
+    trials = load_trials(sweep_uri)
+    usable, exclusions = require_usable(trials, where=str(sweep_uri))
+    if max_tokens is None:
+        max_tokens = infer_max_tokens(trials)
+    fits = fit_surfaces(usable, n_boot=n_boot, seed=seed)
+    r = compute_recipe(fits, budget_flops, max_tokens)
+    c = r.best
+    out = {"budget_flops": budget_flops, "method": c.method, "model": c.model, "n_params": int(c.n_params),
+           "tokens": int(c.tokens), "lora_rank": c.lora_rank, "trainable_fraction": c.trainable_fraction,
+           "predicted_loss": _num(c.predicted_loss), "predicted_loss_low": _num(c.predicted_loss_low),
+           "predicted_loss_high": _num(c.predicted_loss_high)}
+    excluded = exclusions.table.groupby("method").size().to_dict() if len(exclusions.table) else {}
+    per_method = {}
+    ranked = sorted(r.per_method, key=lambda m: r.per_method[m].predicted_loss) + sorted(r.refused)
+    for method in ranked:
+        if method in r.per_method:
+            entry = _choice_dict(r.per_method[method]) | {"win_fraction": _num(r.win_fraction.get(method))}
+        else:
+            entry = {"refused": r.refused[method]}
+        entry["excluded_trials"] = int(excluded.get(method, 0))
+        per_method[method] = entry
+    out["per_method"] = per_method
+    out["empirical"] = _empirical_at(usable, budget_flops)
+    return out
+
+
+def format_recipe(d: dict) -> str:
+    """A ``recipe_at`` document for humans."""
+    def hp(e):
+        if e.get("lora_rank") is not None:
+            return f" (rank {e['lora_rank']})"
+        if e.get("trainable_fraction") is not None:
+            return f" (trainable fraction {e['trainable_fraction']:g})"
+        return ""
+
+    def interval(e):
+        lo, hi = e.get("predicted_loss_low"), e.get("predicted_loss_high")
+        return f"[{lo:.4f}, {hi:.4f}]" if lo is not None and hi is not None else "[no bootstrap]"
+
+    best = d["per_method"].get(d["method"], {})
+    notes = [n for n, on in (("data-limited: spends less than the budget", best.get("data_limited")),
+                             ("extrapolated beyond the sweep's trials", best.get("extrapolated"))) if on]
+    level = int(round(CI_LEVEL * 100))
+    lines = [f"Compute-optimal recipe at {d['budget_flops']:.3g} FLOP",
+             f"  method          {d['method']}{hp(d)}",
+             f"  model           {d['model']}  (N = {d['n_params']:,} non-embedding parameters)",
+             f"  tokens          {d['tokens']:,}",
+             f"  predicted loss  {d['predicted_loss']:.4f}  {interval(d)} {level}% bootstrap CI"]
+    lines += [f"  note            {n}" for n in notes]
+    table = [("method", "predicted loss", f"{level}% CI", "model", "tokens", "wins")]
+    for method, e in d["per_method"].items():
+        if "refused" in e:
+            continue
+        win = e.get("win_fraction")
+        table.append((method + hp(e), f"{e['predicted_loss']:.4f}", interval(e), e["model"],
+                      f"{e['tokens']:.3g}", f"{win:.0%}" if win is not None else "—"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines += ["", "  per method (wins: share of bootstrap refits where the method is best)"]
+    lines += ["    " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    lines += [f"    {m}: refused: {e['refused']}" for m, e in d["per_method"].items() if "refused" in e]
+    emp = d.get("empirical")
+    if emp:
+        lines += ["", f"  empirical best trial at this budget: {emp['method']}{hp(emp)} {emp['model']} "
+                      f"tokens {emp['tokens']:,} loss {emp['eval_loss']:.4f} ({emp['trial_id']})"]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fit outputs
+
+def _is_remote(uri: str) -> bool:
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+def _upload(local_dir: str, out_uri: str) -> None:
+    """Copy ``local_dir`` to a remote directory. S3 objects go up as one PutObject each (allow_delayed_open):
+    fewer requests for small files, and it works against S3 emulators whose multipart support lags."""
+    uri = out_uri
+    if uri.startswith("s3://") and "?" not in uri:
+        uri += "?allow_delayed_open=true"
+    fs, path = open_uri(uri)
+    try:
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    except OSError as e:
+        raise StoreError(f"{out_uri}: cannot write the analysis outputs ({e})") from e
+
+
+def _write_outputs(a: Analysis, out: str) -> tuple[dict[str, str], list[str]]:
+    """Every file into local directory ``out``; returns ({name: file name}, notes)."""
+    from . import figures  # lazy: matplotlib only when figures are drawn
+
+    files, notes = {}, []
+
+    def save_figure(name, made):
+        fig, points = made
+        fig.savefig(os.path.join(out, f"{name}.png"))
+        points.to_csv(os.path.join(out, f"{name}.csv"), index=False)
+        files[f"{name}_png"], files[f"{name}_csv"] = f"{name}.png", f"{name}.csv"
+
+    save_figure("figure1_frontier", figures.frontier_figure(a))
+    save_figure("isoflop", figures.isoflop_figure(a))
+    for method, name in (("lora", "lora_rank"), ("freeze", "trainable_fraction")):
+        made = figures.hparam_figure(a, method)
+        if made is None:
+            notes.append(f"no {name} figure: the sweep has fewer than 2 {method} hyperparameter values")
+        else:
+            save_figure(name, made)
+    tables = {"recipe.csv": recipe_table(a), "surfaces.csv": surfaces_table(a), "excluded.csv": a.exclusions.table}
+    for name, df in tables.items():
+        df.to_csv(os.path.join(out, name), index=False)
+        files[name.replace(".", "_")] = name
+    for name, text in (("recipe.md", f"# Recipe table: sweep `{a.sweep}`\n\n" + recipe_markdown(a)),
+                       ("findings.md", findings_markdown(a))):
+        with open(os.path.join(out, name), "w") as f:
+            f.write(text)
+        files[name.replace(".", "_")] = name
+    return files, notes
+
+
+def _summary(a: Analysis, sweep_uri: str, out_dir: str, files: dict[str, str], notes: list[str]) -> dict:
+    join = (lambda n: f"{out_dir.rstrip('/')}/{n}") if _is_remote(out_dir) else (lambda n: os.path.join(out_dir, n))
+    fr = a.optimum.frontier
+    return {
+        "sweep_uri": str(sweep_uri), "out_dir": str(out_dir),
+        "files": {k: join(v) for k, v in files.items()},
+        "n_trials": len(a.trials), "n_usable": len(a.usable), "excluded": a.exclusions.counts,
+        "warnings": list(a.warnings) + notes,
+        "max_tokens": a.max_tokens, "max_tokens_source": a.max_tokens_source,
+        "frontier": [{"budget_flops": _num(r["budget_flops"]), "method": r["method"], "model": r["model"],
+                      "eval_loss": _num(r["eval_loss"]), "trial_id": r["trial_id"]} for r in fr.to_dict("records")],
+        "crossovers": [{"budget_flops": c.budget_flops, "below": c.below, "above": c.above, "kind": c.kind}
+                       for c in a.trends.crossovers],
+        "trends": {m: {"slope": t.slope, "intercept_log10": t.intercept, "r2": _num(t.r2), "n_points": t.n_points}
+                   for m, t in a.trends.trends.items()},
+        "surfaces": {s.label: {"E": s.E, "A": s.A, "alpha": s.alpha, "B": s.B, "beta": s.beta,
+                               "n_points": s.n_points, "rmse_log": s.rmse_log, "r2_log": _num(s.r2_log)}
+                     for s in a.surfaces.surfaces.values()},
+        "refused": {"trends": dict(a.trends.refused),
+                    "surfaces": {f"{m}" + ("" if h is None else f" {h:g}"): why
+                                 for (m, h), why in a.surfaces.refused.items()}},
+        "recipes": [{"budget_flops": b, "method": r.best.method, "model": r.best.model, "tokens": r.best.tokens,
+                     "lora_rank": r.best.lora_rank, "trainable_fraction": r.best.trainable_fraction,
+                     "predicted_loss": _num(r.best.predicted_loss), "on_grid": b in a.grid_budgets}
+                    for b, r in a.recipes.items()],
+    }
+
+
+def write_fit_outputs(sweep_uri: str, out_dir: str, *, max_tokens: int | None = None, n_boot: int = N_BOOTSTRAP,
+                      seed: int = 0) -> dict:
+    """Fit the sweep and write its report to ``out_dir`` (local or remote). Returns the summary (also written
+    as summary.json): file paths, warnings (excluded trials, refused fits), frontier, crossovers, fits.
+    Raises StoreError / FitError (nothing usable) before writing anything."""
+    trials = load_trials(sweep_uri)
+    require_usable(trials, where=str(sweep_uri))  # the one-line FitError names the store, not just the sweep
+    a = analyze(trials, sweep=_sweep_name(sweep_uri), max_tokens=max_tokens, n_boot=n_boot, seed=seed)
+    remote = _is_remote(out_dir)
+    if remote:  # write locally, then upload
+        local = tempfile.mkdtemp(prefix="repurpose-fit-")
+    else:
+        local = os.path.abspath(str(out_dir).removeprefix("file://"))
+    try:
+        os.makedirs(local, exist_ok=True)
+        files, notes = _write_outputs(a, local)
+        files["summary_json"] = "summary.json"
+        summary = _summary(a, sweep_uri, out_dir, files, notes)
+        with open(os.path.join(local, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=_num)
+        if remote:
+            _upload(local, out_dir)
+    finally:
+        if remote:
+            shutil.rmtree(local, ignore_errors=True)
+    return summary
+
+
+__all__ = ["FitError", "StoreError", "format_recipe", "recipe_at", "write_fit_outputs"]
