@@ -7,8 +7,8 @@ runs (the driver stays light: no torch, no Ray at import). Each such function re
     submit  -> orchestrator.driver.submit(args)    args: grid, name (None: the grid's), storage, address
     resume  -> orchestrator.driver.resume(args)    args: name, storage, address
     status  -> orchestrator.driver.status(args)    args: name, json, storage, address
-    fit     -> analysis.report.fit_command(args)   args: name, out (None: <storage>/<name>/analysis/), storage
-    recipe  -> analysis.report.recipe_command(args)  args: name, budget (float > 0), json, storage
+    fit     -> orchestrator.reporting.fit_command(args)     args: name, out (None: <storage>/<name>/analysis/), storage
+    recipe  -> orchestrator.reporting.recipe_command(args)  args: name, budget (float > 0), json, storage
     demo    -> orchestrator.demo.run(args)         args: name ("demo"), storage, address
     suite build -> workers.suite.build_command(args)  args: out (None: the suite's default), storage
     suite list  -> workers.suite.list_command(args)   args: json, storage
@@ -35,8 +35,8 @@ COMMANDS = {
     "submit": ("orchestrator.driver", "submit"),
     "resume": ("orchestrator.driver", "resume"),
     "status": ("orchestrator.driver", "status"),
-    "fit": ("analysis.report", "fit_command"),
-    "recipe": ("analysis.report", "recipe_command"),
+    "fit": ("orchestrator.reporting", "fit_command"),
+    "recipe": ("orchestrator.reporting", "recipe_command"),
     "demo": ("orchestrator.demo", "run"),
     "suite build": ("workers.suite", "build_command"),
     "suite list": ("workers.suite", "list_command"),

@@ -77,7 +77,9 @@ def run_sweep(grid: Grid, store: Store, address: str | None, *, progress: bool =
         if grid.resources.gpus == "auto" and gpus_per_node:  # an explicit count wins (autoscaling from 0)
             plan = plan_grid(grid, gpus_available=gpus_per_node, data=plan.data)
         trials = merge_trials(existing, plan)
-        store.write_grid(grid.model_dump(mode="json", exclude_none=True))
+        store.write_grid(grid.model_dump(mode="json", exclude_none=True),
+                         {"train_pairs": plan.data.train_pairs, "tokens_per_pair": dict(plan.data.tokens_per_pair),
+                          "max_epochs": grid.plan.max_epochs})
         recorder = Recorder(store, trials)
         recorder.flush()
         todo = [t for t in plan.runnable if trials[t.trial_id]["status"] != "completed"]

@@ -29,7 +29,9 @@ class GridError(UserError):
 
 # Lower-layer errors that are user errors, by module and class name. Looked up in sys.modules only: if the
 # module was never imported, the exception cannot be one of its classes (and the driver stays light).
-_FOREIGN_USER_ERRORS = (("workers.models", "ModelConfigError"), ("workers.data", "DataError"))
+_FOREIGN_USER_ERRORS = (("workers.models", "ModelConfigError"), ("workers.data", "DataError"),
+                        ("workers.storage", "StorageError"), ("workers.suite", "SuiteError"),
+                        ("analysis.load", "StoreError"), ("analysis.fit", "FitError"))
 
 
 def as_user_error(exc: BaseException) -> UserError | None:
