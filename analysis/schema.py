@@ -34,6 +34,7 @@ TRIALS_SCHEMA = pa.schema(
         ("bad_lines", pa.int64()),
         ("padding_fraction", pa.float64()),
         ("updated_at", pa.float64()),
+        ("node_id", pa.string()),  # the Ray node the trial (last) ran on
     ]
 )
 

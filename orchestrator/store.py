@@ -60,12 +60,14 @@ class Store:
         text = self._try(lambda: storage.read_bytes(storage.join(self.uri, GRID_FILE)).decode(), "read")
         return yaml.safe_load(text)
 
-    def write_grid(self, grid: dict) -> None:
-        """Records ``grid`` as the sweep's grid; earlier different grids stay in its history."""
+    def write_grid(self, grid: dict, data: dict | None = None) -> None:
+        """Records ``grid`` as the sweep's grid (earlier different grids stay in its history) and what the
+        planner measured of its data (``train_pairs``, ``tokens_per_pair``: the recipe's data limit)."""
         doc = self.read_grid() if self.exists() else {"grid": None, "history": []}
-        if doc["grid"] != grid:
-            doc["history"].append({"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "grid": grid})
-            doc["grid"] = grid
+        if doc["grid"] != grid or doc.get("data") != data:
+            if doc["grid"] != grid:
+                doc["history"].append({"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "grid": grid})
+            doc["grid"], doc["data"] = grid, data
             data = yaml.safe_dump(doc, sort_keys=False).encode()
             self._try(lambda: storage.write_bytes(storage.join(self.uri, GRID_FILE), data), "write")
 
@@ -139,7 +141,8 @@ class Recorder:
             self.flush()
             self._metrics.pop(trial_id, None)
         else:
-            fields = {k: event[k] for k in ("tokens", "flops", "train_loss") if event.get(k) is not None}
+            live_keys = ("tokens", "flops", "train_loss", "node_id")
+            fields = {k: event[k] for k in live_keys if event.get(k) is not None}
             row.update(fields, steps=event.get("step"))
             if row["status"] != "running":
                 self.set_status(trial_id, "running")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import tempfile
 
@@ -57,7 +58,15 @@ class _FlopGuard(tune.Stopper):
 
 
 def _error_line(trial) -> str:
-    text = trial.get_error() or ""
+    """The last line of the trial's latest error: the exception's message. Tune writes the error file into the
+    trial's local staging dir when the error happens and copies it to ``storage_path`` only later, so
+    ``trial.get_error()`` (which reads storage) is still None in ``on_trial_error``: read the local file."""
+    path = trial.error_file
+    if path and os.path.exists(path):
+        with open(path, errors="replace") as f:
+            text = f.read()
+    else:
+        text = trial.get_error() or ""
     lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
     reason = lines[-1] if lines else "the trial failed"
     return reason[:500]
@@ -78,7 +87,8 @@ class _StoreCallback(tune.Callback):
         self.recorder.set_status(self._id(trial), "running")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        event = {k: result.get(k) for k in ("rows", "restart", "step", "tokens", "flops", "train_loss", "trial")}
+        keys = ("rows", "restart", "step", "tokens", "flops", "train_loss", "trial", "node_id")
+        event = {k: result.get(k) for k in keys}
         event["done"] = bool(result.get("final"))
         self.recorder.on_event(self._id(trial), event)
 
