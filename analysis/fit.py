@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from workers.flops import cost_per_token  # pure arithmetic, no torch; works elementwise on arrays
+
 METHODS = ("full", "freeze", "lora", "bias")  # display order; the methods of shared/CONTRACTS.md
 COMPLETED = "completed"
 
@@ -46,21 +48,6 @@ CI_LEVEL = 0.95
 
 class FitError(ValueError):
     """Too little (or no usable) data for a fit; the message is one line naming what is missing."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# FLOP cost per token (PAPER.md table; the same rule as workers/flops.py, vectorised, no worker import)
-
-def cost_per_token(method: str, n_params, n_trainable):
-    """FLOP per token: 6N (full), 2N + 4N_tr (freeze), 4N + 2N_tr (lora, bias); N excludes embeddings."""
-    n, ntr = np.asarray(n_params, dtype=float), np.asarray(n_trainable, dtype=float)
-    if method == "full":
-        return 6.0 * n
-    if method == "freeze":
-        return 2.0 * n + 4.0 * ntr
-    if method in ("lora", "bias"):
-        return 4.0 * n + 2.0 * ntr
-    raise ValueError(f"unknown method {method!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -14,19 +14,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from workers.models import PYTHIA_SHAPES, model_shape
 from analysis.schema import GRID_FILE, METRICS_DIR, METRICS_SCHEMA, TRIALS_FILE, TRIALS_SCHEMA
 
 # Pythia (PAPER.md): non-embedding N, hidden size, layers
-PYTHIA = {
-    "EleutherAI/pythia-14m": (1_189_888, 128, 6),
-    "EleutherAI/pythia-31m": (4_739_072, 256, 6),
-    "EleutherAI/pythia-70m": (18_915_328, 512, 6),
-    "EleutherAI/pythia-160m": (85_056_000, 768, 12),
-    "EleutherAI/pythia-410m": (302_311_424, 1024, 24),
-    "EleutherAI/pythia-1b": (805_736_448, 2048, 16),
-    "EleutherAI/pythia-1.4b": (1_208_602_624, 2048, 24),
-    "EleutherAI/pythia-2.8b": (2_517_652_480, 2560, 32),
-}
+PYTHIA = {f"EleutherAI/pythia-{size}": (model_shape(f"EleutherAI/pythia-{size}").n_params(), d, layers)
+          for size, (d, layers, _) in PYTHIA_SHAPES.items()}
 BUDGETS = (1.5e15, 6e15, 2.4e16, 9.6e16, 3.8e17, 1.5e18)
 TOKENS_PER_STEP = 1024 * 78  # a batch of 1024 pairs at ~78 tokens (PAPER.md)
 
