@@ -16,6 +16,7 @@ import contextlib
 import math
 import os
 import sys
+import tempfile
 import time
 
 from orchestrator.errors import UserError
@@ -128,18 +129,47 @@ def ray_session(address: str | None):
         yield _gpus_per_node(ray)
         return
     common = dict(include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level="WARNING")
+    captured = [""]
     try:
         if address:
-            ray.init(address=address, **common)
+            # Ray's C++ client logs every failed connection attempt straight to fd 2 (a line a second for
+            # ~20 s): held back, and shown only if the connection succeeds, so that a bad --address or a
+            # rejected token stays one line (CONTRACTS.md, exit code 2).
+            with _fd2_captured() as captured:
+                ray.init(address=address, **common)
+            sys.stderr.write(captured[0])
         else:
             ray.init(_node_ip_address="127.0.0.1", **common)
     except (ConnectionError, ValueError, RuntimeError) as e:
+        hint = ""
+        if "InvalidAuthToken" in captured[0] or "Unauthenticated" in captured[0]:
+            hint = ("; the cluster rejected our authentication token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
+                    "(or RAY_AUTH_TOKEN_PATH) to the cluster's token")
         raise UserError(f"--address {address or '(local)'}: cannot start or reach Ray "
-                        f"({' '.join(str(e).split())[:200]})") from None
+                        f"({' '.join(str(e).split())[:200]}){hint}") from None
     try:
         yield _gpus_per_node(ray)
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def _fd2_captured():
+    """Redirects file descriptor 2 (C++ logs included) into a temporary file; yields a list that holds the
+    captured text once the block ends, however it ends."""
+    captured: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            captured.append(tmp.read().decode(errors="replace"))
 
 
 def _gpus_per_node(ray) -> int:

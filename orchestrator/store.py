@@ -11,7 +11,6 @@ history. ``pandas.read_parquet(<sweep>/metrics)`` therefore sees each ``(trial_i
 """
 from __future__ import annotations
 
-import io
 import time
 
 import pyarrow as pa
@@ -29,13 +28,18 @@ class StoreError(UserError):
 
 def _table_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
     table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
-    sink = io.BytesIO()
+    sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    return sink.getvalue()
+    return sink.getvalue().to_pybytes()
 
 
 def _read_rows(uri: str) -> list[dict]:
-    return pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist()
+    # A native Arrow file, not a Python file object (io.BytesIO): pyarrow's scan may drop the last reference
+    # to a Python-backed file on one of its own threads, which then takes the GIL; at interpreter exit that
+    # thread is killed inside C++ and the process aborts ("terminate called without an active exception").
+    fs, path = storage.resolve(uri)
+    with fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).read().to_pylist()
 
 
 class Store:
