@@ -1,65 +1,10 @@
 """Shared fixtures: a tiny GPT-NeoX checkpoint with a locally trained byte-level BPE tokenizer, and
-BGE-format pair files. Nothing downloads: the tokenizer is trained here, the model is built from a config."""
+BGE-format pair files (helpers in tests/support.py)."""
 from __future__ import annotations
-
-import json
-import random
 
 import pytest
 
-WORDS = (
-    "river stone cloud lamp garden window forest engine silver paper candle bridge harbor violin mountain "
-    "thunder copper meadow lantern orchard desert glacier compass falcon marble velvet canyon ember prism"
-).split()
-COLORS = "red green blue yellow black white purple orange".split()
-
-
-def make_pairs(n: int, seed: int = 0) -> list[dict]:
-    """Related query/positive pairs: the positive restates the query's facts in other words."""
-    rng = random.Random(seed)
-    pairs = []
-    for _ in range(n):
-        a, b = rng.sample(WORDS, 2)
-        c = rng.choice(COLORS)
-        k = rng.randint(2, 9)
-        query = f"what colour is the {a} near the {b}?"
-        pos = f"the {a} beside the {b} is {c}, and {k} more {a}s " + " ".join(rng.choices(WORDS, k=rng.randint(3, 25)))
-        pairs.append({"query": query, "pos": [pos], "neg": [f"a {b} is not a {a}"]})
-    return pairs
-
-
-def write_jsonl(path, pairs) -> str:
-    with open(path, "w") as f:
-        for p in pairs:
-            f.write((p if isinstance(p, str) else json.dumps(p)) + "\n")
-    return str(path)
-
-
-def build_tokenizer(out_dir, texts, vocab_size: int = 512):
-    """Byte-level BPE with GPT-NeoX's special tokens, loadable by AutoTokenizer (no pad token: the worker
-    must fall back to EOS)."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    tok = ByteLevelBPETokenizer()
-    tok.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|padding|>"])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>")
-    fast.save_pretrained(out_dir)
-    return fast
-
-
-def build_tiny_model(out_dir, *, hidden=64, layers=4, heads=4, vocab=512, pretrain_lr=1e-3, seed=0):
-    import torch
-    from transformers import AutoModel, GPTNeoXConfig
-
-    torch.manual_seed(seed)
-    cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=4 * hidden, max_position_embeddings=256, rotary_pct=0.25,
-                        eos_token_id=0, bos_token_id=0)
-    cfg.repurpose_pretrain_lr = pretrain_lr
-    AutoModel.from_config(cfg).save_pretrained(out_dir)
-    return out_dir
+from support import build_tiny_model, build_tokenizer, make_pairs, write_jsonl
 
 
 @pytest.fixture(scope="session")

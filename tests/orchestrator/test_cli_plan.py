@@ -164,7 +164,7 @@ def fakes(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     install("orchestrator.driver", "submit", "resume", "status")
     install("orchestrator.demo", "run")
-    install("analysis.report", "fit_command", "recipe_command")
+    install("orchestrator.reporting", "fit_command", "recipe_command")
     install("workers.suite", "build_command", "list_command")
     return calls
 
@@ -185,8 +185,8 @@ def test_dispatch_contract(fakes, monkeypatch):
     assert seen[("orchestrator.driver", "resume")]["storage"] == "/tmp/s"
     status = seen[("orchestrator.driver", "status")]
     assert (status["name"], status["json"], status["address"]) == ("paper-grid", True, "auto")
-    assert seen[("analysis.report", "fit_command")]["out"] == "figs"
-    recipe = seen[("analysis.report", "recipe_command")]
+    assert seen[("orchestrator.reporting", "fit_command")]["out"] == "figs"
+    recipe = seen[("orchestrator.reporting", "recipe_command")]
     assert (recipe["name"], recipe["budget"], recipe["json"]) == ("paper-grid", 1.5e18, True)
     assert seen[("orchestrator.demo", "run")]["name"] == "demo"
     assert seen[("workers.suite", "build_command")]["out"] == "suite"

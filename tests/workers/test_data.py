@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import build_tokenizer, make_pairs, write_jsonl
+from support import build_tokenizer, make_pairs, write_jsonl
 
 from workers.data import (Batch, DataError, DataStats, PairStream, count_pairs, iter_pairs, load_eval_pairs,
                           measure_tokens_per_pair)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_pairs
+from support import make_pairs
 
 from workers.data import collate, make_encoder, pad_id_of
 from workers.loss import contrastive_backward, embed, eval_loss, info_nce

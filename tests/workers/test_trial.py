@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_pairs, write_jsonl
+from support import make_pairs, write_jsonl
 from test_flops import CASES
 
 import workers.trial as trial_mod
