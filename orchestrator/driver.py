@@ -74,7 +74,10 @@ def run_sweep(grid: Grid, store: Store, address: str | None, *, progress: bool =
     """Plan, run what is not done, record. Returns 0, or 1 when trials failed."""
     plan = plan_grid(grid, strict_data=True)  # bad input stops here, before Ray and before any write
     existing = store.read_trials()
-    with ray_session(address) as gpus_per_node:
+    pending = [t for t in plan.runnable if existing.get(t.trial_id, {}).get("status") != "completed"]
+    # Ray starts only when something runs (a finished sweep re-submitted is a no-op), and before the first write:
+    # a bad --address is bad input too.
+    with ray_session(address) if pending else contextlib.nullcontext(0) as gpus_per_node:
         if grid.resources.gpus == "auto" and gpus_per_node:  # an explicit count wins (autoscaling from 0)
             plan = plan_grid(grid, gpus_available=gpus_per_node, data=plan.data)
         trials = merge_trials(existing, plan)
@@ -84,9 +87,8 @@ def run_sweep(grid: Grid, store: Store, address: str | None, *, progress: bool =
         recorder = Recorder(store, trials)
         recorder.flush()
         todo = [t for t in plan.runnable if trials[t.trial_id]["status"] != "completed"]
-        done_before = len(plan.runnable) - len(todo)
-        print(f"sweep {grid.name}: {len(plan.trials)} trials, {done_before} already completed, {len(todo)} to run, "
-              f"{len(plan.skipped)} skipped -> {store.uri}", file=sys.stderr)
+        print(f"sweep {grid.name}: {len(plan.trials)} trials, {len(plan.runnable) - len(todo)} already completed, "
+              f"{len(todo)} to run, {len(plan.skipped)} skipped -> {store.uri}", file=sys.stderr)
         if todo:
             from orchestrator.tuning import run_tuner  # Ray Tune only when something runs
 

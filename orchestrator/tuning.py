@@ -22,7 +22,10 @@ def run_tuner(todo: list[PlannedTrial], recorder: Recorder, grid: Grid, store: S
     trainable = tune.with_resources(run_tune_trial,
                                     lambda config: tune.PlacementGroupFactory([config["trial"]["resources"]]))
     callback = _StoreCallback(recorder, progress)
-    tune_dir = tempfile.mkdtemp(prefix="repurpose-tune-")
+    # Tune's own experiment files (the store replaces them): one place per sweep, cleared before and after, so a
+    # killed driver leaves nothing that grows.
+    tune_dir = os.path.join(tempfile.gettempdir(), f"repurpose-tune-{grid.name}")
+    shutil.rmtree(tune_dir, ignore_errors=True)
     try:
         tuner = tune.Tuner(
             trainable,

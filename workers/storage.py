@@ -29,6 +29,9 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     scheme = uri.split("://", 1)[0]
     if scheme not in SCHEMES:
         raise StorageError(f"{uri}: unsupported storage scheme {scheme!r} (use a local path, s3:// or gs://)")
+    if scheme == "s3" and "allow_delayed_open" not in uri:
+        # small objects in one PUT instead of a multipart upload (fewer requests; moto mishandles multipart)
+        uri += ("&" if "?" in uri else "?") + "allow_delayed_open=true"
     try:
         return pafs.FileSystem.from_uri(uri)
     except Exception as e:  # pyarrow raises ArrowInvalid / OSError with long texts

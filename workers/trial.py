@@ -87,7 +87,7 @@ def run_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | None = None
     tokens_per_pair = spec.planned_tokens_per_pair or measure_tokens_per_pair(spec.train_data, tokenizer,
                                                                               spec.max_length)
     planned_tokens = tokens_for_budget(spec.budget_flops, cost)
-    planned_steps = max(1, round(planned_tokens / (tokens_per_pair * spec.batch_size)))
+    planned_steps = int(planned_tokens / tokens_per_pair) // spec.batch_size  # as the planner counts them
 
     # resume
     progress, restart = Progress(), False
@@ -137,13 +137,10 @@ def run_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | None = None
             remaining = spec.budget_flops - progress.flops
             final = cost * batch.real_tokens > remaining
             if final:  # the last step: only the pairs that still fit the budget
-                per_pair = (batch.q_mask.sum(1) + batch.d_mask.sum(1)).cumsum(0)  # (B,)
-                # float64: a long tensor times a float is float32, whose rounding could admit a pair past the budget
-                n = int((per_pair.double() * cost <= remaining).sum())
-                if n < 2:
+                batch = fit_budget(batch, cost, remaining)
+                if batch is None:
                     exhausted = False
                     break
-                batch = batch.take(n)
             for group in optimizer.param_groups:
                 group["lr"] = lr * lr_factor(progress.flops / spec.budget_flops,
                                              (progress.flops + cost * batch.real_tokens) / spec.budget_flops,
@@ -211,6 +208,14 @@ def run_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | None = None
     row = _trial_row(progress, base)
     report(_event(progress, base, pending, restart=restart, done=True, trial=row))
     return row
+
+
+def fit_budget(batch, cost: float, remaining: float):
+    """The first pairs of ``batch`` whose tokens still fit ``remaining`` FLOP; None when fewer than two do."""
+    per_pair = (batch.q_mask.sum(1) + batch.d_mask.sum(1)).cumsum(0)  # (B,)
+    # float64: a long tensor times a float is float32, whose rounding could admit a pair past the budget
+    n = int((per_pair.double() * cost <= remaining).sum())
+    return batch.take(n) if n >= 2 else None
 
 
 def lr_factor(before: float, after: float, warmup_fraction: float) -> float:
