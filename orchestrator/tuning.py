@@ -15,11 +15,15 @@ from orchestrator.store import Recorder, Store
 from orchestrator.trainable import run_tune_trial
 
 
-def run_tuner(todo: list[PlannedTrial], recorder: Recorder, grid: Grid, store: Store, *, progress=None) -> None:
-    """One Tuner over the trials to run; results stream into ``recorder`` as they come."""
+def run_tuner(todo: list[PlannedTrial], recorder: Recorder, grid: Grid, store: Store, *, progress=None,
+              trainable=run_tune_trial, callbacks=()) -> None:
+    """One Tuner over the trials to run; results stream into ``recorder`` as they come.
+
+    ``trainable``: the function each trial runs (benchmarks and load tests pass a trivial one); ``callbacks``:
+    extra Tune callbacks (timing)."""
     configs = [{"trial_id": t.trial_id, "spec": t.spec.to_dict(), "checkpoint_uri": store.checkpoint_uri(t.trial_id),
                 "resources": dict(t.resources), "deepspeed_gpus": t.deepspeed_gpus} for t in todo]
-    trainable = tune.with_resources(run_tune_trial,
+    trainable = tune.with_resources(trainable,
                                     lambda config: tune.PlacementGroupFactory([config["trial"]["resources"]]))
     callback = _StoreCallback(recorder, progress)
     # Tune's own experiment files (the store replaces them): one place per sweep, cleared before and after, so a
@@ -34,11 +38,12 @@ def run_tuner(todo: list[PlannedTrial], recorder: Recorder, grid: Grid, store: S
                 max_concurrent_trials=grid.run.max_concurrent_trials,
                 trial_name_creator=lambda trial: trial.config["trial"]["trial_id"],
                 trial_dirname_creator=lambda trial: trial.config["trial"]["trial_id"],
+                reuse_actors=True,  # a worker process imports torch once, not once per trial
             ),
             run_config=tune.RunConfig(
                 name=grid.name, storage_path=tune_dir, verbose=0, stop=_FlopGuard(),
                 failure_config=tune.FailureConfig(max_failures=grid.run.max_failures),
-                callbacks=[callback],
+                callbacks=[callback, *callbacks],
             ),
         )
         # Tune's result analysis looks for the per-trial files the store replaces; it would warn per trial.
