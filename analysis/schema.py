@@ -35,6 +35,7 @@ TRIALS_SCHEMA = pa.schema(
         ("padding_fraction", pa.float64()),
         ("updated_at", pa.float64()),
         ("node_id", pa.string()),  # the Ray node the trial (last) ran on
+        ("train_s", pa.float64()),  # time inside optimizer steps; wall_s - train_s is the trial's overhead
     ]
 )
 

@@ -47,6 +47,7 @@ class Progress:
     flops: float = 0.0  # paper convention
     hardware_flops: float = 0.0
     wall_s: float = 0.0
+    train_s: float = 0.0  # inside optimizer steps (forward, backward, update): wall_s minus this is overhead
     train_loss: float | None = None
     eval_loss: float | None = None
     bad_lines: int = 0
@@ -145,10 +146,12 @@ def run_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | None = None
                 group["lr"] = lr * lr_factor(progress.flops / spec.budget_flops,
                                              (progress.flops + cost * batch.real_tokens) / spec.budget_flops,
                                              spec.warmup_fraction)
+            t_step = time.perf_counter()
             batch = _to(batch, device)
             loss = contrastive_backward(model, batch, spec.temperature, chunk, autocast)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            progress.train_s += time.perf_counter() - t_step
 
             progress.step += 1
             progress.batches += 1
@@ -336,7 +339,7 @@ def _event(p: Progress, base: dict, rows: list, *, restart: bool, done: bool = F
 def _trial_row(p: Progress, base: dict) -> dict:
     return {"n_params": base["n_params"], "n_trainable": base["n_trainable"], "tokens": p.tokens, "steps": p.step,
             "flops": p.flops, "hardware_flops": p.hardware_flops, "eval_loss": p.eval_loss,
-            "train_loss": p.train_loss, "wall_s": p.wall_s, "reason": p.reason,
+            "train_loss": p.train_loss, "wall_s": p.wall_s, "train_s": p.train_s, "reason": p.reason,
             "planned_tokens": base["planned_tokens"], "planned_steps": base["planned_steps"],
             "bad_lines": p.bad_lines,
             "padding_fraction": 1 - p.tokens / p.padded_tokens if p.padded_tokens else None}
