@@ -1,0 +1,135 @@
+"""The mini Pythia suite: its definition, the tokenizer, and a reduced real build (two smallest models,
+a few dozen steps each) into a temporary cache."""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import time
+
+import pytest
+
+from workers import suite as S
+from workers.flops import NeoxShape
+from workers.models import PRETRAIN_LR_KEY, auto_lr
+
+TOKEN_SCALE = 0.12  # 9 and 17 steps of 2,048 tokens for the two smallest models
+SMALLEST = [m.name for m in S.SUITE[:2]]
+
+
+# ------------------------------------------------------------------------------------------ definition
+
+
+def test_suite_has_pythia_shapes_spanning_30x():
+    ns = [m.n_params for m in S.SUITE]
+    assert len(S.SUITE) >= 4 and ns == sorted(ns) and ns[-1] / ns[0] >= 30
+    for m in S.SUITE:
+        assert m.hidden % m.heads == 0 and m.hidden // m.heads == 32  # pythia-14m/31m head dim
+        cfg = m.config()
+        assert cfg.intermediate_size == 4 * m.hidden and cfg.use_parallel_residual
+        assert cfg.to_dict()["rope_parameters"]["partial_rotary_factor"] == 0.25
+    assert len({m.name for m in S.SUITE}) == len(S.SUITE)
+    assert S.SUITE[2].n_params == 1_189_888 and S.SUITE[3].n_params == 4_739_072  # pythia-14m, -31m (PAPER.md)
+
+
+def test_pretrain_tokens_grow_with_n_in_whole_batches():
+    tokens = [S.pretrain_tokens(m.n_params) for m in S.SUITE]
+    assert tokens == sorted(tokens) and tokens[-1] > tokens[0]
+    step = S.BATCH_SEQS * S.SEQ_LEN
+    assert all(t % step == 0 for t in tokens)
+    assert S.pretrain_tokens(10**9) == S.MAX_TOKENS and S.pretrain_tokens(1) == S.MIN_TOKENS
+    assert S.pretrain_tokens(1, token_scale=1e-9) == step
+
+
+def test_lr_schedule_warms_up_then_decays_to_a_tenth():
+    total = 100
+    f = [S._lr_factor(s, total) for s in range(total)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[9:], f[10:]))
+    assert f[-1] == pytest.approx(S.FINAL_LR_FRACTION, abs=0.01)
+
+
+def test_cache_root_and_keys(monkeypatch, tmp_path):
+    monkeypatch.setenv("REPURPOSE_CACHE", str(tmp_path))
+    assert S.cache_root() == str(tmp_path)
+    assert S.cache_root(str(tmp_path / "x")) == str(tmp_path / "x")
+    assert S.suite_key() == S.suite_key(1.0) != S.suite_key(0.5)
+    assert S.list_suite() == [] and S.suite_paths() == {}
+    with pytest.raises(S.SuiteError, match="mini-pythia-0.1m"):
+        S.build_suite(sizes=["70m"])
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("cache"))
+    t0 = time.perf_counter()
+    models = S.build_suite(cache_dir=cache, sizes=SMALLEST, progress=False, token_scale=TOKEN_SCALE)
+    return cache, models, time.perf_counter() - t0
+
+
+def test_tokenizer_round_trips_stdlib_docstrings(built):
+    from transformers import AutoTokenizer
+
+    _, models, _ = built
+    tok = AutoTokenizer.from_pretrained(models[0].path)
+    assert len(tok) == S.VOCAB_SIZE
+    assert tok.convert_tokens_to_ids("<|endoftext|>") == 0 and tok.convert_tokens_to_ids("<|padding|>") == 1
+    assert tok.eos_token_id == 0 and tok.pad_token is None  # as Pythia's: the trainer pads with EOS
+    for text in (json.dumps.__doc__, inspect.cleandoc.__doc__, math.sqrt.__doc__, "naïve café — ≥ 0\t\n  x"):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text
+    assert len(tok("Return the square root of x.")["input_ids"]) < 12  # merges learned, not bytes
+
+
+# ------------------------------------------------------------------------------------------ the build
+
+
+def test_build_saves_loadable_pretrained_checkpoints(built):
+    import torch
+    from transformers import AutoModel
+
+    cache, models, _ = built
+    assert [m.name for m in models] == SMALLEST
+    for m in models:
+        model, info = AutoModel.from_pretrained(m.path, output_loading_info=True)
+        assert type(model).__name__ == "GPTNeoXModel"
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+        with open(os.path.join(m.path, "config.json")) as f:
+            cfg = json.load(f)
+        n_model = sum(p.numel() for name, p in model.named_parameters() if "emb" not in name)
+        assert m.n_params == NeoxShape.from_config(cfg).n_params() == n_model
+        assert cfg[PRETRAIN_LR_KEY] == m.pretrain_lr and auto_lr(m.path) == pytest.approx(m.pretrain_lr / 10)
+        assert m.pretrain_tokens == S.pretrain_tokens(m.n_params, TOKEN_SCALE)
+        # it learned: ~ln(4096) = 8.3 at initialisation, clearly lower after a few hundred thousand tokens
+        assert m.initial_loss == pytest.approx(math.log(S.VOCAB_SIZE), abs=0.3)
+        assert m.pretrain_loss < m.initial_loss - 0.5
+        out = model(input_ids=torch.tensor([[5, 6, 7]])).last_hidden_state
+        assert out.shape == (1, 3, m.hidden) and torch.isfinite(out).all()
+    assert S.list_suite(cache, TOKEN_SCALE) == models
+    assert list(S.suite_paths(cache, TOKEN_SCALE)) == SMALLEST
+    assert not [d for d in os.listdir(S.suite_dir(cache, TOKEN_SCALE)) if d.startswith(".")]  # no temp dirs
+
+
+def test_second_build_is_a_no_op_and_force_rebuilds(built):
+    cache, models, _ = built
+    weights = os.path.join(models[0].path, "model.safetensors")
+    before = os.stat(weights).st_mtime_ns
+    t0 = time.perf_counter()
+    again = S.build_suite(cache_dir=cache, sizes=["0.1m"], progress=False, token_scale=TOKEN_SCALE)
+    assert time.perf_counter() - t0 < 1.0 and again == models[:1]
+    assert os.stat(weights).st_mtime_ns == before
+    forced = S.build_suite(cache_dir=cache, sizes=["0.1m"], force=True, progress=False, token_scale=TOKEN_SCALE)
+    assert os.stat(weights).st_mtime_ns != before
+    assert forced[0].name == models[0].name and forced[0].pretrain_loss < forced[0].initial_loss
+
+
+def test_demo_data_builds_pairs_once(tmp_path):
+    info = S.demo_data(cache_dir=str(tmp_path))
+    assert info["n_train"] > 5000 and os.path.isfile(info["train"]) and os.path.isfile(info["eval"])
+    t0 = time.perf_counter()
+    assert S.demo_data(cache_dir=str(tmp_path)) == info
+    assert time.perf_counter() - t0 < 0.5

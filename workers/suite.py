@@ -1,0 +1,446 @@
+"""A mini Pythia suite, pretrained here: small GPT-NeoX LMs and their data for an offline `repurpose demo`.
+
+The study repurposes *pretrained* LMs (PAPER.md: the Pythia suite). Without a network there is no hub, so
+this module makes a suite on the spot, from text every Python carries (workers/pairs.py):
+
+1. a byte-level BPE tokenizer (GPT-NeoX's special tokens: ``<|endoftext|>`` = 0, ``<|padding|>`` = 1),
+   trained on the stdlib corpus with ``tokenizers``;
+2. four GPT-NeoX models with Pythia's shape rules (intermediate = 4 * hidden, rotary on 25 % of each head,
+   parallel residual, head dim 32 like pythia-14m/31m; the two largest have exactly pythia-14m's and
+   pythia-31m's blocks, so the same non-embedding N), spanning 47x in N;
+3. causal-LM pretraining of each (AdamW, warmup + cosine, bf16 autocast on CPU), the same token order for
+   all (as in Pythia), tokens growing with N;
+4. ``save_pretrained`` of the backbone (``GPTNeoXModel``: what ``AutoModel`` loads, no LM head) with the
+   tokenizer, and ``repurpose_pretrain_lr`` (workers/models.PRETRAIN_LR_KEY) in config.json so
+   ``lr: auto`` works, plus the pretraining loss and tokens.
+
+Everything lives in the user cache dir (``$REPURPOSE_CACHE`` or ``platformdirs.user_cache_dir("repurpose")``)
+under ``suite/<key>``, the key a hash of the suite definition and the code/data versions (marin's
+executor habit, STYLE.md): a second ``build_suite`` finds the models and returns at once. Each model is
+written to a temporary directory and renamed into place, so a half-built model is never listed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+from workers.flops import NeoxShape
+from workers.models import PRETRAIN_LR_KEY
+from workers.pairs import PAIRS_VERSION, build_pairs, iter_corpus_texts
+
+SUITE_VERSION = 1  # bump when training or saving changes: it is part of the cache key
+
+VOCAB_SIZE = 4096  # Pythia pads a 50k BPE to 50304; a 10 MB corpus supports far fewer merges
+SPECIAL_TOKENS = ("<|endoftext|>", "<|padding|>")  # ids 0 and 1, as in GPT-NeoX's tokenizer
+SEQ_LEN = 128      # pretraining context (Pythia: 2048); the study truncates pairs to 75 tokens
+BATCH_SEQS = 16    # 2,048 tokens per step (Pythia: 1,024 x 2,048)
+EVAL_SEQS = 64     # held-out sequences for the initial and final loss
+MAX_POSITIONS = 2048  # Pythia's; rotary has no position table, so this only bounds use, not size
+SEED = 0
+
+# Pythia (Biderman et al. 2023) optimiser: AdamW betas (0.9, 0.95), eps 1e-8, weight decay 0.01,
+# gradient clipping 1.0, warmup then cosine decay to 10 % of the peak lr. Warmup here is 10 % of the steps
+# (Pythia: 1 %), since these runs have hundreds of steps, not 143,000.
+BETAS, EPS, WEIGHT_DECAY, GRAD_CLIP = (0.9, 0.95), 1e-8, 0.01, 1.0
+WARMUP_FRACTION, FINAL_LR_FRACTION = 0.1, 0.1
+
+# Tokens grow with N, but slower than Chinchilla's D ~ 20 N (Hoffmann et al. 2022): a 2-core laptop's few
+# minutes allow ~1M tokens for the largest model (0.2 tokens per parameter), and D ~ N would then leave the
+# smallest 1/47 of that, too little to learn more than unigram statistics. D ~ sqrt(N) keeps every model
+# learning and the losses ordered by size; the cap bounds the build time.
+TOKENS_PER_SQRT_PARAM = 512
+MIN_TOKENS, MAX_TOKENS = 2**16, 2**20
+CHARS_PER_TOKEN = 4  # corpus text taken per token needed (the tokenizer averages 3.5 on it): a margin
+
+
+@dataclass(frozen=True)
+class MiniPythia:
+    """One model of the suite: its shape and pretraining lr."""
+
+    hidden: int
+    layers: int
+    heads: int
+    pretrain_lr: float
+
+    def shape(self, vocab: int = VOCAB_SIZE) -> NeoxShape:
+        return NeoxShape(hidden=self.hidden, layers=self.layers, heads=self.heads,
+                         intermediate=4 * self.hidden, vocab=vocab, parallel_residual=True)
+
+    @property
+    def n_params(self) -> int:
+        """Non-embedding parameters (PAPER.md's N; no embedding enters it, so the vocab does not matter)."""
+        return self.shape().n_params()
+
+    @property
+    def name(self) -> str:
+        return f"mini-pythia-{self.n_params / 1e6:.2g}m"
+
+    def config(self, vocab: int = VOCAB_SIZE):
+        from transformers import GPTNeoXConfig
+
+        return GPTNeoXConfig(
+            vocab_size=vocab, hidden_size=self.hidden, num_hidden_layers=self.layers,
+            num_attention_heads=self.heads, intermediate_size=4 * self.hidden, rotary_pct=0.25,
+            rotary_emb_base=10000, max_position_embeddings=MAX_POSITIONS, use_parallel_residual=True,
+            hidden_act="gelu", layer_norm_eps=1e-5, initializer_range=0.02, tie_word_embeddings=False,
+            hidden_dropout=0.0, attention_dropout=0.0, bos_token_id=0, eos_token_id=0,
+        )
+
+
+# Head dim 32 (pythia-14m and -31m). lr: Pythia's 1e-3 (its smallest models) is tuned for 143,000 steps of
+# 2M tokens; these runs have 80-512 steps of 2,048 tokens, and a scan at the suite's token counts preferred
+# higher rates (held-out loss: 0.1m 5.75 / 5.44 at 3e-3 / 5e-3; 0.34m 5.10 / 4.93 at 2e-3 / 3e-3;
+# 1.2m 4.81 / 4.50 / 4.39 at 1e-3 / 2e-3 / 3e-3; 4.7m, at 300k tokens, 4.91 / 4.70 / 4.68), falling with
+# width as in Pythia's table.
+SUITE: tuple[MiniPythia, ...] = (
+    MiniPythia(hidden=64, layers=2, heads=2, pretrain_lr=5e-3),   # N = 100,096
+    MiniPythia(hidden=96, layers=3, heads=3, pretrain_lr=3e-3),   # N = 335,712
+    MiniPythia(hidden=128, layers=6, heads=4, pretrain_lr=3e-3),  # N = 1,189,888 (pythia-14m's blocks)
+    MiniPythia(hidden=256, layers=6, heads=8, pretrain_lr=2e-3),  # N = 4,739,072 (pythia-31m's blocks)
+)
+
+
+@dataclass(frozen=True)
+class SuiteModel:
+    """A built model of the suite, as its config.json describes it."""
+
+    name: str
+    path: str
+    n_params: int
+    pretrain_lr: float
+    pretrain_loss: float   # held-out causal-LM loss after pretraining (nats / token)
+    initial_loss: float    # the same loss at initialisation (~ ln(vocab))
+    pretrain_tokens: int
+    hidden: int
+    layers: int
+    heads: int
+    train_s: float
+
+
+class SuiteError(ValueError):
+    """A bad suite request (an unknown size); the message lists what exists."""
+
+
+def pretrain_tokens(n_params: int, token_scale: float = 1.0) -> int:
+    """Tokens to pretrain a model of ``n_params`` on, a whole number of batches (at least one)."""
+    tokens = token_scale * min(MAX_TOKENS, max(MIN_TOKENS, TOKENS_PER_SQRT_PARAM * math.sqrt(n_params)))
+    step = BATCH_SEQS * SEQ_LEN
+    return max(1, round(tokens / step)) * step
+
+
+# -------------------------------------------------------------------------------------------- cache
+
+
+def cache_root(cache_dir: str | None = None) -> str:
+    if cache_dir:
+        return os.path.abspath(os.path.expanduser(cache_dir))
+    if os.environ.get("REPURPOSE_CACHE"):
+        return os.path.abspath(os.path.expanduser(os.environ["REPURPOSE_CACHE"]))
+    import platformdirs
+
+    return platformdirs.user_cache_dir("repurpose")
+
+
+def _python_version() -> str:
+    # the corpus is the running Python's stdlib: another version is other data
+    return "%d.%d.%d" % sys.version_info[:3]
+
+
+def suite_key(token_scale: float = 1.0) -> str:
+    """Hash of everything that defines the suite's weights (not of which sizes were asked for)."""
+    definition = {
+        "suite": [asdict(m) for m in SUITE], "suite_version": SUITE_VERSION, "pairs_version": PAIRS_VERSION,
+        "python": _python_version(), "vocab": VOCAB_SIZE, "seq_len": SEQ_LEN, "batch_seqs": BATCH_SEQS,
+        "eval_seqs": EVAL_SEQS, "seed": SEED, "token_scale": token_scale,
+        "tokens": [TOKENS_PER_SQRT_PARAM, MIN_TOKENS, MAX_TOKENS, CHARS_PER_TOKEN],
+        "optim": [BETAS, EPS, WEIGHT_DECAY, GRAD_CLIP, WARMUP_FRACTION, FINAL_LR_FRACTION],
+    }
+    return hashlib.sha1(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def suite_dir(cache_dir: str | None = None, token_scale: float = 1.0) -> str:
+    return os.path.join(cache_root(cache_dir), "suite", suite_key(token_scale))
+
+
+def _select(sizes: Iterable[str] | None) -> list[MiniPythia]:
+    """Models by name ('mini-pythia-0.1m') or size label ('0.1m'); None = the whole suite."""
+    if sizes is None:
+        return list(SUITE)
+    by_label = {m.name: m for m in SUITE} | {m.name.removeprefix("mini-pythia-"): m for m in SUITE}
+    unknown = [s for s in sizes if s not in by_label]
+    if unknown:
+        raise SuiteError(f"unknown suite size(s) {unknown}; the suite has {[m.name for m in SUITE]}")
+    wanted = {by_label[s] for s in sizes}
+    return [m for m in SUITE if m in wanted]
+
+
+def _publish(tmp: str, final: str) -> None:
+    """Rename a finished directory into place; if another process got there first, keep theirs."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not os.path.isdir(final):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace(tmp: str, final: str) -> None:
+    """``_publish``, moving an existing ``final`` (a forced rebuild) aside first and deleting it after."""
+    if not os.path.isdir(final):
+        return _publish(tmp, final)
+    trash = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(final))
+    os.rename(final, os.path.join(trash, "old"))
+    _publish(tmp, final)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = VOCAB_SIZE):
+    """Byte-level BPE like GPT-NeoX's (no prefix space, no normalisation: decode(encode(t)) == t), as a
+    ``PreTrainedTokenizerFast``. Like Pythia's it has no pad token: the fine-tuning worker pads with EOS."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer(add_prefix_space=False)
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    eos = SPECIAL_TOKENS[0]
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=eos, eos_token=eos, unk_token=eos,
+                                   model_max_length=MAX_POSITIONS, clean_up_tokenization_spaces=False)
+
+
+def suite_tokens(token_scale: float = 1.0) -> int:
+    """Tokens the suite's data must hold: the largest model's pretraining tokens + the held-out sequences."""
+    return max(pretrain_tokens(m.n_params, token_scale) for m in SUITE) + EVAL_SEQS * SEQ_LEN
+
+
+def corpus_documents(tokens: int) -> list[str]:
+    """The stdlib corpus (workers/pairs.iter_corpus_texts) in a fixed shuffled order, cut after about
+    ``tokens`` tokens' worth of text (CHARS_PER_TOKEN): the whole suite trains on one prefix of one order."""
+    import random
+
+    docs = [t for t in iter_corpus_texts() if t.strip()]
+    random.Random(SEED).shuffle(docs)
+    chars = 0
+    for i, doc in enumerate(docs):
+        chars += len(doc)
+        if chars >= tokens * CHARS_PER_TOKEN:
+            return docs[: i + 1]
+    return docs
+
+
+def token_sequences(tokenizer, texts: list[str]):
+    """(train, held-out) LongTensors of shape (n, SEQ_LEN): every text + EOS, concatenated, cut into
+    sequences, shuffled with a fixed seed; the same for every model (Pythia trains all sizes on one order)."""
+    import torch
+
+    eos = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS[0])
+    # the Rust tokenizer directly: whole source files exceed model_max_length, which is not an error here
+    encoded = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    ids = [i for enc in encoded for i in enc.ids + [eos]]
+    n = len(ids) // SEQ_LEN
+    seqs = torch.tensor(ids[: n * SEQ_LEN], dtype=torch.long).view(n, SEQ_LEN)  # (n, T)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(SEED))
+    seqs = seqs[order]
+    return seqs[EVAL_SEQS:], seqs[:EVAL_SEQS]
+
+
+def _prepare_data(root: str, token_scale: float):
+    """(tokenizer, train sequences, held-out sequences) of the suite in ``root``: trained and tokenised on
+    its first build, then read back, so every model of a suite sees the same tokenizer and token order."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tok_path, seq_path = os.path.join(root, "tokenizer"), os.path.join(root, "sequences.pt")
+    if not (os.path.isdir(tok_path) and os.path.isfile(seq_path)):
+        docs = corpus_documents(suite_tokens(token_scale))
+        if not os.path.isdir(tok_path):
+            tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=root)
+            train_tokenizer(docs).save_pretrained(tmp)
+            _publish(tmp, tok_path)
+        train, held = token_sequences(AutoTokenizer.from_pretrained(tok_path), docs)
+        tmp = f"{seq_path}.tmp{os.getpid()}"
+        torch.save({"train": train.to(torch.int16), "eval": held.to(torch.int16)}, tmp)  # vocab < 2**15
+        os.replace(tmp, seq_path)
+    seqs = torch.load(seq_path)
+    return AutoTokenizer.from_pretrained(tok_path), seqs["train"].long(), seqs["eval"].long()
+
+
+# --------------------------------------------------------------------------------------- pretraining
+
+
+def _lr_factor(step: int, total: int) -> float:
+    """Linear warmup over the first WARMUP_FRACTION of the steps, then cosine to FINAL_LR_FRACTION."""
+    warmup = max(1, round(WARMUP_FRACTION * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def heldout_loss(model, seqs) -> float:
+    """Mean causal-LM loss (nats / token) over ``seqs`` (n, T), in fp32."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        losses = [model(input_ids=b, labels=b).loss.item() for b in seqs.split(BATCH_SEQS)]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def pretrain(spec: MiniPythia, train_seqs, eval_seqs, tokens: int, progress=None):
+    """Train a fresh GPTNeoXForCausalLM on ``tokens`` tokens of ``train_seqs`` (cycled if too few: only
+    when ``token_scale`` asks for more than the whole corpus).
+
+    Returns (model, initial held-out loss, final held-out loss). ``progress``: a rich Progress or None.
+    """
+    import torch
+    from transformers import GPTNeoXForCausalLM
+
+    torch.manual_seed(SEED)
+    model = GPTNeoXForCausalLM(spec.config())
+    initial = heldout_loss(model, eval_seqs)
+    steps = tokens // (BATCH_SEQS * SEQ_LEN)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]  # no decay on biases and LayerNorms
+    rest = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": rest, "weight_decay": 0.0}],
+                            lr=spec.pretrain_lr, betas=BETAS, eps=EPS)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps))
+    task = progress.add_task(f"pretrain {spec.name}", total=steps, loss=float("nan")) if progress else None
+    n = train_seqs.shape[0]
+    for step in range(steps):
+        idx = torch.arange(step * BATCH_SEQS, (step + 1) * BATCH_SEQS) % n
+        batch = train_seqs[idx]  # (B, T)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if task is not None:
+            progress.update(task, advance=1, loss=loss.item())
+    final = heldout_loss(model, eval_seqs)
+    if task is not None:
+        progress.update(task, loss=final)
+    return model, initial, final
+
+
+def _save(spec: MiniPythia, model, tokenizer, out_dir: str, *, initial: float, final: float, tokens: int,
+          train_s: float, key: str) -> None:
+    """The backbone (GPTNeoXModel: AutoModel loads it with no missing or unexpected weights) + tokenizer."""
+    base = model.gpt_neox
+    base.config.architectures = ["GPTNeoXModel"]
+    meta = {
+        PRETRAIN_LR_KEY: spec.pretrain_lr, "repurpose_pretrain_loss": round(final, 5),
+        "repurpose_initial_loss": round(initial, 5), "repurpose_pretrain_tokens": tokens,
+        "repurpose_pretrain_seq_len": SEQ_LEN, "repurpose_train_s": round(train_s, 2),
+        "repurpose_suite": key, "repurpose_name": spec.name,
+    }
+    for k, v in meta.items():
+        setattr(base.config, k, v)
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar between the training bars
+    try:
+        base.save_pretrained(out_dir)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    tokenizer.save_pretrained(out_dir)
+
+
+def _read_model(path: str) -> SuiteModel:
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    return SuiteModel(
+        name=cfg["repurpose_name"], path=path, n_params=NeoxShape.from_config(cfg).n_params(),
+        pretrain_lr=float(cfg[PRETRAIN_LR_KEY]), pretrain_loss=float(cfg["repurpose_pretrain_loss"]),
+        initial_loss=float(cfg["repurpose_initial_loss"]), pretrain_tokens=int(cfg["repurpose_pretrain_tokens"]),
+        hidden=int(cfg["hidden_size"]), layers=int(cfg["num_hidden_layers"]),
+        heads=int(cfg["num_attention_heads"]), train_s=float(cfg["repurpose_train_s"]),
+    )
+
+
+def _progress(enabled: bool):
+    from contextlib import nullcontext
+
+    if not enabled:
+        return nullcontext(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn())
+
+
+# ------------------------------------------------------------------------------------------------ API
+
+
+def build_suite(cache_dir: str | None = None, force: bool = False, sizes: Iterable[str] | None = None,
+                progress: bool = True, token_scale: float = 1.0) -> list[SuiteModel]:
+    """Build (or find) the suite's models; returns them smallest first.
+
+    ``sizes``: names or labels ('0.1m') to build, default all. ``force``: retrain those models even if
+    built (the suite's tokenizer and token order are kept: the other models were trained with them).
+    ``token_scale``: multiplies every model's pretraining tokens (a different suite, under its own key).
+    """
+    if token_scale <= 0:
+        raise SuiteError(f"token_scale must be > 0, got {token_scale}")
+    specs = _select(sizes)
+    key = suite_key(token_scale)
+    root = suite_dir(cache_dir, token_scale)
+    todo = [m for m in specs if force or not os.path.isfile(os.path.join(root, m.name, "config.json"))]
+    if todo:
+        os.makedirs(root, exist_ok=True)
+        tokenizer, train_seqs, eval_seqs = _prepare_data(root, token_scale)
+        with _progress(progress) as bars:
+            for spec in todo:
+                t0 = time.perf_counter()
+                tokens = pretrain_tokens(spec.n_params, token_scale)
+                model, initial, final = pretrain(spec, train_seqs, eval_seqs, tokens, bars)
+                tmp = tempfile.mkdtemp(prefix=f".{spec.name}-", dir=root)
+                _save(spec, model, tokenizer, tmp, initial=initial, final=final, tokens=tokens,
+                      train_s=time.perf_counter() - t0, key=key)
+                _replace(tmp, os.path.join(root, spec.name))
+    return [_read_model(os.path.join(root, m.name)) for m in specs]
+
+
+def list_suite(cache_dir: str | None = None, token_scale: float = 1.0) -> list[SuiteModel]:
+    """The suite's models already built (smallest first); builds nothing."""
+    root = suite_dir(cache_dir, token_scale)
+    return [_read_model(os.path.join(root, m.name)) for m in SUITE
+            if os.path.isfile(os.path.join(root, m.name, "config.json"))]
+
+
+def suite_paths(cache_dir: str | None = None, token_scale: float = 1.0) -> dict[str, str]:
+    """{name: checkpoint path} of the built models, smallest first."""
+    return {m.name: m.path for m in list_suite(cache_dir, token_scale)}
+
+
+def demo_data(cache_dir: str | None = None, eval_fraction: float = 0.05) -> dict:
+    """The stdlib pairs (workers/pairs.py) in the cache, built once per Python version and pairs version.
+
+    Returns build_pairs' dict: {"train": path, "eval": path, "n_train", "n_eval", "kinds", ...}.
+    """
+    key = hashlib.sha1(json.dumps([PAIRS_VERSION, _python_version(), eval_fraction]).encode()).hexdigest()[:12]
+    root = os.path.join(cache_root(cache_dir), "pairs")
+    path = os.path.join(root, key)
+    if not os.path.isfile(os.path.join(path, "pairs.json")):
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".pairs-", dir=root)
+        build_pairs(tmp, eval_fraction=eval_fraction)
+        _publish(tmp, path)
+    with open(os.path.join(path, "pairs.json")) as f:
+        info = json.load(f)
+    return info | {"train": os.path.join(path, "train.jsonl"), "eval": os.path.join(path, "eval.jsonl")}
