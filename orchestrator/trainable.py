@@ -1,8 +1,20 @@
-"""The trial entry point on a Ray worker: a thin adapter from Tune to ``workers.trial.run_trial``.
+"""The trial entry point on a Ray worker: a thin adapter from Tune to ``workers.trial.run_trial``, or, for a
+trial planned onto k GPUs (``deepspeed_gpus``), to DeepSpeed on k ranks (``workers.distributed``).
 
 The only place the orchestrator touches torch, and only inside the function (the driver never imports it).
 """
 from __future__ import annotations
+
+
+def trial_ranks(trial: dict) -> int:
+    """DeepSpeed ranks of a trial: its planned GPUs, or ``cpu_ranks`` (CPU processes on gloo: tests, CPU-only
+    clusters; the planner never sets it); 0: plain PyTorch in the trial's own process."""
+    return int(trial.get("deepspeed_gpus") or trial.get("cpu_ranks") or 0)
+
+
+def rank_bundles(resources: dict, ranks: int) -> list[dict]:
+    """The trial's Ray resources split into one bundle per rank; bundle 0 holds the trial's own process."""
+    return [{k: v / ranks for k, v in resources.items()} for _ in range(ranks)]
 
 
 def run_tune_trial(config: dict) -> None:
@@ -22,4 +34,11 @@ def run_tune_trial(config: dict) -> None:
             event["trial"] = dict(event["trial"], node_id=node_id)
         tune.report(event)
 
+    ranks = trial_ranks(trial)
+    if ranks:  # rank 0 here (it reports), the others as actors in this trial's placement group
+        from workers.distributed import run_ray_ranks
+
+        run_ray_ranks(trial["spec"], ranks=ranks, bundle=rank_bundles(trial["resources"], ranks)[0], report=report,
+                      checkpoint_uri=trial["checkpoint_uri"])
+        return
     run_trial(TrialSpec.from_dict(trial["spec"]), report=report, checkpoint_uri=trial["checkpoint_uri"])

@@ -12,7 +12,7 @@ from ray import tune
 from orchestrator.grid import Grid
 from orchestrator.plan import PlannedTrial
 from orchestrator.store import Recorder, Store
-from orchestrator.trainable import run_tune_trial
+from orchestrator.trainable import rank_bundles, run_tune_trial, trial_ranks
 
 
 def run_tuner(todo: list[PlannedTrial], recorder: Recorder, grid: Grid, store: Store, *, progress=None,
@@ -23,8 +23,7 @@ def run_tuner(todo: list[PlannedTrial], recorder: Recorder, grid: Grid, store: S
     extra Tune callbacks (timing)."""
     configs = [{"trial_id": t.trial_id, "spec": t.spec.to_dict(), "checkpoint_uri": store.checkpoint_uri(t.trial_id),
                 "resources": dict(t.resources), "deepspeed_gpus": t.deepspeed_gpus} for t in todo]
-    trainable = tune.with_resources(trainable,
-                                    lambda config: tune.PlacementGroupFactory([config["trial"]["resources"]]))
+    trainable = tune.with_resources(trainable, trial_placement)
     callback = _StoreCallback(recorder, progress)
     # Tune's own experiment files (the store replaces them): one place per sweep, cleared before and after, so a
     # killed driver leaves nothing that grows.
@@ -53,6 +52,16 @@ def run_tuner(todo: list[PlannedTrial], recorder: Recorder, grid: Grid, store: S
         callback.close()
         recorder.flush()
         shutil.rmtree(tune_dir, ignore_errors=True)
+
+
+def trial_placement(config: dict) -> tune.PlacementGroupFactory:
+    """One bundle per trial; a DeepSpeed trial one per rank, all on one node (its ranks share a checkpoint
+    staging dir and NCCL's intra-node links)."""
+    trial = config["trial"]
+    ranks = trial_ranks(trial)
+    if ranks > 1:
+        return tune.PlacementGroupFactory(rank_bundles(trial["resources"], ranks), strategy="STRICT_PACK")
+    return tune.PlacementGroupFactory([trial["resources"]])
 
 
 class _FlopGuard(tune.Stopper):

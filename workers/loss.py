@@ -8,6 +8,10 @@ Gradient cache (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size u
 Setup"): embed all sub-batches without grad, take the loss and its gradient w.r.t. the embeddings, then
 re-embed each sub-batch with grad and back-propagate the cached embedding gradient. Parameter gradients
 equal the one-shot batch's (tests/workers/test_loss.py).
+
+Data parallel (workers/distributed.py): each rank passes its shard of the batch and a differentiable ``gather``
+of the shards' embeddings, so the loss is still the whole batch's; ``backward`` is DeepSpeed's
+``engine.backward`` there.
 """
 from __future__ import annotations
 
@@ -66,12 +70,22 @@ def step_shapes(batch, chunk_size: int | None) -> list[tuple[int, int]]:
     return shapes
 
 
-def contrastive_backward(model, batch, temperature: float, chunk_size: int | None, autocast) -> float:
+def _whole(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def contrastive_backward(model, batch, temperature: float, chunk_size: int | None, autocast, *,
+                         gather=None, backward=None) -> float:
     """Loss of one contrastive batch; parameter gradients accumulated in .grad. Returns the loss value.
 
     ``chunk_size`` None or >= the batch: one pass. Smaller: the exact gradient cache.
     ``autocast``: a zero-argument context-manager factory (bf16 autocast or a null context).
+    ``gather``: (b, D) embeddings of this rank's shard -> (B, D) of the whole batch, differentiable; None: the
+    batch is whole here. ``backward``: back-propagates a scalar (DeepSpeed's ``engine.backward``); None:
+    ``Tensor.backward``.
     """
+    gather = gather or _whole
+    backward = backward or torch.Tensor.backward
     n = batch.q_ids.shape[0]
     if chunk_size is None or chunk_size >= n:
         (q_ids, q_mask), = _chunks(batch.q_ids, batch.q_mask, n)
@@ -79,8 +93,8 @@ def contrastive_backward(model, batch, temperature: float, chunk_size: int | Non
         with autocast():
             q = embed(model, q_ids, q_mask)
             d = embed(model, d_ids, d_mask)
-        loss = info_nce(q, d, temperature)
-        loss.backward()
+        loss = info_nce(gather(q), gather(d), temperature)
+        backward(loss)
         return loss.item()
 
     sides = [(batch.q_ids, batch.q_mask), (batch.d_ids, batch.d_mask)]
@@ -95,27 +109,31 @@ def contrastive_backward(model, batch, temperature: float, chunk_size: int | Non
                     parts.append(embed(model, c_ids, c_mask))
             cached.append(torch.cat(parts))
     q, d = (e.detach().requires_grad_() for e in cached)
-    loss = info_nce(q, d, temperature)
-    loss.backward()  # gradients w.r.t. the embeddings only: (B, D) each
+    loss = info_nce(gather(q), gather(d), temperature)
+    loss.backward()  # gradients w.r.t. the (local) embeddings only: (n, D) each; no parameter is reached
     grads = iter(forks)
     for (ids, mask), emb in zip(sides, (q, d)):
         for (c_ids, c_mask), g in zip(_chunks(ids, mask, chunk_size), emb.grad.split(chunk_size)):
             with next(grads).replay(), autocast():
                 e = embed(model, c_ids, c_mask)
-            e.backward(g)
+            backward((e * g).sum())  # its gradient w.r.t. e is exactly g: e.backward(g) as a scalar
     return loss.item()
 
 
 @torch.no_grad()
-def eval_loss(model, batches, temperature: float, chunk_size: int | None, autocast) -> float:
-    """Mean contrastive loss over held-out batches (weighted by pairs); negatives = the whole batch."""
+def eval_loss(model, batches, temperature: float, chunk_size: int | None, autocast, *, split=None) -> float:
+    """Mean contrastive loss over held-out batches (weighted by pairs); negatives = the whole batch.
+
+    ``split``: batch -> (this rank's shard, gather) for data parallel (workers/distributed.py); None: whole.
+    """
     total, pairs = 0.0, 0
     for batch in batches:
+        batch, gather = split(batch) if split else (batch, _whole)
         embs = []
         for ids, mask in ((batch.q_ids, batch.q_mask), (batch.d_ids, batch.d_mask)):
             size = chunk_size or ids.shape[0]
             with autocast():
-                embs.append(torch.cat([embed(model, i, m) for i, m in _chunks(ids, mask, size)]))
+                embs.append(gather(torch.cat([embed(model, i, m) for i, m in _chunks(ids, mask, size)])))
         n = embs[0].shape[0]
         total += info_nce(embs[0], embs[1], temperature).item() * n
         pairs += n

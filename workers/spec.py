@@ -7,6 +7,7 @@ checkpoint interval, chunk size of the exact gradient cache) do not.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 
 from workers.flops import LORA_TARGETS, METHODS
@@ -20,7 +21,12 @@ WEIGHT_DECAY = 0.1
 
 # Knobs that change how a trial runs but not what it computes.
 RUNTIME_FIELDS = ("chunk_size", "report_every", "checkpoint_every_s", "save_model", "planned_tokens_per_pair",
-                  "num_threads", "prefetch_batches")
+                  "num_threads", "prefetch_batches", "deepspeed_config")
+# A DeepSpeed override may tune how the engine runs (ZeRO stage, offload, buckets, communication), not what the
+# trial computes: these keys are the trial's (its fields, or fixed by workers/distributed.py's loop).
+DEEPSPEED_TRIAL_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                        "managed_gradient_accumulation", "optimizer", "scheduler", "gradient_clipping", "fp16",
+                        "bf16", "torch_autocast", "amp")
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,11 @@ class TrialSpec:
     planned_tokens_per_pair: float | None = None  # from the planner; measured on the data when None
     num_threads: int | None = None
     prefetch_batches: int = 4
+    # DeepSpeed trials (planned with deepspeed_gpus > 0): a JSON object, inline or a path / s3:// / gs:// URI,
+    # merged over the default engine config (ZeRO 2). A runtime knob: ZeRO stage, offload and buckets move
+    # tensors, not results; the keys that would change results are the trial's and rejected
+    # (DEEPSPEED_TRIAL_KEYS above).
+    deepspeed_config: str | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -75,6 +86,16 @@ class TrialSpec:
             raise ValueError("temperature: must be > 0")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError("precision: must be auto, bf16 or fp32")
+        if self.deepspeed_config is not None and self.deepspeed_config.lstrip().startswith("{"):
+            try:
+                override = json.loads(self.deepspeed_config)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"deepspeed_config: not a JSON object ({e})") from None
+            if not isinstance(override, dict):
+                raise ValueError("deepspeed_config: not a JSON object")
+            owned = sorted(set(override) & set(DEEPSPEED_TRIAL_KEYS))
+            if owned:
+                raise ValueError(f"deepspeed_config.{owned[0]}: set by the trial (its spec), not by an override")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -1,0 +1,436 @@
+"""workers/distributed.py: one contrastive batch over 2 ranks (gloo, CPU) equals the single-process batch.
+
+- the math in plain torch.distributed: global loss and averaged parameter gradients equal the single-process
+  ones, with and without the gradient cache, for full fine-tuning and LoRA, sharded and (uneven batch) whole;
+- the DeepSpeed engine (DS_ACCELERATOR=cpu, ZeRO 2 and 3): one SGD step with lr 1 moves every parameter by
+  exactly minus the single-process gradient (AdamW would hide a wrong gradient scale: its first steps are
+  scale-free);
+- the DeepSpeed trial (ZeRO 2 full fine-tuning, ZeRO 3 LoRA, gradient cache on): killed after a few steps and
+  resumed from its DeepSpeed checkpoint, its rows, FLOP and eval loss equal a single-process run_trial's.
+
+Ranks are spawned processes; they get the tiny model and data through the fixtures' paths and write results
+as safetensors (nothing unpickled here).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from workers import checkpoint, storage
+from workers.spec import TrialSpec
+
+TAU = 0.025
+FP32 = contextlib.nullcontext
+LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+CASES = {"full": {}, "lora": {"lora_rank": 4}}
+# (pairs, gradient-cache chunk): 12 pairs split 6 + 6 (chunks 2: three per rank; 4: 4 + 2); 7 pairs do not split
+# evenly, so every rank computes the whole batch
+BATCHES = [(12, None), (12, 2), (12, 4), (7, None), (7, 3)]
+BUDGET = 6.5e9  # ~11 steps of full fine-tuning at 16 pairs a step (test_trial.py)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------------------
+# helpers shared by the test process and the ranks
+
+
+def load(model_dir, method):
+    from transformers import AutoModel, AutoTokenizer
+
+    from workers.methods import select_trainable
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir)
+    torch.manual_seed(0)  # LoRA's initialisation
+    model = select_trainable(model, method, lora_targets=LORA_TARGETS, **CASES[method])
+    if method == "lora":  # B starts at 0, which leaves A without gradient: give the adapters weights
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+    return tokenizer, model.train()
+
+
+def make_batch(tokenizer, pairs_file, n):
+    from workers.data import collate, make_encoder, pad_id_of
+
+    with open(pairs_file) as f:
+        pairs = [json.loads(next(f)) for _ in range(n)]
+    encode = make_encoder(tokenizer, 75)
+    return collate(encode([p["query"] for p in pairs]), encode([p["pos"][0] for p in pairs]), pad_id_of(tokenizer), 0)
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    out = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def spawn(target, world, *args):
+    import torch.multiprocessing as mp
+
+    from workers.distributed import free_port
+
+    mp.start_processes(target, args=(world, free_port(), *args), nprocs=world, join=True, start_method="spawn")
+
+
+def _init(rank, world, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# pure parts: the split of a batch, the engine config, the placement
+
+
+def test_shard_splits_even_batches_and_keeps_uneven_ones_whole(tiny_model, pairs_file):
+    from transformers import AutoTokenizer
+
+    from workers.distributed import _whole, gather_rows, shard
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    batch = make_batch(tokenizer, pairs_file, 12)
+    parts = [shard(batch, r, 3) for r in range(3)]
+    for r, (part, gather, owned) in enumerate(parts):
+        assert len(part) == 4 and gather is gather_rows and owned == part.real_tokens
+        rows = slice(4 * r, 4 * r + 4)
+        assert part.q_ids.shape[1] == int(batch.q_mask[rows].sum(1).max())  # trimmed to its own longest
+        torch.testing.assert_close(part.q_ids, batch.q_ids[rows, :part.q_ids.shape[1]])
+        assert part.q_mask.sum() == batch.q_mask[rows].sum() and part.d_mask.sum() == batch.d_mask[rows].sum()
+    assert sum(owned for _, _, owned in parts) == batch.real_tokens
+    # 12 pairs over 5 ranks: whole on every rank, rank 0 owns the tokens
+    whole = [shard(batch, r, 5) for r in range(5)]
+    assert all(part is batch and gather is _whole for part, gather, _ in whole)
+    assert [owned for _, _, owned in whole] == [batch.real_tokens, 0, 0, 0, 0]
+
+
+def test_deepspeed_config_default_and_override(tmp_path):
+    from workers.distributed import DeepSpeedConfigError, deepspeed_config, read_override
+
+    config = deepspeed_config(world=4, micro_batch=256, bf16=True)
+    assert config["zero_optimization"] == {"stage": 2}
+    assert config["train_batch_size"] == 1024 and config["gradient_accumulation_steps"] == 1
+    assert config["gradient_clipping"] == 0.0  # DeepSpeed's own default (1.0) would clip: the recipe does not
+    assert config["managed_gradient_accumulation"] is False
+    assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert "torch_autocast" not in deepspeed_config(world=4, micro_batch=256, bf16=False)
+    # an override merges key by key: stage 3 with CPU optimizer offload keeps the rest
+    override = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(override))
+    for ref in (json.dumps(override), str(path)):
+        merged = deepspeed_config(world=2, micro_batch=8, bf16=False, override=read_override(ref))
+        assert merged["zero_optimization"] == override["zero_optimization"]
+        assert merged["gradient_clipping"] == 0.0 and merged["train_batch_size"] == 16
+    assert read_override(None) == {}
+    # what the trial computes is not an override's to change
+    for bad in ({"optimizer": {"type": "SGD"}}, {"gradient_clipping": 1.0}, {"bf16": {"enabled": True}}):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(DeepSpeedConfigError, match=f"deepspeed_config.{next(iter(bad))}"):
+            read_override(str(path))
+        with pytest.raises(ValueError, match=f"deepspeed_config.{next(iter(bad))}"):
+            TrialSpec(model="m", method="full", budget_flops=1e9, train_data="d", deepspeed_config=json.dumps(bad))
+    path.write_text("[1, 2]")
+    with pytest.raises(DeepSpeedConfigError, match="JSON object"):
+        read_override(str(path))
+    with pytest.raises(ValueError, match="deepspeed_config"):
+        TrialSpec(model="m", method="full", budget_flops=1e9, train_data="d", deepspeed_config="{stage: 3")
+    # a runtime knob: how the engine runs does not change the trial's id
+    spec = TrialSpec(model="m", method="full", budget_flops=1e9, train_data="d")
+    other = TrialSpec(model="m", method="full", budget_flops=1e9, train_data="d", deepspeed_config=json.dumps(override))
+    assert spec.identity() == other.identity()
+    assert TrialSpec.from_dict(other.to_dict()) == other
+
+
+def test_placement_one_bundle_per_rank():
+    from orchestrator.trainable import rank_bundles, trial_ranks
+    from orchestrator.tuning import trial_placement
+
+    trial = {"resources": {"CPU": 16, "GPU": 4}, "deepspeed_gpus": 4}
+    assert trial_ranks(trial) == 4 and rank_bundles(trial["resources"], 4) == [{"CPU": 4.0, "GPU": 1.0}] * 4
+    placement = trial_placement({"trial": trial})
+    assert placement.bundles == [{"CPU": 4.0, "GPU": 1.0}] * 4 and placement.strategy == "STRICT_PACK"
+    single = {"resources": {"CPU": 4, "GPU": 0.25}, "deepspeed_gpus": 0}
+    assert trial_ranks(single) == 0 and trial_placement({"trial": single}).bundles == [{"CPU": 4, "GPU": 0.25}]
+    assert trial_ranks({"resources": {"CPU": 2}, "deepspeed_gpus": 0, "cpu_ranks": 2}) == 2
+
+
+# --------------------------------------------------------------------------------------------------------
+# the math, plain torch.distributed
+
+
+def _math_rank(rank, world, port, model_dir, pairs_file, out_dir):
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from workers.distributed import average_gradients, contrastive_backward_sharded
+
+    _init(rank, world, port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    out = {}
+    for method in CASES:
+        tokenizer, model = load(model_dir, method)
+        params = [p for p in model.parameters() if p.requires_grad]
+        for n, chunk in BATCHES:
+            key = f"{method}.{n}.{chunk}"
+            loss, owned = contrastive_backward_sharded(model, make_batch(tokenizer, pairs_file, n), TAU, chunk, FP32)
+            out |= {f"{key}.local.{name}": p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+            average_gradients(params)
+            out[f"{key}.loss"] = torch.tensor([loss, owned], dtype=torch.float64)
+            out |= {f"{key}.grad.{name}": g for name, g in grads(model).items()}
+    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(out_dir, f"rank{rank}.safetensors"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_sharded_loss_and_gradients_equal_single_process(tiny_model, pairs_file, tmp_path):
+    from safetensors.torch import load_file
+
+    from workers.loss import contrastive_backward
+
+    spawn(_math_rank, 2, tiny_model, pairs_file, str(tmp_path))
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
+    for method in CASES:
+        tokenizer, model = load(tiny_model, method)
+        for n, chunk in BATCHES:
+            key = f"{method}.{n}.{chunk}"
+            batch = make_batch(tokenizer, pairs_file, n)
+            loss = contrastive_backward(model, batch, TAU, None, FP32)
+            ref = grads(model)
+            for r in ranks:
+                assert r[f"{key}.loss"][0].item() == pytest.approx(loss, abs=1e-5), key
+                for name in ref:  # every rank holds the averaged gradient
+                    torch.testing.assert_close(r[f"{key}.grad.{name}"], ref[name], atol=1e-5, rtol=1e-4,
+                                               msg=f"{key} {name}")
+            # the ranks' tokens sum to the batch's: each real token counted once
+            assert sum(int(r[f"{key}.loss"][1]) for r in ranks) == batch.real_tokens
+            if n % 2 == 0:
+                # sharded: one rank's gradient alone is not the batch's (so the comparison above can fail), and the
+                # plain mean of the ranks' is: the gather's backward counts each rank once (no k times, no 1/k)
+                local = [{name: r[f"{key}.local.{name}"] for name in ref} for r in ranks]
+                assert max((local[0][name] - ref[name]).abs().max().item() for name in ref) > 1e-3
+                for name in ref:
+                    torch.testing.assert_close((local[0][name] + local[1][name]) / 2, ref[name], atol=1e-5, rtol=1e-4)
+            assert any(g.abs().max() > 1e-4 for g in ref.values())
+
+
+# --------------------------------------------------------------------------------------------------------
+# the DeepSpeed engine: gradient scale through engine.backward and ZeRO's reduction
+
+
+def _engine_rank(rank, world, port, model_dir, pairs_file, out_dir):
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_fp32_param
+    from safetensors.torch import save_file
+
+    from workers.distributed import deepspeed_config, shard
+    from workers.loss import contrastive_backward
+
+    _init(rank, world, port)
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    out = {}
+    for stage in (2, 3):
+        for chunk in (None, 2):
+            tokenizer, model = load(model_dir, "full")
+            batch = make_batch(tokenizer, pairs_file, 12)
+            sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+            config = deepspeed_config(world=world, micro_batch=6, bf16=False,
+                                      override={"zero_optimization": {"stage": stage}})
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=sgd, config=config)
+            part, gather, _ = shard(batch, rank, world)
+
+            def full(p):  # ZeRO-3 partitions the module's parameters; ZeRO-2 keeps them whole
+                return (safe_get_full_fp32_param(p) if stage == 3 else p.detach()).clone()
+
+            before = {n: full(p) for n, p in engine.module.named_parameters()}
+            loss = contrastive_backward(engine, part, TAU, chunk, FP32, gather=gather, backward=engine.backward)
+            engine.step()
+            key = f"{stage}.{chunk}"
+            out[f"{key}.loss"] = torch.tensor([loss])
+            out |= {f"{key}.step.{n}": before[n] - full(p) for n, p in engine.module.named_parameters()}
+            engine.destroy()
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(out_dir, "engine.safetensors"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_deepspeed_step_is_the_single_process_gradient(tiny_model, pairs_file, tmp_path):
+    from safetensors.torch import load_file
+
+    from workers.loss import contrastive_backward
+
+    spawn(_engine_rank, 2, tiny_model, pairs_file, str(tmp_path))
+    got = load_file(tmp_path / "engine.safetensors")
+    tokenizer, model = load(tiny_model, "full")
+    loss = contrastive_backward(model, make_batch(tokenizer, pairs_file, 12), TAU, None, FP32)
+    ref = grads(model)
+    for stage in (2, 3):
+        for chunk in (None, 2):
+            key = f"{stage}.{chunk}"
+            assert got[f"{key}.loss"].item() == pytest.approx(loss, abs=1e-5), key
+            for name, g in ref.items():  # SGD, lr 1: the step is the gradient
+                torch.testing.assert_close(got[f"{key}.step.{name}"], g, atol=1e-5, rtol=1e-4, msg=f"{key} {name}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# the DeepSpeed trial: killed, resumed, equal to the single-process trial
+
+
+class Stop(Exception):
+    pass
+
+
+def upsert(rows) -> list[dict]:
+    return [r for _, r in sorted({r["step"]: r for r in rows}.items())]
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A moto S3 server on 127.0.0.1 (a thread of this process) with one bucket; the ranks inherit its env."""
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    from workers.distributed import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1").create_bucket(Bucket="ckpt")
+    try:
+        yield "s3://ckpt"
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("stage,method,store", [(2, "full", "s3"), (3, "lora", "local")])
+def test_deepspeed_trial_resumes_and_equals_single_process(tiny_model, pairs_file, eval_file, tmp_path, request,
+                                                           stage, method, store):
+    """ZeRO 2 keeps its checkpoints in S3 (staged on the node, uploaded, downloaded on resume), ZeRO 3 on disk."""
+    from workers.distributed import _local_dir, run_local
+    from workers.trial import run_trial
+
+    spec = TrialSpec(model=tiny_model, method=method, budget_flops=BUDGET, train_data=str(pairs_file),
+                     eval_data=str(eval_file), batch_size=16, precision="fp32", eval_pairs=32, num_threads=1,
+                     chunk_size=4, checkpoint_every_s=0.0, **CASES[method],
+                     deepspeed_config=json.dumps({"zero_optimization": {"stage": stage}}))
+    uri = request.getfixturevalue("s3") + f"/{tmp_path.name}" if store == "s3" else str(tmp_path / "ckpt")
+    first: list[dict] = []
+
+    def kill_at_step_3(event):
+        first.append(event)
+        if event["step"] >= 3:
+            raise Stop  # run_local kills the ranks (SIGKILL): a crash mid-trial
+
+    with pytest.raises(Stop):
+        run_local(spec, 2, checkpoint_uri=uri, report=kill_at_step_3, timeout_s=600)
+    assert storage.exists(storage.join(uri, "deepspeed", "LATEST"))
+    if store == "s3":  # resume reads the store, not what the killed run left on this node
+        shutil.rmtree(_local_dir(uri))
+    second: list[dict] = []
+    row = run_local(spec, 2, checkpoint_uri=uri, report=second.append, timeout_s=600)
+
+    ref_events: list[dict] = []
+    ref = run_trial(spec, report=ref_events.append)
+
+    # the second run resumed from a DeepSpeed checkpoint after step c >= 2 (saved before the kill at step 3): its
+    # first event restates the history 1..c, then its own first step c + 1
+    history = [r["step"] for r in second[0]["rows"]]
+    c = history[-2]
+    assert second[0]["restart"] and history == list(range(1, c + 2)) and 2 <= c < ref["steps"]
+    rows = upsert([r for e in first + second for r in e["rows"]])
+    ref_rows = upsert([r for e in ref_events for r in e["rows"]])
+    assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
+    for got, want in zip(rows, ref_rows):
+        assert got["tokens"] == want["tokens"] and got["flops"] == want["flops"]
+        assert got["train_loss"] == pytest.approx(want["train_loss"], abs=1e-5), got["step"]
+        assert got["lr"] == pytest.approx(want["lr"], rel=1e-12)
+    # the budget: global, the ranks' tokens summed
+    assert row["flops"] == ref["flops"] and row["tokens"] == ref["tokens"] and row["steps"] == ref["steps"]
+    assert 0.97 * BUDGET <= row["flops"] <= BUDGET
+    assert row["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-5)
+    assert row["hardware_flops"] > row["flops"]  # recomputation: checkpointing and the gradient cache
+    # rank 0 reported, once: one done event; the done marker replaced the DeepSpeed files
+    assert sum(e["done"] for e in second) == 1 and second[-1]["done"] and second[-1]["trial"] == row
+    assert checkpoint.load(uri)[1]["progress"]["done"]
+    assert not storage.exists(storage.join(uri, "deepspeed")) and not os.path.exists(_local_dir(uri))
+
+
+# --------------------------------------------------------------------------------------------------------
+# inside one Tune trial: rank 0 in the trial's process reports, rank 1 is an actor in its placement group
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_tune_trial_runs_deepspeed_ranks_and_reports_once(tiny_model, pairs_file, tmp_path):
+    """Two trials one after the other in a reused trial actor (the driver's reuse_actors): the second starts a
+    fresh process group and DeepSpeed engine in the process the first one used."""
+    import tempfile
+
+    import ray
+    from ray import tune
+
+    from orchestrator.trainable import run_tune_trial
+    from orchestrator.tuning import trial_placement
+    from workers.trial import run_trial
+
+    spec = TrialSpec(model=tiny_model, method="full", budget_flops=BUDGET / 2, train_data=str(pairs_file),
+                     batch_size=16, precision="fp32", num_threads=1, chunk_size=4)  # ZeRO 2, the default
+    configs = [{"trial_id": name, "spec": spec.to_dict(), "checkpoint_uri": str(tmp_path / name),
+                "resources": {"CPU": 2}, "deepspeed_gpus": 0, "cpu_ranks": 2} for name in ("a", "b")]
+    results: dict[str, list[dict]] = {"a": [], "b": []}
+
+    class Collect(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            keys = ("step", "flops", "final", "rows", "trial", "ranks")
+            results[trial.config["trial"]["trial_id"]].append({k: result.get(k) for k in keys})
+
+    ray_dir = tempfile.mkdtemp(prefix="rp-ds-", dir="/tmp")  # unix socket paths must stay short
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+             _temp_dir=ray_dir, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    try:
+        grid = tune.Tuner(tune.with_resources(run_tune_trial, trial_placement),
+                          param_space={"trial": tune.grid_search(configs)},
+                          tune_config=tune.TuneConfig(reuse_actors=True),
+                          run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), verbose=0,
+                                                    callbacks=[Collect()])).fit()
+        assert not grid.errors, grid.errors
+    finally:
+        ray.shutdown()
+    assert trial_placement({"trial": configs[0]}).bundles == [{"CPU": 1.0}, {"CPU": 1.0}]
+
+    ref_events: list[dict] = []
+    ref = run_trial(spec, report=ref_events.append)
+    ref_rows = upsert([r for e in ref_events for r in e["rows"]])
+    for name, got in results.items():
+        # rank 0 alone reported, each step once, one final event
+        assert [r["step"] for r in got] == [e["step"] for e in ref_events], name
+        assert [r["final"] for r in got].count(True) == 1 and got[-1]["final"]
+        assert {r["ranks"] for r in got} == {2}  # made by DeepSpeed on two ranks
+        row = got[-1]["trial"]
+        assert row["flops"] == ref["flops"] and row["steps"] == ref["steps"] and row["node_id"]
+        rows = upsert([r for e in got for r in e["rows"]])
+        for a, b in zip(rows, ref_rows, strict=True):
+            assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5), (name, a["step"])
