@@ -67,6 +67,16 @@ def _gpu_count(text: str) -> int:
     return int(text)
 
 
+def _storage_uri(text: str) -> str:
+    """A store URI without credentials in it (they belong in the environment; the error masks them)."""
+    from workers.storage import StorageError, check_no_credentials
+
+    try:
+        return check_no_credentials(text)
+    except StorageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _sweep_name(text: str) -> str:
     from orchestrator.grid import SWEEP_NAME_PATTERN
 
@@ -81,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     address = os.environ.get("RAY_ADDRESS") or None
 
     def common(p: argparse.ArgumentParser, *, sweep: bool = False) -> argparse.ArgumentParser:
-        p.add_argument("--storage", default=storage, metavar="URI",
+        p.add_argument("--storage", default=storage, metavar="URI", type=_storage_uri,
                        help=f"the sweep store: a path, s3://… or gs://… (default: $REPURPOSE_STORAGE, "
                        f"else {DEFAULT_STORAGE})")
         if sweep:

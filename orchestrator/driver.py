@@ -48,8 +48,10 @@ def status(args) -> int:
     import json
 
     store = Store(args.storage, args.name)
-    stored_grid(store)  # an unknown sweep is an error, not an empty table
-    trials = store.read_trials()
+    # An unknown sweep is an error, not an empty table. Only the store is read: status works wherever the store
+    # is reachable, not only where the grid's models and data are (and answers fast on large stores).
+    store.read_grid()
+    trials = store.read_trials(columns=STATUS_COLUMNS)
     summary = summarize(args.name, trials)
     if args.json:
         print(json.dumps(summary))
@@ -74,6 +76,7 @@ def run_sweep(grid: Grid, store: Store, address: str | None, *, progress: bool =
     """Plan, run what is not done, record. Returns 0, or 1 when trials failed."""
     plan = plan_grid(grid, strict_data=True)  # bad input stops here, before Ray and before any write
     existing = store.read_trials()
+    store.check_location()
     pending = [t for t in plan.runnable if existing.get(t.trial_id, {}).get("status") != "completed"]
     # Ray starts only when something runs (a finished sweep re-submitted is a no-op), and before the first write:
     # a bad --address is bad input too.
@@ -84,6 +87,7 @@ def run_sweep(grid: Grid, store: Store, address: str | None, *, progress: bool =
         store.write_grid(grid.model_dump(mode="json", exclude_none=True),
                          {"train_pairs": plan.data.train_pairs, "tokens_per_pair": dict(plan.data.tokens_per_pair),
                           "max_epochs": grid.plan.max_epochs})
+        store.remove_temp_files()  # a killed driver's half-written copies
         recorder = Recorder(store, trials)
         recorder.flush()
         todo = [t for t in plan.runnable if trials[t.trial_id]["status"] != "completed"]
@@ -141,7 +145,8 @@ def ray_session(address: str | None):
                 ray.init(address=address, **common)
             sys.stderr.write(captured[0])
         else:
-            ray.init(_node_ip_address="127.0.0.1", **common)
+            with _loopback_node(ray):
+                ray.init(_node_ip_address="127.0.0.1", **common)
     except (ConnectionError, ValueError, RuntimeError) as e:
         hint = ""
         if "InvalidAuthToken" in captured[0] or "Unauthenticated" in captured[0]:
@@ -153,6 +158,29 @@ def ray_session(address: str | None):
         yield _gpus_per_node(ray)
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def _loopback_node(ray):
+    """Makes the embedded node really take 127.0.0.1. Ray (2.60, ``services.resolve_ip_for_localhost``) swaps a
+    loopback ``_node_ip_address`` for the machine's routable address, and its servers (GCS, raylet, workers,
+    agents) then listen there, reachable from the network. It keeps loopback only where it believes clusters
+    are unsupported (``ray_constants.ENABLE_RAY_CLUSTER``, env ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``), so that
+    is what the embedded start is told, in this process (the constant) and in the processes it starts (the
+    variable: the GCS, the raylet and its agents; workers inherit the raylet's environment)."""
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        else:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = saved_env
 
 
 @contextlib.contextmanager
@@ -217,6 +245,8 @@ def _duration(s: float) -> str:
 
 
 # --- status --------------------------------------------------------------------------------------------------
+STATUS_COLUMNS = ("trial_id", "model", "method", "lora_rank", "trainable_fraction", "budget_flops", "status",
+                  "steps", "flops", "eval_loss", "reason")  # what summarize and render_status read
 def summarize(sweep: str, trials: dict[str, dict]) -> dict:
     """`status --json` (CONTRACTS.md): counts by status, FLOP spent (all trials) and planned (non-skipped)."""
     counts = {s: 0 for s in ("completed", "running", "pending", "failed", "skipped")}

@@ -33,6 +33,8 @@ from workers import spec as defaults
 from workers.flops import LORA_TARGETS, METHODS
 from workers.models import ModelConfigError, auto_lr, model_shape, read_config
 from workers.spec import TrialSpec
+from workers.storage import SCHEMES as DATA_SCHEMES
+from workers.storage import StorageError, check_no_credentials
 
 SWEEP_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 TRIAL_ID_HEX = 16
@@ -191,9 +193,26 @@ class Methods(_Section):
         return tuple(out)
 
 
+def _data_uri(uri: str) -> str:
+    """A data path or URI: no credentials in it (the grid is printed and stored; the error masks them), and a
+    scheme the data layer opens."""
+    try:
+        check_no_credentials(uri)
+    except StorageError as e:
+        raise PydanticCustomError("credentials", "{problem}", {"problem": str(e)}) from None
+    scheme = uri.split("://", 1)[0] if "://" in uri else None
+    if scheme is not None and scheme not in (*DATA_SCHEMES, "file"):
+        raise PydanticCustomError("scheme", "{uri}: unsupported scheme '{scheme}' (use a local path, s3:// or gs://)",
+                                  {"uri": uri, "scheme": scheme})
+    return uri
+
+
+DataURI = Annotated[Text, AfterValidator(_data_uri)]
+
+
 class DataConfig(_Section):
-    train: Text  # BGE JSONL or Parquet: path, glob or s3:// / gs:// URI
-    eval: Text | None = None  # held-out pairs for eval_loss
+    train: DataURI  # BGE JSONL or Parquet: path, glob or s3:// / gs:// URI
+    eval: DataURI | None = None  # held-out pairs for eval_loss
 
 
 class TrainConfig(_Optional):
@@ -283,10 +302,12 @@ def _looks_local(model: str) -> bool:
 def load_grid(path: str) -> Grid:
     """Read, validate and resolve a grid file; any problem is a GridError naming ``path`` and the field."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
         raise GridError.at(path, None, f"cannot read the grid file ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise GridError.at(path, None, f"cannot read the grid file (not UTF-8 text: byte {e.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

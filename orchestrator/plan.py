@@ -213,7 +213,7 @@ def measure_data(grid: Grid, *, strict: bool = False) -> DataStats:
 
             train_pairs = count_pairs(uri)
         except Exception as e:  # noqa: BLE001 -- classified below: bad input, or unreachable here
-            _unreachable(e, uri, strict)
+            _unreachable(e, uri, strict, "data.train")
             readable = False
             warnings.append(f"warning: cannot count the pairs in {uri} ({_one_line(e)}); max_epochs not "
                             "checked (set plan.train_pairs)")
@@ -227,7 +227,24 @@ def measure_data(grid: Grid, *, strict: bool = False) -> DataStats:
         if key not in measured:
             measured[key] = _measure(grid, model, uri, readable, strict, warnings)
         tokens_per_pair[model] = measured[key]
+    if grid.data.eval is not None and (strict or "://" not in grid.data.eval):
+        _check_eval(grid, strict)
     return DataStats(tokens_per_pair, train_pairs, tuple(warnings))
+
+
+def _check_eval(grid: Grid, strict: bool) -> None:
+    """The held-out pairs the workers will read (the first ``run.eval_pairs``): bad ones fail here, before any
+    trial runs, rather than as one failed trial per cell."""
+    from workers.data import load_eval_pairs
+
+    uri = grid.resolve(grid.data.eval)
+    try:
+        pairs = load_eval_pairs(uri, grid.run.eval_pairs)
+    except Exception as e:  # noqa: BLE001 -- classified by _unreachable
+        _unreachable(e, uri, strict, "data.eval")
+        return
+    if len(pairs) < 2:  # in-batch negatives: an eval batch needs two pairs, else no eval_loss at all
+        raise UserError(f"data.eval: {uri}: {len(pairs)} usable pair(s); evaluation needs at least 2")
 
 
 def _measure(grid: Grid, model: str, uri: str, readable: bool, strict: bool, warnings: list[str]) -> float:
@@ -248,7 +265,7 @@ def _measure(grid: Grid, model: str, uri: str, readable: bool, strict: bool, war
     try:
         return measure_tokens_per_pair(uri, tokenizer, grid.train.max_length, sample=grid.plan.sample_pairs)
     except Exception as e:  # noqa: BLE001
-        _unreachable(e, uri, strict)
+        _unreachable(e, uri, strict, "data.train")
         warnings.append(f"warning: cannot read {uri} ({_one_line(e)}): {fallback}")
         return FALLBACK_TOKENS_PER_PAIR
 
@@ -259,10 +276,13 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _unreachable(e: Exception, uri: str, strict: bool) -> None:
-    """Re-raise what is the user's to fix: any problem with local data, any problem at all when strict."""
+def _unreachable(e: Exception, uri: str, strict: bool, field: str) -> None:
+    """Re-raise what is the user's to fix: any problem with local data, any problem at all when strict. A local
+    file's problem names the grid field too (``data.train: /d/x.jsonl: no usable pairs``); a remote one stays
+    ``<uri>: <problem>``."""
     if strict or "://" not in uri:
-        raise UserError(_one_line(e) if uri in str(e) else f"{uri}: {_one_line(e)}") from None
+        problem = _one_line(e) if uri in str(e) else f"{uri}: {_one_line(e)}"
+        raise UserError(problem if "://" in uri else f"{field}: {problem}") from None
 
 
 # --- numbers as people read them ---------------------------------------------------------------------------

@@ -8,9 +8,19 @@ rows supersede the stored rows from their first step on, and the first event aft
 carries the whole history up to its checkpoint, so rows written past a checkpoint by a run that later
 died are replaced, never duplicated, and rows not yet flushed when the driver died come back with the
 history. ``pandas.read_parquet(<sweep>/metrics)`` therefore sees each ``(trial_id, step)`` once.
+
+A store that cannot be written for a while (a full disk, a permission or bucket policy changed, a network
+outage) costs nothing: the Recorder keeps every unwritten row in memory and writes it at the next flush; only
+an outage longer than ``max_outage_s`` stops the sweep, with one line, and ``resume`` then finishes it (the
+trials' checkpoints and the rows already written are its starting point; rows never written are recomputed).
+
+``fault_point`` is a test-only hook (tests/faults/): named points where a test may SIGKILL the driver.
 """
 from __future__ import annotations
 
+import os
+import signal
+import sys
 import time
 
 import pyarrow as pa
@@ -22,8 +32,30 @@ from orchestrator.errors import UserError
 from workers import storage
 
 
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML has it: the same safe subset
+
+
 class StoreError(UserError):
     """The store cannot be used (unreadable, unwritable, unknown sweep); the message names it."""
+
+
+FAULT_ENV = "REPURPOSE_FAULT"
+_fault_counts: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Test-only (tests/faults/): with ``REPURPOSE_FAULT=<name>:<n>`` in the environment, SIGKILLs this process
+    the n-th time it passes the point ``name``; a no-op without the variable. The driver's points: ``report``
+    (a worker event arrives, before it is recorded), ``mid_flush`` (metric files written, trials.parquet not
+    yet), ``in_write`` (a store file's temp copy written, not yet renamed into place), ``after_complete``
+    (a trial's completion is on disk)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or spec.partition(":")[0] != name:
+        return
+    _fault_counts[name] = _fault_counts.get(name, 0) + 1
+    if _fault_counts[name] == int(spec.partition(":")[2] or 1):
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _table_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
@@ -33,13 +65,13 @@ def _table_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _read_rows(uri: str) -> list[dict]:
+def _read_rows(uri: str, columns=None) -> list[dict]:
     # A native Arrow file, not a Python file object (io.BytesIO): pyarrow's scan may drop the last reference
     # to a Python-backed file on one of its own threads, which then takes the GIL; at interpreter exit that
     # thread is killed inside C++ and the process aborts ("terminate called without an active exception").
     fs, path = storage.resolve(uri)
     with fs.open_input_file(path) as f:
-        return pq.ParquetFile(f).read().to_pylist()
+        return pq.ParquetFile(f).read(columns=list(columns) if columns else None).to_pylist()
 
 
 class Store:
@@ -53,6 +85,17 @@ class Store:
     def checkpoint_uri(self, trial_id: str) -> str:
         return storage.join(self.uri, "checkpoints", trial_id)
 
+    def check_location(self) -> None:
+        """A local store must be able to become a directory: its nearest existing ancestor is one (checked
+        before a sweep starts Ray; nothing is created). Object stores have no such thing to check."""
+        if storage.is_remote(self.uri):
+            return
+        path = os.path.abspath(os.path.expanduser(self.uri.removeprefix("file://")))
+        while not os.path.exists(path) and os.path.dirname(path) != path:
+            path = os.path.dirname(path)
+        if not os.path.isdir(path):
+            raise StoreError(f"{self.uri}: cannot write the store ({path} is not a directory)")
+
     # --- grid ------------------------------------------------------------------------------------------------
     def exists(self) -> bool:
         return self._try(lambda: storage.exists(storage.join(self.uri, GRID_FILE)), "read")
@@ -60,9 +103,10 @@ class Store:
     def read_grid(self) -> dict:
         """{"grid": <the resolved grid, latest>, "history": [{"at": ..., "grid": ...}, ...]}."""
         if not self.exists():
-            raise StoreError(f"{self.uri}: no sweep named {self.sweep!r} in {self.storage_uri}")
+            raise StoreError(f"{storage.redact(self.uri)}: no sweep named {self.sweep!r} in "
+                             f"{storage.redact(self.storage_uri)}")
         text = self._try(lambda: storage.read_bytes(storage.join(self.uri, GRID_FILE)).decode(), "read")
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_YAML_LOADER)
 
     def write_grid(self, grid: dict, data: dict | None = None) -> None:
         """Records ``grid`` as the sweep's grid (earlier different grids stay in its history) and what the
@@ -72,19 +116,18 @@ class Store:
             if doc["grid"] != grid:
                 doc["history"].append({"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "grid": grid})
             doc["grid"], doc["data"] = grid, data
-            data = yaml.safe_dump(doc, sort_keys=False).encode()
-            self._try(lambda: storage.write_bytes(storage.join(self.uri, GRID_FILE), data), "write")
+            self._write(storage.join(self.uri, GRID_FILE), yaml.safe_dump(doc, sort_keys=False).encode())
 
     # --- trials ----------------------------------------------------------------------------------------------
-    def read_trials(self) -> dict[str, dict]:
+    def read_trials(self, columns=None) -> dict[str, dict]:
+        """trial_id -> row (``columns``: only these, trial_id among them; default all)."""
         uri = storage.join(self.uri, TRIALS_FILE)
         if not self._try(lambda: storage.exists(uri), "read"):
             return {}
-        return {r["trial_id"]: r for r in self._try(lambda: _read_rows(uri), "read")}
+        return {r["trial_id"]: r for r in self._try(lambda: _read_rows(uri, columns), "read")}
 
     def write_trials(self, trials: dict[str, dict]) -> None:
-        data = _table_bytes(list(trials.values()), TRIALS_SCHEMA)
-        self._try(lambda: storage.write_bytes(storage.join(self.uri, TRIALS_FILE), data), "write")
+        self._write(storage.join(self.uri, TRIALS_FILE), _table_bytes(list(trials.values()), TRIALS_SCHEMA))
 
     # --- metrics ---------------------------------------------------------------------------------------------
     def _metrics_uri(self, trial_id: str) -> str:
@@ -97,8 +140,19 @@ class Store:
         return self._try(lambda: _read_rows(uri), "read")
 
     def write_metrics(self, trial_id: str, rows: list[dict]) -> None:
-        data = _table_bytes(sorted(rows, key=lambda r: r["step"]), METRICS_SCHEMA)
-        self._try(lambda: storage.write_bytes(self._metrics_uri(trial_id), data), "write")
+        self._write(self._metrics_uri(trial_id), _table_bytes(sorted(rows, key=lambda r: r["step"]), METRICS_SCHEMA))
+
+    def remove_temp_files(self) -> None:
+        """Deletes the temp copies (``.tmp-*``) a killed driver left beside the store's files: readers skip
+        them (pyarrow ignores dot files), but they would pile up. Only the driver's own files, never the
+        checkpoints (workers write those)."""
+        for folder in (self.uri, storage.join(self.uri, METRICS_DIR)):
+            for name in self._try(lambda: storage.list_dir(folder), "read"):
+                if name.startswith(".tmp-"):
+                    self._try(lambda: storage.delete(storage.join(folder, name)), "write")
+
+    def _write(self, uri: str, data: bytes) -> None:
+        self._try(lambda: storage.write_bytes(uri, data, before_commit=lambda: fault_point("in_write")), "write")
 
     def _try(self, fn, verb: str):
         try:
@@ -106,20 +160,30 @@ class Store:
         except StoreError:
             raise
         except (OSError, storage.StorageError, pa.ArrowException) as e:
-            raise StoreError(f"{self.uri}: cannot {verb} the store ({' '.join(str(e).split())[:200]})") from None
+            problem = storage.redact(" ".join(str(e).split())[:200])
+            raise StoreError(f"{storage.redact(self.uri)}: cannot {verb} the store ({problem})") from None
 
 
 class Recorder:
     """The driver's side of the store: trial rows and metric rows kept in memory for live trials, flushed
-    every ``flush_every_s`` and on every trial's end. Memory holds only the rows of unfinished trials."""
+    every ``flush_every_s`` and on every trial's end. Memory holds only the rows of unfinished trials and of
+    finished ones not yet written.
 
-    def __init__(self, store: Store, trials: dict[str, dict], flush_every_s: float = 5.0):
+    A flush that fails keeps everything it could not write and is retried at the next flush (a warning
+    line says so once per outage); when the store has refused writes for ``max_outage_s`` the flush raises
+    the StoreError."""
+
+    def __init__(self, store: Store, trials: dict[str, dict], flush_every_s: float = 5.0,
+                 max_outage_s: float = 600.0):
         self.store = store
         self.trials = trials  # trial_id -> row (TRIALS_SCHEMA)
         self.flush_every_s = flush_every_s
+        self.max_outage_s = max_outage_s
         self._metrics: dict[str, dict[int, dict]] = {}  # trial_id -> step -> row, live trials only
         self._dirty_metrics: set[str] = set()
+        self._finished: set[str] = set()  # trials whose rows leave memory once written
         self._last_flush = time.monotonic()
+        self._outage_since: float | None = None  # monotonic time of the first failed flush of an outage
 
     def set_status(self, trial_id: str, status: str, reason: str | None = None, **fields) -> None:
         row = self.trials[trial_id]
@@ -127,10 +191,15 @@ class Recorder:
 
     def on_event(self, trial_id: str, event: dict) -> None:
         """A worker event (workers/trial.py): its rows, then the trial row's live values."""
+        fault_point("report")
         rows = event.get("rows") or []
         if event.get("restart") or trial_id not in self._metrics:
-            stored = {} if event.get("restart") else {r["step"]: r for r in self.store.read_metrics(trial_id)}
+            # The stored rows are needed only if this event's rows do not supersede them all (a restart's history,
+            # or a run from step 1, does): so a trial starting while the store is unreachable costs nothing.
+            supersedes_all = event.get("restart") or (rows and min(r["step"] for r in rows) <= 1)
+            stored = {} if supersedes_all else {r["step"]: r for r in self.store.read_metrics(trial_id)}
             self._metrics[trial_id] = stored
+            self._finished.discard(trial_id)
         live = self._metrics[trial_id]
         if rows:
             first = min(r["step"] for r in rows)
@@ -142,8 +211,9 @@ class Recorder:
         row = self.trials[trial_id]
         if event.get("done"):
             row.update(event["trial"], status="completed", updated_at=time.time())
-            self.flush()
-            self._metrics.pop(trial_id, None)
+            self._finished.add(trial_id)
+            if self.flush(tolerate=True):
+                fault_point("after_complete")
         else:
             live_keys = ("tokens", "flops", "train_loss", "node_id")
             fields = {k: event[k] for k in live_keys if event.get(k) is not None}
@@ -154,12 +224,40 @@ class Recorder:
 
     def maybe_flush(self) -> None:
         if time.monotonic() - self._last_flush >= self.flush_every_s:
-            self.flush()
+            self.flush(tolerate=True)
 
-    def flush(self) -> None:
-        for trial_id in sorted(self._dirty_metrics):
-            self.store.write_metrics(trial_id, list(self._metrics[trial_id].values()))
-        self._dirty_metrics.clear()
-        # Trial rows go last: a row says `completed` only once its metrics are on disk.
-        self.store.write_trials(self.trials)
+    def flush(self, tolerate: bool = False) -> bool:
+        """Writes the dirty metric files, then trials.parquet; True when all of it is on the store. A
+        failure raises the StoreError unless ``tolerate`` (then False; what failed stays to be written) and
+        the outage is younger than ``max_outage_s``."""
         self._last_flush = time.monotonic()
+        try:
+            for trial_id in sorted(self._dirty_metrics):
+                self.store.write_metrics(trial_id, list(self._metrics[trial_id].values()))
+                self._dirty_metrics.discard(trial_id)
+            fault_point("mid_flush")
+            # Trial rows go last: a row says `completed` only once its metrics are on disk.
+            self.store.write_trials(self.trials)
+        except StoreError as e:
+            now = time.monotonic()
+            if self._outage_since is None:
+                self._outage_since = now
+                print(f"warning: {e}; keeping the rows in memory and retrying every {self.flush_every_s:g} s",
+                      file=sys.stderr, flush=True)
+            if not tolerate or now - self._outage_since >= self.max_outage_s:
+                raise StoreError(f"{e}; the store refused writes for {now - self._outage_since:.0f} s: the "
+                                 f"sweep stops here, `repurpose resume {self.store.sweep}` finishes it") from None
+            return False
+        if self._outage_since is not None:
+            print(f"the store is writable again after {time.monotonic() - self._outage_since:.0f} s; "
+                  "every kept row is written", file=sys.stderr, flush=True)
+            self._outage_since = None
+        for trial_id in self._finished:
+            self._metrics.pop(trial_id, None)
+        self._finished.clear()
+        return True
+
+    def close(self, retry_every_s: float = 1.0) -> None:
+        """The last flush: retried until it succeeds or the outage reaches ``max_outage_s`` (then raises)."""
+        while not self.flush(tolerate=True):
+            time.sleep(retry_every_s)

@@ -11,7 +11,7 @@ from ray import tune
 
 from orchestrator.grid import Grid
 from orchestrator.plan import PlannedTrial
-from orchestrator.store import Recorder, Store
+from orchestrator.store import Recorder, Store, StoreError
 from orchestrator.trainable import rank_bundles, run_tune_trial, trial_ranks
 
 
@@ -21,6 +21,7 @@ def run_tuner(todo: list[PlannedTrial], recorder: Recorder, grid: Grid, store: S
 
     ``trainable``: the function each trial runs (benchmarks and load tests pass a trivial one); ``callbacks``:
     extra Tune callbacks (timing)."""
+    _keep_credentials_out_of_runtime_env()
     configs = [{"trial_id": t.trial_id, "spec": t.spec.to_dict(), "checkpoint_uri": store.checkpoint_uri(t.trial_id),
                 "resources": dict(t.resources), "deepspeed_gpus": t.deepspeed_gpus} for t in todo]
     trainable = tune.with_resources(trainable, trial_placement)
@@ -40,7 +41,7 @@ def run_tuner(todo: list[PlannedTrial], recorder: Recorder, grid: Grid, store: S
                 reuse_actors=True,  # a worker process imports torch once, not once per trial
             ),
             run_config=tune.RunConfig(
-                name=grid.name, storage_path=tune_dir, verbose=0, stop=_FlopGuard(),
+                name=grid.name, storage_path=tune_dir, verbose=0, stop=_FlopGuard(callback),
                 failure_config=tune.FailureConfig(max_failures=grid.run.max_failures),
                 callbacks=[callback, *callbacks],
             ),
@@ -48,10 +49,27 @@ def run_tuner(todo: list[PlannedTrial], recorder: Recorder, grid: Grid, store: S
         # Tune's result analysis looks for the per-trial files the store replaces; it would warn per trial.
         logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
         tuner.fit()
+        if callback.error is not None:  # the store stayed unwritable past the Recorder's max_outage_s
+            raise callback.error
+        recorder.close()  # the last flush, retried through a store outage
+    except BaseException:
+        recorder.flush(tolerate=True)  # best effort (what stays unwritten, `resume` recomputes)
+        raise
     finally:
         callback.close()
-        recorder.flush()
         shutil.rmtree(tune_dir, ignore_errors=True)
+
+
+def _keep_credentials_out_of_runtime_env() -> None:
+    """Ray Tune copies the driver's AWS_* credentials into every trial actor's runtime_env
+    (ray/tune/execution/class_cache.py, ``ENV_VARS_TO_PROPAGATE``, Ray 2.60), and Ray writes runtime envs in
+    plain text to ``<session>/logs/runtime_env_agent.log`` and keeps them in the GCS, where the state API shows
+    them. Trials need no such copy: on the embedded Ray they inherit the driver's environment through the raylet
+    it starts; cluster nodes have their own (instance role, IRSA / Workload Identity: deploy/README.md). So the
+    copy is turned off (tests/faults/test_security.py looks for the secret in Ray's logs)."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = {v for v in class_cache.ENV_VARS_TO_PROPAGATE if not v.startswith("AWS_")}
 
 
 def trial_placement(config: dict) -> tune.PlacementGroupFactory:
@@ -65,13 +83,17 @@ def trial_placement(config: dict) -> tune.PlacementGroupFactory:
 
 
 class _FlopGuard(tune.Stopper):
-    """Tune-side guard beside the worker's own stop: a trial whose FLOP reach its budget stops."""
+    """Tune-side guard beside the worker's own stop: a trial whose FLOP reach its budget stops; every trial
+    stops when the store failed for good (the callback holds its error)."""
+
+    def __init__(self, callback: "_StoreCallback"):
+        self.callback = callback
 
     def __call__(self, trial_id, result):
         return result.get("flops", 0.0) >= result.get("budget_flops", math.inf)
 
     def stop_all(self):
-        return False
+        return self.callback.error is not None
 
 
 def _error_line(trial) -> str:
@@ -95,10 +117,21 @@ class _StoreCallback(tune.Callback):
     def __init__(self, recorder: Recorder, progress=None):
         self.recorder = recorder
         self.progress = progress
+        self.error: StoreError | None = None  # the store failed for good: Tune stops (_FlopGuard.stop_all)
 
     @staticmethod
     def _id(trial) -> str:
         return trial.config["trial"]["trial_id"]
+
+    def _record(self, fn, *args) -> None:
+        """A Recorder call whose StoreError stops the sweep cleanly (raised by run_tuner, one line) instead of
+        surfacing from Tune as a TuneError with a traceback."""
+        if self.error is not None:
+            return
+        try:
+            fn(*args)
+        except StoreError as e:
+            self.error = e
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.recorder.set_status(self._id(trial), "running")
@@ -107,14 +140,14 @@ class _StoreCallback(tune.Callback):
         keys = ("rows", "restart", "step", "tokens", "flops", "train_loss", "trial", "node_id")
         event = {k: result.get(k) for k in keys}
         event["done"] = bool(result.get("final"))
-        self.recorder.on_event(self._id(trial), event)
+        self._record(self.recorder.on_event, self._id(trial), event)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self.recorder.set_status(self._id(trial), "running", f"retrying after: {_error_line(trial)}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.recorder.set_status(self._id(trial), "failed", _error_line(trial))
-        self.recorder.flush()
+        self._record(self.recorder.flush, True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         row = self.recorder.trials[self._id(trial)]
@@ -124,10 +157,10 @@ class _StoreCallback(tune.Callback):
                       if last.get("flops", 0.0) >= last.get("budget_flops", math.inf)
                       else "the trial ended without a final report")
             self.recorder.set_status(self._id(trial), "failed", reason)
-            self.recorder.flush()
+            self._record(self.recorder.flush, True)
 
     def on_step_end(self, iteration, trials, **info):
-        self.recorder.maybe_flush()
+        self._record(self.recorder.maybe_flush)
         if self.progress:
             self.progress.update()
 

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from workers import checkpoint
+from workers import checkpoint, storage
 from workers.data import PairStream, collate, load_eval_pairs, make_encoder, measure_tokens_per_pair, pad_id_of
 from workers.flops import NeoxShape, cost_per_token, loss_matmul_flops, sequence_hardware_flops, tokens_for_budget
 from workers.loss import contrastive_backward, eval_loss, step_shapes
@@ -90,11 +91,13 @@ def run_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | None = None
     planned_tokens = tokens_for_budget(spec.budget_flops, cost)
     planned_steps = int(planned_tokens / tokens_per_pair) // spec.batch_size  # as the planner counts them
 
-    # resume
-    progress, restart = Progress(), False
-    restored = checkpoint.load(checkpoint_uri)
+    # resume (past a damaged checkpoint: from the one before it, or from scratch; the trial's reason says so)
+    progress, restart, skipped = Progress(), False, []
+    restored = checkpoint.load(checkpoint_uri, skipped=skipped)
     if restored is not None:
         progress, restart = _restore(restored, trainable, optimizer), True
+    if skipped:
+        progress.reason = "; ".join([*skipped, f"resumed from step {progress.step}"])
     base = dict(n_params=n_params, n_trainable=n_trainable, planned_tokens=planned_tokens,
                 planned_steps=planned_steps, budget_flops=spec.budget_flops)
     if progress.done:  # finished before a crash lost the news: report it again, compute nothing
@@ -346,13 +349,24 @@ def _trial_row(p: Progress, base: dict) -> dict:
 
 
 def _save(uri, progress: Progress, trainable, optimizer, started) -> None:
+    """A checkpoint; one the store refuses (read-only, full, unreachable for a while) is skipped with a warning
+    on the worker's stderr: the trial goes on and saves again at the next interval (a crash before then costs
+    the steps since the last saved checkpoint, never the trial)."""
     if not uri:
         return
+    try:
+        _write_checkpoint(uri, progress, trainable, optimizer, started)
+    except (OSError, storage.StorageError) as e:
+        print(f"warning: checkpoint at step {progress.step} not saved ({' '.join(str(e).split())[:200]}); "
+              "training goes on", file=sys.stderr, flush=True)
+
+
+def _write_checkpoint(uri, progress: Progress, trainable, optimizer, started) -> None:
     state = asdict(progress)
     if started is not None:  # a mid-run checkpoint carries the wall time so far
         state["wall_s"] = progress.wall_s + time.perf_counter() - started
-    if optimizer is None:  # a finished trial's marker: nothing to train on from here
-        checkpoint.save(uri, progress.step, {}, {"progress": state, "param_groups": []})
+    if optimizer is None:  # a finished trial's marker: nothing to train on from here, no checkpoint kept
+        checkpoint.save(uri, progress.step, {}, {"progress": state, "param_groups": []}, keep_previous=False)
         return
     opt_tensors, groups = checkpoint.optimizer_tensors(optimizer)
     tensors = {f"param.{name}": p for name, p in trainable} | opt_tensors | {"rng.cpu": torch.get_rng_state()}

@@ -1,0 +1,87 @@
+"""The worker node of a real 2-node cluster (`ray start`, token auth on, one CPU each) killed mid-trial: its raylet
+and every process it started, SIGKILLed. The trial it ran is retried on the head once the head's own trial is done
+and continues from its checkpoint (in the store, which both nodes reach). Rows exactly once, no completed trial
+re-run, and `resume` afterwards has nothing to run (issue #7)."""
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from faultkit import REPO, Counts, Snapshot, check, kill_all, read_metrics, under_way, wait_for
+
+pytestmark = pytest.mark.slow
+
+NODE = "REPURPOSE_TEST_NODE"  # marks the worker node's processes (they inherit the env of its `ray start`)
+# The GCS declares a silent node dead after failure_threshold missed checks of period_ms (Ray defaults: 5 x 3 s).
+FAST_HEALTH_CHECK = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+                     "RAY_health_check_timeout_ms": "1000"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_start(args: list[str], env: dict) -> None:
+    ports = ["--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
+             "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+    proc = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", *args, *ports], env=env,
+                          capture_output=True, text=True, timeout=180, start_new_session=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_worker_node_killed_mid_trial(make_grid, ray_env, tmp_path, fault_table):
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}  # as on a real cluster
+    env = {**ray_env.env, **auth, **FAST_HEALTH_CHECK}
+    port = free_port()
+    ray_start(["--head", "--port", str(port), "--temp-dir", ray_env.tmp, "--include-dashboard=false",
+               "--dashboard-port", str(free_port())], env)
+    ray_start(["--address", f"127.0.0.1:{port}"], {**env, NODE: "worker"})
+
+    grid = make_grid("node", methods={"bias": {}}, budgets=[3.0e10, 4.0e10],
+                     run={"checkpoint_every_s": 0.3, "max_failures": 3})
+    storage = str(tmp_path / "store")
+    sweep_dir = os.path.join(storage, "node")
+    log_path = str(tmp_path / "submit.log")
+    ray_env.env.update(auth)
+    driver = ray_env.start(["submit", grid, "--storage", storage, "--address", f"127.0.0.1:{port}"], log_path)
+    try:
+        # one trial per node (one CPU each); kill the worker node once both are under way with a checkpoint
+        wait_for(lambda: len(under_way(sweep_dir)) == 2 and ray_env.trial_workers(**{NODE: "worker"}),
+                 timeout_s=240, what="a trial under way on each node", alive=driver)
+        at_kill = Snapshot.take(sweep_dir)
+        saved = under_way(sweep_dir)
+        kill_all(ray_env.pids(**{NODE: "worker"}), signal.SIGKILL)
+        assert driver.wait(timeout=300) == 0, open(log_path).read()[-3000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    log = open(log_path).read()
+    assert f'File "{REPO}/orchestrator' not in log and f'File "{REPO}/workers' not in log, log[-3000:]
+
+    after_run = Snapshot.take(sweep_dir)
+    resume = ray_env.run(["resume", "node", "--storage", storage, "--address", f"127.0.0.1:{port}"])
+    assert resume.returncode == 0 and "0 to run" in resume.stderr, resume.stderr
+    final = Snapshot.take(sweep_dir)
+    assert final.completed() == set(final.trials) and len(final.trials) == 2
+
+    # The trial of the lost node was retried on the head (where the other trial ran) from its checkpoint.
+    (moved,) = set(re.findall(r"Trial task failed for trial (\w+)", log))
+    (stayed,) = set(saved) - {moved}
+    assert final.trials[moved]["node_id"] == final.trials[stayed]["node_id"]
+    rows = {r["step"]: r for r in read_metrics(sweep_dir) if r["trial_id"] == moved}
+    for row in saved[moved]["rows"]:
+        assert (rows[row["step"]]["wall_s"], rows[row["step"]]["train_loss"]) == (row["wall_s"], row["train_loss"])
+
+    counts = check(final, at_kill) + Counts(rerun=check(final, after_run).rerun)
+    fault_table.add("worker node killed (2-node cluster)", counts)
+    assert (counts.lost, counts.duplicated, counts.rerun) == (0, 0, 0), counts
