@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 from orchestrator.errors import GridError
@@ -260,6 +261,18 @@ class RunConfig(_Optional):
     eval_pairs: Annotated[Int, Field(ge=1)] = 4096
     chunk_size: Annotated[Int, Field(ge=1)] | None = None  # gradient-cache sub-batch; None: automatic
     save_model: StrictBool = False
+    # DeepSpeed trials: a JSON object (inline, or a path / s3:// / gs:// URI) merged over the default ZeRO-2 config
+    deepspeed_config: Text | None = None
+
+    @field_validator("deepspeed_config")
+    @classmethod
+    def _deepspeed_override(cls, v: str | None) -> str | None:
+        if v is not None:  # the trial's own checks (inline JSON, keys the spec owns), at the grid's edge
+            try:
+                TrialSpec(model="m", method="full", budget_flops=1.0, train_data="d", deepspeed_config=v)
+            except ValueError as e:
+                raise ValueError(str(e).removeprefix("deepspeed_config").lstrip(":. ")) from None
+        return v
 
 
 class Grid(_Section):
@@ -477,7 +490,7 @@ def trial_spec(grid: Grid, model: str, method: str, budget_flops: float,
         gradient_checkpointing=t.gradient_checkpointing, precision=t.precision,
         eval_every=r.eval_every, eval_pairs=r.eval_pairs,
         chunk_size=r.chunk_size, report_every=r.report_every, checkpoint_every_s=r.checkpoint_every_s,
-        save_model=r.save_model,
+        save_model=r.save_model, deepspeed_config=r.deepspeed_config,
     )
 
 
