@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = common(sub.add_parser("demo", help="offline mini suite, small sweep on a local Ray, fit, recipe"),
                sweep=True)
     p.add_argument("--name", type=_sweep_name, default="demo", help="sweep name (default: demo)")
+    p.add_argument("--quick", action="store_true", help="a reduced demo: two tiny models, two methods (CI)")
     p.set_defaults(handler=_delegate("demo"))
 
     suite = sub.add_parser("suite", help="the offline mini model suite")
