@@ -86,15 +86,19 @@ def run(n: int, rows: int, early: int, root: str) -> dict:
     store.write_grid(grid.model_dump(mode="json", exclude_none=True))
     recorder = Recorder(store, merge_trials({}, plan))
     recorder.flush()
-    samples: dict[int, int] = {}
+    samples: dict[str, tuple[int, int]] = {}  # 'early'/'end' -> (trials completed, RSS bytes)
 
     class Sampler(tune.Callback):
         """The driver's RSS after the first ``early`` completions and after all of them."""
 
         def on_trial_complete(self, iteration, trials, trial, **info):
+            # results arrive in batches under load: `done` can jump past `early`, so sample the first time it is
+            # reached or passed, and keep the count it was taken at
             done = sum(r["status"] == "completed" for r in recorder.trials.values())
-            if done in (early, n):
-                samples[done] = rss_bytes()
+            if done >= early and "early" not in samples:
+                samples["early"] = (done, rss_bytes())
+            if done == n:
+                samples["end"] = (done, rss_bytes())
 
     todo = list(plan.runnable)
     assert len(todo) == n, f"{n - len(todo)} of {n} cells skipped by the planner"
@@ -117,8 +121,9 @@ def run(n: int, rows: int, early: int, root: str) -> dict:
         "trials_per_s": round(n / wall, 2),
         "rows_exactly_once": bool(len(metrics) == n * rows and not metrics.duplicated(["trial_id", "step"]).any()),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "rss_early_mb": round(samples.get(early, 0) / 2 ** 20, 1), "rss_end_mb": round(samples.get(n, 0) / 2 ** 20, 1),
-        "rss_growth_kb_per_trial": round((samples.get(n, 0) - samples.get(early, 0)) / 1024 / max(n - early, 1), 1),
+        "rss_early_mb": round(samples["early"][1] / 2 ** 20, 1), "rss_end_mb": round(samples["end"][1] / 2 ** 20, 1),
+        "rss_growth_kb_per_trial": round((samples["end"][1] - samples["early"][1]) / 1024
+                                         / max(samples["end"][0] - samples["early"][0], 1), 1),
         "store_bytes": total, "store_bytes_per_trial": round(per_trial),
         "store_bytes_per_row": round(total / (n * rows)),
         "memory_rows_left": sum(len(v) for v in recorder._metrics.values()),
