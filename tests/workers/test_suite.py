@@ -122,7 +122,7 @@ def test_second_build_is_a_no_op_and_force_rebuilds(built):
     again = S.build_suite(cache_dir=cache, sizes=["0.1m"], progress=False, token_scale=TOKEN_SCALE)
     assert time.perf_counter() - t0 < 1.0 and again == models[:1]
     assert os.stat(weights).st_mtime_ns == before
-    forced = S.build_suite(cache_dir=cache, sizes=["0.1m"], force=True, progress=False, token_scale=TOKEN_SCALE)
+    forced = S.build_suite(cache_dir=cache, sizes=["0.1m"], force=True, progress=True, token_scale=TOKEN_SCALE)
     assert os.stat(weights).st_mtime_ns != before
     assert forced[0].name == models[0].name and forced[0].pretrain_loss < forced[0].initial_loss
 
