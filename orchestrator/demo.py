@@ -45,7 +45,10 @@ def run(args) -> int:
     print("repurpose demo: building (or reusing) the offline pair data and the mini Pythia suite", file=sys.stderr)
     quick = getattr(args, "quick", False)
     data = demo_data()
-    suite = build_suite(sizes=QUICK["sizes"], token_scale=QUICK["token_scale"]) if quick else build_suite()
+    from workers.suite import SUITE
+
+    suite = (build_suite(sizes=QUICK["sizes"], token_scale=QUICK["token_scale"]) if quick
+             else build_suite(sizes=[m.name for m in SUITE[:DEMO_MODELS]]))  # only the models the grid uses
     models = [m.path for m in suite[:DEMO_MODELS]]
     for m in suite:
         print(f"  {m.name:<20} N={m.n_params:>9,}  pretrain loss {m.pretrain_loss:.2f}  {m.path}", file=sys.stderr)
