@@ -68,7 +68,7 @@ def run_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | None = None
     autocast = _autocast(spec.precision, device)
 
     # 1. load
-    tokenizer, model = _load(spec.model)
+    tokenizer, model = _load(spec.model, device)
     shape = NeoxShape.from_config(model.config.to_dict())
     lr = spec.lr if spec.lr is not None else auto_lr(spec.model, model.config.to_dict())
 
@@ -258,13 +258,17 @@ def auto_chunk_size(shape: NeoxShape, batch_size: int, max_length: int, checkpoi
     return max(1, 2 ** int(math.log2(max(fit, 1))))
 
 
-def _load(name_or_path: str):
+def _load(name_or_path: str, device: torch.device):
+    """Tokenizer (pad = EOS where it has none) and the backbone. On CPU, eager attention: torch's CPU flash
+    attention backward ran 4x slower than the eager matmuls in bf16 (a 14m-shaped step took 2x as long;
+    benchmarks/README.md); on GPU, SDPA."""
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModel.from_pretrained(name_or_path)  # GPTNeoXModel: no LM head
+    attention = "sdpa" if device.type == "cuda" else "eager"
+    model = AutoModel.from_pretrained(name_or_path, attn_implementation=attention)  # GPTNeoXModel: no LM head
     model.config.use_cache = False
     return tokenizer, model
 
