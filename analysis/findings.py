@@ -94,6 +94,14 @@ def _best_slice(fits: SurfaceFits, method: str, budgets, max_tokens) -> Surface:
 # ----------------------------------------------------------------------------------------------------------
 # Tables
 
+def model_label(model: str) -> str:
+    """A model as tables show it: a hub name as is, a local path or URI by its last part (the suite's
+    ``/home/u/.cache/repurpose/suite/c4e28/mini-pythia-0.1m`` -> ``mini-pythia-0.1m``)."""
+    if model.startswith(("/", ".", "~")) or "://" in model or model.count("/") > 1:
+        return model.rstrip("/").rsplit("/", 1)[-1]
+    return model
+
+
 def _hp(method: str, h) -> str:
     if h is None or (isinstance(h, float) and np.isnan(h)):
         return ""
@@ -222,10 +230,10 @@ def recipe_markdown(a: Analysis) -> str:
         hp = _hp(r["method"], r["lora_rank"] if r["method"] == "lora" else r["trainable_fraction"])
         flags = [s for s, on in (("grid", r["on_grid"]), ("extrapolated", r.get("extrapolated")),
                                  ("data-limited", r.get("data_limited"))) if on is True]
-        emp = (f"{r['empirical_method']} {r['empirical_hparam']} {r['empirical_model']} "
+        emp = (f"{r['empirical_method']} {r['empirical_hparam']} {model_label(r['empirical_model'])} "
                f"{r['empirical_loss']:.4f}".replace("  ", " ") if isinstance(r.get("empirical_method"), str) else "—")
         rows.append({"budget (FLOP)": f"{r['budget_flops']:.2g}", "method": f"{r['method']} {hp}".strip(),
-                     "model": r["model"], "N": f"{r['n_params']:.3g}", "tokens": f"{r['tokens']:.3g}",
+                     "model": model_label(r["model"]), "N": f"{r['n_params']:.3g}", "tokens": f"{r['tokens']:.3g}",
                      "predicted loss": f"{r['predicted_loss']:.4f}",
                      f"{level}% CI": f"[{_f(r['predicted_loss_low'])}, {_f(r['predicted_loss_high'])}]",
                      "wins": _f(r.get("win_fraction"), "{:.0%}"), "empirical best": emp,

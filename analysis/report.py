@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 
-from .findings import Analysis, analyze, findings_markdown, recipe_markdown, recipe_table, surfaces_table
+from .findings import (Analysis, analyze, findings_markdown, model_label, recipe_markdown, recipe_table,
+                       surfaces_table)
 from .fit import CI_LEVEL, N_BOOTSTRAP, FitError, fit_surfaces, require_usable
 from .load import StoreError, load_trials, open_uri
 from .recipe import Choice, compute_recipe, infer_max_tokens
@@ -124,7 +125,7 @@ def format_recipe(d: dict) -> str:
     level = int(round(CI_LEVEL * 100))
     lines = [f"Compute-optimal recipe at {d['budget_flops']:.3g} FLOP",
              f"  method          {d['method']}{hp(d)}",
-             f"  model           {d['model']}  (N = {d['n_params']:,} non-embedding parameters)",
+             f"  model           {model_label(d['model'])}  (N = {d['n_params']:,} non-embedding parameters)",
              f"  tokens          {d['tokens']:,}",
              f"  predicted loss  {d['predicted_loss']:.4f}  {interval(d)} {level}% bootstrap CI"]
     lines += [f"  note            {n}" for n in notes]
@@ -133,7 +134,7 @@ def format_recipe(d: dict) -> str:
         if "refused" in e:
             continue
         win = e.get("win_fraction")
-        table.append((method + hp(e), f"{e['predicted_loss']:.4f}", interval(e), e["model"],
+        table.append((method + hp(e), f"{e['predicted_loss']:.4f}", interval(e), model_label(e["model"]),
                       f"{e['tokens']:.3g}", f"{win:.0%}" if win is not None else "—"))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines += ["", "  per method (wins: share of bootstrap refits where the method is best)"]
@@ -141,7 +142,7 @@ def format_recipe(d: dict) -> str:
     lines += [f"    {m}: refused: {e['refused']}" for m, e in d["per_method"].items() if "refused" in e]
     emp = d.get("empirical")
     if emp:
-        lines += ["", f"  empirical best trial at this budget: {emp['method']}{hp(emp)} {emp['model']} "
+        lines += ["", f"  empirical best trial at this budget: {emp['method']}{hp(emp)} {model_label(emp['model'])} "
                       f"tokens {emp['tokens']:,} loss {emp['eval_loss']:.4f} ({emp['trial_id']})"]
     return "\n".join(lines)
 
