@@ -26,13 +26,18 @@ Three parts, top to bottom:
    single-GPU trial runs, so a trial's result does not depend on how many GPUs it got. FLOP: each rank counts
    the real tokens of its shard, summed over ranks by one all-reduce per step (and checked against the global
    batch: ranks out of step raise); the budget is global. Metrics: rank 0 reports, once per event.
-   Checkpoints: DeepSpeed's own (``engine.save_checkpoint``, one file per rank's ZeRO partition, written with
-   torch.save, i.e. pickle), under ``<checkpoint_uri>/deepspeed/<tag>`` (staged on the node and uploaded for
-   s3:// / gs://) with a ``LATEST`` pointer written last. Gathering ZeRO's partitioned optimizer state into the
-   project's safetensors format and re-partitioning it on load would re-implement DeepSpeed's (version-specific)
-   checkpoint layout; these files are the trial's private restart state, read back only by the trial that wrote
-   them from the sweep's own prefix, never by the store or the analysis. A finished trial leaves the common,
-   pickle-free done marker of workers/checkpoint.py and its DeepSpeed files are deleted.
+   Checkpoints: the project's pickle-free format (workers/checkpoint.py: safetensors and JSON, the previous one
+   kept as fallback), in the trial's checkpoint folder as a single-process trial's. They hold whole tensors, not
+   ZeRO's partitions: each trainable parameter's fp32 master value and AdamW moments, gathered one parameter at a
+   time through DeepSpeed's full-state API (``deepspeed.utils.safe_get_full_*``: collectives, every rank in the
+   same order), with AdamW's step count (its bias correction), the Progress and every rank's RNG; rank 0 writes
+   them. Frozen weights are not saved: the model gives them again. On resume every rank reads the checkpoint and
+   sets its own partitions: the master and the moments, and the module's copy the next forward reads (ZeRO 1/2:
+   whole on every rank; ZeRO 3: gathered, set and partitioned again). So a checkpoint does not depend on the ZeRO
+   stage or the number of ranks that wrote it (tests/workers/test_distributed.py restores across stages: bitwise
+   with torch's AdamW, to float rounding with offload's DeepSpeedCPUAdam, which recomputes beta^t on resume). The
+   cost: while saving, rank 0 holds three copies of the trainable tensors (value, two moments) in host memory;
+   while restoring, every rank does. A finished trial's done marker replaces the checkpoints.
 
 3. Launchers: ``run_local`` (k processes on this machine, gloo on CPU: tests, CPU-only runs) and
    ``run_ray_ranks`` (inside a Tune trial: rank 0 in the trial's own process, which reports; ranks 1..k-1 as Ray
@@ -44,14 +49,11 @@ import contextlib
 import json
 import os
 import queue
-import shutil
 import socket
-import tempfile
 import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass
-from hashlib import sha1
 
 import torch
 import torch.distributed as dist
@@ -250,7 +252,7 @@ def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | N
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     # 1. load
-    tokenizer, model = single._load(spec.model)
+    tokenizer, model = single._load(spec.model, device)
     shape = NeoxShape.from_config(model.config.to_dict())
     lr = spec.lr if spec.lr is not None else auto_lr(spec.model, model.config.to_dict())
 
@@ -272,10 +274,13 @@ def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | N
     base = dict(n_params=n_params, n_trainable=n_trainable, planned_tokens=planned_tokens,
                 planned_steps=planned_steps, budget_flops=spec.budget_flops)
 
-    # a finished trial's marker (the common format): report it again, compute nothing
-    marker = checkpoint.load(checkpoint_uri)
-    if marker is not None and marker[1]["progress"]["done"]:
-        progress = single.Progress(**marker[1]["progress"])
+    # the newest checkpoint, read by every rank (past a damaged one: the one before it; the reason says so). A
+    # finished trial's marker: report it again, compute nothing
+    skipped: list[str] = []
+    restored = checkpoint.load(checkpoint_uri, skipped=skipped)
+    _check_same_checkpoint(restored, device)
+    if restored is not None and restored[1]["progress"]["done"]:
+        progress = single.Progress(**restored[1]["progress"])
         report(single._event(progress, base, progress.rows, restart=True, done=True))
         return single._trial_row(progress, base)
 
@@ -287,11 +292,13 @@ def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | N
     engine.train()
     autocast = contextlib.nullcontext  # the engine's torch_autocast does it
 
-    # resume from the newest DeepSpeed checkpoint
+    # resume: every rank sets its partitions from the full tensors
     progress, restart = single.Progress(), False
-    restored = _load(engine, checkpoint_uri, ranks, device)
     if restored is not None:
-        progress, restart = restored, True
+        progress, restart = _restore(engine, restored, ranks), True
+    del restored
+    if skipped:
+        progress.reason = "; ".join([*skipped, f"resumed from step {progress.step}"])
 
     chunk = spec.chunk_size or single.auto_chunk_size(shape, micro, spec.max_length, spec.gradient_checkpointing,
                                                       device)
@@ -402,7 +409,7 @@ def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | N
     if output_dir and spec.save_model:
         _save_model(engine, tokenizer, output_dir, ranks, config)
 
-    # 5. report (rank 0), the done marker, and the DeepSpeed files go
+    # 5. report (rank 0) and the done marker, which replaces the checkpoints
     progress.wall_s += time.perf_counter() - started
     progress.done = True
     if progress.rows:
@@ -412,9 +419,6 @@ def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | N
     dist.barrier()
     if ranks.rank == 0:
         single._save(checkpoint_uri, progress, [], None, None)
-        if checkpoint_uri:
-            storage.delete(storage.join(checkpoint_uri, "deepspeed"))
-            shutil.rmtree(_local_dir(checkpoint_uri), ignore_errors=True)  # the staging copy of a remote one
     row = single._trial_row(progress, base)
     report(single._event(progress, base, pending, restart=restart, done=True, trial=row))
     engine.destroy()
@@ -451,59 +455,116 @@ def _save_model(engine, tokenizer, output_dir: str, ranks: Ranks, config: dict) 
     dist.barrier()
 
 
-# --- DeepSpeed checkpoints: <uri>/deepspeed/{LATEST, step-00000012/...} --------------------------------------
-def _local_dir(uri: str) -> str:
-    """Where DeepSpeed writes: the URI itself when local; else a staging dir on this node (all ranks share it)."""
-    root = storage.join(uri, "deepspeed")
-    if not storage.is_remote(uri):
-        return storage.resolve(root)[1]
-    return os.path.join(tempfile.gettempdir(), "repurpose-deepspeed", sha1(uri.encode()).hexdigest()[:16])
+# --- checkpoints: workers/checkpoint.py's format, whole tensors ---------------------------------------------
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")  # the state names of torch.optim.AdamW and DeepSpeedCPUAdam
+
+
+def _trainable(engine) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters a checkpoint holds (frozen ones come from the model again), in the module's order: the same
+    on every rank, which ZeRO-3's gathers need."""
+    return [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
 
 
 def _save(engine, uri: str | None, progress, started: float, ranks: Ranks, device) -> None:
+    """Each trainable parameter's full fp32 value and AdamW moments, AdamW's step count, the Progress and every
+    rank's RNG; rank 0 writes. The full tensors come from DeepSpeed's full-state API (deepspeed/utils/
+    tensor_fragment.py): an all-reduce (ZeRO 1/2) or all-gather (ZeRO 3) each, so every rank calls it."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
     if not uri:
         return
-    root, local, tag = storage.join(uri, "deepspeed"), _local_dir(uri), f"step-{progress.step:08d}"
-    state = asdict(progress)
-    state["wall_s"] = progress.wall_s + time.perf_counter() - started
-    client = {"progress": state, "rng": _gather_rng(device)}
-    # every rank writes its ZeRO partition; frozen weights come from the model again on load
-    engine.save_checkpoint(local, tag=tag, client_state=client, save_latest=False, exclude_frozen_parameters=True)
-    if ranks.rank == 0:  # save_checkpoint ended with a barrier: every rank's files are there
-        if storage.is_remote(uri):
-            for name in sorted(os.listdir(os.path.join(local, tag))):
-                with open(os.path.join(local, tag, name), "rb") as f:
-                    storage.write_bytes(storage.join(root, tag, name), f.read())
-        storage.write_bytes(storage.join(root, "LATEST"), tag.encode())  # the commit point
-        for old in storage.list_dir(root):
-            if old.startswith("step-") and old != tag:
-                storage.delete(storage.join(root, old))
-        if storage.is_remote(uri):
-            for old in os.listdir(local):
-                if old != tag:
-                    storage.delete(os.path.join(local, old))
-    dist.barrier()
+    tensors = {}
+    for name, p in _trainable(engine):
+        full = {"param": safe_get_full_fp32_param(p)} | {k: safe_get_full_optimizer_state(p, k) for k in ADAM_MOMENTS}
+        if ranks.rank == 0:
+            tensors |= {f"{key}.{name}": value.cpu() for key, value in full.items()}
+    rng = _gather_rng(device)
+    if ranks.rank == 0:
+        tensors |= {f"rng.{name}": states for name, states in rng.items()}
+        state = asdict(progress)
+        state["wall_s"] = progress.wall_s + time.perf_counter() - started
+        checkpoint.save(uri, progress.step, tensors, {"progress": state, "adam_step": _adam_step(engine)})
+    dist.barrier()  # no rank trains on (or is killed) before the checkpoint is complete
 
 
-def _load(engine, uri: str | None, ranks: Ranks, device):
-    """The Progress of the newest DeepSpeed checkpoint, its tensors loaded into ``engine``; None: none."""
+def _restore(engine, restored: tuple[dict, dict], ranks: Ranks):
+    """Sets this rank's partitions from a checkpoint ``_save`` wrote (of any number of ranks and ZeRO stage: its
+    tensors are whole); its Progress."""
     from workers.trial import Progress
 
-    if not uri or not storage.exists(storage.join(uri, "deepspeed", "LATEST")):
-        return None
-    root, local = storage.join(uri, "deepspeed"), _local_dir(uri)
-    tag = storage.read_bytes(storage.join(root, "LATEST")).decode().strip()
-    if storage.is_remote(uri) and ranks.rank == 0:
-        os.makedirs(os.path.join(local, tag), exist_ok=True)
-        for name in storage.list_dir(storage.join(root, tag)):
-            with open(os.path.join(local, tag, name), "wb") as f:
-                f.write(storage.read_bytes(storage.join(root, tag, name)))
-    dist.barrier()
-    path, client = engine.load_checkpoint(local, tag=tag, load_module_strict=False)  # frozen weights not saved
-    if path is None:
-        raise RuntimeError(f"{root}/{tag}: DeepSpeed could not load the checkpoint")
-    _set_rng(client["rng"], ranks.rank)
-    return Progress(**client["progress"])
+    tensors, state = restored
+    if "adam_step" not in state:
+        raise ValueError("the trial's checkpoint has no AdamW step count: not written by a DeepSpeed trial")
+    _start_adam(engine, state["adam_step"])
+    for name, p in _trainable(engine):
+        _set_full_state(p, tensors[f"param.{name}"], {k: tensors[f"{k}.{name}"] for k in ADAM_MOMENTS})
+    _set_rng({k.removeprefix("rng."): v for k, v in tensors.items() if k.startswith("rng.")}, ranks.rank)
+    return Progress(**state["progress"])
+
+
+def _adam_step(engine) -> int:
+    """AdamW's step count (its bias correction): in the state of each flat fp32 partition the ZeRO optimizer
+    steps (``engine.optimizer.optimizer``, the trial's AdamW)."""
+    steps = {int(s["step"]) for s in engine.optimizer.optimizer.state.values()}
+    if len(steps) != 1:
+        raise RuntimeError(f"AdamW's partitions have step counts {sorted(steps)}, not one")
+    return steps.pop()
+
+
+def _start_adam(engine, step: int) -> None:
+    """AdamW's state for each flat fp32 partition, zero moments at ``step``, as its first step would create it: a
+    fresh engine has none, and the full-state API only sets state that exists."""
+    base = engine.optimizer.optimizer
+    # the state's keys: ZeRO 3 hands its flat partitions to AdamW one at a time (stage3.py, _optimizer_step), ZeRO
+    # 1/2 keeps them in AdamW's param groups
+    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    for flat in flats if flats is not None else [p for group in base.param_groups for p in group["params"]]:
+        # torch's AdamW counts in a float32 tensor (torch/optim/adam.py, _init_group); DeepSpeedCPUAdam in an int
+        count = torch.tensor(float(step)) if isinstance(base, torch.optim.AdamW) else step
+        base.state[flat] = {"step": count, "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:  # ZeRO 1/2 points each parameter at its fragments of the moments after the first step
+        link()  # (stage_1_and_2.py, _optimizer_step): now, on the state above, which AdamW then updates in place
+
+
+def _set_full_state(p, value: torch.Tensor, moments: dict[str, torch.Tensor]) -> None:
+    """One parameter's full fp32 value and AdamW moments into this rank's partitions: the optimizer's fp32 master
+    and moments, and the module's own copy, which the next forward reads."""
+    import deepspeed
+    from deepspeed import utils
+
+    if hasattr(p, "ds_id"):  # ZeRO 3: the module's copy is partitioned too
+        # the local API, on slices cut here: safe_set_full_* slices the full tensor without ZeRO's padding, which
+        # fails on the last rank when the ranks do not divide the parameter's size
+        utils.safe_set_local_fp32_param(p, _zero3_slice(p, value))
+        for key, moment in moments.items():
+            utils.safe_set_local_optimizer_state(p, _zero3_slice(p, moment), key)
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):  # gathered, set, partitioned again
+            p.data.copy_(value)
+    else:  # ZeRO 1/2: master and moments partitioned, the module's copy whole on every rank
+        utils.safe_set_full_fp32_param(p, value)
+        for key, moment in moments.items():
+            utils.safe_set_full_optimizer_state(p, moment, key)
+        p.data.copy_(value)
+
+
+def _zero3_slice(p, full: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a ZeRO-3 parameter: the ranks' equal parts of the flat tensor, the last zero-padded
+    (deepspeed/runtime/zero/partition_parameters.py, _partition_param)."""
+    n = p.ds_tensor.ds_numel
+    part = full.flatten()[n * dist.get_rank(group=p.ds_process_group):][:n]
+    return torch.cat([part, part.new_zeros(n - part.numel())])
+
+
+def _check_same_checkpoint(restored, device) -> None:
+    """Each rank reads the checkpoint itself: one that could not read the newest (a flaky store) would resume
+    from an older one, out of step with the others. Raises then."""
+    progress = restored[1]["progress"] if restored is not None else {"step": -1, "done": False}
+    mine = torch.tensor([progress["step"], int(progress["done"])], device=device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    if any(not torch.equal(other, mine) for other in every):
+        raise RuntimeError(f"the ranks read different checkpoints: (step, done) {[o.tolist() for o in every]}")
 
 
 def _gather_rng(device) -> dict:
