@@ -257,6 +257,7 @@ class RunConfig(_Optional):
     max_failures: Annotated[Int, Field(ge=0)] = 2  # retries of a failed trial (from its checkpoint)
     checkpoint_every_s: Annotated[Number, Field(gt=0)] = 60.0
     report_every: Annotated[Int, Field(ge=1)] = 1  # optimizer steps between metrics rows
+    report_every_s: Annotated[Number, Field(ge=0)] = 1.0  # seconds between reports to the driver (rows batched)
     eval_every: Annotated[Int, Field(ge=0)] = 0  # optimizer steps between evaluations; 0: at the end only
     eval_pairs: Annotated[Int, Field(ge=1)] = 4096
     chunk_size: Annotated[Int, Field(ge=1)] | None = None  # gradient-cache sub-batch; None: automatic
@@ -489,7 +490,8 @@ def trial_spec(grid: Grid, model: str, method: str, budget_flops: float,
         weight_decay=t.weight_decay, seed=t.seed, max_epochs=grid.plan.max_epochs,
         gradient_checkpointing=t.gradient_checkpointing, precision=t.precision,
         eval_every=r.eval_every, eval_pairs=r.eval_pairs,
-        chunk_size=r.chunk_size, report_every=r.report_every, checkpoint_every_s=r.checkpoint_every_s,
+        chunk_size=r.chunk_size, report_every=r.report_every, report_every_s=r.report_every_s,
+        checkpoint_every_s=r.checkpoint_every_s,
         save_model=r.save_model, deepspeed_config=r.deepspeed_config,
     )
 

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import queue
 import socket
@@ -330,6 +331,7 @@ def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | N
     # 3. train to the budget
     pending = list(progress.rows) if restart else []
     last_ckpt, last_report, report_tokens = time.perf_counter(), time.perf_counter(), 0
+    last_event = -math.inf
     stream = PairStream(spec.train_data, tokenizer, batch_size=spec.batch_size, max_length=spec.max_length,
                         seed=spec.seed, max_epochs=spec.max_epochs, skip_batches=progress.batches,
                         prefetch=spec.prefetch_batches)
@@ -383,8 +385,10 @@ def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | N
                                   progress.eval_loss if evaluated else None)
                 progress.rows.append(row)
                 pending.append(row)
-                report(single._event(progress, base, pending, restart=restart))
-                pending, restart, last_report, report_tokens = [], False, now, 0
+                last_report, report_tokens = now, 0
+                if final or evaluated or restart or now - last_event >= spec.report_every_s:  # as run_trial
+                    report(single._event(progress, base, pending, restart=restart))
+                    pending, restart, last_event = [], False, now
             if due and not final:
                 _save(engine, checkpoint_uri, progress, started, ranks, device)
                 last_ckpt = time.perf_counter()

@@ -20,7 +20,7 @@ WARMUP_FRACTION = 0.1
 WEIGHT_DECAY = 0.1
 
 # Knobs that change how a trial runs but not what it computes.
-RUNTIME_FIELDS = ("chunk_size", "report_every", "checkpoint_every_s", "save_model", "planned_tokens_per_pair",
+RUNTIME_FIELDS = ("chunk_size", "report_every", "report_every_s", "checkpoint_every_s", "save_model", "planned_tokens_per_pair",
                   "num_threads", "prefetch_batches", "deepspeed_config")
 # A DeepSpeed override may tune how the engine runs (ZeRO stage, offload, buckets, communication), not what the
 # trial computes: these keys are the trial's (its fields, or fixed by workers/distributed.py's loop).
@@ -55,7 +55,10 @@ class TrialSpec:
     eval_pairs: int = 4096  # held-out pairs used (the first ones of the eval file)
     # runtime knobs
     chunk_size: int | None = None  # gradient-cache sub-batch (pairs); None: automatic from memory
-    report_every: int = 1
+    report_every: int = 1  # optimizer steps between metrics rows
+    # seconds between events to ``report`` (rows batched in between; evaluations, restarts and the end are sent
+    # at once): under Ray Tune every report is a round trip to the driver during which training waits
+    report_every_s: float = 1.0
     checkpoint_every_s: float = 60.0
     save_model: bool = False
     planned_tokens_per_pair: float | None = None  # from the planner; measured on the data when None

@@ -5,7 +5,8 @@ adapter (orchestrator/trainable.py). It knows nothing of the driver: it emits ev
 and keeps its own checkpoint at ``checkpoint_uri``.
 
 Events (dicts) passed to ``report``:
-- progress: ``rows`` (metric rows since the last event), ``restart`` (True on the first event after a
+- progress (at most every ``report_every_s`` seconds, and at once for an evaluation or a restart):
+  ``rows`` (metric rows since the last event), ``restart`` (True on the first event after a
   resume: ``rows`` then holds the whole history up to the checkpoint, so the consumer can replace what it
   stored and stay exactly-once), and a snapshot: ``step, tokens, flops, budget_flops, train_loss, eval_loss``.
 - the last one also has ``done: True`` and ``trial``: the trial row (CONTRACTS.md trial columns it owns).
@@ -132,6 +133,7 @@ def run_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | None = None
     # 3. train to the budget
     pending = list(progress.rows) if restart else []
     last_ckpt, last_report, report_tokens = time.perf_counter(), time.perf_counter(), 0
+    last_event = -math.inf  # the first row goes out at once: the driver sees the trial start
     stream = PairStream(spec.train_data, tokenizer, batch_size=spec.batch_size, max_length=spec.max_length,
                         seed=spec.seed, max_epochs=spec.max_epochs, skip_batches=progress.batches,
                         prefetch=spec.prefetch_batches)
@@ -174,8 +176,10 @@ def run_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | None = None
                            report_tokens / max(now - last_report, 1e-9), progress.eval_loss if evaluated else None)
                 progress.rows.append(row)
                 pending.append(row)
-                report(_event(progress, base, pending, restart=restart))
-                pending, restart, last_report, report_tokens = [], False, now, 0
+                last_report, report_tokens = now, 0
+                if final or evaluated or restart or now - last_event >= spec.report_every_s:
+                    report(_event(progress, base, pending, restart=restart))
+                    pending, restart, last_event = [], False, now
             if time.perf_counter() - last_ckpt >= spec.checkpoint_every_s and not final:
                 _save(checkpoint_uri, progress, trainable, optimizer, started)
                 last_ckpt = time.perf_counter()

@@ -144,7 +144,7 @@ def test_driver_killed_then_resumed(make_grid, ray_env, tmp_path, contract):
     # Tune runs the trials in grid order, two at a time: full@5e9 finishes while full@5e10 is mid-run, with
     # enough steps left (~60, several seconds) that it cannot finish in the moments its orphaned worker lives.
     grid = make_grid("crash", methods={"full": {}}, budgets=[5.0e9, 5.0e10, 4.0e9, 4.5e9],
-                     run={"checkpoint_every_s": 0.5, "max_concurrent_trials": 2})
+                     run={"checkpoint_every_s": 0.5, "max_concurrent_trials": 2, "report_every_s": 0})
     storage = str(tmp_path / "store")
     sweep_dir = os.path.join(storage, "crash")
     driver = ray_env.start(["submit", grid, "--storage", storage], str(tmp_path / "submit.log"))
