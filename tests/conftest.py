@@ -2,9 +2,21 @@
 BGE-format pair files (helpers in tests/support.py)."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
+from raykit import RayEnv
 from support import build_tiny_model, build_tokenizer, make_pairs, write_jsonl
+
+
+@pytest.fixture
+def ray_env():
+    """A RayEnv (tests/raykit.py); teardown stops every process started under it and removes its temp dir."""
+    env = RayEnv()
+    yield env
+    env.stop()
+    shutil.rmtree(env.tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@ tiny model, and the session's fault table (printed in the terminal summary, writ
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 
 import pytest
@@ -11,17 +10,9 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(__file__))  # `import faultkit` whatever pytest's import mode
 
-from faultkit import FaultTable, RayEnv  # noqa: E402
+from faultkit import FaultTable  # noqa: E402
 
 _TABLE: list[FaultTable] = []
-
-
-@pytest.fixture
-def ray_env():
-    env = RayEnv()
-    yield env
-    env.stop()
-    shutil.rmtree(env.tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -11,114 +11,11 @@ import dataclasses
 import glob
 import json
 import os
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 
 import pyarrow.parquet as pq
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-MARKER = "REPURPOSE_TEST_RAY"
-CLI_TIMEOUT_S = 300
-
-
-# --- processes -----------------------------------------------------------------------------------------------
-def environ_of(pid: int | str) -> dict[str, str]:
-    with open(f"/proc/{pid}/environ", "rb") as f:
-        pairs = [item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item]
-    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
-
-
-def cmdline_of(pid: int | str) -> str:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-
-
-def marked_pids(marker_value: str, **env_match: str) -> list[int]:
-    """Live processes (zombies excluded) whose environment has ``REPURPOSE_TEST_RAY=<marker_value>`` and every
-    ``env_match`` item."""
-    pids = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            env = environ_of(name)
-            with open(f"/proc/{name}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
-        except OSError:  # gone, or not ours to read
-            continue
-        if env.get(MARKER) == marker_value and state != b"Z" and all(env.get(k) == v for k, v in env_match.items()):
-            pids.append(int(name))
-    return pids
-
-
-def kill_all(pids: list[int], sig: int = signal.SIGKILL) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-class RayEnv:
-    """A private Ray temp dir, the environment for CLI subprocesses that use it (marked), and the means to find
-    and stop exactly the processes started under it."""
-
-    def __init__(self):
-        self.tmp = tempfile.mkdtemp(prefix="rf", dir="/tmp")  # unix socket paths must stay short
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("RAY_ADDRESS", "REPURPOSE_STORAGE", "REPURPOSE_FAULT")}
-        env.update(RAY_TMPDIR=self.tmp, TMPDIR=self.tmp, PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false",
-                   PYTHONUNBUFFERED="1", **{MARKER: self.tmp})
-        self.env = env
-
-    def run(self, args: list[str], timeout: float = CLI_TIMEOUT_S, **extra_env) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env={**self.env, **extra_env},
-                              cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-    def start(self, args: list[str], log_path: str, **extra_env) -> subprocess.Popen:
-        with open(log_path, "w") as log:
-            return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], env={**self.env, **extra_env},
-                                    cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def pids(self, **env_match: str) -> list[int]:
-        return marked_pids(self.tmp, **env_match)
-
-    def trial_workers(self, **env_match: str) -> list[int]:
-        """Tune's function-trainable workers (process title ``ray::ImplicitFunc...``) of this environment."""
-        out = []
-        for pid in self.pids(**env_match):
-            try:
-                if cmdline_of(pid).startswith("ray::ImplicitFunc"):
-                    out.append(pid)
-            except OSError:
-                pass
-        return out
-
-    def stop(self, grace_s: float = 3.0) -> None:
-        """SIGTERM, then SIGKILL, every process carrying our marker."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = self.pids()
-            kill_all(pids, sig)
-            deadline = time.monotonic() + grace_s
-            while pids and self.pids() and time.monotonic() < deadline:
-                time.sleep(0.1)
-
-
-def wait_for(condition, *, timeout_s: float, what: str, alive: subprocess.Popen | None = None,
-             every_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if alive is not None and alive.poll() is not None:
-            raise AssertionError(f"the driver exited ({alive.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(every_s)
+from raykit import (  # noqa: F401  (re-exported: the fault tests import them from here)
+    REPO, RayEnv, cmdline_of, environ_of, kill_all, wait_for)
 
 
 # --- the store -----------------------------------------------------------------------------------------------

@@ -8,13 +8,11 @@ import os
 import re
 import secrets
 import signal
-import socket
-import subprocess
-import sys
 
 import pytest
 
 from faultkit import REPO, Counts, Snapshot, check, kill_all, read_metrics, under_way, wait_for
+from raykit import free_port, ray_start
 
 pytestmark = pytest.mark.slow
 
@@ -22,20 +20,6 @@ NODE = "REPURPOSE_TEST_NODE"  # marks the worker node's processes (they inherit 
 # The GCS declares a silent node dead after failure_threshold missed checks of period_ms (Ray defaults: 5 x 3 s).
 FAST_HEALTH_CHECK = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
                      "RAY_health_check_timeout_ms": "1000"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ray_start(args: list[str], env: dict) -> None:
-    ports = ["--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
-             "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
-    proc = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", *args, *ports], env=env,
-                          capture_output=True, text=True, timeout=180, start_new_session=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_worker_node_killed_mid_trial(make_grid, ray_env, tmp_path, fault_table):

@@ -4,30 +4,13 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
-import subprocess
-import sys
 
 import pyarrow.parquet as pq
 import pytest
 
+from raykit import free_port, ray_start
+
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ray_start(args: list[str], env: dict) -> None:
-    # `ray start` daemonises its processes (logs to the temp dir) and returns; they inherit our marker.
-    # Every port a node binds is a free one: two nodes share this machine, other sessions may run Ray too.
-    ports = ["--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
-             "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
-    proc = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", *args, *ports], env=env,
-                          capture_output=True, text=True, timeout=180, start_new_session=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.fixture

@@ -22,6 +22,8 @@ import yaml
 
 from analysis.schema import METRICS_SCHEMA, TRIALS_SCHEMA
 
+from raykit import wait_for
+
 ALL_METHODS = {"full": {}, "freeze": {"trainable_fraction": [0.5]}, "bias": {}, "lora": {"rank": [4]}}
 # The last step takes only the pairs that fit the budget and needs two of them (in-batch negatives): at most
 # two pairs' cost (<= 94 tokens here, 6N = 1.2e6 FLOP per token for full) stay unspent. At 5e9 that is < 2.3 %.
@@ -233,16 +235,6 @@ def clean_run(grid_path: str, trial_id: str) -> dict:
         return run_trial(dataclasses.replace(planned.spec, num_threads=1))
     finally:
         torch.set_num_threads(threads)
-
-
-def wait_for(condition, *, timeout_s: float, what: str, alive=None, every_s: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if alive is not None and alive.poll() is not None:
-            raise AssertionError(f"the driver exited ({alive.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(every_s)
 
 
 # --- (d) a trial that cannot train ---------------------------------------------------------------------------

@@ -36,12 +36,7 @@ BATCHES = [(12, None), (12, 2), (12, 4), (7, None), (7, 3)]
 BUDGET = 6.5e9  # ~11 steps of full fine-tuning at 16 pairs a step (test_trial.py)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -19,13 +19,7 @@ FP32 = contextlib.nullcontext
 LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """2 cores shared by several jobs: one intra-op thread is ~5x faster than two oversubscribed ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load(tiny_model, method="full", **kw):

@@ -34,13 +34,7 @@ BUDGET = 6.5e9
 METHOD_CASES = [c for c in CASES if c[1].get("trainable_fraction") != 0.3]  # full, freeze 0.5, bias, lora r=4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """2 cores shared by several jobs: one intra-op thread is ~5x faster than two oversubscribed ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_spec(tiny_model, pairs_file, eval_file, method="full", **kw) -> TrialSpec:
