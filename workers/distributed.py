@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import queue
 import socket
@@ -329,9 +328,8 @@ def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | N
         return loss
 
     # 3. train to the budget
-    pending = list(progress.rows) if restart else []
-    last_ckpt, last_report, report_tokens = time.perf_counter(), time.perf_counter(), 0
-    last_event = -math.inf
+    rows = single.Reporter(report, progress, base, spec, started, restart)  # report: rank 0's only
+    last_ckpt = time.perf_counter()
     stream = PairStream(spec.train_data, tokenizer, batch_size=spec.batch_size, max_length=spec.max_length,
                         seed=spec.seed, max_epochs=spec.max_epochs, skip_batches=progress.batches,
                         prefetch=spec.prefetch_batches)
@@ -374,21 +372,10 @@ def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | N
             progress.hardware_flops += hardware_flops
             progress.train_loss = loss
             progress.bad_lines = stream.stats.bad_lines
-            report_tokens += tokens
             evaluated = spec.eval_every and progress.step % spec.eval_every == 0 and not final
             if evaluated:
                 progress.eval_loss = evaluate()
-            if final or evaluated or progress.step % spec.report_every == 0:
-                now = time.perf_counter()
-                row = single._row(progress, optimizer.param_groups[0]["lr"], progress.wall_s + now - started,
-                                  report_tokens / max(now - last_report, 1e-9),
-                                  progress.eval_loss if evaluated else None)
-                progress.rows.append(row)
-                pending.append(row)
-                last_report, report_tokens = now, 0
-                if final or evaluated or restart or now - last_event >= spec.report_every_s:  # as run_trial
-                    report(single._event(progress, base, pending, restart=restart))
-                    pending, restart, last_event = [], False, now
+            rows.step(tokens, optimizer.param_groups[0]["lr"], final=final, evaluated=evaluated)
             if due and not final:
                 _save(engine, checkpoint_uri, progress, started, ranks, device)
                 last_ckpt = time.perf_counter()
@@ -401,12 +388,7 @@ def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | N
     finally:
         stream.close()
     progress.bad_lines = stream.stats.bad_lines
-    if progress.step and (not progress.rows or progress.rows[-1]["step"] != progress.step):
-        now = time.perf_counter()
-        row = single._row(progress, optimizer.param_groups[0]["lr"], progress.wall_s + now - started,
-                          report_tokens / max(now - last_report, 1e-9), None)
-        progress.rows.append(row)
-        pending.append(row)
+    rows.last_step(optimizer.param_groups[0]["lr"])
 
     # 4. evaluate (every rank: ZeRO-3's forwards are collective)
     progress.eval_loss = evaluate()
@@ -416,15 +398,12 @@ def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | N
     # 5. report (rank 0) and the done marker, which replaces the checkpoints
     progress.wall_s += time.perf_counter() - started
     progress.done = True
-    if progress.rows:
-        progress.rows[-1]["eval_loss"] = progress.eval_loss
-        if not pending or pending[-1] is not progress.rows[-1]:
-            pending.append(progress.rows[-1])
+    rows.finish()
     dist.barrier()
     if ranks.rank == 0:
         single._save(checkpoint_uri, progress, [], None, None)
     row = single._trial_row(progress, base)
-    report(single._event(progress, base, pending, restart=restart, done=True, trial=row))
+    rows.done(row)
     engine.destroy()
     return row
 

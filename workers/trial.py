@@ -131,9 +131,8 @@ def run_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | None = None
         return loss
 
     # 3. train to the budget
-    pending = list(progress.rows) if restart else []
-    last_ckpt, last_report, report_tokens = time.perf_counter(), time.perf_counter(), 0
-    last_event = -math.inf  # the first row goes out at once: the driver sees the trial start
+    rows = Reporter(report, progress, base, spec, started, restart)
+    last_ckpt = time.perf_counter()
     stream = PairStream(spec.train_data, tokenizer, batch_size=spec.batch_size, max_length=spec.max_length,
                         seed=spec.seed, max_epochs=spec.max_epochs, skip_batches=progress.batches,
                         prefetch=spec.prefetch_batches)
@@ -166,20 +165,10 @@ def run_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | None = None
             progress.hardware_flops += step_hardware_flops(batch)
             progress.train_loss = loss
             progress.bad_lines = stream.stats.bad_lines
-            report_tokens += batch.real_tokens
             evaluated = spec.eval_every and progress.step % spec.eval_every == 0 and not final
             if evaluated:
                 progress.eval_loss = evaluate()
-            if final or evaluated or progress.step % spec.report_every == 0:
-                now = time.perf_counter()
-                row = _row(progress, optimizer.param_groups[0]["lr"], progress.wall_s + now - started,
-                           report_tokens / max(now - last_report, 1e-9), progress.eval_loss if evaluated else None)
-                progress.rows.append(row)
-                pending.append(row)
-                last_report, report_tokens = now, 0
-                if final or evaluated or restart or now - last_event >= spec.report_every_s:
-                    report(_event(progress, base, pending, restart=restart))
-                    pending, restart, last_event = [], False, now
+            rows.step(batch.real_tokens, optimizer.param_groups[0]["lr"], final=final, evaluated=evaluated)
             if time.perf_counter() - last_ckpt >= spec.checkpoint_every_s and not final:
                 _save(checkpoint_uri, progress, trainable, optimizer, started)
                 last_ckpt = time.perf_counter()
@@ -192,14 +181,7 @@ def run_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | None = None
     finally:
         stream.close()
     progress.bad_lines = stream.stats.bad_lines
-    if progress.step and (not progress.rows or progress.rows[-1]["step"] != progress.step):
-        # the loop ended between report steps (data exhausted, no pair left): the last step gets its row,
-        # so the final eval_loss below is not pinned to an earlier step
-        now = time.perf_counter()
-        row = _row(progress, optimizer.param_groups[0]["lr"], progress.wall_s + now - started,
-                   report_tokens / max(now - last_report, 1e-9), None)
-        progress.rows.append(row)
-        pending.append(row)
+    rows.last_step(optimizer.param_groups[0]["lr"])
 
     # 4. evaluate
     progress.eval_loss = evaluate()
@@ -210,14 +192,62 @@ def run_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | None = None
     # 5. report
     progress.wall_s += time.perf_counter() - started
     progress.done = True
-    if progress.rows:
-        progress.rows[-1]["eval_loss"] = progress.eval_loss
-        if not pending or pending[-1] is not progress.rows[-1]:
-            pending.append(progress.rows[-1])  # the last row again, now with eval_loss: the consumer upserts
+    rows.finish()
     _save(checkpoint_uri, progress, [], None, None)  # the done marker: counters and rows, no tensors
     row = _trial_row(progress, base)
-    report(_event(progress, base, pending, restart=restart, done=True, trial=row))
+    rows.done(row)
     return row
+
+
+class Reporter:
+    """A trial's metric rows and the events that carry them to ``report`` (run_trial and
+    workers/distributed.py). A row every ``report_every`` steps, on an evaluation and on the last step; an
+    event (the rows since the last one) at most every ``report_every_s`` seconds: under Ray Tune each is a round
+    trip to the driver while training waits. The first row, an evaluation, the first event after a restart
+    (``rows`` then holds the whole history up to the checkpoint) and the last step go out at once."""
+
+    def __init__(self, report, progress: Progress, base: dict, spec: TrialSpec, started: float, restart: bool):
+        self.report, self.progress, self.base, self.spec, self.started = report, progress, base, spec, started
+        self.restart = restart
+        self.pending = list(progress.rows) if restart else []
+        self.last_row, self.tokens, self.last_event = time.perf_counter(), 0, -math.inf
+
+    def step(self, tokens: int, lr: float, *, final: bool, evaluated: bool) -> None:
+        """After an optimizer step of ``tokens`` real tokens (``progress`` already counts it)."""
+        self.tokens += tokens
+        if not (final or evaluated or self.progress.step % self.spec.report_every == 0):
+            return
+        now = self._add_row(lr, self.progress.eval_loss if evaluated else None)
+        if final or evaluated or self.restart or now - self.last_event >= self.spec.report_every_s:
+            self.report(_event(self.progress, self.base, self.pending, restart=self.restart))
+            self.pending, self.restart, self.last_event = [], False, now
+
+    def last_step(self, lr: float) -> None:
+        """The loop ended between report steps (data exhausted, no pair left): the last step gets its row, so
+        the final eval_loss is not pinned to an earlier step."""
+        p = self.progress
+        if p.step and (not p.rows or p.rows[-1]["step"] != p.step):
+            self._add_row(lr, None)
+
+    def finish(self) -> None:
+        """The final eval_loss goes on the last row (before the done marker saves the rows); sent again if it
+        went out before: the consumer upserts."""
+        p = self.progress
+        if p.rows:
+            p.rows[-1]["eval_loss"] = p.eval_loss
+            if not self.pending or self.pending[-1] is not p.rows[-1]:
+                self.pending.append(p.rows[-1])
+
+    def done(self, trial: dict) -> None:
+        self.report(_event(self.progress, self.base, self.pending, restart=self.restart, done=True, trial=trial))
+
+    def _add_row(self, lr: float, eval_loss) -> float:
+        p, now = self.progress, time.perf_counter()
+        row = _row(p, lr, p.wall_s + now - self.started, self.tokens / max(now - self.last_row, 1e-9), eval_loss)
+        p.rows.append(row)
+        self.pending.append(row)
+        self.last_row, self.tokens = now, 0
+        return now
 
 
 def fit_budget(batch, cost: float, remaining: float):
