@@ -47,14 +47,12 @@ def demo_grid(name: str, models: list[str], data: dict, *, budgets=DEMO_BUDGETS,
 
 
 def run(args) -> int:
-    from workers.suite import build_suite, demo_data  # torch: the suite is built in this process, once
+    from workers.suite import SUITE, build_suite, demo_data  # torch: the suite is built in this process, once
 
     started = time.perf_counter()
     print("repurpose demo: building (or reusing) the offline pair data and the mini Pythia suite", file=sys.stderr)
     quick = getattr(args, "quick", False)
     data = demo_data()
-    from workers.suite import SUITE
-
     suite = (build_suite(sizes=QUICK["sizes"], token_scale=QUICK["token_scale"]) if quick
              else build_suite(sizes=[m.name for m in SUITE[:DEMO_MODELS]]))  # only the models the grid uses
     models = [m.path for m in suite[:DEMO_MODELS]]
