@@ -243,8 +243,9 @@ print("done", flush=True)
 def test_kill_and_resume_equals_an_uninterrupted_run(tiny_model, pairs_file, eval_file, tmp_path, monkeypatch):
     # LoRA with dropout and the gradient cache: the resumed run needs the adapters, AdamW's moments, the data
     # position and the RNG state back to reproduce the uninterrupted one
+    # an event per step (report_every_s 0): the child's report sleeps in each, which paces the run for the kill
     spec = make_spec(tiny_model, pairs_file, eval_file, "lora", budget_flops=5e9, lora_rank=4, lora_dropout=0.1,
-                     chunk_size=8, checkpoint_every_s=0.0)
+                     chunk_size=8, checkpoint_every_s=0.0, report_every_s=0.0)
     ckpt = str(tmp_path / "ckpt")
     err = open(tmp_path / "child.err", "w")
     proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(spec.to_dict()), ckpt, str(ROOT)],
