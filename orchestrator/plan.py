@@ -209,7 +209,7 @@ def measure_data(grid: Grid, *, strict: bool = False) -> DataStats:
     readable = True
     if train_pairs is None:
         try:
-            from workers.data import count_pairs
+            from workers.records import count_pairs  # torch-free (workers.data imports torch)
 
             train_pairs = count_pairs(uri)
         except Exception as e:  # noqa: BLE001 -- classified below: bad input, or unreachable here
@@ -235,7 +235,7 @@ def measure_data(grid: Grid, *, strict: bool = False) -> DataStats:
 def _check_eval(grid: Grid, strict: bool) -> None:
     """The held-out pairs the workers will read (the first ``run.eval_pairs``): bad ones fail here, before any
     trial runs, rather than as one failed trial per cell."""
-    from workers.data import load_eval_pairs
+    from workers.records import load_eval_pairs
 
     uri = grid.resolve(grid.data.eval)
     try:
@@ -254,7 +254,7 @@ def _measure(grid: Grid, model: str, uri: str, readable: bool, strict: bool, war
         warnings.append(f"warning: cannot read {uri}: {fallback}")
         return FALLBACK_TOKENS_PER_PAIR
     try:
-        from workers.data import measure_tokens_per_pair
+        from workers.records import measure_tokens_per_pair
 
         tokenizer = _load_tokenizer(grid.model_path(model))
     except Exception as e:  # noqa: BLE001 -- no tokenizer here (offline hub, no tokenizer files)
@@ -271,9 +271,10 @@ def _measure(grid: Grid, model: str, uri: str, readable: bool, strict: bool, war
 
 
 def _load_tokenizer(path: str):
-    from transformers import AutoTokenizer  # lazy: the driver stays light
+    """The model's tokenizer without torch (AutoTokenizer imports it); it counts what the trial's does."""
+    from workers.records import load_tokenizer  # lazy: the driver stays light
 
-    return AutoTokenizer.from_pretrained(path)
+    return load_tokenizer(path)
 
 
 def _unreachable(e: Exception, uri: str, strict: bool, field: str) -> None:
