@@ -15,8 +15,8 @@ _WHERE = {
     "findings": ("Analysis", "analyze"),
     "fit": ("EmpiricalOptimum", "Exclusions", "FitError", "Surface", "SurfaceFits", "TrendFit",
             "empirical_optimum", "fit_surface", "fit_surfaces", "fit_trends", "split_usable"),
-    "load": ("StoreError", "load_metrics", "load_trials"),
-    "recipe": ("Recipe", "compute_recipe", "infer_max_tokens"),
+    "load": ("StoreError", "load_data_cap", "load_metrics", "load_trials"),
+    "recipe": ("Recipe", "compute_recipe"),
     "report": ("format_recipe", "recipe_at", "write_fit_outputs"),
 }
 _MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}

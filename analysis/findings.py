@@ -24,7 +24,7 @@ from .fit import (
     require_usable,
     slice_label,
 )
-from .recipe import Recipe, best_in_slice, compute_recipe, infer_max_tokens
+from .recipe import Recipe, best_in_slice, compute_recipe, fit_doubts
 
 # The recipe table covers the grid's budgets and this many x4 steps beyond its largest (the paper's grid
 # steps by 4; extrapolation is marked).
@@ -45,20 +45,19 @@ class Analysis:
     table_budgets: tuple[float, ...]
     recipes: dict[float, Recipe]  # budget -> recipe (budgets where no method has a surface are absent)
     max_tokens: int | None
-    max_tokens_source: str  # "argument", "trials" (inferred: data ran out) or "none"
+    max_tokens_source: str  # "measured" (the planner's, from the store), "argument" or "none"
     best_slices: dict[str, Surface]  # method -> its best slice (lowest mean fitted optimal loss over the grid)
     warnings: tuple[str, ...]
 
 
 def analyze(trials: pd.DataFrame, *, sweep: str = "sweep", max_tokens: int | None = None,
-            n_boot: int = N_BOOTSTRAP, seed: int = 0, extra_budget_steps: int = EXTRA_BUDGET_STEPS) -> Analysis:
+            max_tokens_source: str | None = None, n_boot: int = N_BOOTSTRAP, seed: int = 0,
+            extra_budget_steps: int = EXTRA_BUDGET_STEPS) -> Analysis:
     """Everything the report shows. FitError only when no trial is usable; every partial refusal (a method
-    with one point, a slice with one model size, ...) becomes a warning and an absent fit."""
+    with one point, a slice with one model size, ...) becomes a warning and an absent fit. ``max_tokens``: the
+    sweep's data cap (analysis.load.load_data_cap), None for none."""
     usable, exclusions = require_usable(trials, where=sweep)
-    source = "argument"
-    if max_tokens is None:
-        max_tokens = infer_max_tokens(trials)
-        source = "trials" if max_tokens is not None else "none"
+    source = "none" if max_tokens is None else (max_tokens_source or "argument")
     optimum = empirical_optimum(usable)
     trends = fit_trends(optimum)
     surfaces = fit_surfaces(usable, n_boot=n_boot, seed=seed)
@@ -76,8 +75,6 @@ def analyze(trials: pd.DataFrame, *, sweep: str = "sweep", max_tokens: int | Non
     warnings += [f"trend refused: {why}" for why in trends.refused.values()]
     warnings += [f"surface refused: {why}" for why in surfaces.refused.values()]
     warnings += [f"{s.label}: {w}" for s in surfaces.surfaces.values() for w in s.warnings]
-    if source == "trials":
-        warnings.append(f"max_tokens = {max_tokens:,} inferred from trials that ran out of data")
     best = {m: _best_slice(surfaces, m, grid, max_tokens) for m in surfaces.methods()}
     return Analysis(sweep, trials, usable, exclusions, optimum, trends, surfaces, grid, grid + extra, recipes,
                     max_tokens, source, best, tuple(warnings))
@@ -109,22 +106,30 @@ def _hp(method: str, h) -> str:
 
 
 def recipe_table(a: Analysis) -> pd.DataFrame:
-    """One row per table budget: the fitted recipe (with interval and bootstrap win share) beside the empirical
-    best trial at grid budgets."""
+    """One row per table budget: the recipe (with interval and bootstrap win share) beside the empirical best
+    trial at grid budgets. ``source``: ``fit``, or ``empirical`` at a grid budget where the fit is in doubt
+    (``notes`` say why: a thin surface, a fitted best worse than a trial, a trial outside the interval) — the
+    row's method, model, N and tokens are then the best trial's, and ``predicted_loss`` the fit's value for it."""
     rows = []
     frontier = a.optimum.frontier.set_index("budget_flops")
     for budget in a.table_budgets:
         row = {"budget_flops": budget, "on_grid": budget in a.grid_budgets}
         r = a.recipes.get(budget)
+        e = frontier.loc[budget] if budget in frontier.index else None
         if r is not None:
             c = r.best
             row.update(method=c.method, lora_rank=c.lora_rank, trainable_fraction=c.trainable_fraction,
                        model=c.model, n_params=int(c.n_params), tokens=c.tokens, flops=c.flops,
                        predicted_loss=c.predicted_loss, predicted_loss_low=c.predicted_loss_low,
                        predicted_loss_high=c.predicted_loss_high, win_fraction=r.win_fraction.get(c.method),
-                       data_limited=c.data_limited, extrapolated=c.extrapolated)
-        if budget in frontier.index:
-            e = frontier.loc[budget]
+                       data_limited=c.data_limited, extrapolated=c.extrapolated, source="fit")
+            notes = fit_doubts(a.surfaces, c, float(e["eval_loss"]) if e is not None else None)
+            row["notes"] = "; ".join(notes)
+            if notes and e is not None:
+                row.update(_empirical_answer(a, e), source="empirical")
+                row["notes"] = "; ".join([f"fit chose {c.label} {model_label(c.model)} at {c.predicted_loss:.4f}",
+                                          *notes])
+        if e is not None:
             row.update(empirical_method=e["method"], empirical_hparam=_hp(e["method"], e["hparam"]),
                        empirical_model=e["model"], empirical_loss=float(e["eval_loss"]),
                        empirical_trial=e["trial_id"])
@@ -132,6 +137,22 @@ def recipe_table(a: Analysis) -> pd.DataFrame:
                 row["agree"] = bool(e["method"] == r.best.method and e["model"] == r.best.model)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _empirical_answer(a: Analysis, e: pd.Series) -> dict:
+    """The recipe row's fields for the best trial ``e`` (a frontier row), the fit's prediction for that cell where
+    its slice has a surface."""
+    h = None if pd.isna(e["hparam"]) else float(e["hparam"])
+    surface = a.surfaces.surfaces.get((e["method"], h))
+    n, tokens = float(e["n_params"]), float(e["tokens"])
+    pred, low, high = np.nan, np.nan, np.nan
+    if surface is not None:
+        pred = float(surface.predict(n, tokens))
+        low, high = (float(x) for x in surface.interval(n, tokens))
+    return dict(method=e["method"], lora_rank=int(h) if e["method"] == "lora" and h is not None else None,
+                trainable_fraction=h if e["method"] == "freeze" else None, model=e["model"], n_params=int(n),
+                tokens=int(tokens), flops=float(e["flops"]), predicted_loss=pred, predicted_loss_low=low,
+                predicted_loss_high=high, win_fraction=np.nan, data_limited=False, extrapolated=False)
 
 
 def hparam_sensitivity(a: Analysis, method: str) -> pd.DataFrame:
@@ -228,13 +249,15 @@ def recipe_markdown(a: Analysis) -> str:
         if not isinstance(r.get("method"), str):
             continue
         hp = _hp(r["method"], r["lora_rank"] if r["method"] == "lora" else r["trainable_fraction"])
-        flags = [s for s, on in (("grid", r["on_grid"]), ("extrapolated", r.get("extrapolated")),
+        flags = [s for s, on in (("grid", r["on_grid"]), ("empirical", r.get("source") == "empirical"),
+                                 ("extrapolated", r.get("extrapolated")),
                                  ("data-limited", r.get("data_limited"))) if on is True]
+        flags += [r["notes"]] if isinstance(r.get("notes"), str) and r["notes"] else []
         emp = (f"{r['empirical_method']} {r['empirical_hparam']} {model_label(r['empirical_model'])} "
                f"{r['empirical_loss']:.4f}".replace("  ", " ") if isinstance(r.get("empirical_method"), str) else "—")
         rows.append({"budget (FLOP)": f"{r['budget_flops']:.2g}", "method": f"{r['method']} {hp}".strip(),
                      "model": model_label(r["model"]), "N": f"{r['n_params']:.3g}", "tokens": f"{r['tokens']:.3g}",
-                     "predicted loss": f"{r['predicted_loss']:.4f}",
+                     "predicted loss": _f(r["predicted_loss"]),
                      f"{level}% CI": f"[{_f(r['predicted_loss_low'])}, {_f(r['predicted_loss_high'])}]",
                      "wins": _f(r.get("win_fraction"), "{:.0%}"), "empirical best": emp,
                      "notes": ", ".join(flags)})
@@ -267,9 +290,10 @@ def findings_markdown(a: Analysis) -> str:
         rec = a.recipes.get(r["budget_flops"])
         rows.append({"budget (FLOP)": f"{r['budget_flops']:.2g}",
                      "best (empirical)": f"{r['method']} {_hp(r['method'], r['hparam'])}".strip(),
-                     "model": r["model"], "loss": f"{r['eval_loss']:.4f}",
+                     "model": model_label(r["model"]), "loss": f"{r['eval_loss']:.4f}",
                      "runner-up": r["runner_up"] or "—", "margin": _f(r["margin"], "{:.1%}"),
-                     "best (fitted)": rec.best.label if rec else "—", "fitted model": rec.best.model if rec else "—"})
+                     "best (fitted)": rec.best.label if rec else "—",
+                     "fitted model": model_label(rec.best.model) if rec else "—"})
     out += ["", _md(pd.DataFrame(rows)), ""]
 
     # 2./3. method hyperparameters

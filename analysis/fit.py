@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from workers.flops import cost_per_token  # pure arithmetic, no torch; works elementwise on arrays
+from core.errors import UserError
+from core.flops import cost_per_token  # pure arithmetic, no torch; works elementwise on arrays
+from core.spec import METHODS  # the contract's methods, in its order (the tables' and figures' order too)
 
-METHODS = ("full", "freeze", "lora", "bias")  # display order; the methods of shared/CONTRACTS.md
-COMPLETED = "completed"
+
+from core.store import COMPLETED  # noqa: E402  (the store's status of a finished trial)
 
 # Hoffmann et al. 2022, approach 3; Besiroglu et al. 2024 (arXiv 2404.10102) keep delta = 1e-3.
 HUBER_DELTA = 1e-3
@@ -46,7 +48,7 @@ N_BOOTSTRAP = 100
 CI_LEVEL = 0.95
 
 
-class FitError(ValueError):
+class FitError(UserError):
     """Too little (or no usable) data for a fit; the message is one line naming what is missing."""
 
 

@@ -17,7 +17,11 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from core.storage import StorageError, resolve
+from core.store import REQUIRED_METRIC_COLUMNS, REQUIRED_TRIAL_COLUMNS, StoreError, data_cap_tokens
+
 from .schema import (
+    GRID_FILE,
     CONTRACT_METRICS_COLUMNS,
     CONTRACT_TRIALS_COLUMNS,
     METRICS_DIR,
@@ -27,22 +31,14 @@ from .schema import (
 )
 
 
-class StoreError(ValueError):
-    """The store cannot be read as a sweep: missing sweep, missing columns, unreadable files."""
-
-
 def open_uri(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a ``scheme://`` URI."""
-    uri = str(uri)
-    if uri.startswith("file://"):
-        uri = uri[len("file://"):]
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    """(filesystem, path inside it) for a local path or a ``scheme://`` URI: core.storage.resolve (the project's
+    one URI -> filesystem function, with its credential check) with a StoreError for the reader."""
     try:
-        fs, path = pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
-        raise StoreError(f"{uri}: cannot open this storage URI ({e})") from e
-    return fs, path.rstrip("/")
+        fs, path = resolve(str(uri))
+    except StorageError as e:
+        raise StoreError(str(e)) from None
+    return fs, path.rstrip("/") or path
 
 
 def _join(root: str, *parts: str) -> str:
@@ -59,13 +55,19 @@ def _require_sweep(fs: pafs.FileSystem, root: str, uri: str) -> None:
 
 
 def _conform(table: pa.Table, schema: pa.Schema, contract: tuple[str, ...], where: str) -> pa.Table:
-    """Contract columns (required, in order) then known extension columns present, each cast to its type."""
-    missing = [c for c in contract if c not in table.column_names]
+    """Contract columns (in order) then known extension columns present, each cast to its type. The columns every
+    store has held since the first (``REQUIRED_*``) must be there; contract columns added later (family,
+    pooling, retrieval, mfu) read as null from a store written before them."""
+    required = REQUIRED_TRIAL_COLUMNS if contract == CONTRACT_TRIALS_COLUMNS else REQUIRED_METRIC_COLUMNS
+    missing = [c for c in required if c not in table.column_names]
     if missing:
         raise StoreError(f"{where}: missing contract column(s) {', '.join(missing)}")
     names = list(contract) + [f.name for f in schema if f.name not in contract and f.name in table.column_names]
     columns = []
     for name in names:
+        if name not in table.column_names:
+            columns.append(pa.nulls(len(table), schema.field(name).type))
+            continue
         column = table.column(name)
         try:
             columns.append(column.cast(schema.field(name).type))
@@ -138,3 +140,22 @@ def load_metrics(sweep_uri: str) -> pd.DataFrame:
     table = _conform(table.select(keep), METRICS_SCHEMA, CONTRACT_METRICS_COLUMNS, where)
     table = table.sort_by([("trial_id", "ascending"), ("step", "ascending")])
     return _to_pandas(table)
+
+
+def load_data_cap(sweep_uri: str) -> int | None:
+    """The sweep's one data cap: the real tokens its training data hold over ``max_epochs`` passes, as the planner
+    measured them (``<sweep>/grid.yaml``'s ``data``: train pairs x tokens per pair x max_epochs; the largest
+    tokens-per-pair over the sweep's models). None when the store holds no measurement (data not counted, or a
+    store written without a grid)."""
+    import yaml
+
+    fs, root = open_uri(sweep_uri)
+    path = _join(root, GRID_FILE)
+    try:
+        with fs.open_input_stream(path) as f:
+            doc = yaml.safe_load(f.read().decode())
+    except FileNotFoundError:
+        return None
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise StoreError(f"{sweep_uri}/{GRID_FILE}: unreadable ({' '.join(str(e).split())[:200]})") from None
+    return data_cap_tokens(doc.get("data") if isinstance(doc, dict) else None)

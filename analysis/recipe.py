@@ -1,8 +1,10 @@
 """The compute-optimal recipe at a budget C: pure functions over fitted surfaces (``fit.SurfaceFits``).
 
 Per method: over its slices (LoRA rank, trainable fraction) and the sweep's models (discrete: a recipe names a
-model that exists), tokens D = C / cost-per-token, capped by the data available (``max_tokens``: training on
-fewer tokens than the budget allows beats recommending data that does not exist); the minimum fitted loss wins.
+model that exists), tokens D = C / cost-per-token (core.flops.tokens_for_budget), capped by the data available
+(``max_tokens``: the sweep's one data cap, analysis.load.load_data_cap; training on fewer tokens than the budget
+allows beats recommending data that does not exist: such a choice is ``data_limited``); the minimum fitted loss
+wins.
 The best method overall is the minimum over methods; its interval is the bootstrap percentile interval of the
 fitted loss at the chosen (N, D), and ``win_fraction`` says how often each method wins over bootstrap refits.
 """
@@ -12,14 +14,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 
-from .fit import COMPLETED, CI_LEVEL, FitError, SurfaceFits, cost_per_token, slice_label
+from core.flops import tokens_for_budget
 
-# A completed trial that stopped more than one optimizer step short of its budget ran out of data (the
-# worker's only other stop is the budget itself); its token count is then the data's token count.
-UNDERSPEND_STEPS = 1.0
-
+from .fit import CI_LEVEL, FORM_ND, FitError, SurfaceFits, cost_per_token, slice_label
 
 @dataclass(frozen=True)
 class Choice:
@@ -71,7 +69,7 @@ def _candidates(surface, budget_flops: float, max_tokens: int | None):
     n = np.array([x for _, x, _ in surface.models])
     ntr = np.array([x for _, _, x in surface.models])
     cost = cost_per_token(surface.method, n, ntr)
-    tokens = np.floor(budget_flops / cost)
+    tokens = tokens_for_budget(budget_flops, cost).astype(float)
     limited = np.zeros(len(n), dtype=bool)
     if max_tokens is not None:
         limited = tokens > max_tokens
@@ -135,18 +133,30 @@ def compute_recipe(fits: SurfaceFits, budget_flops: float, max_tokens: int | Non
     return Recipe(float(budget_flops), max_tokens, best, per_method, refused, win)
 
 
-def infer_max_tokens(trials: pd.DataFrame) -> int | None:
-    """The data's token count as the trials show it, or None: the largest ``tokens`` of a completed trial that
-    stopped more than one optimizer step short of its budget (it ran out of data)."""
-    done = trials[trials["status"] == COMPLETED]
-    if done.empty:
-        return None
-    flops = pd.to_numeric(done["flops"], errors="coerce").astype(float)
-    budget = pd.to_numeric(done["budget_flops"], errors="coerce").astype(float)
-    steps = pd.to_numeric(done["steps"], errors="coerce").astype(float)
-    tokens = pd.to_numeric(done["tokens"], errors="coerce").astype(float)
-    per_step = flops / steps.where(steps > 0)
-    short = (budget - flops) > UNDERSPEND_STEPS * per_step
-    if not short.any():
-        return None
-    return int(tokens[short].max())
+# ----------------------------------------------------------------------------------------------------------
+# How far the fitted answer may be trusted
+
+# Points per fitted parameter below which a surface is called thin: 5 parameters from the demo's 9 trials is a
+# curve through its points, not a law (Hoffmann et al. 2022 approach 3 fit 5 parameters to ~400 runs;
+# Besiroglu et al. 2024 refit them to ~240).
+MIN_POINTS_PER_PARAMETER = 3
+
+
+def fit_doubts(fits: SurfaceFits, choice: Choice, empirical_loss: float | None) -> list[str]:
+    """Why a fitted choice should not be taken at its word, as notes (empty: no doubt): its surface is thin, or,
+    at a grid budget (``empirical_loss``: the best completed trial there), the fitted best is worse than that
+    trial or the trial lies outside the fit's interval. Where there is doubt at a grid budget, the recipe table
+    and `recipe` answer with the empirical best (analysis/findings.py recipe_table, analysis/report.py)."""
+    surface = fits.surfaces[(choice.method, choice.hparam)]
+    k = 5 if surface.form == FORM_ND else 3
+    notes = []
+    if surface.n_points < MIN_POINTS_PER_PARAMETER * k:
+        notes.append(f"thin fit: {surface.label} from {surface.n_points} trials for {k} parameters")
+    if empirical_loss is not None and math.isfinite(empirical_loss):
+        if choice.predicted_loss > empirical_loss:
+            notes.append(f"fit predicts {choice.predicted_loss:.4f} for its best, worse than the best trial "
+                         f"({empirical_loss:.4f})")
+        elif not choice.predicted_loss_low <= empirical_loss <= choice.predicted_loss_high:
+            notes.append(f"best trial ({empirical_loss:.4f}) outside the fit's interval "
+                         f"[{choice.predicted_loss_low:.4f}, {choice.predicted_loss_high:.4f}]")
+    return notes

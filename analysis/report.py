@@ -21,8 +21,8 @@ import pyarrow.fs as pafs
 from .findings import (Analysis, analyze, findings_markdown, model_label, recipe_markdown, recipe_table,
                        surfaces_table)
 from .fit import CI_LEVEL, N_BOOTSTRAP, FitError, fit_surfaces, require_usable
-from .load import StoreError, load_trials, open_uri
-from .recipe import Choice, compute_recipe, infer_max_tokens
+from .load import StoreError, load_data_cap, load_trials, open_uri
+from .recipe import Choice, compute_recipe, fit_doubts
 
 RECIPE_KEYS = ("budget_flops", "method", "model", "n_params", "tokens", "lora_rank", "trainable_fraction",
                "predicted_loss", "predicted_loss_low", "predicted_loss_high")  # shared/CONTRACTS.md
@@ -75,15 +75,16 @@ def recipe_at(sweep_uri: str, budget_flops: float, max_tokens: int | None = None
     """The compute-optimal recipe at ``budget_flops`` (CONTRACTS.md ``recipe --json`` keys) plus
     ``per_method`` ({method: choice, or {"refused": why}}, with each method's bootstrap ``win_fraction`` and
     excluded-trial counts) and ``empirical`` (the best completed trial at that budget if it is a grid budget,
-    else None). ``max_tokens``: the training data's token count; default: inferred from the trials, else no
-    cap. Raises StoreError (no such sweep) or FitError (too few trials), each one line."""
+    else None). ``max_tokens``: the training data's token count; default: the sweep's data cap as the planner
+    measured it (``load_data_cap``), else no cap. Raises StoreError (no such sweep) or FitError (too few trials),
+    each one line."""
     budget_flops = float(budget_flops)
     if not (budget_flops > 0 and math.isfinite(budget_flops)):
         raise FitError(f"budget must be a positive number of FLOP (got {budget_flops:g})")
     trials = load_trials(sweep_uri)
     usable, exclusions = require_usable(trials, where=str(sweep_uri))
     if max_tokens is None:
-        max_tokens = infer_max_tokens(trials)
+        max_tokens = load_data_cap(sweep_uri)
     fits = fit_surfaces(usable, n_boot=n_boot, seed=seed)
     r = compute_recipe(fits, budget_flops, max_tokens)
     c = r.best
@@ -102,8 +103,24 @@ def recipe_at(sweep_uri: str, budget_flops: float, max_tokens: int | None = None
         entry["excluded_trials"] = int(excluded.get(method, 0))
         per_method[method] = entry
     out["per_method"] = per_method
-    out["empirical"] = _empirical_at(usable, budget_flops)
+    out["empirical"] = emp = _empirical_at(usable, budget_flops)
+    out["notes"] = fit_doubts(fits, c, emp["eval_loss"] if emp else None)
+    out["source"] = "fit"
+    if out["notes"] and emp:  # at a grid budget the fit is in doubt: the best trial answers (notes say why)
+        out["notes"].insert(0, f"fit chose {c.label} {model_label(c.model)} at {c.predicted_loss:.4f}")
+        surface = fits.surfaces.get((emp["method"], _hparam(emp)))
+        pred = low = high = None
+        if surface is not None:
+            pred = _num(float(surface.predict(emp["n_params"], emp["tokens"])))
+            low, high = (_num(float(x)) for x in surface.interval(emp["n_params"], emp["tokens"]))
+        out.update({k: emp[k] for k in ("method", "model", "n_params", "tokens", "lora_rank", "trainable_fraction")},
+                   predicted_loss=pred, predicted_loss_low=low, predicted_loss_high=high, source="empirical")
     return out
+
+
+def _hparam(e: dict) -> float | None:
+    h = e["lora_rank"] if e["method"] == "lora" else e["trainable_fraction"] if e["method"] == "freeze" else None
+    return None if h is None else float(h)
 
 
 def format_recipe(d: dict) -> str:
@@ -122,12 +139,17 @@ def format_recipe(d: dict) -> str:
     best = d["per_method"].get(d["method"], {})
     notes = [n for n, on in (("data-limited: spends less than the budget", best.get("data_limited")),
                              ("extrapolated beyond the sweep's trials", best.get("extrapolated"))) if on]
+    if d.get("source") == "empirical":
+        notes = ["the best trial at this grid budget answers: the fit is in doubt", *d.get("notes", [])]
+    else:
+        notes += d.get("notes", [])
     level = int(round(CI_LEVEL * 100))
     lines = [f"Compute-optimal recipe at {d['budget_flops']:.3g} FLOP",
              f"  method          {d['method']}{hp(d)}",
              f"  model           {model_label(d['model'])}  (N = {d['n_params']:,} non-embedding parameters)",
              f"  tokens          {d['tokens']:,}",
-             f"  predicted loss  {d['predicted_loss']:.4f}  {interval(d)} {level}% bootstrap CI"]
+             f"  predicted loss  " + (f"{d['predicted_loss']:.4f}  {interval(d)} {level}% bootstrap CI"
+                                      if d.get("predicted_loss") is not None else "— (no surface for this slice)")]
     lines += [f"  note            {n}" for n in notes]
     table = [("method", "predicted loss", f"{level}% CI", "model", "tokens", "wins")]
     for method, e in d["per_method"].items():
@@ -235,7 +257,10 @@ def write_fit_outputs(sweep_uri: str, out_dir: str, *, max_tokens: int | None = 
     Raises StoreError / FitError (nothing usable) before writing anything."""
     trials = load_trials(sweep_uri)
     require_usable(trials, where=str(sweep_uri))  # the one-line FitError names the store, not just the sweep
-    a = analyze(trials, sweep=_sweep_name(sweep_uri), max_tokens=max_tokens, n_boot=n_boot, seed=seed)
+    source = "argument" if max_tokens is not None else "measured"
+    max_tokens = load_data_cap(sweep_uri) if max_tokens is None else max_tokens
+    a = analyze(trials, sweep=_sweep_name(sweep_uri), max_tokens=max_tokens, max_tokens_source=source,
+                n_boot=n_boot, seed=seed)
     remote = _is_remote(out_dir)
     if remote:  # write locally, then upload
         local = tempfile.mkdtemp(prefix="repurpose-fit-")

@@ -101,9 +101,9 @@ def run_worker(model: str, train: str, *, batch: int, max_length: int, steps: in
     from transformers import AutoTokenizer
 
     from workers.data import measure_tokens_per_pair
-    from workers.flops import NeoxShape, cost_per_token, param_counts
-    from workers.models import read_config
-    from workers.spec import TrialSpec
+    from core.flops import NeoxShape, cost_per_token, param_counts
+    from core.models import read_config
+    from core.spec import TrialSpec
     from workers.trial import run_trial
 
     tpp = measure_tokens_per_pair(train, AutoTokenizer.from_pretrained(model), max_length)

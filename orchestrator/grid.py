@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import difflib
 import glob
-import hashlib
-import json
 import math
 import os
 import posixpath
@@ -29,18 +27,15 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       model_validator)
 from pydantic_core import PydanticCustomError
 
+from core.models import ModelConfigError, auto_lr, model_shape, read_config
+from core.spec import BATCHING, LORA_TARGETS, METHODS, POOLINGS, DeepSpeedConfigError, TrialSpec, default, parse_deepspeed_override
+from core.spec import trial_id as trial_id
+from core.uris import SCHEMES as DATA_SCHEMES
+from core.uris import StorageError, check_no_credentials
 from orchestrator.errors import GridError
-from workers import spec as defaults
-from workers.flops import LORA_TARGETS, METHODS
-from workers.models import ModelConfigError, auto_lr, model_shape, read_config
-from workers.spec import TrialSpec
-from workers.storage import SCHEMES as DATA_SCHEMES
-from workers.storage import StorageError, check_no_credentials
 
 SWEEP_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
-TRIAL_ID_HEX = 16
-LoraTarget = Literal["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
-assert LoraTarget.__args__ == LORA_TARGETS
+LoraTarget = Literal[LORA_TARGETS]  # the spec's targets, spelled once
 
 
 # --- value types: YAML scalars -> typed values, with the messages users see ---------------------------------
@@ -147,7 +142,7 @@ class BiasConfig(_Optional):
 
 
 class FreezeConfig(_Optional):
-    # last ceil(f * L) blocks train (workers.flops.trained_blocks)
+    # last ceil(f * L) blocks train (core.flops.trained_blocks)
     trainable_fraction: _list_of(Annotated[Number, Field(gt=0, le=1)])
 
 
@@ -217,22 +212,23 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Optional):
-    """Defaults are the paper's (PAPER.md "Training recipe", via workers.spec)."""
+    """Defaults are the paper's (PAPER.md "Training recipe"), read from core.spec.TrialSpec's fields."""
 
-    batch_size: Annotated[Int, Field(ge=2)] = defaults.BATCH_SIZE  # in-batch negatives need 2
-    temperature: Annotated[Number, Field(gt=0)] = defaults.TEMPERATURE
-    max_length: Annotated[Int, Field(ge=1)] = defaults.MAX_LENGTH
+    batch_size: Annotated[Int, Field(ge=2)] = default("batch_size")  # in-batch negatives need 2
+    temperature: Annotated[Number, Field(gt=0)] = default("temperature")
+    max_length: Annotated[Int, Field(ge=1)] = default("max_length")
     lr: Annotated[float | Literal["auto"], BeforeValidator(_lr)] = "auto"  # auto: pretraining lr / 10
-    warmup_fraction: Annotated[Number, Field(ge=0, lt=1)] = defaults.WARMUP_FRACTION
-    weight_decay: Annotated[Number, Field(ge=0)] = defaults.WEIGHT_DECAY
-    seed: Int = 0
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    gradient_checkpointing: StrictBool = True
+    warmup_fraction: Annotated[Number, Field(ge=0, lt=1)] = default("warmup_fraction")
+    weight_decay: Annotated[Number, Field(ge=0)] = default("weight_decay")
+    seed: Int = default("seed")
+    precision: Literal["auto", "bf16", "fp32"] = default("precision")
+    gradient_checkpointing: StrictBool = default("gradient_checkpointing")
+    batching: Literal[BATCHING] = default("batching")  # random (the paper's) | length_buckets (opt-in)
 
 
 class PlanConfig(_Optional):
     min_steps: Annotated[Int, Field(ge=1)] = 10  # fewer optimizer steps than this: skipped
-    max_epochs: Annotated[Number, Field(gt=0)] = 1.0  # more passes over the training pairs than this: skipped
+    max_epochs: Annotated[Number, Field(gt=0)] = default("max_epochs")  # more passes over the training pairs than this: skipped
     tokens_per_pair: Annotated[Number, Field(gt=0)] | None = None  # overrides the measurement on the data
     train_pairs: Annotated[Int, Field(ge=1)] | None = None  # overrides counting the training pairs
     sample_pairs: Annotated[Int, Field(ge=1)] = 1024  # pairs read to measure tokens per pair
@@ -255,23 +251,24 @@ class ResourcesConfig(_Optional):
 class RunConfig(_Optional):
     max_concurrent_trials: Annotated[Int, Field(ge=1)] | None = None  # None: as many as resources allow
     max_failures: Annotated[Int, Field(ge=0)] = 2  # retries of a failed trial (from its checkpoint)
-    checkpoint_every_s: Annotated[Number, Field(gt=0)] = 60.0
-    report_every: Annotated[Int, Field(ge=1)] = 1  # optimizer steps between metrics rows
-    report_every_s: Annotated[Number, Field(ge=0)] = 1.0  # seconds between reports to the driver (rows batched)
-    eval_every: Annotated[Int, Field(ge=0)] = 0  # optimizer steps between evaluations; 0: at the end only
-    eval_pairs: Annotated[Int, Field(ge=1)] = 4096
-    chunk_size: Annotated[Int, Field(ge=1)] | None = None  # gradient-cache sub-batch; None: automatic
-    save_model: StrictBool = False
+    checkpoint_every_s: Annotated[Number, Field(gt=0)] = default("checkpoint_every_s")
+    report_every: Annotated[Int, Field(ge=1)] = default("report_every")  # optimizer steps between metrics rows
+    # seconds between reports to the driver (rows batched)
+    report_every_s: Annotated[Number, Field(ge=0)] = default("report_every_s")
+    eval_every: Annotated[Int, Field(ge=0)] = default("eval_every")  # steps between evaluations; 0: at the end
+    eval_pairs: Annotated[Int, Field(ge=1)] = default("eval_pairs")
+    chunk_size: Annotated[Int, Field(ge=1)] | None = default("chunk_size")  # gradient-cache sub-batch; None: auto
+    save_model: StrictBool = default("save_model")
     # DeepSpeed trials: a JSON object (inline, or a path / s3:// / gs:// URI) merged over the default ZeRO-2 config
     deepspeed_config: Text | None = None
 
     @field_validator("deepspeed_config")
     @classmethod
     def _deepspeed_override(cls, v: str | None) -> str | None:
-        if v is not None:  # the trial's own checks (inline JSON, keys the spec owns), at the grid's edge
+        if v is not None and v.lstrip().startswith("{"):  # inline JSON: checked here (a file: by the trial)
             try:
-                TrialSpec(model="m", method="full", budget_flops=1.0, train_data="d", deepspeed_config=v)
-            except ValueError as e:
+                parse_deepspeed_override(v)
+            except DeepSpeedConfigError as e:
                 raise ValueError(str(e).removeprefix("deepspeed_config").lstrip(":. ")) from None
         return v
 
@@ -280,6 +277,8 @@ class Grid(_Section):
     name: Annotated[str, Field(pattern=SWEEP_NAME_PATTERN)]
     models: _list_of(Text)  # HF names or local paths of GPT-NeoX (Pythia) checkpoints
     methods: Methods
+    # how a text's hidden states become one embedding: a grid axis (docs/reference.md); mean is the study's
+    pooling: _list_of(Literal[POOLINGS]) = (default("pooling"),)
     budgets: _list_of(Annotated[Number, Field(gt=0)])  # FLOP, paper convention
     data: DataConfig
     train: TrainConfig = TrainConfig()
@@ -403,8 +402,10 @@ def dotted_path(loc: tuple) -> str:
 
 
 def format_validation_error(e: ValidationError) -> str:
-    """The first error as ``<dotted.path>: <problem>``."""
-    err = e.errors(include_url=False)[0]
+    """The first error as ``<dotted.path>: <problem>``; an unknown key first (``modles:`` is a misspelt ``models``,
+    and saying "models: required" would hide it)."""
+    errors = e.errors(include_url=False)
+    err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
     return f"{dotted_path(err['loc'])}: {_problem(err)}"
 
 
@@ -459,12 +460,6 @@ def normalise_ref(ref: str) -> str:
     return posixpath.normpath(ref.replace(os.sep, "/"))
 
 
-def trial_id(identity: dict) -> str:
-    """Short sha256 of the canonical JSON of a trial's identity (sorted keys, no spaces, repr floats)."""
-    blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(blob.encode()).hexdigest()[:TRIAL_ID_HEX]
-
-
 def trial_identity(grid: Grid, model: str, spec: TrialSpec) -> dict:
     """``spec.identity()`` with the model and data as written in the grid, not as resolved here."""
     identity = spec.identity()
@@ -475,7 +470,8 @@ def trial_identity(grid: Grid, model: str, spec: TrialSpec) -> dict:
 
 
 def trial_spec(grid: Grid, model: str, method: str, budget_flops: float,
-               lora_rank: int | None = None, trainable_fraction: float | None = None) -> TrialSpec:
+               lora_rank: int | None = None, trainable_fraction: float | None = None,
+               pooling: str = "mean") -> TrialSpec:
     t, r, lora = grid.train, grid.run, grid.methods.lora
     lora_fields = {}
     if method == "lora":  # LoRA's knobs define LoRA trials only
@@ -484,10 +480,10 @@ def trial_spec(grid: Grid, model: str, method: str, budget_flops: float,
         model=grid.model_path(model), method=method, budget_flops=float(budget_flops),
         train_data=grid.resolve(grid.data.train),
         eval_data=grid.resolve(grid.data.eval) if grid.data.eval is not None else None,
-        lora_rank=lora_rank, trainable_fraction=trainable_fraction, **lora_fields,
+        lora_rank=lora_rank, trainable_fraction=trainable_fraction, pooling=pooling, **lora_fields,
         batch_size=t.batch_size, temperature=t.temperature, max_length=t.max_length,
         lr=None if t.lr == "auto" else float(t.lr), warmup_fraction=t.warmup_fraction,
-        weight_decay=t.weight_decay, seed=t.seed, max_epochs=grid.plan.max_epochs,
+        weight_decay=t.weight_decay, seed=t.seed, max_epochs=grid.plan.max_epochs, batching=t.batching,
         gradient_checkpointing=t.gradient_checkpointing, precision=t.precision,
         eval_every=r.eval_every, eval_pairs=r.eval_pairs,
         chunk_size=r.chunk_size, report_every=r.report_every, report_every_s=r.report_every_s,
@@ -497,11 +493,12 @@ def trial_spec(grid: Grid, model: str, method: str, budget_flops: float,
 
 
 def expand(grid: Grid) -> tuple[Trial, ...]:
-    """model x method x (rank | fraction) x budget, in that nesting order."""
+    """model x method x (rank | fraction) x pooling x budget, in that nesting order."""
     trials = []
     for model in grid.models:
         for method, rank, fraction in grid.methods.cells():
-            for budget in grid.budgets:
-                spec = trial_spec(grid, model, method, budget, rank, fraction)
-                trials.append(Trial(trial_id(trial_identity(grid, model, spec)), model, spec))
+            for pooling in grid.pooling:
+                for budget in grid.budgets:
+                    spec = trial_spec(grid, model, method, budget, rank, fraction, pooling)
+                    trials.append(Trial(trial_id(trial_identity(grid, model, spec)), model, spec))
     return tuple(trials)

@@ -1,5 +1,6 @@
 """`repurpose fit` and `repurpose recipe`: the CLI layer over analysis/ (which fits and never writes by itself
-unless asked to by this layer)."""
+unless asked to by this layer). The data cap both use is the sweep's own (analysis.load.load_data_cap), the same
+one `repurpose demo` uses."""
 from __future__ import annotations
 
 import json
@@ -8,21 +9,13 @@ import sys
 from orchestrator.store import Store
 
 
-def max_tokens(store: Store) -> int | None:
-    """Real tokens the training data holds (pairs x tokens per pair x max_epochs), as the driver measured it."""
-    data = store.read_grid().get("data") or {}
-    pairs, per_pair = data.get("train_pairs"), data.get("tokens_per_pair") or {}
-    if not pairs or not per_pair:
-        return None
-    return int(pairs * max(per_pair.values()) * data.get("max_epochs", 1.0))
-
-
 def fit_command(args) -> int:
     from analysis.report import write_fit_outputs
 
     store = Store(args.storage, args.name)
+    store.read_grid()  # an unknown sweep is one line naming the store
     out = args.out or f"{store.uri}/analysis"
-    summary = write_fit_outputs(store.uri, out, max_tokens=max_tokens(store))
+    summary = write_fit_outputs(store.uri, out)
     for warning in summary.get("warnings", []):
         print(f"warning: {warning}", file=sys.stderr)
     print(f"wrote {len(summary['files'])} files to {out}:")
@@ -35,6 +28,7 @@ def recipe_command(args) -> int:
     from analysis.report import format_recipe, recipe_at
 
     store = Store(args.storage, args.name)
-    recipe = recipe_at(store.uri, args.budget, max_tokens=max_tokens(store))
+    store.read_grid()
+    recipe = recipe_at(store.uri, args.budget)
     print(json.dumps(recipe) if args.json else format_recipe(recipe))
     return 0

@@ -21,7 +21,7 @@ def run_tune_trial(config: dict) -> None:
     import ray
     from ray import tune
 
-    from workers.spec import TrialSpec
+    from core.spec import TrialSpec
     from workers.trial import run_trial
 
     trial = config["trial"]
@@ -36,7 +36,7 @@ def run_tune_trial(config: dict) -> None:
 
     ranks = trial_ranks(trial)
     if ranks:  # rank 0 here (it reports), the others as actors in this trial's placement group
-        from workers.distributed import run_ray_ranks
+        from orchestrator.launchers import run_ray_ranks
 
         run_ray_ranks(trial["spec"], ranks=ranks, bundle=rank_bundles(trial["resources"], ranks)[0], report=report,
                       checkpoint_uri=trial["checkpoint_uri"])

@@ -10,8 +10,9 @@ import tempfile
 from ray import tune
 
 from orchestrator.grid import Grid
+from orchestrator.lease import LeaseLost
 from orchestrator.plan import PlannedTrial
-from orchestrator.store import Recorder, Store, StoreError
+from orchestrator.store import INTERRUPTED, Recorder, Store, StoreError
 from orchestrator.trainable import rank_bundles, run_tune_trial, trial_ranks
 
 

@@ -46,25 +46,22 @@ Three parts, top to bottom:
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import queue
 import socket
-import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from workers import checkpoint, storage
-from workers.data import Batch, PairStream, measure_tokens_per_pair
-from workers.flops import NeoxShape, cost_per_token, loss_matmul_flops, sequence_hardware_flops, tokens_for_budget
-from workers.loss import contrastive_backward, eval_loss, step_shapes
-from workers.methods import count_params, select_trainable
-from workers.models import auto_lr
-from workers.spec import DEEPSPEED_TRIAL_KEYS, TrialSpec
+from core import storage
+from core.flops import NeoxShape
+from core.spec import DeepSpeedConfigError, TrialSpec, parse_deepspeed_override  # noqa: F401 (re-exported)
+from workers import checkpoint, steps, zero_checkpoint
+from workers.data import Batch
+from workers.loss import contrastive_backward
 
 # --------------------------------------------------------------------------------------------------------
 # 1. The math: one contrastive batch over k ranks
@@ -240,8 +237,6 @@ def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | N
     """``workers.trial.run_trial`` on k ranks with DeepSpeed; every rank calls it (through ``run_rank``, which
     owns the process group), rank 0 reports. Returns the trial row (the same on every rank)."""
     import deepspeed
-
-    from workers import trial as single
 
     started = time.perf_counter()
     ranks = init_ranks()

@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-from workers.flops import trained_blocks
+from core.flops import trained_blocks
 
 
 def select_trainable(model, method: str, *, lora_rank=None, trainable_fraction=None, lora_alpha=None,

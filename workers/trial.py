@@ -22,10 +22,7 @@ the budget.
 from __future__ import annotations
 
 import contextlib
-import math
-import sys
 import time
-from dataclasses import asdict, dataclass, field
 
 import torch
 

@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from workers.models import PYTHIA_SHAPES, model_shape
+from core.models import PYTHIA_SHAPES, model_shape
 from analysis.schema import GRID_FILE, METRICS_DIR, METRICS_SCHEMA, TRIALS_FILE, TRIALS_SCHEMA
 
 # Pythia (PAPER.md): non-embedding N, hidden size, layers

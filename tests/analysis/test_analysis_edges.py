@@ -13,7 +13,7 @@ from analysis import (
     compute_recipe,
     fit_surface,
     fit_surfaces,
-    infer_max_tokens,
+    load_data_cap,
     load_trials,
     recipe_at,
     split_usable,
@@ -101,17 +101,26 @@ def test_too_few_points_message():
         fit_surface(usable, method="full", n_boot=0)
 
 
-def test_max_tokens_inferred_when_data_ran_out(small_store):
-    trials = load_trials(small_store)
-    assert infer_max_tokens(trials) is None  # every trial spent its budget (to within a step)
-    i = trials.index[trials["tokens"] > 10 * storegen.TOKENS_PER_STEP][0]
-    data_tokens = int(trials.loc[i, "tokens"]) // 2
-    per_token = trials.loc[i, "flops"] / trials.loc[i, "tokens"]
-    trials.loc[i, ["tokens", "flops", "steps"]] = [data_tokens, data_tokens * per_token,
-                                                   trials.loc[i, "steps"] // 2]
-    assert infer_max_tokens(trials) == data_tokens
-    a = analyze(trials, n_boot=N_BOOT)
-    assert a.max_tokens == data_tokens and a.max_tokens_source == "trials"
-    assert all(r.best.tokens <= data_tokens for r in a.recipes.values())
-    fits = a.surfaces
-    assert compute_recipe(fits, 1e18, max_tokens=1000).best.data_limited
+def test_the_one_data_cap_is_the_planners_measurement(small_store, tmp_path):
+    """fit, recipe and demo read one cap: grid.yaml's data (train pairs x tokens per pair x max_epochs), written by
+    the driver from the planner's measurement; no recipe proposes more tokens, and those it caps say so."""
+    import yaml
+
+    from analysis.fit import cost_per_token
+
+    assert load_data_cap(small_store) is None  # a store without a measurement: no cap
+    grid = f"{small_store}/grid.yaml"
+    data = {"train_pairs": 1000, "tokens_per_pair": {"a": 60.0, "b": 75.0}, "max_epochs": 3}
+    with open(grid, "w") as f:
+        yaml.safe_dump({"grid": {"name": "synthetic"}, "history": [], "data": data}, f)
+    cap = 1000 * 75 * 3  # by hand: the largest tokens per pair
+    assert load_data_cap(small_store) == cap
+    summary = write_fit_outputs(small_store, str(tmp_path / "out"), n_boot=N_BOOT)
+    assert summary["max_tokens"] == cap and summary["max_tokens_source"] == "measured"
+    assert all(r["tokens"] <= cap for r in summary["recipes"])
+    d = recipe_at(small_store, 1.5e18, n_boot=N_BOOT)  # far more tokens than the data hold at this budget
+    assert d["tokens"] <= cap
+    choice = d["per_method"][d["method"]]
+    assert choice["data_limited"] and choice["tokens"] == cap
+    # the cap binds exactly where tokens_for_budget exceeds it
+    assert 1.5e18 // cost_per_token("full", d["n_params"], d["n_params"]) > cap

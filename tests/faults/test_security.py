@@ -193,7 +193,7 @@ def test_deepspeed_trials_keep_no_pickle_in_the_store(tiny_model, pairs_file, tm
     from safetensors.torch import load as safetensors_load
 
     from workers.distributed import run_local
-    from workers.spec import TrialSpec
+    from core.spec import TrialSpec
 
     path = os.path.join(REPO, "workers", "distributed.py")
     with open(path) as f:

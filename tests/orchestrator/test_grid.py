@@ -11,7 +11,7 @@ import yaml
 
 from orchestrator.errors import GridError, UserError
 from orchestrator.grid import expand, load_grid, parse_grid, trial_id
-from workers import spec as spec_defaults
+from core import spec as spec_defaults
 
 # config.json of a 4-layer, 64-wide GPT-NeoX (the shape of tests/conftest.py's tiny_model): no weights needed
 TINY_CONFIG = {"model_type": "gpt_neox", "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,

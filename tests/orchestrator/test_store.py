@@ -227,3 +227,50 @@ def test_status_never_aborts_the_process(tmp_path):
         proc = subprocess.run(args, cwd=repo, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["counts"]["running"] == 8
+
+
+def test_supersession_drops_a_stale_tail(tmp_path):
+    """Rows supersede the stored ones from their first step on, also without a restart flag: a run that resumed
+    from step 2 and reports 3 and 4 removes the dead run's 5 and 6 (a stale tail would duplicate history)."""
+    store = Store(str(tmp_path), "s")
+    rec = Recorder(store, {"t1": trial_row("t1")}, flush_every_s=3600)
+    rec.on_event("t1", event([metric(s) for s in range(1, 7)]))
+    rec.flush()
+    rec = Recorder(store, store.read_trials(), flush_every_s=3600)  # a new driver: history comes from the store
+    rec.on_event("t1", event([metric(3, "b"), metric(4, "b")]))
+    rec.flush()
+    t1 = stored(tmp_path / "s")
+    assert t1.step.tolist() == [1, 2, 3, 4] and t1.wall_s.tolist() == [1.0, 2.0, 3.5, 4.5]
+
+
+def test_completion_is_written_only_after_its_metrics(tmp_path, monkeypatch):
+    """The done event's flush writes the metric file first and trials.parquet last: when the metric write fails,
+    the stored row must not say `completed` (a resume would then skip the trial and its last rows would be lost);
+    once the store takes writes again, the kept rows and the completion land together, each step once."""
+    store = Store(str(tmp_path), "s")
+    rec = Recorder(store, {"t1": trial_row("t1")}, flush_every_s=3600)
+    rec.on_event("t1", event([metric(1), metric(2)]))
+    rec.flush()
+    real = Store.write_metrics
+
+    def refuse(self, trial_id, rows):
+        raise StoreError("store refuses the metric write")
+
+    monkeypatch.setattr(Store, "write_metrics", refuse)
+    final = {"steps": 3, "eval_loss": 0.5, "tokens": 30, "flops": 3e6}
+    rec.on_event("t1", event([metric(3, eval_loss=0.5)], done=True, trial=final))
+    assert read_row(tmp_path / "s", "t1")["status"] != "completed"
+    assert stored(tmp_path / "s").step.tolist() == [1, 2]
+    monkeypatch.setattr(Store, "write_metrics", real)
+    rec.close()
+    assert read_row(tmp_path / "s", "t1")["status"] == "completed"
+    assert stored(tmp_path / "s").step.tolist() == [1, 2, 3]
+
+
+def test_a_misspelt_row_key_is_refused(tmp_path):
+    """Rows are dicts: a key that is not a store column would silently become a null column; the writer refuses."""
+    store = Store(str(tmp_path), "s")
+    with pytest.raises(ValueError, match="evel_loss"):
+        store.write_trials({"t1": trial_row("t1", evel_loss=0.3)})
+    with pytest.raises(ValueError, match="tokens_per_sec"):
+        store.write_metrics("t1", [metric(1) | {"tokens_per_sec": 3.0}])

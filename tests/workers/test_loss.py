@@ -12,7 +12,7 @@ from support import make_pairs
 from workers.data import collate, make_encoder, pad_id_of
 from workers.loss import contrastive_backward, embed, eval_loss, info_nce
 from workers.methods import select_trainable
-from workers.trial import _enable_checkpointing
+from workers.steps import enable_checkpointing
 
 TAU = 0.025
 FP32 = contextlib.nullcontext

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from workers import suite as S
-from workers.flops import NeoxShape
-from workers.models import PRETRAIN_LR_KEY, auto_lr
+from core.flops import NeoxShape
+from core.models import PRETRAIN_LR_KEY, auto_lr
 
 TOKEN_SCALE = 0.12  # 9 and 17 steps of 2,048 tokens for the two smallest models
 SMALLEST = [m.name for m in S.SUITE[:2]]

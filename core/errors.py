@@ -1,0 +1,24 @@
+"""The project's user-facing error: bad input (grid, data, arguments, storage, model, a sweep another driver holds).
+
+Every layer raises ``UserError`` (or a subclass naming its domain); the CLI turns it into exactly one line on
+stderr and exit code 2, no traceback (docs/reference.md "Exit codes"). The message names the file, the field and
+the problem: ``grid.yaml: methods.lora.rank[2]: must be >= 1``. A ``ValueError`` so that code validating values
+may catch it with the rest.
+"""
+from __future__ import annotations
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(ValueError):
+    """Bad input; ``str(e)`` is the one line the user sees."""
+
+    exit_code = EXIT_USER_ERROR
+
+    @classmethod
+    def at(cls, file: str, field: str | None, problem: str) -> "UserError":
+        """``<file>: <field>: <problem>`` (field left out when the problem is the whole file)."""
+        return cls(f"{file}: {field}: {problem}" if field else f"{file}: {problem}")
+
+    def one_line(self) -> str:
+        return " ".join(str(self).split())

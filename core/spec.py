@@ -1,0 +1,164 @@
+"""The trial's typed, frozen configuration: everything that defines one fine-tuning run.
+
+The driver builds it from a validated grid; tests build it directly. Fields that change the result
+define the trial (``identity()``, hashed into the trial id by ``trial_id``); runtime knobs (reporting cadence,
+checkpoint interval, chunk size of the exact gradient cache) do not. The fields' defaults are the grid's
+defaults (orchestrator/grid.py reads them with ``default``); values are validated at the grid's edge, and
+``__post_init__`` keeps only the invariants that make a spec meaningful.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+
+from core.errors import UserError
+
+METHODS = ("full", "freeze", "bias", "lora")  # the contract's methods, in the grid's and the reports' order
+# GPT-NeoX's Linears, the authors' LoRA targets (PAPER.md; they also adapted embed_in, left out here)
+LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+BATCHING = ("random", "length_buckets")
+# mean over real tokens (the study's); last: the EOS appended to every text, its hidden state (Qwen3-Embedding,
+# E5-Mistral); weighted_mean: SGPT's position-weighted mean, w_i = i / sum_j j (Muennighoff 2022)
+POOLINGS = ("mean", "last", "weighted_mean")
+TRIAL_ID_HEX = 16
+
+# Defaults are the paper's (PAPER.md, "Training recipe").
+BATCH_SIZE = 1024
+TEMPERATURE = 0.025  # InfoNCE tau; logits scaled by 40
+MAX_LENGTH = 75
+WARMUP_FRACTION = 0.1
+WEIGHT_DECAY = 0.1
+
+# Knobs that change how a trial runs but not what it computes.
+RUNTIME_FIELDS = ("chunk_size", "report_every", "report_every_s", "checkpoint_every_s", "save_model",
+                  "planned_tokens_per_pair", "planned_tokens", "planned_steps", "num_threads",
+                  "prefetch_batches", "deepspeed_config")
+# Identity fields added after sweeps existed: in the identity only when not at their default (ids stay stable).
+ADDED_FIELDS = ("batching", "pooling")
+# A DeepSpeed override may tune how the engine runs (ZeRO stage, offload, buckets, communication), not what the
+# trial computes: these keys are the trial's (its fields, or fixed by workers/distributed.py's loop).
+DEEPSPEED_TRIAL_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                        "managed_gradient_accumulation", "optimizer", "scheduler", "gradient_clipping", "fp16",
+                        "bf16", "torch_autocast", "amp")
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    model: str  # HF name or local path of a GPT-NeoX checkpoint
+    method: str  # full | freeze | bias | lora
+    budget_flops: float  # paper convention
+    train_data: str  # BGE JSONL or Parquet: path, glob or s3:// / gs:// URI
+    eval_data: str | None = None
+    lora_rank: int | None = None
+    trainable_fraction: float | None = None
+    lora_alpha: float | None = None  # None: peft's default, as the authors' code
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    # random: the paper's batches, a seeded random sample padded to their longest; length_buckets: pairs of similar
+    # length batched together (less padding, but in-batch negatives are no longer random: ~0.1 nats worse eval
+    # loss, benchmarks/README.md), an opt-in that is part of the trial's identity
+    batching: str = "random"
+    pooling: str = "mean"
+    batch_size: int = BATCH_SIZE
+    temperature: float = TEMPERATURE
+    max_length: int = MAX_LENGTH
+    lr: float | None = None  # None: 'auto' = Pythia pretraining lr / 10
+    warmup_fraction: float = WARMUP_FRACTION
+    weight_decay: float = WEIGHT_DECAY
+    seed: int = 0
+    max_epochs: float = 1.0  # more passes over the training pairs than this: planned as skipped
+    gradient_checkpointing: bool = True
+    precision: str = "auto"  # auto (bf16 autocast where the hardware has it) | bf16 | fp32
+    eval_every: int = 0  # optimizer steps between evaluations; 0: at the end only
+    eval_pairs: int = 4096  # held-out pairs used (the first ones of the eval file)
+    # runtime knobs
+    chunk_size: int | None = None  # gradient-cache sub-batch (pairs); None: automatic from memory
+    report_every: int = 1  # optimizer steps between metrics rows
+    # seconds between events to ``report`` (rows batched in between; evaluations, restarts and the end are sent
+    # at once): under Ray Tune every report is a round trip to the driver during which training waits
+    report_every_s: float = 1.0
+    checkpoint_every_s: float = 60.0
+    save_model: bool = False
+    planned_tokens_per_pair: float | None = None  # from the planner; measured on the data when None
+    planned_tokens: int | None = None  # from the planner (core.flops.tokens_for_budget); reported as planned_tokens
+    planned_steps: int | None = None  # from the planner (core.flops.planned_steps); reported as planned_steps
+    num_threads: int | None = None
+    prefetch_batches: int = 4
+    # DeepSpeed trials (planned with deepspeed_gpus > 0): a JSON object, inline or a path / s3:// / gs:// URI,
+    # merged over the default engine config (ZeRO 2). A runtime knob: ZeRO stage, offload and buckets move
+    # tensors, not results; the keys that would change results are the trial's and rejected
+    # (DEEPSPEED_TRIAL_KEYS above).
+    deepspeed_config: str | None = None
+
+    def __post_init__(self):
+        # invariants only (values are validated at the grid's edge): what makes the method's fields meaningful
+        if self.method not in METHODS:
+            raise ValueError(f"method: {self.method!r} is not one of {', '.join(METHODS)}")
+        if (self.method == "lora") != (self.lora_rank is not None):
+            raise ValueError("lora_rank: required for method lora and only for it")
+        if (self.method == "freeze") != (self.trainable_fraction is not None):
+            raise ValueError("trainable_fraction: required for method freeze and only for it")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling: {self.pooling!r} is not one of {', '.join(POOLINGS)}")
+        if self.batching not in BATCHING:
+            raise ValueError(f"batching: {self.batching!r} is not one of {', '.join(BATCHING)}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["lora_targets"] = list(self.lora_targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrialSpec":
+        d = dict(d)
+        if "lora_targets" in d:
+            d["lora_targets"] = tuple(d["lora_targets"])
+        return cls(**d)
+
+    def identity(self) -> dict:
+        """The fields that define the trial's result (hashed into its id). A field added after sweeps existed
+        enters only when it is not its default (``batching``), so those sweeps keep their ids."""
+        d = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+        for name in ADDED_FIELDS:
+            if d[name] == default(name):
+                del d[name]
+        return d
+
+    def trial_id(self) -> str:
+        return trial_id(self.identity())
+
+
+def default(name: str):
+    """A TrialSpec field's default: the grid's default for the same key."""
+    return TrialSpec.__dataclass_fields__[name].default
+
+
+def trial_id(identity: dict) -> str:
+    """Short sha256 of the canonical JSON of a trial's identity (sorted keys, no spaces, repr floats)."""
+    blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:TRIAL_ID_HEX]
+
+
+class DeepSpeedConfigError(UserError):
+    """A DeepSpeed override that cannot be used; the message names it and the key."""
+
+
+def parse_deepspeed_override(text: str, name: str = "deepspeed_config") -> dict:
+    """A DeepSpeed override's JSON text -> the checked object (``check_deepspeed_override``)."""
+    try:
+        override = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DeepSpeedConfigError(f"deepspeed_config: {name[:80]}: not JSON ({e})") from None
+    check_deepspeed_override(override, name)
+    return override
+
+
+def check_deepspeed_override(override, name: str = "deepspeed_config") -> None:
+    """An override may tune how the engine runs, never what the trial computes (DEEPSPEED_TRIAL_KEYS)."""
+    if not isinstance(override, dict):
+        raise DeepSpeedConfigError(f"deepspeed_config: {name[:80]}: must be a JSON object")
+    for key in override:
+        if key in DEEPSPEED_TRIAL_KEYS:
+            raise DeepSpeedConfigError(f"deepspeed_config.{key}: set by the trial (its spec), not by an override")
