@@ -33,11 +33,15 @@ CONTRACT_TRIALS = {
     "n_params": pa.int64(), "n_trainable": pa.int64(), "status": pa.string(), "reason": pa.string(),
     "tokens": pa.int64(), "steps": pa.int64(), "flops": pa.float64(), "hardware_flops": pa.float64(),
     "eval_loss": pa.float64(), "train_loss": pa.float64(), "wall_s": pa.float64(),
+    "family": pa.string(), "pooling": pa.string(), "recall_at_1": pa.float64(), "recall_at_10": pa.float64(),
+    "mrr_at_10": pa.float64(), "ndcg_at_10": pa.float64(), "mfu": pa.float64(),
 }
 CONTRACT_METRICS = {
     "sweep": pa.string(), "trial_id": pa.string(), "step": pa.int64(), "tokens": pa.int64(),
     "flops": pa.float64(), "train_loss": pa.float64(), "lr": pa.float64(), "wall_s": pa.float64(),
     "eval_loss": pa.float64(), "tokens_per_s": pa.float64(),
+    "recall_at_1": pa.float64(), "recall_at_10": pa.float64(), "mrr_at_10": pa.float64(), "ndcg_at_10": pa.float64(),
+    "mfu": pa.float64(),
 }
 
 
