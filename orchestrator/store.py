@@ -3,7 +3,7 @@
 safetensors + JSON). No pickle anywhere.
 
 Exactly once: a trial's metric file always holds the trial's rows keyed by step, and every write replaces
-the whole file atomically (``workers.storage.write_bytes``: temp + rename, or an object PUT). An event's
+the whole file atomically (``core.storage.write_bytes``: temp + rename, or an object PUT). An event's
 rows supersede the stored rows from their first step on, and the first event after a worker resumes
 carries the whole history up to its checkpoint, so rows written past a checkpoint by a run that later
 died are replaced, never duplicated, and rows not yet flushed when the driver died come back with the
@@ -27,17 +27,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from analysis.schema import GRID_FILE, METRICS_DIR, METRICS_SCHEMA, TRIALS_FILE, TRIALS_SCHEMA
-from orchestrator.errors import UserError
-from workers import storage
+from core import storage
+from core.store import (GRID_FILE, METRIC_COLUMNS, METRICS_DIR, TRIAL_COLUMNS, TRIALS_FILE,
+                        StoreError, checkpoint_uri, metrics_uri, sweep_uri)
+from orchestrator.lease import LeaseLost
+
+TRIALS_SCHEMA = storage.arrow_schema(TRIAL_COLUMNS)
+METRICS_SCHEMA = storage.arrow_schema(METRIC_COLUMNS)
 
 
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML has it: the same safe subset
 
 
-class StoreError(UserError):
-    """The store cannot be used (unreadable, unwritable, unknown sweep); the message names it."""
-
+INTERRUPTED = "interrupted"  # the reason of a trial a SIGINT/SIGTERM stopped mid-run (status pending)
 
 FAULT_ENV = "REPURPOSE_FAULT"
 _fault_counts: dict[str, int] = {}
@@ -59,6 +61,10 @@ def fault_point(name: str) -> None:
 
 
 def _table_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
+    for r in rows:
+        unknown = set(r) - set(schema.names)
+        if unknown:  # a bug, not bad input: a misspelt key would become a silent null column
+            raise ValueError(f"row keys that are not store columns: {', '.join(sorted(unknown))}")
     table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
@@ -80,10 +86,21 @@ class Store:
     def __init__(self, storage_uri: str, sweep: str):
         self.storage_uri = storage_uri
         self.sweep = sweep
-        self.uri = storage.join(storage_uri, sweep)
+        self.uri = sweep_uri(storage_uri, sweep)
 
     def checkpoint_uri(self, trial_id: str) -> str:
-        return storage.join(self.uri, "checkpoints", trial_id)
+        return checkpoint_uri(self.uri, trial_id)
+
+    def has_checkpoint(self, trial_id: str) -> bool:
+        """The trial saved a checkpoint a resume continues from (workers/checkpoint.py names it in LATEST)."""
+        return self._try(lambda: storage.exists(storage.join(self.checkpoint_uri(trial_id), "LATEST")), "read")
+
+    def acquire_lease(self, takeover: bool = False):
+        """This driver's lease on the sweep (orchestrator/lease.py), its heartbeat started; ``LeaseHeld`` when a
+        live driver holds it."""
+        from orchestrator.lease import Lease
+
+        return self._try(lambda: Lease.acquire(self.uri, self.sweep, takeover=takeover), "write").start()
 
     def check_location(self) -> None:
         """A local store must be able to become a directory: its nearest existing ancestor is one (checked
@@ -131,7 +148,7 @@ class Store:
 
     # --- metrics ---------------------------------------------------------------------------------------------
     def _metrics_uri(self, trial_id: str) -> str:
-        return storage.join(self.uri, METRICS_DIR, f"{trial_id}.parquet")
+        return metrics_uri(self.uri, trial_id)
 
     def read_metrics(self, trial_id: str) -> list[dict]:
         uri = self._metrics_uri(trial_id)
@@ -174,8 +191,11 @@ class Recorder:
     the StoreError."""
 
     def __init__(self, store: Store, trials: dict[str, dict], flush_every_s: float = 5.0,
-                 max_outage_s: float = 600.0):
+                 max_outage_s: float = 600.0, fence=None):
         self.store = store
+        # Called before each flush; raises ``LeaseLost`` once another driver holds the sweep: from then on this
+        # Recorder writes nothing (orchestrator/lease.py ``Lease.check``).
+        self.fence = fence
         self.trials = trials  # trial_id -> row (TRIALS_SCHEMA)
         self.flush_every_s = flush_every_s
         self.max_outage_s = max_outage_s
@@ -232,12 +252,16 @@ class Recorder:
         the outage is younger than ``max_outage_s``."""
         self._last_flush = time.monotonic()
         try:
+            if self.fence is not None:
+                self.fence()
             for trial_id in sorted(self._dirty_metrics):
                 self.store.write_metrics(trial_id, list(self._metrics[trial_id].values()))
                 self._dirty_metrics.discard(trial_id)
             fault_point("mid_flush")
             # Trial rows go last: a row says `completed` only once its metrics are on disk.
             self.store.write_trials(self.trials)
+        except LeaseLost:
+            raise  # not an outage: never retried, never written
         except StoreError as e:
             now = time.monotonic()
             if self._outage_since is None:

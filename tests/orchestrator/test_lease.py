@@ -1,0 +1,222 @@
+"""One driver per sweep (issue #17): the lease (orchestrator/lease.py) on a local store and on S3 (moto).
+
+Unit cases: a held lease refuses a second driver with one line naming the holder and its heartbeat's age; an
+expired one is taken over (one line); ``--takeover`` forces it; the loser of a takeover is fenced: its Recorder
+writes nothing more. Many threads racing for a fresh lease: exactly one wins. End to end: two `repurpose submit`
+of one sweep started together: exactly one runs it, the other exits 2 with the holder line and writes nothing,
+and every trial runs once.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import threading
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from core import storage
+from orchestrator.lease import EXPIRY_ENV, Holder, Lease, LeaseHeld, LeaseLost
+from orchestrator.store import Recorder, Store
+
+
+# --- stores --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A moto S3 server on a free local port with one bucket (tests/analysis/conftest.py's pattern)."""
+    boto3 = pytest.importorskip("boto3")
+    server_mod = pytest.importorskip("moto.server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket="bucket")
+    yield endpoint
+    server.stop()
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+          "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.fixture(params=["local", "s3"])
+def sweep_uri(request, tmp_path, monkeypatch):
+    if request.param == "local":
+        return str(tmp_path / "store" / "sw")
+    endpoint = request.getfixturevalue("s3_endpoint")
+    for k, v in {**S3_ENV, "AWS_ENDPOINT_URL_S3": endpoint}.items():
+        monkeypatch.setenv(k, v)
+    return f"s3://bucket/{request.node.name.replace('[', '-').rstrip(']')}/sw"
+
+
+def stored(sweep_uri) -> Holder:
+    return Holder.parse(storage.read_versioned(storage.join(sweep_uri, "lease"))[0])
+
+
+# --- the lease -----------------------------------------------------------------------------------------------
+def test_conditional_writes(sweep_uri):
+    uri = storage.join(sweep_uri, "x")
+    assert storage.create_exclusive(uri, b"a") and not storage.create_exclusive(uri, b"b")
+    data, v1 = storage.read_versioned(uri)
+    assert data == b"a"
+    assert storage.replace_if(uri, b"c", v1) and not storage.replace_if(uri, b"d", v1)  # v1 is stale now
+    data, v2 = storage.read_versioned(uri)
+    assert data == b"c" and not storage.delete_if(uri, v1) and storage.delete_if(uri, v2)
+    assert storage.read_versioned(uri) is None and not storage.replace_if(uri, b"e", v2)
+
+
+def test_held_lease_refuses_a_second_driver(sweep_uri):
+    first = Lease.acquire(sweep_uri, "sw", expiry_s=30).start()
+    try:
+        time.sleep(1.1)
+        with pytest.raises(LeaseHeld) as e:
+            Lease.acquire(sweep_uri, "sw", expiry_s=30)
+        line = e.value.one_line()
+        assert f"host {socket.gethostname()} pid {os.getpid()}" in line and "heartbeat 1 s ago" in line, line
+        assert "--takeover" in line and stored(sweep_uri).token == first.holder.token
+    finally:
+        first.release()
+    assert storage.read_versioned(storage.join(sweep_uri, "lease")) is None  # released
+    Lease.acquire(sweep_uri, "sw", expiry_s=30).release()  # and free again
+
+
+def test_expired_lease_is_taken_over_and_the_loser_is_fenced(sweep_uri, tmp_path):
+    dead = Lease.acquire(sweep_uri, "sw", expiry_s=0.5)  # no heartbeat thread: a driver that died
+    recorder = Recorder(Store(sweep_uri.rsplit("/", 1)[0], "sw"), {}, fence=dead.check)
+    assert recorder.flush()  # still ours: writes
+    time.sleep(0.8)
+    out = io.StringIO()
+    new = Lease.acquire(sweep_uri, "sw", expiry_s=30, out=out)
+    try:
+        assert out.getvalue().startswith("taking over sweep sw: host ") and "sent no heartbeat for" in out.getvalue()
+        assert stored(sweep_uri).token == new.holder.token
+        trials_uri = storage.join(sweep_uri, "trials.parquet")
+        before = storage.read_bytes(trials_uri)
+        recorder.trials["t"] = {"trial_id": "t", "status": "running"}
+        with pytest.raises(LeaseLost, match="lost its lease on sweep 'sw' .*taken over by host"):
+            recorder.flush(tolerate=True)  # not an outage to ride out: refused
+        with pytest.raises(LeaseLost):
+            recorder.close()
+        assert storage.read_bytes(trials_uri) == before  # nothing written after the takeover
+        dead.release()  # the loser's release leaves the new holder's lease alone
+        assert stored(sweep_uri).token == new.holder.token
+    finally:
+        new.release()
+
+
+def test_takeover_flag_forces_a_fresh_lease_and_the_heartbeat_notices(sweep_uri):
+    first = Lease.acquire(sweep_uri, "sw", expiry_s=1.2).start()  # renews every 0.2 s
+    try:
+        time.sleep(0.5)
+        assert stored(sweep_uri).heartbeat_at > first.holder.started_at  # renewed
+        out = io.StringIO()
+        second = Lease.acquire(sweep_uri, "sw", takeover=True, expiry_s=30, out=out)
+        assert "--takeover from host" in out.getvalue()
+        deadline = time.monotonic() + 5
+        while not first.lost and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.lost and "taken over" in first.lost  # the heartbeat thread saw it: Tune's stopper polls this
+        assert stored(sweep_uri).token == second.holder.token  # and did not write over it
+        second.release()
+    finally:
+        first.release()
+
+
+def test_racing_drivers_exactly_one_wins(tmp_path):
+    sweep_uri = str(tmp_path / "race")
+    results: list = []
+    barrier = threading.Barrier(8)
+
+    def race():
+        barrier.wait()
+        try:
+            results.append(Lease.acquire(sweep_uri, "race", expiry_s=30, out=io.StringIO()))
+        except LeaseHeld as e:
+            results.append(e)
+
+    threads = [threading.Thread(target=race) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [r for r in results if isinstance(r, Lease)]
+    assert len(winners) == 1 and len(results) == 8
+    assert stored(sweep_uri).token == winners[0].holder.token
+
+
+def test_bad_expiry_env_is_bad_input(monkeypatch, tmp_path):
+    monkeypatch.setenv(EXPIRY_ENV, "soon")
+    with pytest.raises(Exception, match=f"{EXPIRY_ENV}='soon': must be a positive number"):
+        Lease.acquire(str(tmp_path / "s"), "s")
+
+
+# --- two concurrent submits ----------------------------------------------------------------------------------
+def _submit_pair(ray_env, grid, storage_uri, tmp_path, **env):
+    procs = [ray_env.start(["submit", grid, "--storage", storage_uri], str(tmp_path / f"submit{i}.log"), **env)
+             for i in range(2)]
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return codes, [(tmp_path / f"submit{i}.log").read_text() for i in range(2)]
+
+
+def _check_one_ran(codes, logs, name):
+    assert sorted(codes) == [0, 2], (codes, logs)
+    winner, loser = (logs[0], logs[1]) if codes[0] == 0 else (logs[1], logs[0])
+    lines = [ln for ln in loser.splitlines() if ln.strip() and "WARNING" not in ln]
+    assert len(lines) == 1, loser
+    assert f"sweep '{name}' is being run by another driver, host {socket.gethostname()} pid " in lines[0]
+    assert "heartbeat " in lines[0] and " s ago" in lines[0] and "Traceback" not in loser
+    assert "to run" not in loser  # it planned, found the lease, and stopped: no Ray, no write
+    assert "2 to run" in winner, winner
+
+
+@pytest.mark.slow
+def test_two_concurrent_submits_local(make_grid, ray_env, tmp_path):
+    grid = make_grid("twice", budgets=[3.0e9, 4.0e9])
+    storage_dir = str(tmp_path / "store")
+    codes, logs = _submit_pair(ray_env, grid, storage_dir, tmp_path)
+    _check_one_ran(codes, logs, "twice")
+    sweep_dir = os.path.join(storage_dir, "twice")
+    trials = {r["trial_id"]: r for r in pq.read_table(os.path.join(sweep_dir, "trials.parquet")).to_pylist()}
+    assert len(trials) == 2 and all(r["status"] == "completed" for r in trials.values())
+    import pandas as pd
+
+    metrics = pd.read_parquet(os.path.join(sweep_dir, "metrics"))
+    assert not metrics.duplicated(["trial_id", "step"]).any()
+    for trial_id, t in trials.items():  # run once: one run from step 1, no restart, one done marker
+        assert sorted(metrics[metrics.trial_id == trial_id].step) == list(range(1, t["steps"] + 1))
+        state = json.load(open(os.path.join(sweep_dir, "checkpoints", trial_id,
+                                            open(os.path.join(sweep_dir, "checkpoints", trial_id, "LATEST")).read()
+                                            .strip(), "state.json")))
+        assert state["progress"]["done"] and state["progress"]["step"] == t["steps"]
+    assert not os.path.exists(os.path.join(sweep_dir, "lease"))  # released at the end
+
+
+@pytest.mark.slow
+def test_two_concurrent_submits_s3(make_grid, ray_env, s3_endpoint, tmp_path):
+    import pyarrow.fs as pafs
+
+    grid = make_grid("twice3", budgets=[3.0e9, 4.0e9])
+    env = {**S3_ENV, "AWS_ENDPOINT_URL_S3": s3_endpoint}
+    codes, logs = _submit_pair(ray_env, grid, "s3://bucket/pair", tmp_path, **env)
+    _check_one_ran(codes, logs, "twice3")
+    fs = pafs.S3FileSystem(endpoint_override=s3_endpoint, region="us-east-1", access_key="testing",
+                           secret_key="testing", scheme="http")
+    trials = pq.read_table("bucket/pair/twice3/trials.parquet", filesystem=fs).to_pylist()
+    assert len(trials) == 2 and all(r["status"] == "completed" for r in trials)
+    metrics = pq.read_table("bucket/pair/twice3/metrics", filesystem=fs).to_pandas()
+    assert not metrics.duplicated(["trial_id", "step"]).any()
+    for t in trials:
+        assert sorted(metrics[metrics.trial_id == t["trial_id"]].step) == list(range(1, t["steps"] + 1))
+    assert fs.get_file_info("bucket/pair/twice3/lease").type == pafs.FileType.NotFound
