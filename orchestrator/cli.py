@@ -10,6 +10,7 @@ runs (the driver stays light: no torch, no Ray at import). Each such function re
     fit     -> orchestrator.reporting.fit_command(args)     args: name, out (None: <storage>/<name>/analysis/), storage
     recipe  -> orchestrator.reporting.recipe_command(args)  args: name, budget (float > 0), json, storage
     demo    -> orchestrator.demo.run(args)         args: name ("demo"), storage, address
+    export  -> workers.export.export_command(args)  args: name, trial | budget, out, storage
     suite build -> workers.suite.build_command(args)  args: out (None: the suite's default), storage
     suite list  -> workers.suite.list_command(args)   args: json, storage
 
@@ -40,6 +41,7 @@ COMMANDS = {
     "demo": ("orchestrator.demo", "run"),
     "suite build": ("workers.suite", "build_command"),
     "suite list": ("workers.suite", "list_command"),
+    "export": ("workers.export", "export_command"),
 }
 
 
@@ -134,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=_positive_float, required=True, metavar="FLOP")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_delegate("recipe"))
+
+    p = common(sub.add_parser("export", help="a trial's model as a sentence-transformers folder"))
+    p.add_argument("name", type=_sweep_name, metavar="NAME")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trial", default=None, metavar="ID", help="the trial to export")
+    which.add_argument("--budget", type=_positive_float, default=None, metavar="FLOP",
+                       help="export the best completed trial (lowest eval_loss) at this grid budget")
+    p.add_argument("--out", required=True, metavar="DIR", help="the folder to write (must not exist or be empty)")
+    p.set_defaults(handler=_delegate("export"))
 
     p = common(sub.add_parser("demo", help="offline mini suite, small sweep on a local Ray, fit, recipe"),
                sweep=True)

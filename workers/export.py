@@ -1,0 +1,221 @@
+"""`repurpose export NAME (--trial ID | --budget C) --out DIR`: a trial's model as a sentence-transformers folder.
+
+The folder holds base + kept weights (workers/weights.py; LoRA merged into the base Linears) as a plain
+transformers checkpoint, and sentence-transformers' modules: Transformer -> Pooling in the trial's mode -> Normalize,
+so ``SentenceTransformer(DIR)`` loads it offline and embeds as the trial did:
+
+    trial pooling   sentence-transformers Pooling   what the saved tokenizer does (the trial's data path)
+    mean            "mean"                          the text's tokens, no special tokens (make_encoder)
+    last            "lasttoken"                     the text's tokens cut to max_length - 1, then the EOS
+                                                    (workers/pooling.append_eos): the tokenizer's post-processor
+                                                    appends the EOS, and its truncation keeps room for it
+    weighted_mean   "weightedmean"                  as mean; weights i = 1..n over real tokens (SGPT)
+
+Padding is on the right, as in training; ``max_seq_length`` is the sweep's ``train.max_length``. Before the folder
+takes its name, the export reloads it and checks that its tokenizer gives the trial's token ids on sample texts
+(the one part a family's tokenizer could get wrong: a BOS it adds, a post-processor it rebuilds).
+
+``--budget C`` takes the empirical best trial at grid budget C: the completed trial with the lowest eval_loss.
+Bad input is one line and exit 2 with nothing written: an unknown sweep or trial, a trial that did not complete or
+kept no weights, a budget not in the grid, an ``--out`` that exists and is not an empty directory. The folder is
+built under a temporary name beside DIR and renamed into place: it appears whole or not at all.
+
+The trials are read straight from ``trials.parquet`` with pyarrow by core/store.py's names (workers never import
+analysis: DESIGN.md's arrows).
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import tempfile
+
+from core import storage
+from core.errors import UserError
+from core.spec import default
+from core.store import COMPLETED, GRID_FILE, TRIALS_FILE, StoreError, sweep_uri
+from workers.weights import model_uri, read_manifest
+
+# the trial's pooling -> sentence-transformers' Pooling mode
+ST_POOLING = {"mean": "mean", "last": "lasttoken", "weighted_mean": "weightedmean"}
+CHECK_TEXTS = ("What colour is the lamp near the river?",
+               "def embed(model, ids, mask):\n    return model(ids, mask).last_hidden_state.mean(1)",
+               "A long text, longer than any max_length: " + "the river runs past the old stone bridge " * 40)
+
+
+class ExportError(UserError):
+    """An export that cannot be made; the message names what is wrong."""
+
+
+def export_command(args) -> int:
+    """args: name, trial (or None), budget (or None), out, storage."""
+    sweep = sweep_uri(args.storage, args.name)
+    grid = read_grid(sweep, args.name)
+    row = select_trial(read_trials(sweep), trial_id=args.trial, budget=args.budget,
+                       budgets=grid.get("budgets") or [], sweep=args.name)
+    out = check_out(args.out)
+    weights = model_uri(sweep, row["trial_id"])
+    if read_manifest(weights) is None:
+        raise ExportError(f"{args.name}: trial {row['trial_id']} kept no weights ({storage.redact(weights)} has no "
+                          "finished save; run.keep_weights: none, or a sweep from before weights were kept)")
+    max_length = int((grid.get("train") or {}).get("max_length") or default("max_length"))
+    pooling = row.get("pooling") or "mean"  # a store from before the pooling axis: the study's mean
+    export_model(row["model"], weights, pooling, max_length, out)
+    print(f"exported trial {row['trial_id']} ({row['method']}, {row['model']}, pooling {pooling}, budget "
+          f"{row['budget_flops']:.3g} FLOP, eval_loss {row['eval_loss']:.4f}) to {out}", file=sys.stderr)
+    return 0
+
+
+# --- reading the sweep --------------------------------------------------------------------------------------
+def read_grid(sweep: str, name: str) -> dict:
+    """The sweep's resolved grid (grid.yaml's ``grid``); a StoreError when there is no such sweep."""
+    import yaml
+
+    path = storage.join(sweep, GRID_FILE)
+    if not storage.exists(path):
+        raise StoreError(f"{storage.redact(sweep)}: no sweep named {name!r} (no {GRID_FILE})")
+    doc = yaml.safe_load(storage.read_bytes(path).decode())
+    return (doc or {}).get("grid") or {}
+
+
+def read_trials(sweep: str) -> list[dict]:
+    """trials.parquet's rows (the columns an export needs; ``pooling`` None in a store from before it)."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.resolve(storage.join(sweep, TRIALS_FILE))
+    try:
+        schema = pq.read_schema(path, filesystem=fs)
+        wanted = ("trial_id", "model", "method", "status", "budget_flops", "eval_loss", "pooling")
+        table = pq.read_table(path, filesystem=fs, columns=[c for c in wanted if c in schema.names])
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{storage.redact(sweep)}: cannot read {TRIALS_FILE} ({str(e).splitlines()[0]})") from None
+    return table.to_pylist()
+
+
+def select_trial(rows: list[dict], *, trial_id: str | None, budget: float | None, budgets, sweep: str) -> dict:
+    """The trial to export: ``trial_id``'s, or the completed trial with the lowest eval_loss at grid budget
+    ``budget`` (ties: the smaller trial id). Exactly one of the two is given."""
+    if (trial_id is None) == (budget is None):
+        raise ExportError("export: give exactly one of --trial ID and --budget C")
+    if trial_id is not None:
+        row = next((r for r in rows if r["trial_id"] == trial_id), None)
+        if row is None:
+            raise ExportError(f"{sweep}: no trial {trial_id!r} in the sweep")
+        if row["status"] != COMPLETED:
+            raise ExportError(f"{sweep}: trial {trial_id} is {row['status']}; only a completed trial keeps weights")
+        return row
+    match = [b for b in budgets if math.isclose(float(b), budget, rel_tol=1e-9)]
+    if not match:
+        shown = ", ".join(f"{float(b):g}" for b in budgets) or "none"
+        raise ExportError(f"{sweep}: --budget {budget:g} is not a budget of the grid (its budgets: {shown})")
+    done = [r for r in rows if r["status"] == COMPLETED and math.isclose(r["budget_flops"], budget, rel_tol=1e-9)
+            and r.get("eval_loss") is not None and math.isfinite(r["eval_loss"])]
+    if not done:
+        raise ExportError(f"{sweep}: no completed trial with an eval_loss at budget {budget:g}")
+    return min(done, key=lambda r: (r["eval_loss"], r["trial_id"]))
+
+
+def check_out(out: str) -> str:
+    """``--out`` as an absolute local path that does not exist or is an empty directory."""
+    if storage.is_remote(out):
+        raise ExportError(f"--out {storage.redact(out)}: must be a local directory (copy the folder after)")
+    path = os.path.abspath(out.removeprefix("file://"))
+    if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
+        raise ExportError(f"--out {out}: exists and is not an empty directory")
+    return path
+
+
+# --- building the folder ------------------------------------------------------------------------------------
+def export_model(base_model: str, weights_uri: str, pooling: str, max_length: int, out: str) -> None:
+    """Writes the sentence-transformers folder ``out`` (absent or empty) from ``base_model`` + the kept weights."""
+    if pooling not in ST_POOLING:
+        raise ExportError(f"pooling {pooling!r}: no sentence-transformers mode for it ({', '.join(ST_POOLING)})")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    try:
+        _build(base_model, weights_uri, pooling, max_length, tmp)
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty (check_out); a file appearing in it since makes this fail, nothing replaced
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _build(base_model: str, weights_uri: str, pooling: str, max_length: int, tmp: str) -> None:
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+    from sentence_transformers.base.modules import Normalize, Transformer
+
+    from workers.weights import load_trained
+
+    model = load_trained(base_model, weights_uri)
+    tokenizer = trial_tokenizer(base_model, pooling, max_length)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    del model
+    transformer = Transformer(tmp, max_seq_length=max_length)
+    st = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), ST_POOLING[pooling]),
+                                      Normalize()], device="cpu")
+    st.save(tmp)
+    check_tokenizer(tmp, base_model, pooling, max_length)
+
+
+def trial_tokenizer(base_model: str, pooling: str, max_length: int):
+    """The base tokenizer made to produce the trial's ids when called with special tokens (sentence-transformers
+    calls it so): no special token for mean / weighted_mean, the EOS appended for last; right padding, pad = EOS
+    where there is none (workers/steps.load)."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if pooling == "last":
+        eos = tokenizer.eos_token
+        if eos is None:
+            raise ExportError(f"{base_model}: pooling 'last' appends the tokenizer's EOS, and it has none")
+        post = TemplateProcessing(single=f"$A {eos}", pair=f"$A {eos} $B {eos}",
+                                  special_tokens=[(eos, tokenizer.eos_token_id)])
+    else:
+        post = TemplateProcessing(single="$A", pair="$A $B", special_tokens=[])
+    tokenizer.backend_tokenizer.post_processor = post
+    # transformers' own special-token flags, where the class has them, must not add a BOS / EOS on top
+    for flag in ("add_bos_token", "add_eos_token"):
+        if hasattr(tokenizer, flag):
+            try:
+                setattr(tokenizer, flag, False)
+            except (AttributeError, ValueError):
+                pass
+    tokenizer.backend_tokenizer.post_processor = post  # a flag's setter may rebuild it: set it last
+    tokenizer.padding_side = "right"
+    tokenizer.model_max_length = max_length
+    return tokenizer
+
+
+def trial_ids(base_model: str, pooling: str, max_length: int, texts) -> list[list[int]]:
+    """The token ids the trial embeds for ``texts`` (workers/records.make_encoder; for last the text cut to
+    max_length - 1 and the EOS appended, workers/pooling.append_eos)."""
+    from transformers import AutoTokenizer
+
+    from workers.records import make_encoder
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    if pooling != "last":
+        return make_encoder(tokenizer, max_length)(list(texts))
+    return [ids + [tokenizer.eos_token_id] for ids in make_encoder(tokenizer, max_length - 1)(list(texts))]
+
+
+def check_tokenizer(folder: str, base_model: str, pooling: str, max_length: int) -> None:
+    """The saved folder, reloaded, tokenises sample texts as the trial did (else a bug: nothing is published)."""
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(folder, device="cpu", local_files_only=True)
+    features = st.preprocess(list(CHECK_TEXTS))
+    got = [ids[mask.bool()].tolist() for ids, mask in zip(features["input_ids"], features["attention_mask"])]
+    want = trial_ids(base_model, pooling, max_length, CHECK_TEXTS)
+    if got != want:
+        raise RuntimeError(f"export: the saved tokenizer does not reproduce the trial's token ids for pooling "
+                           f"{pooling!r} (first text: {got[0][:12]} vs {want[0][:12]})")
