@@ -359,11 +359,38 @@ def findings_markdown(a: Analysis) -> str:
     rows += [{"slice": slice_label(m, h), "E": "refused", "α": why, "β": "", "points": "", "models": "",
               "rmse (log)": "", "R² (log)": ""} for (m, h), why in a.surfaces.refused.items()]
     out += [_md(pd.DataFrame(rows)), ""]
+    serving = serving_table(a)
+    if not serving.empty:
+        top = a.grid_budgets[-1]
+        out += ["## What serving costs", "",
+                f"At the top budget ({top:.2g} FLOP), if the model will also embed T tokens in its life "
+                "(2·N FLOP each, training + serving ≤ the budget):", "", _md(serving), ""]
     if a.max_tokens is not None:
         out += [f"Data available: {a.max_tokens:,} tokens ({a.max_tokens_source}); recipes never exceed it.", ""]
     if a.warnings:
         out += ["## Warnings", ""] + [f"- {w}" for w in a.warnings] + [""]
     return "\n".join(out)
+
+
+SERVE_TOKENS = (0.0, 1e9, 1e11, 1e13)  # the table's lifetimes: nothing, a small corpus, a web index, a service
+
+
+def serving_table(a: Analysis) -> pd.DataFrame:
+    """How the optimal model shrinks as the tokens it will serve grow, at the grid's top budget."""
+    if not a.surfaces.surfaces or not a.grid_budgets:
+        return pd.DataFrame()
+    rows = []
+    for t in SERVE_TOKENS:
+        try:
+            c = compute_recipe(a.surfaces, a.grid_budgets[-1], a.max_tokens, t).best
+        except FitError as e:
+            rows.append({"serve tokens": f"{t:.0e}", "method": "—", "model": "—", "N": "—", "tokens": "—",
+                         "training FLOP": "—", "serving FLOP": "—", "predicted loss": str(e)})
+            continue
+        rows.append({"serve tokens": f"{t:.0e}", "method": c.label, "model": model_label(c.model),
+                     "N": f"{c.n_params:.3g}", "tokens": f"{c.tokens:.3g}", "training FLOP": f"{c.flops:.3g}",
+                     "serving FLOP": f"{c.serve_flops:.3g}", "predicted loss": f"{c.predicted_loss:.4f}"})
+    return pd.DataFrame(rows)
 
 
 def methods_in(a: Analysis) -> list[str]:

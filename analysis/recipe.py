@@ -38,6 +38,7 @@ class Choice:
     predicted_loss: float
     predicted_loss_low: float
     predicted_loss_high: float
+    serve_flops: float = 0.0  # 2 N T: embedding T tokens in the model's life (N: the merged model's, no adapters)
 
     @property
     def label(self) -> str:
@@ -61,26 +62,40 @@ class Recipe:
     refused: dict[str, str]  # method -> why it has no fitted surface
     win_fraction: dict[str, float]  # method -> share of bootstrap refits where it is the best method
     ci_level: float = CI_LEVEL
+    serve_tokens: float = 0.0
 
 
-def _candidates(surface, budget_flops: float, max_tokens: int | None):
-    """(model names, N, N_tr, cost, tokens, data_limited) over the slice's models, arrays of shape (k,)."""
+def serving_params(method: str, n_params, n_trainable):
+    """N of the model that serves: LoRA merged into its base (the adapters' parameters are gone), else N."""
+    return n_params - n_trainable if method == "lora" else n_params
+
+
+def serve_flops(method: str, n_params, n_trainable, serve_tokens: float):
+    """Embedding ``serve_tokens`` tokens costs a forward pass, 2 N FLOP per token (PAPER.md "Serving cost")."""
+    return 2.0 * serving_params(method, n_params, n_trainable) * serve_tokens
+
+
+def _candidates(surface, budget_flops: float, max_tokens: int | None, serve_tokens: float = 0.0):
+    """(model names, N, N_tr, cost, tokens, data_limited, serve FLOP) over the slice's models, arrays of shape
+    (k,). With ``serve_tokens`` T the training budget of a model is C - 2 N T (Fang et al. 2024 fold inference
+    into the budget): a model whose serving alone exceeds C affords no token."""
     names = [m for m, _, _ in surface.models]
     n = np.array([x for _, x, _ in surface.models])
     ntr = np.array([x for _, _, x in surface.models])
     cost = cost_per_token(surface.method, n, ntr)
-    tokens = tokens_for_budget(budget_flops, cost).astype(float)
+    serve = serve_flops(surface.method, n, ntr, serve_tokens)
+    tokens = tokens_for_budget(np.maximum(budget_flops - serve, 0.0), cost).astype(float)
     limited = np.zeros(len(n), dtype=bool)
     if max_tokens is not None:
         limited = tokens > max_tokens
         tokens = np.minimum(tokens, float(max_tokens))
-    return names, n, ntr, cost, tokens, limited
+    return names, n, ntr, cost, tokens, limited, serve
 
 
-def best_in_slice(surface, budget_flops: float, max_tokens: int | None = None):
+def best_in_slice(surface, budget_flops: float, max_tokens: int | None = None, serve_tokens: float = 0.0):
     """(Choice, bootstrap minima (n_boot,)) for one slice at a budget, or None if no model affords a token.
     The bootstrap minima are each refit's best loss over the slice's models (for win fractions)."""
-    names, n, ntr, cost, tokens, limited = _candidates(surface, budget_flops, max_tokens)
+    names, n, ntr, cost, tokens, limited, serve = _candidates(surface, budget_flops, max_tokens, serve_tokens)
     ok = tokens >= 1
     if not ok.any():
         return None
@@ -92,25 +107,30 @@ def best_in_slice(surface, budget_flops: float, max_tokens: int | None = None):
     low, high = min(float(low), float(pred[i])), max(float(high), float(pred[i]))
     lo_b, hi_b = surface.budget_range
     lo_d, hi_d = surface.d_range
-    inside = (lo_b * (1 - 1e-9) <= budget_flops <= hi_b * (1 + 1e-9)
+    train_flops = budget_flops - serve[i]
+    inside = (lo_b * (1 - 1e-9) <= train_flops <= hi_b * (1 + 1e-9)
               and lo_d * (1 - 1e-9) <= d[i] <= hi_d * (1 + 1e-9))
     choice = Choice(surface.method, surface.hparam, names[i], float(n[i]), float(ntr[i]), float(cost[i]),
                     int(d[i]), float(d[i] * cost[i]), bool(limited[i]), not inside,
-                    float(pred[i]), float(low), float(high))
+                    float(pred[i]), float(low), float(high), float(serve[i]))
     boot = np.where(ok[None, :], surface.predict_boot(n, d), np.inf).min(axis=1) if len(surface.boot) else None
     return choice, boot
 
 
-def compute_recipe(fits: SurfaceFits, budget_flops: float, max_tokens: int | None = None) -> Recipe:
-    """The recipe at ``budget_flops`` (inside or beyond the grid). FitError if no method has a surface or no
-    candidate affords one token."""
+def compute_recipe(fits: SurfaceFits, budget_flops: float, max_tokens: int | None = None,
+                   serve_tokens: float = 0.0) -> Recipe:
+    """The recipe at ``budget_flops`` (inside or beyond the grid): training FLOP + 2 N ``serve_tokens`` <= C.
+    FitError if no method has a surface or no candidate affords one token."""
+    if not (serve_tokens >= 0 and math.isfinite(serve_tokens)):
+        raise FitError(f"serve tokens must be a number >= 0 (got {serve_tokens})")
     if not (budget_flops > 0 and math.isfinite(budget_flops)):
         raise FitError(f"budget must be a positive number of FLOP (got {budget_flops})")
     if max_tokens is not None and max_tokens <= 0:
         raise FitError(f"max_tokens must be positive (got {max_tokens})")
     per_method, boot_best, refused = {}, {}, {}
     for method in fits.methods():
-        found = [r for s in fits.for_method(method) if (r := best_in_slice(s, budget_flops, max_tokens))]
+        found = [r for s in fits.for_method(method)
+                 if (r := best_in_slice(s, budget_flops, max_tokens, serve_tokens))]
         if not found:
             refused[method] = f"{method}: no model affords one token at {budget_flops:.3g} FLOP"
             continue
@@ -130,7 +150,7 @@ def compute_recipe(fits: SurfaceFits, budget_flops: float, max_tokens: int | Non
         names = list(boot_best)
         winners = np.argmin(np.stack([boot_best[m] for m in names]), axis=0)
         win = {m: float((winners == j).mean()) for j, m in enumerate(names)}
-    return Recipe(float(budget_flops), max_tokens, best, per_method, refused, win)
+    return Recipe(float(budget_flops), max_tokens, best, per_method, refused, win, serve_tokens=float(serve_tokens))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -145,7 +165,7 @@ MIN_POINTS_PER_PARAMETER = 3
 def fit_doubts(fits: SurfaceFits, choice: Choice, empirical_loss: float | None) -> list[str]:
     """Why a fitted choice should not be taken at its word, as notes (empty: no doubt): its surface is thin, or,
     at a grid budget (``empirical_loss``: the best completed trial there), the fitted best is worse than that
-    trial or the trial lies outside the fit's interval. Where there is doubt at a grid budget, the recipe table
+    trial or the trial lies above what the fit promises — each beyond the fit's interval widened by two residuals. Where there is doubt at a grid budget, the recipe table
     and `recipe` answer with the empirical best (analysis/findings.py recipe_table, analysis/report.py)."""
     surface = fits.surfaces[(choice.method, choice.hparam)]
     k = 5 if surface.form == FORM_ND else 3
@@ -153,10 +173,14 @@ def fit_doubts(fits: SurfaceFits, choice: Choice, empirical_loss: float | None) 
     if surface.n_points < MIN_POINTS_PER_PARAMETER * k:
         notes.append(f"thin fit: {surface.label} from {surface.n_points} trials for {k} parameters")
     if empirical_loss is not None and math.isfinite(empirical_loss):
-        if choice.predicted_loss > empirical_loss:
-            notes.append(f"fit predicts {choice.predicted_loss:.4f} for its best, worse than the best trial "
-                         f"({empirical_loss:.4f})")
-        elif not choice.predicted_loss_low <= empirical_loss <= choice.predicted_loss_high:
-            notes.append(f"best trial ({empirical_loss:.4f}) outside the fit's interval "
+        # The interval is the fitted loss's, not one run's: a trial scatters about the surface by its residual
+        # (rmse on log loss), so the comparison allows two of those on either side.
+        slack = math.exp(2.0 * surface.rmse_log)
+        low, high = choice.predicted_loss_low / slack, choice.predicted_loss_high * slack
+        if empirical_loss < low:
+            notes.append(f"fit's best ({choice.predicted_loss:.4f}) is worse than the best trial "
+                         f"({empirical_loss:.4f}) beyond its interval")
+        elif empirical_loss > high:
+            notes.append(f"best trial ({empirical_loss:.4f}) above the fit's interval "
                          f"[{choice.predicted_loss_low:.4f}, {choice.predicted_loss_high:.4f}]")
     return notes

@@ -71,13 +71,15 @@ def _empirical_at(usable: pd.DataFrame, budget_flops: float) -> dict | None:
 
 
 def recipe_at(sweep_uri: str, budget_flops: float, max_tokens: int | None = None, *, n_boot: int = N_BOOTSTRAP,
-              seed: int = 0) -> dict:
+              seed: int = 0, serve_tokens: float | None = None) -> dict:
     """The compute-optimal recipe at ``budget_flops`` (CONTRACTS.md ``recipe --json`` keys) plus
     ``per_method`` ({method: choice, or {"refused": why}}, with each method's bootstrap ``win_fraction`` and
     excluded-trial counts) and ``empirical`` (the best completed trial at that budget if it is a grid budget,
     else None). ``max_tokens``: the training data's token count; default: the sweep's data cap as the planner
     measured it (``load_data_cap``), else no cap. Raises StoreError (no such sweep) or FitError (too few trials),
-    each one line."""
+    each one line. ``serve_tokens`` T: the model will also embed T tokens in its life; the recipe minimises the loss
+    under training FLOP + 2 N T <= C (N: the merged model's), and the answer gains ``serve_tokens``,
+    ``train_flops`` and ``serve_flops``."""
     budget_flops = float(budget_flops)
     if not (budget_flops > 0 and math.isfinite(budget_flops)):
         raise FitError(f"budget must be a positive number of FLOP (got {budget_flops:g})")
@@ -86,7 +88,7 @@ def recipe_at(sweep_uri: str, budget_flops: float, max_tokens: int | None = None
     if max_tokens is None:
         max_tokens = load_data_cap(sweep_uri)
     fits = fit_surfaces(usable, n_boot=n_boot, seed=seed)
-    r = compute_recipe(fits, budget_flops, max_tokens)
+    r = compute_recipe(fits, budget_flops, max_tokens, serve_tokens or 0.0)
     c = r.best
     out = {"budget_flops": budget_flops, "method": c.method, "model": c.model, "n_params": int(c.n_params),
            "tokens": int(c.tokens), "lora_rank": c.lora_rank, "trainable_fraction": c.trainable_fraction,
@@ -104,6 +106,10 @@ def recipe_at(sweep_uri: str, budget_flops: float, max_tokens: int | None = None
         per_method[method] = entry
     out["per_method"] = per_method
     out["empirical"] = emp = _empirical_at(usable, budget_flops)
+    out["family"], out["pooling"] = _family_and_pooling(usable, c.model, c.method)
+    if serve_tokens is not None:  # the trials spent the whole budget on training: no empirical answer to compare
+        out.update(serve_tokens=float(serve_tokens), train_flops=_num(c.flops), serve_flops=_num(c.serve_flops))
+        emp = None
     out["notes"] = fit_doubts(fits, c, emp["eval_loss"] if emp else None)
     out["source"] = "fit"
     if out["notes"] and emp:  # at a grid budget the fit is in doubt: the best trial answers (notes say why)
@@ -116,6 +122,15 @@ def recipe_at(sweep_uri: str, budget_flops: float, max_tokens: int | None = None
         out.update({k: emp[k] for k in ("method", "model", "n_params", "tokens", "lora_rank", "trainable_fraction")},
                    predicted_loss=pred, predicted_loss_low=low, predicted_loss_high=high, source="empirical")
     return out
+
+
+def _family_and_pooling(usable: pd.DataFrame, model: str, method: str) -> tuple[str | None, str]:
+    """The chosen model's family (its model_type; None in a store written before the column) and the pooling
+    its method's trials used (mean, the study's, in a store written before the axis)."""
+    rows = usable[(usable["model"] == model) & (usable["method"] == method)]
+    family = rows["family"].dropna() if "family" in rows else pd.Series(dtype=object)
+    pooling = rows["pooling"].dropna() if "pooling" in rows else pd.Series(dtype=object)
+    return (str(family.iloc[0]) if len(family) else None), (str(pooling.iloc[0]) if len(pooling) else "mean")
 
 
 def _hparam(e: dict) -> float | None:
@@ -148,6 +163,8 @@ def format_recipe(d: dict) -> str:
              f"  method          {d['method']}{hp(d)}",
              f"  model           {model_label(d['model'])}  (N = {d['n_params']:,} non-embedding parameters)",
              f"  tokens          {d['tokens']:,}",
+             *([f"  serving         {d['serve_tokens']:.3g} tokens embedded: {d['serve_flops']:.3g} FLOP "
+                f"(training {d['train_flops']:.3g} FLOP)"] if d.get("serve_tokens") is not None else []),
              f"  predicted loss  " + (f"{d['predicted_loss']:.4f}  {interval(d)} {level}% bootstrap CI"
                                       if d.get("predicted_loss") is not None else "— (no surface for this slice)")]
     lines += [f"  note            {n}" for n in notes]

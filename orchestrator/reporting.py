@@ -29,6 +29,6 @@ def recipe_command(args) -> int:
 
     store = Store(args.storage, args.name)
     store.read_grid()
-    recipe = recipe_at(store.uri, args.budget)
+    recipe = recipe_at(store.uri, args.budget, serve_tokens=getattr(args, "serve_tokens", None))
     print(json.dumps(recipe) if args.json else format_recipe(recipe))
     return 0

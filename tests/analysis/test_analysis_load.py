@@ -38,7 +38,9 @@ def test_round_trip_columns_dtypes_and_rows(tmp_path):
                                   budgets=storegen.BUDGETS[:2], fail=0.25, seed=1)
     uri = storegen.write_store(tmp_path, trials)
     got = load_trials(uri)
-    assert list(got.columns[:18]) == list(CONTRACT_TRIALS_COLUMNS)
+    assert list(got.columns[:len(CONTRACT_TRIALS_COLUMNS)]) == list(CONTRACT_TRIALS_COLUMNS)
+    # a store written before the family, pooling, retrieval and mfu columns existed reads them as null
+    assert got["family"].isna().all() and got["ndcg_at_10"].isna().all() and got["mfu"].dtype == np.float64
     assert "planned_tokens" in got.columns and "bad_lines" not in got.columns  # extensions only if present
     assert len(got) == len(trials)
     assert got["lora_rank"].dtype == "Int64" and got["n_params"].dtype == "Int64"
@@ -47,7 +49,7 @@ def test_round_trip_columns_dtypes_and_rows(tmp_path):
     assert (got.loc[got["method"] == "lora", "lora_rank"] == 8).all()
 
     metrics = load_metrics(uri)
-    assert list(metrics.columns[:10]) == list(CONTRACT_METRICS_COLUMNS)
+    assert list(metrics.columns[:len(CONTRACT_METRICS_COLUMNS)]) == list(CONTRACT_METRICS_COLUMNS)
     n_done = int((trials["status"] == "completed").sum())
     assert len(metrics) == 3 * n_done
     assert not metrics.duplicated(["trial_id", "step"]).any()
