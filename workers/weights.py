@@ -28,6 +28,7 @@ import time
 
 from core import storage
 from core.errors import UserError
+from core.store import CHECKPOINTS_DIR
 
 MODELS_DIR = "models"  # <sweep>/models/<trial_id>/ (CONTRACTS.md "The store"); belongs with core/store.py's names
 MANIFEST = "manifest.json"
@@ -46,6 +47,15 @@ def models_uri(sweep: str) -> str:
 def model_uri(sweep: str, trial_id: str) -> str:
     """Where a trial's kept weights live: ``<sweep>/models/<trial_id>``."""
     return storage.join(sweep, MODELS_DIR, trial_id)
+
+
+def model_uri_for_checkpoint(checkpoint_uri: str) -> str:
+    """A trial's ``<sweep>/checkpoints/<trial_id>`` (core.store.checkpoint_uri) -> ``<sweep>/models/<trial_id>``."""
+    head, _, trial_id = checkpoint_uri.rstrip("/").rpartition("/")
+    sweep, _, checkpoints = head.rpartition("/")
+    if checkpoints != CHECKPOINTS_DIR or not trial_id or not sweep:
+        raise ValueError(f"{storage.redact(checkpoint_uri)}: not <sweep>/{CHECKPOINTS_DIR}/<trial_id>")
+    return model_uri(sweep, trial_id)
 
 
 # --- save ---------------------------------------------------------------------------------------------------

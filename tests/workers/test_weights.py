@@ -14,8 +14,9 @@ import torch
 
 from core.spec import LORA_TARGETS
 from workers.methods import select_trainable
-from workers.weights import (MANIFEST, WeightsError, load_trained, model_uri, read_manifest, read_tensors,
-                             save_trained, stored_bytes, total_bytes)
+from core.store import checkpoint_uri
+from workers.weights import (MANIFEST, WeightsError, load_trained, model_uri, model_uri_for_checkpoint, read_manifest,
+                             read_tensors, save_trained, stored_bytes, total_bytes)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -143,3 +144,11 @@ def test_stored_bytes_needs_no_torch(tmp_path):
             "print(sorted(m for m in ('torch', 'peft', 'safetensors', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_model_uri_beside_the_trials_checkpoints():
+    for sweep in ("/data/sweeps/s1", "s3://bucket/sweeps/s1"):
+        assert model_uri_for_checkpoint(checkpoint_uri(sweep, "abc123")) == model_uri(sweep, "abc123") == \
+            f"{sweep}/models/abc123"
+    with pytest.raises(ValueError, match="not <sweep>/checkpoints/<trial_id>"):
+        model_uri_for_checkpoint("/data/sweeps/s1/elsewhere/abc123")
