@@ -20,10 +20,11 @@ from raykit import (  # noqa: F401  (re-exported: the fault tests import them fr
 
 # --- the store -----------------------------------------------------------------------------------------------
 def read_trials(sweep_dir: str) -> dict[str, dict]:
-    """trials.parquet by trial_id ({} while it does not exist or is being replaced)."""
+    """trials.parquet by trial_id ({} before the driver first wrote it). The driver replaces the file atomically
+    (temp + rename), so a reader sees a whole file or none: any other error is a real defect and raises."""
     try:
         return {r["trial_id"]: r for r in pq.read_table(os.path.join(sweep_dir, "trials.parquet")).to_pylist()}
-    except (FileNotFoundError, OSError):
+    except FileNotFoundError:
         return {}
 
 
