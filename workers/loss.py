@@ -1,8 +1,8 @@
 """Embeddings and the contrastive loss, with an exact gradient cache for batches larger than memory.
 
-Pooling and loss follow PAPER.md ("Training recipe"): masked mean of the last hidden layer over real
-tokens (the authors divided by the padded length; we divide by the real length), L2-normalised;
-symmetric InfoNCE over in-batch negatives with temperature tau.
+Pooling and loss follow PAPER.md ("Training recipe"): the last hidden layer pooled over real tokens
+(workers/pooling.py: the study's mean by default, or the grid's ``pooling``: last token, SGPT's weighted mean),
+L2-normalised; symmetric InfoNCE over in-batch negatives with temperature tau. Batches are right-padded.
 
 Gradient cache (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited
 Setup"): embed all sub-batches without grad, take the loss and its gradient w.r.t. the embeddings, then
@@ -20,13 +20,13 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from workers.pooling import assert_right_padded, pool
 
-def embed(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) token ids and mask -> (B, D) unit-norm embeddings (fp32)."""
+
+def embed(model, ids: torch.Tensor, mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """(B, T) token ids and right-padded mask -> (B, D) unit-norm embeddings (fp32), pooled per ``pooling``."""
     hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, D)
-    m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-    pooled = (hidden * m).sum(dim=1).float() / mask.sum(dim=1, keepdim=True).clamp(min=1).float()  # (B, D)
-    return F.normalize(pooled, dim=-1)
+    return F.normalize(pool(hidden, mask, pooling), dim=-1)
 
 
 def info_nce(q: torch.Tensor, d: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -54,7 +54,8 @@ class _RngFork:
 
 
 def _chunks(ids: torch.Tensor, mask: torch.Tensor, size: int):
-    """Sub-batches trimmed to their own longest sequence (less padding, same result)."""
+    """Sub-batches trimmed to their own longest sequence (less padding, same result: right padding, checked)."""
+    assert_right_padded(mask)
     for i in range(0, ids.shape[0], size):
         m = mask[i:i + size]
         t = int(m.sum(dim=1).max())
@@ -75,14 +76,14 @@ def _whole(x: torch.Tensor) -> torch.Tensor:
 
 
 def contrastive_backward(model, batch, temperature: float, chunk_size: int | None, autocast, *,
-                         gather=None, backward=None) -> float:
+                         gather=None, backward=None, pooling: str = "mean") -> float:
     """Loss of one contrastive batch; parameter gradients accumulated in .grad. Returns the loss value.
 
     ``chunk_size`` None or >= the batch: one pass. Smaller: the exact gradient cache.
     ``autocast``: a zero-argument context-manager factory (bf16 autocast or a null context).
     ``gather``: (b, D) embeddings of this rank's shard -> (B, D) of the whole batch, differentiable; None: the
     batch is whole here. ``backward``: back-propagates a scalar (DeepSpeed's ``engine.backward``); None:
-    ``Tensor.backward``.
+    ``Tensor.backward``. ``pooling``: the trial's (``spec.pooling``; workers/pooling.py).
     """
     gather = gather or _whole
     backward = backward or torch.Tensor.backward
@@ -91,8 +92,8 @@ def contrastive_backward(model, batch, temperature: float, chunk_size: int | Non
         (q_ids, q_mask), = _chunks(batch.q_ids, batch.q_mask, n)
         (d_ids, d_mask), = _chunks(batch.d_ids, batch.d_mask, n)
         with autocast():
-            q = embed(model, q_ids, q_mask)
-            d = embed(model, d_ids, d_mask)
+            q = embed(model, q_ids, q_mask, pooling)
+            d = embed(model, d_ids, d_mask, pooling)
         loss = info_nce(gather(q), gather(d), temperature)
         backward(loss)
         return loss.item()
@@ -106,7 +107,7 @@ def contrastive_backward(model, batch, temperature: float, chunk_size: int | Non
             for c_ids, c_mask in _chunks(ids, mask, chunk_size):
                 forks.append(_RngFork(device))
                 with autocast():
-                    parts.append(embed(model, c_ids, c_mask))
+                    parts.append(embed(model, c_ids, c_mask, pooling))
             cached.append(torch.cat(parts))
     q, d = (e.detach().requires_grad_() for e in cached)
     loss = info_nce(gather(q), gather(d), temperature)
@@ -115,13 +116,14 @@ def contrastive_backward(model, batch, temperature: float, chunk_size: int | Non
     for (ids, mask), emb in zip(sides, (q, d)):
         for (c_ids, c_mask), g in zip(_chunks(ids, mask, chunk_size), emb.grad.split(chunk_size)):
             with next(grads).replay(), autocast():
-                e = embed(model, c_ids, c_mask)
+                e = embed(model, c_ids, c_mask, pooling)
             backward((e * g).sum())  # its gradient w.r.t. e is exactly g: e.backward(g) as a scalar
     return loss.item()
 
 
 @torch.no_grad()
-def eval_loss(model, batches, temperature: float, chunk_size: int | None, autocast, *, split=None) -> float:
+def eval_loss(model, batches, temperature: float, chunk_size: int | None, autocast, *, split=None,
+              pooling: str = "mean") -> float:
     """Mean contrastive loss over held-out batches (weighted by pairs); negatives = the whole batch.
 
     ``split``: batch -> (this rank's shard, gather) for data parallel (workers/distributed.py); None: whole.
@@ -133,7 +135,7 @@ def eval_loss(model, batches, temperature: float, chunk_size: int | None, autoca
         for ids, mask in ((batch.q_ids, batch.q_mask), (batch.d_ids, batch.d_mask)):
             size = chunk_size or ids.shape[0]
             with autocast():
-                embs.append(gather(torch.cat([embed(model, i, m) for i, m in _chunks(ids, mask, size)])))
+                embs.append(gather(torch.cat([embed(model, i, m, pooling) for i, m in _chunks(ids, mask, size)])))
         n = embs[0].shape[0]
         total += info_nce(embs[0], embs[1], temperature).item() * n
         pairs += n

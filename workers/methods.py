@@ -1,15 +1,20 @@
-"""Fine-tuning methods differ only in which parameters train: one ``select_trainable``.
+"""Fine-tuning methods differ only in which parameters train: one ``select_trainable``, for every family.
 
 - full: everything.
-- freeze: the input embedding and the first L - ceil(f*L) blocks frozen; the last blocks and the final
-  LayerNorm train (PAPER.md, "Grid").
-- bias: every parameter named ``*bias*`` (the LayerNorm biases included).
-- lora: peft LoRA on query_key_value, dense, dense_h_to_4h, dense_4h_to_h (the authors' targets; they
-  also adapted embed_in), alpha = peft's default unless given.
+- freeze: the input embedding and the first L - ceil(f*L) decoder blocks frozen; the last blocks and the final
+  norm train (PAPER.md, "Grid"). The blocks are found from the model (``decoder_blocks``: its ModuleList of
+  ``num_hidden_layers`` blocks), not by a name pattern.
+- bias: every parameter named ``*bias*`` (GPT-NeoX's LayerNorm biases included). A model without any (Llama,
+  Qwen3, Gemma, OLMo 2, Phi-3) cannot use it: the planner skips those cells (orchestrator/plan.py), and here it
+  is an error rather than a run that trains nothing.
+- lora: peft LoRA on every Linear inside the decoder blocks by default (core.models.ModelShape.default_lora_targets:
+  GPT-NeoX's query_key_value, dense, dense_h_to_4h, dense_4h_to_h -- the authors' targets; they also adapted
+  embed_in -- Llama's q/k/v/o/gate/up/down_proj, Phi-3's qkv_proj/o_proj/gate_up_proj/down_proj), or the grid's
+  targets; alpha = peft's default unless given.
 """
 from __future__ import annotations
 
-from core.flops import trained_blocks
+from core.models import ModelShape, trained_blocks
 
 
 def select_trainable(model, method: str, *, lora_rank=None, trainable_fraction=None, lora_alpha=None,
@@ -18,33 +23,56 @@ def select_trainable(model, method: str, *, lora_rank=None, trainable_fraction=N
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
+        targets = ModelShape.from_config(model.config.to_dict()).check_lora_targets(lora_targets)
         kwargs = {} if lora_alpha is None else {"lora_alpha": lora_alpha}
-        config = LoraConfig(r=lora_rank, lora_dropout=lora_dropout, target_modules=list(lora_targets),
-                            bias="none", **kwargs)
+        config = LoraConfig(r=lora_rank, lora_dropout=lora_dropout, target_modules=list(targets), bias="none",
+                            **kwargs)
         return get_peft_model(model, config)  # freezes the base model, adapters train
-    for name, p in model.named_parameters():
-        p.requires_grad_(_trains(name, method, model.config.num_hidden_layers, trainable_fraction))
+    if method == "full":
+        trains = {id(p) for p in model.parameters()}
+    elif method == "bias":
+        trains = {id(p) for name, p in model.named_parameters() if "bias" in name}
+        if not trains:
+            raise ValueError(f"method bias: the {model.config.model_type} model has no bias parameters")
+    elif method == "freeze":
+        trains = _freeze_trained(model, trainable_fraction)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trains)
     return model
 
 
-def _trains(name: str, method: str, n_layers: int, trainable_fraction) -> bool:
-    if method == "full":
-        return True
-    if method == "bias":
-        return "bias" in name
-    if method == "freeze":
-        first_trained = n_layers - trained_blocks(n_layers, trainable_fraction)
-        if name.startswith("layers."):
-            return int(name.split(".")[1]) >= first_trained
-        return not name.startswith("embed_in")
-    raise ValueError(f"unknown method {method!r}")
+def _freeze_trained(model, trainable_fraction: float) -> set[int]:
+    """ids of the parameters freeze trains: the last ceil(f * L) blocks and whatever is neither a block nor the
+    input embedding (the final norm)."""
+    blocks = decoder_blocks(model)
+    k = trained_blocks(len(blocks), trainable_fraction)
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    embedding = {id(p) for p in model.get_input_embeddings().parameters()}
+    trained = {id(p) for block in blocks[len(blocks) - k:] for p in block.parameters()}
+    return trained | {id(p) for p in model.parameters() if id(p) not in in_blocks | embedding}
+
+
+def decoder_blocks(model):
+    """The model's decoder blocks: the outermost ModuleList with ``config.num_hidden_layers`` entries (``layers``
+    in every supported family)."""
+    import torch
+
+    n = model.config.num_hidden_layers
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"no ModuleList of {n} decoder blocks in {type(model).__name__}")
 
 
 def count_params(model) -> tuple[int, int]:
-    """(N, N_tr): non-embedding parameters (names without 'emb'; LoRA adapters count) and the trainable part."""
+    """(N, N_tr): non-embedding parameters (all but the input embedding; LoRA adapters count) and the
+    trainable part."""
+    embedding = {id(p) for p in model.get_input_embeddings().parameters()}
     n = n_tr = 0
-    for name, p in model.named_parameters():
-        if "emb" in name:
+    for p in model.parameters():
+        if id(p) in embedding:
             continue
         n += p.numel()
         if p.requires_grad:
