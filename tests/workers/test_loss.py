@@ -138,6 +138,39 @@ def test_gradient_cache_equals_one_shot(tiny_model, method, kw, chunk):
         torch.testing.assert_close(cached[name], once[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("pooling", ["last", "weighted_mean"])
+def test_gradient_cache_equals_one_shot_for_every_pooling(tiny_model, pooling):
+    """The other poolings (workers/pooling.py) through the same cache; ``last`` on texts that end in the EOS the
+    data path appends. Sub-batches of 5 trim to their own longest row, so the pooled positions move: still equal."""
+    from workers.pooling import with_eos
+
+    tokenizer, model = load(tiny_model)
+    pairs = make_pairs(12)
+    encode = make_encoder(tokenizer, 75)
+    if pooling == "last":
+        encode = with_eos(encode, tokenizer.eos_token_id, 75)
+    batch = collate(encode([p["query"] for p in pairs]), encode([p["pos"][0] for p in pairs]),
+                    pad_id_of(tokenizer), 0)
+    assert all(r[-1] == tokenizer.eos_token_id for r in encode(["a text"])) or pooling != "last"
+    loss_once = contrastive_backward(model, batch, TAU, None, FP32, pooling=pooling)
+    once = grads(model)
+    loss_cached = contrastive_backward(model, batch, TAU, 5, FP32, pooling=pooling)
+    cached = grads(model)
+    loss_mean = contrastive_backward(model, batch, TAU, None, FP32)
+    grads(model)
+    assert loss_cached == pytest.approx(loss_once, abs=1e-5) and abs(loss_mean - loss_once) > 1e-4
+    for name in once:
+        torch.testing.assert_close(cached[name], once[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_gradient_cache_refuses_left_padding(tiny_model):
+    tokenizer, model = load(tiny_model)
+    batch = make_batch(tokenizer, 4)
+    batch.q_mask[0, 0] = 0  # a pad before real tokens (left padding): the sub-batch trim would cut real tokens
+    with pytest.raises(ValueError, match="right-padded"):
+        contrastive_backward(model, batch, TAU, 2, FP32)
+
+
 def _reference_with_dropout(model, batch, chunk):
     """One differentiable pass that draws dropout in the gradient cache's order: q sub-batches, then d."""
     sides = [(batch.q_ids, batch.q_mask), (batch.d_ids, batch.d_mask)]
@@ -161,7 +194,7 @@ def test_gradient_cache_replays_lora_dropout(tiny_model, chunk, checkpointing):
     cache equal a differentiable pass that drew the same masks."""
     tokenizer, model = load(tiny_model, "lora", lora_rank=4, lora_dropout=0.3)
     if checkpointing:
-        _enable_checkpointing(model)
+        enable_checkpointing(model)
     batch = make_batch(tokenizer, 12)
     # the B matrices start at 0, which hides dropout on the adapters' path: give them weights first
     with torch.no_grad():
