@@ -62,8 +62,9 @@ def export_command(args) -> int:
     max_length = int((grid.get("train") or {}).get("max_length") or default("max_length"))
     pooling = row.get("pooling") or "mean"  # a store from before the pooling axis: the study's mean
     export_model(row["model"], weights, pooling, max_length, out)
+    loss = "n/a" if row.get("eval_loss") is None else f"{row['eval_loss']:.4f}"
     print(f"exported trial {row['trial_id']} ({row['method']}, {row['model']}, pooling {pooling}, budget "
-          f"{row['budget_flops']:.3g} FLOP, eval_loss {row['eval_loss']:.4f}) to {out}", file=sys.stderr)
+          f"{row['budget_flops']:.3g} FLOP, eval_loss {loss}) to {out}", file=sys.stderr)
     return 0
 
 

@@ -25,7 +25,7 @@ from core.spec import LORA_TARGETS
 from core.storage import arrow_schema
 from core.store import TRIAL_COLUMNS
 from orchestrator.cli import main
-from workers.export import select_trial, ExportError
+from workers.export import ExportError, select_trial
 from workers.methods import select_trainable
 from workers.records import load_eval_pairs, make_encoder
 from workers.weights import model_uri, save_trained
@@ -80,7 +80,8 @@ def write_store(root, rows: list[dict], budgets=(BUDGET, 4 * BUDGET), name="sw")
     with open(os.path.join(sweep, "grid.yaml"), "w") as f:
         yaml.safe_dump({"grid": grid, "history": []}, f)
     full = [{"sweep": name, "budget_flops": BUDGET, "status": "completed", "pooling": "mean"} | r for r in rows]
-    pq.write_table(pa.Table.from_pylist(full, schema=arrow_schema(TRIAL_COLUMNS)), os.path.join(sweep, "trials.parquet"))
+    table = pa.Table.from_pylist(full, schema=arrow_schema(TRIAL_COLUMNS))
+    pq.write_table(table, os.path.join(sweep, "trials.parquet"))
     return sweep
 
 
