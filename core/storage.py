@@ -85,6 +85,16 @@ def delete(uri: str) -> None:
         fs.delete_file(path)
 
 
+def file_sizes(uri: str) -> dict[str, int]:
+    """{path relative to ``uri``: bytes} of every file below the directory ``uri`` ({} when it does not exist)."""
+    pafs = _pafs()
+    fs, path = resolve(uri)
+    root = path.rstrip("/") + "/"
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return {i.path[len(root):]: i.size or 0 for i in infos
+            if i.type == pafs.FileType.File and i.path.startswith(root)}
+
+
 def arrow_schema(columns: tuple[tuple[str, str], ...]):
     """The pyarrow schema of one of core/store.py's tables."""
     import pyarrow as pa

@@ -9,6 +9,7 @@ otherwise become a silent null column).
     <storage>/<sweep>/trials.parquet       one row per trial, its latest state
     <storage>/<sweep>/metrics/<id>.parquet one row per reported step, each (trial_id, step) once
     <storage>/<sweep>/checkpoints/<id>/    a running trial's own checkpoints (safetensors + JSON)
+    <storage>/<sweep>/models/<id>/         a completed trial's trained weights (safetensors + manifest.json)
     <storage>/<sweep>/analysis/            what `fit` writes by default
 """
 from __future__ import annotations
@@ -20,6 +21,8 @@ GRID_FILE = "grid.yaml"
 TRIALS_FILE = "trials.parquet"
 METRICS_DIR = "metrics"
 CHECKPOINTS_DIR = "checkpoints"
+MODELS_DIR = "models"  # <sweep>/models/<trial_id>/: a completed trial's kept weights (workers/weights.py)
+MODEL_MANIFEST = "manifest.json"  # written last: a models/<trial_id>/ without it is a save that did not finish
 ANALYSIS_DIR = "analysis"
 
 TRIAL_STATUSES = ("pending", "running", "completed", "failed", "skipped")
@@ -84,6 +87,34 @@ def checkpoint_uri(sweep: str, trial_id: str) -> str:
     return join(sweep, CHECKPOINTS_DIR, trial_id)
 
 
+def model_uri(sweep: str, trial_id: str) -> str:
+    """Where a trial's kept weights live: ``<sweep>/models/<trial_id>``."""
+    return join(sweep, MODELS_DIR, trial_id)
+
+
+def model_uri_for_checkpoint(checkpoint: str) -> str:
+    """A trial's ``<sweep>/checkpoints/<trial_id>`` -> ``<sweep>/models/<trial_id>`` (what the worker is given)."""
+    head, _, trial_id = checkpoint.rstrip("/").rpartition("/")
+    sweep, _, folder = head.rpartition("/")
+    if folder != CHECKPOINTS_DIR or not trial_id or not sweep:
+        raise ValueError(f"{checkpoint}: not <sweep>/{CHECKPOINTS_DIR}/<trial_id>")
+    return model_uri(sweep, trial_id)
+
+
+def kept_weights_bytes(sweep: str) -> dict[str, int]:
+    """{trial_id: bytes} of every finished save under ``<sweep>/models/`` (one listing; `status` shows them)."""
+    from core import storage
+
+    sizes, finished = {}, set()
+    for rel, size in storage.file_sizes(join(sweep, MODELS_DIR)).items():
+        parts = rel.split("/")
+        if len(parts) != 2 or parts[1].startswith(".tmp-"):
+            continue
+        finished.update([parts[0]] if parts[1] == MODEL_MANIFEST else [])
+        sizes[parts[0]] = sizes.get(parts[0], 0) + size
+    return {t: sizes[t] for t in sorted(finished)}
+
+
 def data_cap_tokens(data: dict | None, model: str | None = None) -> int | None:
     """The one data cap (grid.yaml's ``data``, written by the driver from the planner's measurement): the real
     tokens ``max_epochs`` passes over the training pairs hold, for ``model``'s tokenizer (None: the largest over
@@ -98,3 +129,7 @@ def data_cap_tokens(data: dict | None, model: str | None = None) -> int | None:
 # The live driver's claim on a sweep (orchestrator/lease.py): JSON {host, pid, started_at, heartbeat_at, expiry_s,
 # token}, created only if absent and renewed only by compare-and-swap (core/storage.py "conditional writes").
 LEASE_FILE = "lease"
+
+# Storage-wide, beside the sweeps (sweep names never start with "_"): content-addressed token caches shared by
+# sweeps, <storage>/_cache/tokens/<key>/ (workers/token_cache.py)
+CACHE_DIR = "_cache"

@@ -16,8 +16,8 @@ by core.storage (temp + rename locally, one PUT on object stores), so saving aga
 but before the driver heard it was done) replaces the manifest atomically, then removes the weights it no longer
 names: readers see the old save or the new one, never half of either.
 
-torch, safetensors and peft are imported inside the functions that use them: ``stored_bytes`` (for ``status``)
-needs only core.storage.
+torch, safetensors and peft are imported inside the functions that use them. The layout's names (``model_uri``,
+the manifest's name) and the byte count `status` shows (``kept_weights_bytes``) are core/store.py's.
 """
 from __future__ import annotations
 
@@ -28,34 +28,15 @@ import time
 
 from core import storage
 from core.errors import UserError
-from core.store import CHECKPOINTS_DIR
+from core.spec import METHODS
+from core.store import MODEL_MANIFEST, kept_weights_bytes, model_uri, model_uri_for_checkpoint  # noqa: F401
 
-MODELS_DIR = "models"  # <sweep>/models/<trial_id>/ (CONTRACTS.md "The store"); belongs with core/store.py's names
-MANIFEST = "manifest.json"
+MANIFEST = MODEL_MANIFEST
 FORMAT = "repurpose-trained-weights/1"
-METHODS = ("full", "freeze", "bias", "lora")
 
 
 class WeightsError(UserError):
     """Kept weights that are missing or unusable; the message names the directory."""
-
-
-def models_uri(sweep: str) -> str:
-    return storage.join(sweep, MODELS_DIR)
-
-
-def model_uri(sweep: str, trial_id: str) -> str:
-    """Where a trial's kept weights live: ``<sweep>/models/<trial_id>``."""
-    return storage.join(sweep, MODELS_DIR, trial_id)
-
-
-def model_uri_for_checkpoint(checkpoint_uri: str) -> str:
-    """A trial's ``<sweep>/checkpoints/<trial_id>`` (core.store.checkpoint_uri) -> ``<sweep>/models/<trial_id>``."""
-    head, _, trial_id = checkpoint_uri.rstrip("/").rpartition("/")
-    sweep, _, checkpoints = head.rpartition("/")
-    if checkpoints != CHECKPOINTS_DIR or not trial_id or not sweep:
-        raise ValueError(f"{storage.redact(checkpoint_uri)}: not <sweep>/{CHECKPOINTS_DIR}/<trial_id>")
-    return model_uri(sweep, trial_id)
 
 
 # --- save ---------------------------------------------------------------------------------------------------
@@ -189,26 +170,8 @@ def _merge_lora(model, tensors: dict, config: dict, uri: str):
 
 # --- sizes (for `status`) -----------------------------------------------------------------------------------
 def stored_bytes(sweep: str) -> dict[str, int]:
-    """{trial_id: bytes} of every finished save under ``<sweep>/models/`` (one listing; no torch)."""
-    import pyarrow.fs as pafs
-
-    fs, path = storage.resolve(models_uri(sweep))
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    sizes: dict[str, int] = {}
-    finished: set[str] = set()
-    root = path.rstrip("/") + "/"
-    for info in infos:
-        if info.type != pafs.FileType.File or not info.path.startswith(root):
-            continue
-        parts = info.path[len(root):].split("/")
-        if len(parts) != 2:
-            continue
-        trial_id, name = parts
-        if name == MANIFEST:
-            finished.add(trial_id)
-        if not name.startswith(".tmp-"):
-            sizes[trial_id] = sizes.get(trial_id, 0) + (info.size or 0)
-    return {t: sizes[t] for t in sorted(finished)}
+    """{trial_id: bytes} of every finished save under ``<sweep>/models/`` (core.store.kept_weights_bytes)."""
+    return kept_weights_bytes(sweep)
 
 
 def total_bytes(sweep: str) -> int:
