@@ -1,4 +1,5 @@
-"""A mini Pythia suite, pretrained here: small GPT-NeoX LMs and their data for an offline `repurpose demo`.
+"""Mini model suites, pretrained here: small GPT-NeoX (Pythia) and Llama LMs and their data for an offline
+`repurpose demo`.
 
 The study repurposes *pretrained* LMs (PAPER.md: the Pythia suite). Without a network there is no hub, so
 this module makes a suite on the spot, from text every Python carries (workers/pairs.py):
@@ -7,7 +8,9 @@ this module makes a suite on the spot, from text every Python carries (workers/p
    trained on the stdlib corpus with ``tokenizers``;
 2. four GPT-NeoX models with Pythia's shape rules (intermediate = 4 * hidden, rotary on 25 % of each head,
    parallel residual, head dim 32 like pythia-14m/31m; the two largest have exactly pythia-14m's and
-   pythia-31m's blocks, so the same non-embedding N), spanning 47x in N;
+   pythia-31m's blocks, so the same non-embedding N), spanning 47x in N; and a second family (``family="llama"``),
+   four Llama-architecture models (RMSNorm, SwiGLU MLP, full RoPE, grouped-query attention, no biases: the
+   SmolLM2 / Llama 3.x block) of the same widths and depths, pretrained the same way on the same tokens;
 3. causal-LM pretraining of each (AdamW, warmup + cosine, bf16 autocast on CPU), the same token order for
    all (as in Pythia), tokens growing with N;
 4. ``save_pretrained`` of the backbone (``GPTNeoXModel``: what ``AutoModel`` loads, no LM head) with the
@@ -15,7 +18,7 @@ this module makes a suite on the spot, from text every Python carries (workers/p
    ``lr: auto`` works, plus the pretraining loss and tokens.
 
 Everything lives in the user cache dir (``$REPURPOSE_CACHE`` or ``platformdirs.user_cache_dir("repurpose")``)
-under ``suite/<key>``, the key a hash of the suite definition and the code/data versions (marin's
+under ``suite/<key>``, one key per family, a hash of that family's definition and the code/data versions (marin's
 executor habit, STYLE.md): a second ``build_suite`` finds the models and returns at once. Each model is
 written to a temporary directory and renamed into place, so a half-built model is never listed.
 """
@@ -32,8 +35,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
-from workers.flops import NeoxShape
-from workers.models import PRETRAIN_LR_KEY
+from core.errors import UserError
+from core.flops import NeoxShape
+from core.models import PRETRAIN_LR_KEY, ModelShape
 from workers.pairs import PAIRS_VERSION, build_pairs, iter_corpus_texts
 
 SUITE_VERSION = 1  # bump when training or saving changes: it is part of the cache key
@@ -113,6 +117,53 @@ SUITE: tuple[MiniPythia, ...] = (
 
 
 @dataclass(frozen=True)
+class MiniLlama:
+    """One model of the Llama-architecture series: its shape and pretraining lr."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    pretrain_lr: float
+
+    def shape(self, vocab: int = VOCAB_SIZE) -> ModelShape:
+        return ModelShape.from_config(self.config(vocab).to_dict())
+
+    @property
+    def n_params(self) -> int:
+        return self.shape().n_params()
+
+    @property
+    def name(self) -> str:
+        return f"mini-llama-{self.n_params / 1e6:.2g}m"
+
+    def config(self, vocab: int = VOCAB_SIZE):
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            vocab_size=vocab, hidden_size=self.hidden, num_hidden_layers=self.layers,
+            num_attention_heads=self.heads, num_key_value_heads=self.kv_heads, intermediate_size=self.intermediate,
+            hidden_act="silu", max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-5, rope_theta=10000.0,
+            attention_bias=False, mlp_bias=False, initializer_range=0.02, tie_word_embeddings=False,
+            attention_dropout=0.0, bos_token_id=0, eos_token_id=0,
+        )
+
+
+# The Pythia minis' widths, depths and head dim 32, in the Llama block: SwiGLU's intermediate ~ 8/3 * hidden
+# rounded up to a multiple of 16 (Llama's rule, keeping the MLP's parameters ~ Pythia's 4 * hidden GELU MLP's
+# two-thirds), grouped-query attention with half the heads for K/V where heads are even (SmolLM2-360M: 15/5;
+# Llama 3.2: 32/8). lr: the Pythia minis' at the same width (not scanned for this family).
+LLAMA_SUITE: tuple[MiniLlama, ...] = (
+    MiniLlama(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=176, pretrain_lr=5e-3),   # N = 92,480
+    MiniLlama(hidden=96, layers=3, heads=3, kv_heads=3, intermediate=256, pretrain_lr=3e-3),   # N = 332,448
+    MiniLlama(hidden=128, layers=6, heads=4, kv_heads=2, intermediate=352, pretrain_lr=3e-3),  # N = 1,107,584
+    MiniLlama(hidden=256, layers=6, heads=8, kv_heads=4, intermediate=688, pretrain_lr=2e-3),  # N = 4,353,280
+)
+SUITES = {"pythia": SUITE, "llama": LLAMA_SUITE}  # family -> its series, smallest first
+
+
+@dataclass(frozen=True)
 class SuiteModel:
     """A built model of the suite, as its config.json describes it."""
 
@@ -127,9 +178,10 @@ class SuiteModel:
     layers: int
     heads: int
     train_s: float
+    family: str = "gpt_neox"  # model_type
 
 
-class SuiteError(ValueError):
+class SuiteError(UserError):
     """A bad suite request (an unknown size); the message lists what exists."""
 
 
@@ -158,32 +210,43 @@ def _python_version() -> str:
     return "%d.%d.%d" % sys.version_info[:3]
 
 
-def suite_key(token_scale: float = 1.0) -> str:
-    """Hash of everything that defines the suite's weights (not of which sizes were asked for)."""
+def _series(family: str) -> tuple:
+    if family not in SUITES:
+        raise SuiteError(f"unknown suite family {family!r}; the suites are {', '.join(SUITES)}")
+    return SUITES[family]
+
+
+def suite_key(token_scale: float = 1.0, family: str = "pythia") -> str:
+    """Hash of everything that defines a family's weights (not of which sizes were asked for). Pythia's
+    definition is the one from before the Llama series existed (its cache stays valid); another family adds
+    its name."""
     definition = {
-        "suite": [asdict(m) for m in SUITE], "suite_version": SUITE_VERSION, "pairs_version": PAIRS_VERSION,
+        "suite": [asdict(m) for m in _series(family)], "suite_version": SUITE_VERSION, "pairs_version": PAIRS_VERSION,
         "python": _python_version(), "vocab": VOCAB_SIZE, "seq_len": SEQ_LEN, "batch_seqs": BATCH_SEQS,
         "eval_seqs": EVAL_SEQS, "seed": SEED, "token_scale": token_scale,
         "tokens": [TOKENS_PER_SQRT_PARAM, MIN_TOKENS, MAX_TOKENS, CHARS_PER_TOKEN],
         "optim": [BETAS, EPS, WEIGHT_DECAY, GRAD_CLIP, WARMUP_FRACTION, FINAL_LR_FRACTION],
     }
+    if family != "pythia":
+        definition["family"] = family
     return hashlib.sha1(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def suite_dir(cache_dir: str | None = None, token_scale: float = 1.0) -> str:
-    return os.path.join(cache_root(cache_dir), "suite", suite_key(token_scale))
+def suite_dir(cache_dir: str | None = None, token_scale: float = 1.0, family: str = "pythia") -> str:
+    return os.path.join(cache_root(cache_dir), "suite", suite_key(token_scale, family))
 
 
-def _select(sizes: Iterable[str] | None) -> list[MiniPythia]:
-    """Models by name ('mini-pythia-0.1m') or size label ('0.1m'); None = the whole suite."""
+def _select(sizes: Iterable[str] | None, family: str = "pythia") -> list:
+    """Models by name ('mini-pythia-0.1m') or size label ('0.1m'); None = the family's whole series."""
+    series = _series(family)
     if sizes is None:
-        return list(SUITE)
-    by_label = {m.name: m for m in SUITE} | {m.name.removeprefix("mini-pythia-"): m for m in SUITE}
+        return list(series)
+    by_label = {m.name: m for m in series} | {m.name.removeprefix(f"mini-{family}-"): m for m in series}
     unknown = [s for s in sizes if s not in by_label]
     if unknown:
-        raise SuiteError(f"unknown suite size(s) {unknown}; the suite has {[m.name for m in SUITE]}")
+        raise SuiteError(f"unknown suite size(s) {unknown}; the {family} suite has {[m.name for m in series]}")
     wanted = {by_label[s] for s in sizes}
-    return [m for m in SUITE if m in wanted]
+    return [m for m in series if m in wanted]
 
 
 def _publish(tmp: str, final: str) -> None:
@@ -224,7 +287,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = VOCAB_SIZE):
 
 
 def suite_tokens(token_scale: float = 1.0) -> int:
-    """Tokens the suite's data must hold: the largest model's pretraining tokens + the held-out sequences."""
+    """Tokens the suite's data must hold: the largest model's pretraining tokens + the held-out sequences.
+    Pythia's series sets it for every family, so all train on the same documents in the same order."""
     return max(pretrain_tokens(m.n_params, token_scale) for m in SUITE) + EVAL_SEQS * SEQ_LEN
 
 
@@ -303,20 +367,20 @@ def heldout_loss(model, seqs) -> float:
     return sum(losses) / len(losses)
 
 
-def pretrain(spec: MiniPythia, train_seqs, eval_seqs, tokens: int, progress=None):
-    """Train a fresh GPTNeoXForCausalLM on ``tokens`` tokens of ``train_seqs`` (cycled if too few: only
-    when ``token_scale`` asks for more than the whole corpus).
+def pretrain(spec, train_seqs, eval_seqs, tokens: int, progress=None):
+    """Train a fresh causal LM of ``spec`` (MiniPythia or MiniLlama) on ``tokens`` tokens of ``train_seqs``
+    (cycled if too few: only when ``token_scale`` asks for more than the whole corpus).
 
     Returns (model, initial held-out loss, final held-out loss). ``progress``: a rich Progress or None.
     """
     import torch
-    from transformers import GPTNeoXForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(SEED)
-    model = GPTNeoXForCausalLM(spec.config())
+    model = AutoModelForCausalLM.from_config(spec.config())
     initial = heldout_loss(model, eval_seqs)
     steps = tokens // (BATCH_SEQS * SEQ_LEN)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]  # no decay on biases and LayerNorms
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]  # no decay on biases and norms
     rest = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": rest, "weight_decay": 0.0}],
                             lr=spec.pretrain_lr, betas=BETAS, eps=EPS)
@@ -341,11 +405,12 @@ def pretrain(spec: MiniPythia, train_seqs, eval_seqs, tokens: int, progress=None
     return model, initial, final
 
 
-def _save(spec: MiniPythia, model, tokenizer, out_dir: str, *, initial: float, final: float, tokens: int,
+def _save(spec, model, tokenizer, out_dir: str, *, initial: float, final: float, tokens: int,
           train_s: float, key: str) -> None:
-    """The backbone (GPTNeoXModel: AutoModel loads it with no missing or unexpected weights) + tokenizer."""
-    base = model.gpt_neox
-    base.config.architectures = ["GPTNeoXModel"]
+    """The backbone (GPTNeoXModel / LlamaModel: AutoModel loads it with no missing or unexpected weights) +
+    tokenizer."""
+    base = model.base_model
+    base.config.architectures = [type(base).__name__]
     meta = {
         PRETRAIN_LR_KEY: spec.pretrain_lr, "repurpose_pretrain_loss": round(final, 5),
         "repurpose_initial_loss": round(initial, 5), "repurpose_pretrain_tokens": tokens,
@@ -370,11 +435,12 @@ def _read_model(path: str) -> SuiteModel:
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
     return SuiteModel(
-        name=cfg["repurpose_name"], path=path, n_params=NeoxShape.from_config(cfg).n_params(),
+        name=cfg["repurpose_name"], path=path, n_params=ModelShape.from_config(cfg).n_params(),
         pretrain_lr=float(cfg[PRETRAIN_LR_KEY]), pretrain_loss=float(cfg["repurpose_pretrain_loss"]),
         initial_loss=float(cfg["repurpose_initial_loss"]), pretrain_tokens=int(cfg["repurpose_pretrain_tokens"]),
         hidden=int(cfg["hidden_size"]), layers=int(cfg["num_hidden_layers"]),
         heads=int(cfg["num_attention_heads"]), train_s=float(cfg["repurpose_train_s"]),
+        family=cfg.get("model_type", "gpt_neox"),
     )
 
 
@@ -393,8 +459,8 @@ def _progress(enabled: bool):
 
 
 def build_suite(cache_dir: str | None = None, force: bool = False, sizes: Iterable[str] | None = None,
-                progress: bool = True, token_scale: float = 1.0) -> list[SuiteModel]:
-    """Build (or find) the suite's models; returns them smallest first.
+                progress: bool = True, token_scale: float = 1.0, family: str = "pythia") -> list[SuiteModel]:
+    """Build (or find) a family's suite models (``family``: pythia or llama); returns them smallest first.
 
     ``sizes``: names or labels ('0.1m') to build, default all. ``force``: retrain those models even if
     built (the suite's tokenizer and token order are kept: the other models were trained with them).
@@ -402,9 +468,9 @@ def build_suite(cache_dir: str | None = None, force: bool = False, sizes: Iterab
     """
     if token_scale <= 0:
         raise SuiteError(f"token_scale must be > 0, got {token_scale}")
-    specs = _select(sizes)
-    key = suite_key(token_scale)
-    root = suite_dir(cache_dir, token_scale)
+    specs = _select(sizes, family)
+    key = suite_key(token_scale, family)
+    root = suite_dir(cache_dir, token_scale, family)
     todo = [m for m in specs if force or not os.path.isfile(os.path.join(root, m.name, "config.json"))]
     if todo:
         os.makedirs(root, exist_ok=True)
@@ -421,16 +487,16 @@ def build_suite(cache_dir: str | None = None, force: bool = False, sizes: Iterab
     return [_read_model(os.path.join(root, m.name)) for m in specs]
 
 
-def list_suite(cache_dir: str | None = None, token_scale: float = 1.0) -> list[SuiteModel]:
-    """The suite's models already built (smallest first); builds nothing."""
-    root = suite_dir(cache_dir, token_scale)
-    return [_read_model(os.path.join(root, m.name)) for m in SUITE
+def list_suite(cache_dir: str | None = None, token_scale: float = 1.0, family: str = "pythia") -> list[SuiteModel]:
+    """A family's suite models already built (smallest first); builds nothing."""
+    root = suite_dir(cache_dir, token_scale, family)
+    return [_read_model(os.path.join(root, m.name)) for m in _series(family)
             if os.path.isfile(os.path.join(root, m.name, "config.json"))]
 
 
-def suite_paths(cache_dir: str | None = None, token_scale: float = 1.0) -> dict[str, str]:
-    """{name: checkpoint path} of the built models, smallest first."""
-    return {m.name: m.path for m in list_suite(cache_dir, token_scale)}
+def suite_paths(cache_dir: str | None = None, token_scale: float = 1.0, family: str = "pythia") -> dict[str, str]:
+    """{name: checkpoint path} of a family's built models, smallest first."""
+    return {m.name: m.path for m in list_suite(cache_dir, token_scale, family)}
 
 
 def demo_data(cache_dir: str | None = None, eval_fraction: float = 0.05) -> dict:
@@ -449,3 +515,32 @@ def demo_data(cache_dir: str | None = None, eval_fraction: float = 0.05) -> dict
     with open(os.path.join(path, "pairs.json")) as f:
         info = json.load(f)
     return info | {"train": os.path.join(path, "train.jsonl"), "eval": os.path.join(path, "eval.jsonl")}
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def build_command(args) -> int:
+    """`repurpose suite build [--out DIR]`: builds (or reuses) every model of both families and the demo's pairs."""
+    data = demo_data(args.out)
+    models = [m for family in SUITES for m in build_suite(args.out, family=family)]
+    print(f"pairs: {data['n_train']:,} train, {data['n_eval']:,} eval -> {os.path.dirname(data['train'])}")
+    print(_table(models))
+    return 0
+
+
+def list_command(args) -> int:
+    """`repurpose suite list [--json]`: the models already built; builds nothing."""
+    models = [m for family in SUITES for m in list_suite(getattr(args, "out", None), family=family)]
+    if args.json:
+        print(json.dumps([m.__dict__ for m in models]))
+    elif not models:
+        print(f"no suite models built under {suite_dir(getattr(args, 'out', None))} (`repurpose suite build`)")
+    else:
+        print(_table(models))
+    return 0
+
+
+def _table(models: list[SuiteModel]) -> str:
+    return "\n".join(f"{m.name:<20} N={m.n_params:>10,}  layers {m.layers}  hidden {m.hidden}  "
+                     f"pretrain loss {m.pretrain_loss:.2f}  {m.path}" for m in models)

@@ -133,3 +133,65 @@ def test_demo_data_builds_pairs_once(tmp_path):
     t0 = time.perf_counter()
     assert S.demo_data(cache_dir=str(tmp_path)) == info
     assert time.perf_counter() - t0 < 0.5
+
+
+# ------------------------------------------------------------------------------------ the Llama series
+
+
+def test_llama_series_is_the_llama_block_at_the_pythia_widths():
+    from core.models import ModelShape
+
+    assert [m.n_params for m in S.LLAMA_SUITE] == sorted(m.n_params for m in S.LLAMA_SUITE)
+    assert S.LLAMA_SUITE[-1].n_params / S.LLAMA_SUITE[0].n_params >= 30
+    for mini, llama in zip(S.SUITE, S.LLAMA_SUITE):
+        assert (llama.hidden, llama.layers, llama.heads) == (mini.hidden, mini.layers, mini.heads)
+        cfg = llama.config().to_dict()
+        shape = ModelShape.from_config(cfg)
+        assert cfg["model_type"] == "llama" and cfg["hidden_act"] == "silu" and not cfg["attention_bias"]
+        assert shape.bias_params() == 0 and shape.hd == 32 and llama.heads % llama.kv_heads == 0
+        assert set(shape.default_lora_targets()) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                      "down_proj"}
+        assert llama.name.startswith("mini-llama-")
+
+
+def test_pythia_cache_key_is_unchanged_by_the_second_family():
+    """The Pythia suite's key hashes the definition it had before the Llama series (built suites stay valid)."""
+    import hashlib
+
+    definition = {
+        "suite": [{"hidden": m.hidden, "layers": m.layers, "heads": m.heads, "pretrain_lr": m.pretrain_lr}
+                  for m in S.SUITE],
+        "suite_version": S.SUITE_VERSION, "pairs_version": S.PAIRS_VERSION, "python": S._python_version(),
+        "vocab": S.VOCAB_SIZE, "seq_len": S.SEQ_LEN, "batch_seqs": S.BATCH_SEQS, "eval_seqs": S.EVAL_SEQS,
+        "seed": S.SEED, "token_scale": 1.0,
+        "tokens": [S.TOKENS_PER_SQRT_PARAM, S.MIN_TOKENS, S.MAX_TOKENS, S.CHARS_PER_TOKEN],
+        "optim": [S.BETAS, S.EPS, S.WEIGHT_DECAY, S.GRAD_CLIP, S.WARMUP_FRACTION, S.FINAL_LR_FRACTION],
+    }
+    assert S.suite_key() == hashlib.sha1(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:12]
+    assert S.suite_key(family="llama") != S.suite_key() and S.suite_dir(family="llama") != S.suite_dir()
+    with pytest.raises(S.SuiteError, match="mini-llama-"):
+        S.build_suite(sizes=["0.1m"], family="llama")
+    with pytest.raises(S.SuiteError, match="pythia, llama"):
+        S.build_suite(family="gemma")
+
+
+def test_llama_build_saves_a_loadable_pretrained_llama(tmp_path):
+    import torch
+    from transformers import AutoModel
+
+    from core.models import model_shape
+
+    smallest = S.LLAMA_SUITE[0]
+    (m,) = S.build_suite(cache_dir=str(tmp_path), sizes=[smallest.name], progress=False, token_scale=TOKEN_SCALE,
+                         family="llama")
+    model, info = AutoModel.from_pretrained(m.path, output_loading_info=True)
+    assert type(model).__name__ == "LlamaModel" and not info["missing_keys"] and not info["unexpected_keys"]
+    n_model = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    assert m.family == "llama" and m.n_params == model_shape(m.path).n_params() == n_model == smallest.n_params
+    assert not [name for name, _ in model.named_parameters() if "bias" in name]
+    assert auto_lr(m.path) == pytest.approx(smallest.pretrain_lr / 10)
+    assert m.pretrain_loss < m.initial_loss - 0.5  # it learned
+    out = model(input_ids=torch.tensor([[5, 6, 7]])).last_hidden_state
+    assert out.shape == (1, 3, m.hidden) and torch.isfinite(out).all()
+    assert S.list_suite(str(tmp_path), TOKEN_SCALE, family="llama") == [m]
+    assert S.list_suite(str(tmp_path), TOKEN_SCALE) == []  # the families live apart
