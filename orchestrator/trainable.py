@@ -1,7 +1,9 @@
 """The trial entry point on a Ray worker: a thin adapter from Tune to ``workers.trial.run_trial``, or, for a
-trial planned onto k GPUs (``deepspeed_gpus``), to DeepSpeed on k ranks (``workers.distributed``).
+trial planned onto k GPUs (``deepspeed_gpus``), to DeepSpeed on k ranks (``workers.distributed``'s recipe, its
+ranks started by orchestrator/launchers.py).
 
-The only place the orchestrator touches torch, and only inside the function (the driver never imports it).
+The orchestrator touches torch only here and in orchestrator/launchers.py, and only inside functions that run on
+a Ray worker (the driver never imports it).
 """
 from __future__ import annotations
 

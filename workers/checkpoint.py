@@ -83,3 +83,27 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Te
             _, i, k = key.split(".", 2)
             state.setdefault(int(i), {})[k] = v
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def trainer_tensors(trainable: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer
+                    ) -> tuple[dict[str, torch.Tensor], dict]:
+    """A one-device trial's tensors (trainable parameters, AdamW's state, the RNG) and the JSON state they need
+    (AdamW's param groups). Frozen weights are not saved: the model gives them again."""
+    opt_tensors, groups = optimizer_tensors(optimizer)
+    tensors = {f"param.{name}": p for name, p in trainable} | opt_tensors | {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    return tensors, {"param_groups": groups}
+
+
+def restore_trainer(restored: tuple[dict[str, torch.Tensor], dict], trainable: list[tuple[str, torch.nn.Parameter]],
+                    optimizer: torch.optim.Optimizer) -> None:
+    """Sets back what ``trainer_tensors`` saved."""
+    tensors, state = restored
+    with torch.no_grad():
+        for name, p in trainable:
+            p.copy_(tensors[f"param.{name}"])
+    load_optimizer(optimizer, tensors, state["param_groups"])
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])

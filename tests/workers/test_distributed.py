@@ -1,4 +1,5 @@
-"""workers/distributed.py: one contrastive batch over 2 ranks (gloo, CPU) equals the single-process batch.
+"""workers/distributed.py and workers/zero_checkpoint.py: one contrastive batch over 2 ranks (gloo, CPU) equals
+the single-process batch.
 
 - the math in plain torch.distributed: global loss and averaged parameter gradients equal the single-process
   ones, with and without the gradient cache, for full fine-tuning and LoRA, sharded and (uneven batch) whole;
@@ -23,8 +24,9 @@ import os
 import pytest
 import torch
 
-from workers import checkpoint, storage
-from workers.spec import TrialSpec
+from core import storage
+from workers import checkpoint
+from core.spec import TrialSpec
 
 TAU = 0.025
 FP32 = contextlib.nullcontext
@@ -138,13 +140,13 @@ def test_deepspeed_config_default_and_override(tmp_path):
         path.write_text(json.dumps(bad))
         with pytest.raises(DeepSpeedConfigError, match=f"deepspeed_config.{next(iter(bad))}"):
             read_override(str(path))
-        with pytest.raises(ValueError, match=f"deepspeed_config.{next(iter(bad))}"):
-            TrialSpec(model="m", method="full", budget_flops=1e9, train_data="d", deepspeed_config=json.dumps(bad))
+        with pytest.raises(DeepSpeedConfigError, match=f"deepspeed_config.{next(iter(bad))}"):
+            read_override(json.dumps(bad))  # inline: the same check the grid runs at its edge (core.spec)
     path.write_text("[1, 2]")
     with pytest.raises(DeepSpeedConfigError, match="JSON object"):
         read_override(str(path))
-    with pytest.raises(ValueError, match="deepspeed_config"):
-        TrialSpec(model="m", method="full", budget_flops=1e9, train_data="d", deepspeed_config="{stage: 3")
+    with pytest.raises(DeepSpeedConfigError, match="not JSON"):
+        read_override("{stage: 3")
     # a runtime knob: how the engine runs does not change the trial's id
     spec = TrialSpec(model="m", method="full", budget_flops=1e9, train_data="d")
     other = TrialSpec(model="m", method="full", budget_flops=1e9, train_data="d", deepspeed_config=json.dumps(override))
@@ -173,7 +175,7 @@ def _math_rank(rank, world, port, model_dir, pairs_file, out_dir):
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from workers.distributed import average_gradients, contrastive_backward_sharded
+    from distkit import average_gradients, contrastive_backward_sharded
 
     _init(rank, world, port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -315,12 +317,13 @@ def _checkpoint_rank(rank, world, port, root):
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
     from safetensors.torch import save_file
 
-    from workers.distributed import ADAM_MOMENTS, Ranks, _adam_step, _optimizer, _restore, _save, deepspeed_config
-    from workers.trial import Progress
+    from workers.distributed import _optimizer, deepspeed_config
+    from workers.steps import Progress
+    from workers.zero_checkpoint import ADAM_MOMENTS, adam_step, restore, save
 
     _init(rank, world, port)
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
-    ranks, cpu = Ranks(rank, world, rank), torch.device("cpu")
+    cpu = torch.device("cpu")
     data = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 5, generator=data), torch.randn(8, 1, generator=data)  # 4 rows a rank
 
@@ -352,17 +355,17 @@ def _checkpoint_rank(rank, world, port, root):
         uri = os.path.join(root, str(i))
         ref = engine(zero)
         train(ref, 2)
-        _save(ref, uri, Progress(step=2), time.perf_counter(), ranks, cpu)
+        save(ref, uri, Progress(step=2), time.perf_counter(), rank, cpu)
         saved = full_state(ref)
         ref_losses = train(ref, 2)
         ref_after = full_state(ref)
         ref.destroy()
         resumed = engine(other)
-        progress = _restore(resumed, checkpoint.load(uri), ranks)
+        progress = restore(resumed, checkpoint.load(uri), rank)
         restored = full_state(resumed)
         losses = train(resumed, 2)
         after = full_state(resumed)
-        out[f"{i}.steps"] = torch.tensor([progress.step, _adam_step(resumed)])
+        out[f"{i}.steps"] = torch.tensor([progress.step, adam_step(resumed)])
         resumed.destroy()
         out[f"{i}.loss"] = torch.tensor([ref_losses, losses])
         for key in saved:

@@ -81,7 +81,7 @@ def test_hardware_flops_match_torch_flop_counter(method, kw, checkpointing, chun
 
     from workers.loss import contrastive_backward, step_shapes
     from workers.methods import count_params, select_trainable
-    from workers.trial import _enable_checkpointing
+    from workers.steps import enable_checkpointing
 
     d, layers, heads = PYTHIA_SHAPES["14m"]
     cfg = GPTNeoXConfig(vocab_size=512, hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
@@ -91,7 +91,7 @@ def test_hardware_flops_match_torch_flop_counter(method, kw, checkpointing, chun
     model = select_trainable(AutoModel.from_config(cfg, attn_implementation="eager"), method, **kw,
                              lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"))
     if checkpointing:
-        _enable_checkpointing(model)
+        enable_checkpointing(model)
     model.train()
     assert count_params(model) == param_counts(shape, method, kw.get("lora_rank"), kw.get("trainable_fraction"))
     b = 8

@@ -1,0 +1,477 @@
+"""The steps every trial takes, as public functions: workers/trial.py (one device) and workers/distributed.py
+(DeepSpeed on k ranks) are two recipes written with them (torchtune's habit: a recipe per path, shared
+utilities, no base class). A change here changes both paths, on purpose; a change to one recipe changes only it.
+
+In the order a recipe calls them:
+- setup: ``load`` (tokenizer and backbone, fp32), ``prepare`` (trainable parameters, checkpointing),
+  ``make_plan`` (N, N_tr, cost per token, peak lr, planned tokens and steps: the planner's when it set them,
+  else core.flops' functions -- never a third way), ``autocast_for``, ``auto_chunk_size``.
+- resume: ``Progress`` (what a checkpoint carries besides tensors), ``finished_row`` (a trial that finished
+  before a crash lost the news), ``resume_reason``; ``save_checkpoint`` / ``checkpoint_state``.
+- each step: ``budget_batches`` (the batches under the budget: ``start_step``, the cut by real tokens,
+  ``fit_budget``, and the lr, ``lr_factor``; the end of the data, ``exhausted_reason``), ``Progress.advance``,
+  ``HardwareFlops``, ``Reporter.step`` (evaluation when due, the metric row, the event).
+- the end: ``finish`` (final eval loss on the last row, the done marker, the done event,
+  the trial row ``trial_row``).
+
+The budget (PAPER.md, "FLOP accounting"): cost per real token by method x real tokens. Before a step the
+worker knows its batch's real tokens; a batch that would overshoot is cut to the pairs that still fit (a last,
+smaller contrastive batch), so ``flops`` ends within two pairs of the budget (a contrastive batch needs two),
+never above. The lr schedule (linear warmup over ``warmup_fraction``, cosine to 0) runs on the fraction of the
+budget spent, which equals the fraction of planned optimizer steps up to batch-to-batch token variation and ends
+exactly at the budget.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from core import storage
+from core.flops import (NeoxShape, cost_per_token, loss_matmul_flops, planned_steps, sequence_hardware_flops,
+                        tokens_for_budget)
+from core.models import auto_lr
+from core.spec import TrialSpec
+from workers import checkpoint
+from workers.data import (PairStream, collate, load_eval_pairs, make_encoder, measure_tokens_per_pair,
+                          pad_id_of)
+from workers.loss import eval_loss, step_shapes
+from workers.methods import count_params, select_trainable
+
+# --------------------------------------------------------------------------------------------------------
+# Setup
+
+
+def load(name_or_path: str, device: torch.device):
+    """Tokenizer (pad = EOS where it has none) and the backbone in fp32.
+
+    fp32 whatever the checkpoint's dtype: transformers 5 loads with dtype="auto", and Pythia's config says
+    float16 (Qwen's and Llama's bfloat16), which would train half-precision weights with half-precision AdamW
+    moments and no loss scaling; autocast does the bf16 math over fp32 weights instead. On CPU, eager attention:
+    torch's CPU flash-attention backward ran 4x slower than the eager matmuls in bf16 (a 14m-shaped step took 2x
+    as long; benchmarks/README.md); on GPU, SDPA."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    attention = "sdpa" if device.type == "cuda" else "eager"
+    model = AutoModel.from_pretrained(name_or_path, attn_implementation=attention,  # GPTNeoXModel: no LM head
+                                      dtype=torch.float32)
+    model.config.use_cache = False
+    return tokenizer, model
+
+
+def prepare(model, spec: TrialSpec):
+    """The model to train: the method's trainable parameters (LoRA's initialisation seeded by the trial's seed,
+    the same on every rank), gradient checkpointing when the spec asks."""
+    torch.manual_seed(spec.seed)
+    model = select_trainable(model, spec.method, lora_rank=spec.lora_rank, trainable_fraction=spec.trainable_fraction,
+                             lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout, lora_targets=spec.lora_targets)
+    if spec.gradient_checkpointing:
+        enable_checkpointing(model)
+    return model
+
+
+def enable_checkpointing(model) -> None:
+    # Non-reentrant checkpointing needs no grad-requiring input; transformers' input hook would make the
+    # frozen embedding's output require grad and drag frozen blocks into backward (FLOPs the paper's
+    # 2N + 4N_tr does not have), so it is removed again.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    base.disable_input_require_grads()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the trial knows before its first step; the plan columns of its trial row."""
+
+    n_params: int  # N: non-embedding parameters, LoRA adapters included
+    n_trainable: int  # N_tr
+    cost: float  # FLOP per real token (core.flops.cost_per_token)
+    lr: float  # the schedule's peak
+    planned_tokens: int
+    planned_steps: int
+    budget_flops: float
+    batching: str
+
+
+def make_plan(spec: TrialSpec, model, tokenizer) -> Plan:
+    """N and N_tr of the prepared model (counted before ZeRO-3 partitions it), the cost per token, the peak lr
+    ('auto': Pythia's pretraining lr / 10), and the planned tokens and steps: the planner's (``spec``) when it
+    set them, else the same core.flops functions the planner calls."""
+    n_params, n_trainable = count_params(model)
+    cost = cost_per_token(spec.method, n_params, n_trainable)
+    lr = spec.lr if spec.lr is not None else auto_lr(spec.model, model.config.to_dict())
+    tokens = spec.planned_tokens if spec.planned_tokens is not None else tokens_for_budget(spec.budget_flops, cost)
+    n_steps = spec.planned_steps
+    if n_steps is None:
+        per_pair = spec.planned_tokens_per_pair or measure_tokens_per_pair(spec.train_data, tokenizer,
+                                                                           spec.max_length)
+        _, n_steps = planned_steps(tokens, per_pair, spec.batch_size)
+    return Plan(n_params, n_trainable, cost, lr, tokens, n_steps, spec.budget_flops, spec.batching)
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast: asked for, or 'auto' where the hardware has it."""
+    return precision == "bf16" or (precision == "auto" and has_bf16(device))
+
+
+def autocast_for(precision: str, device: torch.device):
+    """A zero-argument context-manager factory: bf16 autocast over fp32 weights, or nothing."""
+    if not uses_bf16(precision, device):
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def has_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def auto_chunk_size(shape: NeoxShape, batch_size: int, max_length: int, checkpointing: bool,
+                    device: torch.device) -> int:
+    """The largest sub-batch (pairs) whose activations fit a share of free memory; the batch itself if it fits.
+
+    Activation bytes per token of one block in 16-bit: 34*d + 5*heads*T (Korthikanti et al. 2022, Eq. 2);
+    with checkpointing only each block's input (2*d bytes) stays, plus one block being recomputed.
+    """
+    per_block = 34 * shape.hidden + 5 * shape.heads * max_length
+    per_token = (shape.layers * 2 * shape.hidden + per_block) if checkpointing else shape.layers * per_block
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0] * 0.5
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available * 0.25
+    per_pair = 2 * max_length * per_token  # query and document
+    fit = int(free // per_pair)
+    if fit >= batch_size:
+        return batch_size
+    return max(1, 2 ** int(math.log2(max(fit, 1))))
+
+
+class HardwareFlops:
+    """The matmul FLOP one step executes where it runs (core.flops.sequence_hardware_flops per padded sequence,
+    cached by length), for the hardware_flops column."""
+
+    def __init__(self, shape: NeoxShape, spec: TrialSpec, chunk: int):
+        self.shape, self.spec, self.chunk, self.per_sequence = shape, spec, chunk, {}
+
+    def __call__(self, part, pairs: int) -> float:
+        """``part``: the batch (or this rank's shard) run here; ``pairs``: the whole batch, whose loss it computes."""
+        s, total = self.spec, loss_matmul_flops(pairs, self.shape.hidden)
+        grad_cache = self.chunk < len(part)  # as workers/loss.py decides
+        for b, t in step_shapes(part, self.chunk):
+            if (t, grad_cache) not in self.per_sequence:
+                self.per_sequence[t, grad_cache] = sequence_hardware_flops(
+                    self.shape, s.method, t, lora_rank=s.lora_rank, trainable_fraction=s.trainable_fraction,
+                    lora_targets=s.lora_targets, checkpointing=s.gradient_checkpointing, grad_cache=grad_cache)
+            total += b * self.per_sequence[t, grad_cache]
+        return total
+
+
+def eval_batches(spec: TrialSpec, tokenizer, device) -> list:
+    """The held-out pairs as batches of the training batch size (a last batch of fewer than 2 pairs dropped)."""
+    if not spec.eval_data:
+        return []
+    pairs = load_eval_pairs(spec.eval_data, spec.eval_pairs)
+    encode, pad = make_encoder(tokenizer, spec.max_length), pad_id_of(tokenizer)
+    batches = []
+    for i in range(0, len(pairs), spec.batch_size):
+        chunk = pairs[i:i + spec.batch_size]
+        if len(chunk) < 2:
+            break
+        q, d = encode([p[0] for p in chunk]), encode([p[1] for p in chunk])
+        batches.append(to_device(collate(q, d, pad, i // spec.batch_size), device))
+    return batches
+
+
+def evaluate(model, batches: list, spec: TrialSpec, chunk: int, autocast, *, split=None) -> float | None:
+    """The mean held-out loss (None without eval data); the model back in training mode after."""
+    if not batches:
+        return None
+    model.eval()
+    loss = eval_loss(model, batches, spec.temperature, chunk, autocast, split=split)
+    model.train()
+    return loss
+
+
+def train_stream(spec: TrialSpec, tokenizer, skip_batches: int = 0) -> PairStream:
+    """The trial's training batches from batch ``skip_batches`` on: the same seeded sequence on every rank and
+    after every resume, batched as ``spec.batching`` says (workers/data.py)."""
+    return PairStream(spec.train_data, tokenizer, batch_size=spec.batch_size, max_length=spec.max_length,
+                      seed=spec.seed, max_epochs=spec.max_epochs, skip_batches=skip_batches,
+                      batching=spec.batching, prefetch=spec.prefetch_batches)
+
+
+def to_device(batch, device):
+    if device.type == "cpu":
+        return batch
+    for k in ("q_ids", "q_mask", "d_ids", "d_mask"):
+        setattr(batch, k, getattr(batch, k).to(device, non_blocking=True))
+    return batch
+
+
+# --------------------------------------------------------------------------------------------------------
+# Progress and checkpoint state
+
+
+@dataclass
+class Progress:
+    """Everything a checkpoint carries besides tensors."""
+
+    step: int = 0
+    batches: int = 0  # data position: batches consumed from the stream
+    tokens: int = 0  # real tokens
+    padded_tokens: int = 0
+    flops: float = 0.0  # paper convention
+    hardware_flops: float = 0.0
+    wall_s: float = 0.0
+    train_s: float = 0.0  # inside optimizer steps (forward, backward, update): wall_s minus this is overhead
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    bad_lines: int = 0
+    reason: str | None = None
+    done: bool = False
+    rows: list = field(default_factory=list)
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Progress":
+        """From a checkpoint's state.json (``checkpoint_state``)."""
+        return cls(**state["progress"])
+
+    def advance(self, tokens: int, padded_tokens: int, cost: float, hardware_flops: float, loss: float,
+                train_s: float) -> None:
+        """One optimizer step of ``tokens`` real tokens done."""
+        self.step += 1
+        self.batches += 1
+        self.tokens += tokens
+        self.padded_tokens += padded_tokens
+        self.flops += cost * tokens
+        self.hardware_flops += hardware_flops
+        self.train_loss, self.train_s = loss, self.train_s + train_s
+
+
+def finished_row(restored, plan: Plan, report) -> dict | None:
+    """A checkpoint that is a finished trial's done marker (the trial ended before a crash lost the news): its
+    done event again (restart: the whole history) and its trial row; None for any other checkpoint."""
+    if restored is None or not restored[1]["progress"]["done"]:
+        return None
+    progress = Progress.from_state(restored[1])
+    report(event(progress, plan, progress.rows, restart=True, done=True))
+    return trial_row(progress, plan)
+
+
+def resume_reason(progress: Progress, skipped: list[str]) -> None:
+    """Resumed past a damaged checkpoint (from the one before it, or from scratch): the trial's reason says so."""
+    if skipped:
+        progress.reason = "; ".join([*skipped, f"resumed from step {progress.step}"])
+
+
+def checkpoint_state(progress: Progress, started: float | None) -> dict:
+    """The JSON side of a checkpoint; a mid-run one carries the wall time so far (``started``: the run's start)."""
+    state = asdict(progress)
+    if started is not None:
+        state["wall_s"] = progress.wall_s + time.perf_counter() - started
+    return {"progress": state}
+
+
+def save_checkpoint(uri: str | None, progress: Progress, started: float | None, tensors: dict, state: dict, *,
+                    keep_previous: bool = True) -> None:
+    """A checkpoint (workers/checkpoint.py's format); one the store refuses (read-only, full, unreachable for a
+    while) is skipped with a warning on the worker's stderr: the trial goes on and saves again at the next
+    interval (a crash before then costs the steps since the last saved checkpoint, never the trial)."""
+    if not uri:
+        return
+    try:
+        checkpoint.save(uri, progress.step, tensors, checkpoint_state(progress, started) | state,
+                        keep_previous=keep_previous)
+    except (OSError, storage.StorageError) as e:
+        print(f"warning: checkpoint at step {progress.step} not saved ({' '.join(str(e).split())[:200]}); "
+              "training goes on", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Each step: the budget cut and the lr
+
+
+def budget_batches(spec: TrialSpec, tokenizer, progress: Progress, plan: Plan, optimizer, rows: "Reporter"):
+    """The training batches of the trial's remaining steps, as (batch, final), each with the optimizer's lr set
+    for it (``start_step``). Ends after the final (budget-cut) step, or without a step when fewer than two pairs
+    are left in the budget, or when the data runs out (the trial's reason says so); then the last step gets its
+    metric row. Use it under ``contextlib.closing``: the stream's thread stops however the loop ends."""
+    stream = train_stream(spec, tokenizer, skip_batches=progress.batches)
+    try:
+        for batch in stream:
+            batch, final = start_step(batch, progress, plan, spec.warmup_fraction, optimizer)
+            if batch is None:
+                break
+            progress.bad_lines = stream.stats.bad_lines
+            yield batch, final
+            if final:
+                break
+        else:
+            progress.reason = exhausted_reason(spec, progress)
+    finally:
+        stream.close()
+    progress.bad_lines = stream.stats.bad_lines
+    rows.last_step(optimizer.param_groups[0]["lr"])
+
+
+def start_step(batch, progress: Progress, plan: Plan, warmup_fraction: float, optimizer):
+    """(the batch to train on, whether it is the last) before an optimizer step, the optimizer's lr set for it.
+
+    A batch whose real tokens overshoot the remaining budget is the last: cut to the pairs that still fit
+    (``fit_budget``); (None, True) when fewer than two do -- the trial ends without a step."""
+    remaining = plan.budget_flops - progress.flops
+    final = plan.cost * batch.real_tokens > remaining
+    if final:
+        batch = fit_budget(batch, plan.cost, remaining)
+        if batch is None:
+            return None, True
+    spent = progress.flops / plan.budget_flops
+    after = (progress.flops + plan.cost * batch.real_tokens) / plan.budget_flops
+    for group in optimizer.param_groups:
+        group["lr"] = plan.lr * lr_factor(spent, after, warmup_fraction)
+    return batch, final
+
+
+def fit_budget(batch, cost: float, remaining: float):
+    """The first pairs of ``batch`` whose real tokens still fit ``remaining`` FLOP; None when fewer than two do."""
+    per_pair = (batch.q_mask.sum(1) + batch.d_mask.sum(1)).cumsum(0)  # (B,)
+    # float64: a long tensor times a float is float32, whose rounding could admit a pair past the budget
+    n = int((per_pair.double() * cost <= remaining).sum())
+    return batch.take(n) if n >= 2 else None
+
+
+def lr_factor(before: float, after: float, warmup_fraction: float) -> float:
+    """Linear warmup over the first ``warmup_fraction`` of training, then cosine to 0 (PAPER.md).
+
+    ``before``/``after``: the budget fraction spent before and after this step. Warmup reaches its top at the
+    end of the warmup steps (never an lr of 0 on step 1); the cosine is taken at the step's start (never 0 on
+    the last one), as a step-indexed schedule does.
+    """
+    warm = after / warmup_fraction if warmup_fraction > 0 else 1.0
+    cos = 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, before - warmup_fraction) / (1.0 - warmup_fraction))))
+    return min(warm, cos)
+
+
+def exhausted_reason(spec: TrialSpec, progress: Progress) -> str:
+    return (f"data exhausted after {spec.max_epochs:g} epoch(s): "
+            f"{progress.flops / spec.budget_flops:.1%} of the budget spent")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Metric rows, events, the trial row
+
+
+class Reporter:
+    """A trial's metric rows and the events that carry them to ``report``. A row every ``report_every`` steps, on
+    an evaluation and on the last step; an event (the rows since the last one) at most every ``report_every_s``
+    seconds: under Ray Tune each is a round trip to the driver while training waits. The first row, an
+    evaluation, the first event after a restart (``rows`` then holds the whole history up to the checkpoint) and
+    the last step go out at once."""
+
+    def __init__(self, report, progress: Progress, plan: Plan, spec: TrialSpec, started: float, restart: bool):
+        self.report, self.progress, self.plan, self.spec, self.started = report, progress, plan, spec, started
+        self.restart = restart
+        self.pending = list(progress.rows) if restart else []
+        self.last_row, self.tokens, self.last_event = time.perf_counter(), 0, -math.inf
+
+    def step(self, tokens: int, lr: float, *, final: bool, evaluate) -> None:
+        """After an optimizer step of ``tokens`` real tokens (``progress`` already counts it): ``evaluate()`` when
+        an evaluation is due (every ``eval_every`` steps; the last step's comes with ``finish``), then the row."""
+        p, spec = self.progress, self.spec
+        self.tokens += tokens
+        evaluated = bool(spec.eval_every) and p.step % spec.eval_every == 0 and not final
+        if evaluated:
+            p.eval_loss = evaluate()
+        if not (final or evaluated or p.step % spec.report_every == 0):
+            return
+        now = self._add_row(lr, p.eval_loss if evaluated else None)
+        if final or evaluated or self.restart or now - self.last_event >= spec.report_every_s:
+            self.report(event(p, self.plan, self.pending, restart=self.restart))
+            self.pending, self.restart, self.last_event = [], False, now
+
+    def last_step(self, lr: float) -> None:
+        """The loop ended between report steps (data exhausted, no pair left): the last step gets its row, so
+        the final eval_loss is not pinned to an earlier step."""
+        p = self.progress
+        if p.step and (not p.rows or p.rows[-1]["step"] != p.step):
+            self._add_row(lr, None)
+
+    def finish(self) -> None:
+        """The final eval_loss goes on the last row (before the done marker saves the rows); sent again if it
+        went out before: the consumer upserts."""
+        p = self.progress
+        if p.rows:
+            p.rows[-1]["eval_loss"] = p.eval_loss
+            if not self.pending or self.pending[-1] is not p.rows[-1]:
+                self.pending.append(p.rows[-1])
+
+    def done(self, trial: dict) -> None:
+        self.report(event(self.progress, self.plan, self.pending, restart=self.restart, done=True, trial=trial))
+
+    def _add_row(self, lr: float, eval_loss) -> float:
+        p, now = self.progress, time.perf_counter()
+        row = metric_row(p, lr, p.wall_s + now - self.started, self.tokens / max(now - self.last_row, 1e-9),
+                         eval_loss)
+        p.rows.append(row)
+        self.pending.append(row)
+        self.last_row, self.tokens = now, 0
+        return now
+
+
+def finish(progress: Progress, rows: Reporter, eval_loss: float | None, started: float,
+           checkpoint_uri: str | None) -> dict:
+    """The trial's end: the final eval loss on the last row, the done marker at ``checkpoint_uri`` (counters and
+    rows, no tensors; it replaces the checkpoints), the done event; returns the trial row."""
+    progress.eval_loss = eval_loss
+    progress.wall_s += time.perf_counter() - started
+    progress.done = True
+    rows.finish()
+    save_checkpoint(checkpoint_uri, progress, None, {}, {}, keep_previous=False)
+    row = trial_row(progress, rows.plan)
+    rows.done(row)
+    return row
+
+
+def metric_row(p: Progress, lr: float, wall_s: float, tokens_per_s: float, eval_loss) -> dict:
+    return {"step": p.step, "tokens": p.tokens, "flops": p.flops, "hardware_flops": p.hardware_flops,
+            "train_loss": p.train_loss, "lr": lr, "wall_s": wall_s, "eval_loss": eval_loss,
+            "tokens_per_s": tokens_per_s}
+
+
+def event(p: Progress, plan: Plan, rows: list, *, restart: bool, done: bool = False, trial: dict | None = None):
+    """What ``report`` gets: the rows since the last event and a snapshot (workers/trial.py's docstring)."""
+    out = {"rows": [dict(r) for r in rows], "restart": restart, "done": done, "step": p.step, "tokens": p.tokens,
+           "flops": p.flops, "budget_flops": plan.budget_flops, "train_loss": p.train_loss,
+           "eval_loss": p.eval_loss}
+    if done:
+        out["trial"] = trial or trial_row(p, plan)
+    return out
+
+
+def trial_row(p: Progress, plan: Plan) -> dict:
+    """The trial columns the worker owns (core/store.py names them)."""
+    return {"n_params": plan.n_params, "n_trainable": plan.n_trainable, "tokens": p.tokens, "steps": p.step,
+            "flops": p.flops, "hardware_flops": p.hardware_flops, "eval_loss": p.eval_loss,
+            "train_loss": p.train_loss, "wall_s": p.wall_s, "train_s": p.train_s, "reason": p.reason,
+            "planned_tokens": plan.planned_tokens, "planned_steps": plan.planned_steps, "batching": plan.batching,
+            "bad_lines": p.bad_lines,
+            "padding_fraction": 1 - p.tokens / p.padded_tokens if p.padded_tokens else None}
