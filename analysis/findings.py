@@ -48,11 +48,12 @@ class Analysis:
     max_tokens_source: str  # "measured" (the planner's, from the store), "argument" or "none"
     best_slices: dict[str, Surface]  # method -> its best slice (lowest mean fitted optimal loss over the grid)
     warnings: tuple[str, ...]
+    metric: str = "eval_loss"  # what `eval_loss` holds: the loss, or 1 - nDCG@10 (`fit --metric ndcg_at_10`)
 
 
 def analyze(trials: pd.DataFrame, *, sweep: str = "sweep", max_tokens: int | None = None,
             max_tokens_source: str | None = None, n_boot: int = N_BOOTSTRAP, seed: int = 0,
-            extra_budget_steps: int = EXTRA_BUDGET_STEPS) -> Analysis:
+            extra_budget_steps: int = EXTRA_BUDGET_STEPS, metric: str = "eval_loss") -> Analysis:
     """Everything the report shows. FitError only when no trial is usable; every partial refusal (a method
     with one point, a slice with one model size, ...) becomes a warning and an absent fit. ``max_tokens``: the
     sweep's data cap (analysis.load.load_data_cap), None for none."""
@@ -77,7 +78,7 @@ def analyze(trials: pd.DataFrame, *, sweep: str = "sweep", max_tokens: int | Non
     warnings += [f"{s.label}: {w}" for s in surfaces.surfaces.values() for w in s.warnings]
     best = {m: _best_slice(surfaces, m, grid, max_tokens) for m in surfaces.methods()}
     return Analysis(sweep, trials, usable, exclusions, optimum, trends, surfaces, grid, grid + extra, recipes,
-                    max_tokens, source, best, tuple(warnings))
+                    max_tokens, source, best, tuple(warnings), metric)
 
 
 def _best_slice(fits: SurfaceFits, method: str, budgets, max_tokens) -> Surface:
@@ -266,6 +267,10 @@ def recipe_markdown(a: Analysis) -> str:
 
 def findings_markdown(a: Analysis) -> str:
     out = [f"# Findings: sweep `{a.sweep}`", ""]
+    if a.metric != "eval_loss":
+        out += [f"Fitted on 1 − {a.metric} (an error rate: 0 is perfect retrieval) in place of the loss: every "
+                "\"loss\" below is 1 − " + a.metric + ". A surface the power law cannot carry is refused below, "
+                "with why.", ""]
     n_ex = len(a.exclusions.table)
     out += [f"{len(a.usable)} usable trials of {len(a.trials)} ({n_ex} excluded: "
             + (", ".join(f"{n} {c}" for c, n in a.exclusions.counts.items()) or "none") + ").", ""]
@@ -359,6 +364,9 @@ def findings_markdown(a: Analysis) -> str:
     rows += [{"slice": slice_label(m, h), "E": "refused", "α": why, "β": "", "points": "", "models": "",
               "rmse (log)": "", "R² (log)": ""} for (m, h), why in a.surfaces.refused.items()]
     out += [_md(pd.DataFrame(rows)), ""]
+    from .agreement import agreement, render_markdown
+
+    out += [render_markdown(agreement(a.trials)).replace("### ", "## ", 1), ""]
     serving = serving_table(a)
     if not serving.empty:
         top = a.grid_budgets[-1]

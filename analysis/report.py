@@ -267,17 +267,33 @@ def _summary(a: Analysis, sweep_uri: str, out_dir: str, files: dict[str, str], n
     }
 
 
+METRICS = ("eval_loss", "ndcg_at_10")  # what `fit --metric` may fit: the loss, or 1 - nDCG@10
+
+
+def as_loss(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The trials with ``eval_loss`` replaced by the quantity to fit: 1 - nDCG@10 is an error rate that falls with
+    compute like a loss (0 is perfect retrieval); trials without nDCG@10 become unusable, and say so."""
+    if metric == "eval_loss":
+        return trials
+    if metric not in METRICS:
+        raise FitError(f"--metric: {metric!r} is not one of {', '.join(METRICS)}")
+    if metric not in trials or trials[metric].isna().all():
+        raise FitError(f"--metric {metric}: no completed trial has {metric} (a sweep from before the retrieval "
+                       "metrics, or without data.eval)")
+    return trials.assign(eval_loss=1.0 - pd.to_numeric(trials[metric], errors="coerce"))
+
+
 def write_fit_outputs(sweep_uri: str, out_dir: str, *, max_tokens: int | None = None, n_boot: int = N_BOOTSTRAP,
-                      seed: int = 0) -> dict:
+                      seed: int = 0, metric: str = "eval_loss") -> dict:
     """Fit the sweep and write its report to ``out_dir`` (local or remote). Returns the summary (also written
     as summary.json): file paths, warnings (excluded trials, refused fits), frontier, crossovers, fits.
     Raises StoreError / FitError (nothing usable) before writing anything."""
-    trials = load_trials(sweep_uri)
+    trials = as_loss(load_trials(sweep_uri), metric)
     require_usable(trials, where=str(sweep_uri))  # the one-line FitError names the store, not just the sweep
     source = "argument" if max_tokens is not None else "measured"
     max_tokens = load_data_cap(sweep_uri) if max_tokens is None else max_tokens
     a = analyze(trials, sweep=_sweep_name(sweep_uri), max_tokens=max_tokens, max_tokens_source=source,
-                n_boot=n_boot, seed=seed)
+                n_boot=n_boot, seed=seed, metric=metric)
     remote = _is_remote(out_dir)
     if remote:  # write locally, then upload
         local = tempfile.mkdtemp(prefix="repurpose-fit-")
@@ -287,7 +303,7 @@ def write_fit_outputs(sweep_uri: str, out_dir: str, *, max_tokens: int | None = 
         os.makedirs(local, exist_ok=True)
         files, notes = _write_outputs(a, local)
         files["summary_json"] = "summary.json"
-        summary = _summary(a, sweep_uri, out_dir, files, notes)
+        summary = _summary(a, sweep_uri, out_dir, files, notes) | {"metric": metric}
         with open(os.path.join(local, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=_num)
         if remote:

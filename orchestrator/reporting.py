@@ -14,8 +14,9 @@ def fit_command(args) -> int:
 
     store = Store(args.storage, args.name)
     store.read_grid()  # an unknown sweep is one line naming the store
-    out = args.out or f"{store.uri}/analysis"
-    summary = write_fit_outputs(store.uri, out)
+    metric = getattr(args, "metric", "eval_loss")
+    out = args.out or f"{store.uri}/analysis" + ("" if metric == "eval_loss" else f"/{metric}")
+    summary = write_fit_outputs(store.uri, out, metric=metric)
     for warning in summary.get("warnings", []):
         print(f"warning: {warning}", file=sys.stderr)
     print(f"wrote {len(summary['files'])} files to {out}:")

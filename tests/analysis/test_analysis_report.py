@@ -149,3 +149,29 @@ def test_a_trial_far_better_than_the_fit_answers_at_its_budget():
     assert row["source"] == "empirical" and "worse than the best trial" in row["notes"]
     assert row["model"] == trials.loc[lucky, "model"]
     assert (table.drop(index=2.4e16).query("on_grid")["source"] == "fit").all()
+
+
+def test_fit_on_one_minus_ndcg(tmp_path):
+    """`fit --metric ndcg_at_10` fits the frontier on 1 - nDCG@10: with nDCG@10 = 1 - (true loss - 0.3) the fitted
+    recipe is the loss's (the error rate is the loss shifted), the report says what it fitted, and a store without
+    nDCG@10 is one clear error."""
+    from analysis.fit import FitError
+
+    trials = storegen.make_trials(slices={"full": (None,), "lora": (128,)}, models=tuple(storegen.PYTHIA)[:5],
+                                  noise=0.002, seed=2)
+    plain = storegen.write_store(tmp_path / "a", trials)
+    with pytest.raises(FitError, match="no completed trial has ndcg_at_10"):
+        write_fit_outputs(plain, str(tmp_path / "out-a"), n_boot=10, metric="ndcg_at_10")
+    with_ndcg = trials.assign(ndcg_at_10=1.0 - (trials["eval_loss"] - 0.3))
+    import pyarrow.parquet as pq
+
+    from analysis.schema import TRIALS_SCHEMA
+
+    uri = storegen.write_store(tmp_path / "b", trials)
+    pq.write_table(storegen.to_table(with_ndcg, TRIALS_SCHEMA), f"{uri}/trials.parquet")
+    loss = write_fit_outputs(uri, str(tmp_path / "loss"), n_boot=10)
+    ndcg = write_fit_outputs(uri, str(tmp_path / "ndcg"), n_boot=10, metric="ndcg_at_10")
+    assert ndcg["metric"] == "ndcg_at_10"
+    assert [(r["method"], r["model"]) for r in ndcg["recipes"]] == [(r["method"], r["model"]) for r in loss["recipes"]]
+    with open(ndcg["files"]["findings_md"]) as f:
+        assert "Fitted on 1 − ndcg_at_10" in f.read()
