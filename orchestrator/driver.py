@@ -8,21 +8,32 @@ driver killed) continues from it, whether Tune retries it (``FailureConfig``) or
 That is why ``Tuner.restore`` is not needed: Tune's experiment state holds nothing the store lacks.
 
 Everything that can be checked without Ray is checked before Ray starts: the grid, the models' configs,
-the data (strict), the store. Torch is imported only inside the trial (orchestrator/trainable.py).
+the data (strict), the store, and the sweep's lease (orchestrator/lease.py: one driver per sweep; a second one
+exits 2 before it writes anything). Torch is imported only inside the trial (orchestrator/trainable.py).
+
+Ctrl-C / SIGTERM (``Interrupt``): the first signal stops the sweep — no new trial starts, the running ones are
+stopped and keep their last periodic checkpoint (``run.checkpoint_every_s``: a Tune stop saves nothing, and the
+trial side knows nothing of the driver), and are recorded ``pending`` with reason ``interrupted``; the store is
+flushed, one line says what `resume` will continue, and the exit code is 130 / 143. A second signal exits at once
+(the lease released; every store file is whole, so `resume` works as after a killed driver).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 
 from orchestrator.errors import UserError
 from orchestrator.grid import Grid, load_grid, parse_grid
+from orchestrator.lease import Lease
 from orchestrator.plan import Plan, PlannedTrial, plan_grid
-from orchestrator.store import Recorder, Store, StoreError
+from orchestrator.store import INTERRUPTED, Recorder, Store, StoreError
 
 # The store replaces Tune's per-trial JSON/CSV/TensorBoard files: turning them off cuts per-trial overhead.
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -35,13 +46,13 @@ def submit(args) -> int:
     grid = load_grid(args.grid)
     if args.name and args.name != grid.name:
         grid = grid.model_copy(update={"name": args.name})
-    return run_sweep(grid, Store(args.storage, grid.name), args.address)
+    return run_sweep(grid, Store(args.storage, grid.name), args.address, takeover=getattr(args, "takeover", False))
 
 
 def resume(args) -> int:
     store = Store(args.storage, args.name)
     grid = stored_grid(store)
-    return run_sweep(grid, store, args.address)
+    return run_sweep(grid, store, args.address, takeover=getattr(args, "takeover", False))
 
 
 def status(args) -> int:
@@ -66,21 +77,43 @@ def stored_grid(store: Store) -> Grid:
 
 
 def storage_join(*parts: str) -> str:
-    from workers.storage import join
+    from core.uris import join
 
     return join(*parts)
 
 
 # --- the sweep -----------------------------------------------------------------------------------------------
-def run_sweep(grid: Grid, store: Store, address: str | None, *, progress: bool = True) -> int:
-    """Plan, run what is not done, record. Returns 0, or 1 when trials failed."""
+def run_sweep(grid: Grid, store: Store, address: str | None, *, progress: bool = True,
+              takeover: bool = False) -> int:
+    """Plan, take the sweep's lease, run what is not done, record. Returns 0, 1 when trials failed, 130 / 143
+    when a signal stopped it (``LeaseHeld`` / ``LeaseLost``: exit 2)."""
     plan = plan_grid(grid, strict_data=True)  # bad input stops here, before Ray and before any write
-    existing = store.read_trials()
+    store.read_trials()  # an unreadable store too
     store.check_location()
+    lease = store.acquire_lease(takeover=takeover)  # a live driver's sweep stops here, nothing written
+    try:
+        with Interrupt(on_second=lease.release) as interrupt:
+            outcome = _run_leased(grid, store, address, plan, lease, interrupt, progress)
+    finally:
+        lease.release()
+    print(outcome.line, file=sys.stderr)
+    return outcome.code
+
+
+@dataclasses.dataclass
+class _Outcome:
+    code: int
+    line: str
+
+
+def _run_leased(grid: Grid, store: Store, address: str | None, plan: Plan, lease: Lease, interrupt: "Interrupt",
+                progress: bool) -> _Outcome:
+    existing = store.read_trials()  # read again under the lease: a driver that finished just before counts
     pending = [t for t in plan.runnable if existing.get(t.trial_id, {}).get("status") != "completed"]
-    # Ray starts only when something runs (a finished sweep re-submitted is a no-op), and before the first write:
-    # a bad --address is bad input too.
+    # Ray starts only when something runs (a finished sweep re-submitted is a no-op), and before the first write
+    # but the lease: a bad --address is bad input too.
     with ray_session(address) if pending else contextlib.nullcontext(0) as gpus_per_node:
+        interrupt.install()  # again: Ray's core worker installs its own SIGTERM handler (it aborts the process)
         if grid.resources.gpus == "auto" and gpus_per_node:  # an explicit count wins (autoscaling from 0)
             plan = plan_grid(grid, gpus_available=gpus_per_node, data=plan.data)
         trials = merge_trials(existing, plan)
@@ -88,21 +121,75 @@ def run_sweep(grid: Grid, store: Store, address: str | None, *, progress: bool =
                          {"train_pairs": plan.data.train_pairs, "tokens_per_pair": dict(plan.data.tokens_per_pair),
                           "max_epochs": grid.plan.max_epochs})
         store.remove_temp_files()  # a killed driver's half-written copies
-        recorder = Recorder(store, trials)
+        recorder = Recorder(store, trials, fence=lease.check)
         recorder.flush()
         todo = [t for t in plan.runnable if trials[t.trial_id]["status"] != "completed"]
         print(f"sweep {grid.name}: {len(plan.trials)} trials, {len(plan.runnable) - len(todo)} already completed, "
               f"{len(todo)} to run, {len(plan.skipped)} skipped -> {store.uri}", file=sys.stderr)
-        if todo:
+        if todo and not interrupt.signum:
             from orchestrator.tuning import run_tuner  # Ray Tune only when something runs
 
             run_tuner(todo, recorder, grid, store, progress=Progress(recorder, [t.trial_id for t in todo])
-                      if progress else None)
+                      if progress else None, interrupt=interrupt, lease=lease)
+    if interrupt.signum:
+        return _Outcome(128 + interrupt.signum, interrupted_line(grid.name, store, trials, todo))
     failed = [t.trial_id for t in todo if trials[t.trial_id]["status"] != "completed"]
     for trial_id in failed:
         print(f"failed {trial_id}: {trials[trial_id]['reason']}", file=sys.stderr)
-    print(render_counts(summarize(grid.name, trials)), file=sys.stderr)
-    return EXIT_TRIALS_FAILED if failed else 0
+    return _Outcome(EXIT_TRIALS_FAILED if failed else 0, render_counts(summarize(grid.name, trials)))
+
+
+def interrupted_line(sweep: str, store: Store, trials: dict[str, dict], todo: list[PlannedTrial]) -> str:
+    """The one line of an interrupted sweep: the stopped trials that have a checkpoint to continue from, and the
+    other trials `resume` will run (not started yet, or stopped before their first checkpoint)."""
+    waiting = [t.trial_id for t in todo if trials[t.trial_id]["status"] == "pending"]
+    saved = [i for i in waiting if trials[i]["reason"] == INTERRUPTED and store.has_checkpoint(i)]
+    return (f"interrupted: {len(saved)} trials saved at their last checkpoint, {len(waiting) - len(saved)} pending; "
+            f"`repurpose resume {sweep}` continues")
+
+
+
+class Interrupt:
+    """SIGINT / SIGTERM while a sweep runs (main thread only). The first sets ``signum``: Tune's stopper stops
+    every trial (orchestrator/tuning.py). The second calls ``on_second`` (the lease's release) and exits at once
+    with 128 + its number. Ray Tune's own SIGINT handler (which prints ``Tuner.restore`` advice) stays off
+    (``TUNE_DISABLE_SIGINT_HANDLER``)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, on_second=None):
+        self.signum: int | None = None
+        self.on_second = on_second
+        self._saved: dict = {}
+
+    def __getstate__(self) -> dict:  # Tune pickles its stopper, which sees this: the state, not the handlers
+        return {"signum": self.signum, "on_second": None, "_saved": {}}
+
+    def __enter__(self) -> "Interrupt":
+        self.install()
+        return self
+
+    def install(self) -> None:
+        """(Re)installs the handlers; the first call keeps the ones to restore."""
+        if threading.current_thread() is threading.main_thread():
+            previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            self._saved = self._saved or previous
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._saved.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            return
+        try:
+            if self.on_second is not None:
+                self.on_second()
+        finally:
+            print("interrupted again: exiting now; the trials keep their last checkpoint, `repurpose resume` "
+                  "continues", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
 
 
 def merge_trials(existing: dict[str, dict], plan: Plan) -> dict[str, dict]:
@@ -122,6 +209,7 @@ def initial_row(sweep: str, t: PlannedTrial) -> dict:
         "n_trainable": t.n_trainable, "status": "pending" if t.runnable else "skipped", "reason": t.skip_reason,
         "tokens": 0, "steps": 0, "flops": 0.0, "hardware_flops": 0.0, "eval_loss": None, "train_loss": None,
         "wall_s": 0.0, "planned_tokens": t.planned_tokens, "planned_steps": t.steps, "updated_at": time.time(),
+        "batching": t.spec.batching, "family": t.family, "pooling": t.spec.pooling,
     }
 
 

@@ -17,16 +17,22 @@ from orchestrator.trainable import rank_bundles, run_tune_trial, trial_ranks
 
 
 def run_tuner(todo: list[PlannedTrial], recorder: Recorder, grid: Grid, store: Store, *, progress=None,
-              trainable=run_tune_trial, callbacks=()) -> None:
+              trainable=run_tune_trial, callbacks=(), interrupt=None, lease=None) -> None:
     """One Tuner over the trials to run; results stream into ``recorder`` as they come.
 
     ``trainable``: the function each trial runs (benchmarks and load tests pass a trivial one); ``callbacks``:
-    extra Tune callbacks (timing)."""
+    extra Tune callbacks (timing). ``interrupt`` (driver.Interrupt: ``signum`` set by the first SIGINT/SIGTERM) and
+    ``lease`` (orchestrator/lease.py: ``lost``) stop every trial when set; an interrupted sweep's stopped trials
+    are recorded ``pending`` with reason ``interrupted`` and flushed; a lost lease raises ``LeaseLost`` and writes
+    nothing more."""
     _keep_credentials_out_of_runtime_env()
+    # Our own handler (driver.Interrupt) owns SIGINT: Tune's would end the run with `Tuner.restore` advice, which
+    # does not apply here (ray/tune/tune.py ``_setup_signal_catching`` reads this at fit time).
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     configs = [{"trial_id": t.trial_id, "spec": t.spec.to_dict(), "checkpoint_uri": store.checkpoint_uri(t.trial_id),
                 "resources": dict(t.resources), "deepspeed_gpus": t.deepspeed_gpus} for t in todo]
     trainable = tune.with_resources(trainable, trial_placement)
-    callback = _StoreCallback(recorder, progress)
+    callback = _StoreCallback(recorder, progress, interrupt=interrupt, lease=lease)
     # Tune's own experiment files (the store replaces them): one place per sweep, cleared before and after, so a
     # killed driver leaves nothing that grows.
     tune_dir = os.path.join(tempfile.gettempdir(), f"repurpose-tune-{grid.name}")
@@ -50,9 +56,15 @@ def run_tuner(todo: list[PlannedTrial], recorder: Recorder, grid: Grid, store: S
         # Tune's result analysis looks for the per-trial files the store replaces; it would warn per trial.
         logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
         tuner.fit()
+        if lease is not None and lease.lost:
+            raise LeaseLost(lease.lost_line())
         if callback.error is not None:  # the store stayed unwritable past the Recorder's max_outage_s
             raise callback.error
+        if callback.interrupted():
+            callback.mark_interrupted([t.trial_id for t in todo])
         recorder.close()  # the last flush, retried through a store outage
+    except LeaseLost:
+        raise  # another driver runs the sweep now: not one more write
     except BaseException:
         recorder.flush(tolerate=True)  # best effort (what stays unwritten, `resume` recomputes)
         raise
@@ -85,7 +97,8 @@ def trial_placement(config: dict) -> tune.PlacementGroupFactory:
 
 class _FlopGuard(tune.Stopper):
     """Tune-side guard beside the worker's own stop: a trial whose FLOP reach its budget stops; every trial
-    stops when the store failed for good (the callback holds its error)."""
+    stops when the store failed for good (the callback holds its error), on SIGINT / SIGTERM, and when another
+    driver took the sweep's lease."""
 
     def __init__(self, callback: "_StoreCallback"):
         self.callback = callback
@@ -94,7 +107,7 @@ class _FlopGuard(tune.Stopper):
         return result.get("flops", 0.0) >= result.get("budget_flops", math.inf)
 
     def stop_all(self):
-        return self.callback.error is not None
+        return self.callback.error is not None or self.callback.interrupted() or self.callback.lease_lost()
 
 
 def _error_line(trial) -> str:
@@ -115,10 +128,29 @@ def _error_line(trial) -> str:
 class _StoreCallback(tune.Callback):
     """Tune -> the store: every result is a worker event; errors and retries become trial statuses."""
 
-    def __init__(self, recorder: Recorder, progress=None):
+    def __init__(self, recorder: Recorder, progress=None, interrupt=None, lease=None):
         self.recorder = recorder
         self.progress = progress
+        self.interrupt, self.lease = interrupt, lease
         self.error: StoreError | None = None  # the store failed for good: Tune stops (_FlopGuard.stop_all)
+
+    def interrupted(self) -> bool:
+        return bool(self.interrupt is not None and self.interrupt.signum)
+
+    def lease_lost(self) -> bool:
+        return bool(self.lease is not None and self.lease.lost)
+
+    def _stopping(self) -> bool:
+        """The sweep is being stopped: a trial ending now ends because of it, not by its own failure."""
+        return self.interrupted() or self.lease_lost() or self.error is not None
+
+    def mark_interrupted(self, trial_ids: list[str]) -> None:
+        """Trials a signal stopped mid-run become ``pending`` (reason ``interrupted``): `resume` continues them
+        from their last checkpoint. Trials that never started stay ``pending``; completed and failed ones keep
+        their status and reason."""
+        for trial_id in trial_ids:
+            if self.recorder.trials[trial_id]["status"] == "running":
+                self.recorder.set_status(trial_id, "pending", INTERRUPTED)
 
     @staticmethod
     def _id(trial) -> str:
@@ -147,12 +179,14 @@ class _StoreCallback(tune.Callback):
         self.recorder.set_status(self._id(trial), "running", f"retrying after: {_error_line(trial)}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        if self._stopping():  # the stop killed it (an actor gone mid-call): running, marked below
+            return
         self.recorder.set_status(self._id(trial), "failed", _error_line(trial))
         self._record(self.recorder.flush, True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         row = self.recorder.trials[self._id(trial)]
-        if row["status"] != "completed":
+        if row["status"] != "completed" and not self._stopping():
             last = trial.last_result or {}
             reason = ("stopped by the FLOP guard: flops reached budget_flops before the final report"
                       if last.get("flops", 0.0) >= last.get("budget_flops", math.inf)
@@ -162,9 +196,9 @@ class _StoreCallback(tune.Callback):
 
     def on_step_end(self, iteration, trials, **info):
         self._record(self.recorder.maybe_flush)
-        if self.progress:
+        if self.progress and not self._stopping():
             self.progress.update()
 
     def close(self):
-        if self.progress:
+        if self.progress and not self._stopping():  # an interrupted sweep ends with its one line, no more
             self.progress.update(force=True)
