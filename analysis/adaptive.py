@@ -32,39 +32,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from core.strategy import AdaptiveConfig
+
 from .fit import FitError, fit_surface, slice_label, split_usable
 from .recipe import best_in_slice
 
 SKIPPED = "skipped"
+PRUNED_PREFIX = "pruned at rung "  # how a pruned cell's reason begins (a later `strategy: grid` submit runs it)
 CELL_COLUMNS = ("trial_id", "model", "method", "lora_rank", "trainable_fraction", "budget_flops", "n_params",
                 "n_trainable")
 AGREEMENT_LOSS = 0.01  # issue #15: the adaptive recipe's empirical loss within 1 % of the full grid's
-
-
-@dataclass(frozen=True)
-class AdaptiveConfig:
-    """The strategy's knobs (grid keys under ``strategy``). Defaults chosen by benchmarks/adaptive.py
-    (benchmarks/README.md, "Adaptive sweep")."""
-
-    margin: float = 0.02  # relative loss: slices and methods within it of the best are kept
-    neighbours: int = 1  # model size steps kept on each side of the predicted optimum (best slice)
-    full_rungs: int = 3  # rungs run in full before any pruning (the first 3 of 6 x4 budgets: 1.5 % of the FLOP)
-    dominated_rungs: int = 2  # decision points in a row a method must be dominated at before it is pruned
-    n_boot: int = 10  # bootstrap refits per surface for the interval (fit.N_BOOTSTRAP = 100 for reports; the
-    # fits dominate a decision: 10 refits cost ~15 % of one, 100 would cost 2.5x)
-
-    def __post_init__(self):
-        if not (0.0 <= self.margin < 1.0):
-            raise ValueError(f"strategy.margin: a relative loss in [0, 1) (got {self.margin})")
-        for name in ("neighbours", "full_rungs", "dominated_rungs", "n_boot"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"strategy.{name}: a non-negative integer (got {value!r})")
-        if self.full_rungs < 1:
-            raise ValueError(f"strategy.full_rungs: at least 1, the first rung has nothing to prune on "
-                             f"(got {self.full_rungs})")
-        if self.dominated_rungs < 1:
-            raise ValueError(f"strategy.dominated_rungs: at least 1 (got {self.dominated_rungs})")
 
 
 @dataclass(frozen=True)

@@ -10,38 +10,83 @@ runs (the driver stays light: no torch, no Ray at import). Each such function re
     fit     -> orchestrator.reporting.fit_command(args)     args: name, out (None: <storage>/<name>/analysis/), storage
     recipe  -> orchestrator.reporting.recipe_command(args)  args: name, budget (float > 0), json, storage
     demo    -> orchestrator.demo.run(args)         args: name ("demo"), storage, address
+    export  -> workers.export.export_command(args)  args: name, trial | budget, out, storage
     suite build -> workers.suite.build_command(args)  args: out (None: the suite's default), storage
     suite list  -> workers.suite.list_command(args)   args: json, storage
 
-Errors: a ``UserError`` (or ``workers.models.ModelConfigError`` / ``workers.data.DataError``) anywhere becomes
+Errors: a ``UserError`` (or ``core.models.ModelConfigError`` / ``workers.data.DataError``) anywhere becomes
 one line on stderr and exit code 2, no traceback; so do argparse errors. Anything else is a bug and keeps its
 traceback.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import re
 import signal
 import sys
 
-from orchestrator.errors import EXIT_USER_ERROR, UserError, as_user_error
+from core.errors import EXIT_USER_ERROR, UserError
 
 DEFAULT_STORAGE = "./sweeps"
 
-# command -> (module, function); see the module docstring for the arguments each receives
-COMMANDS = {
-    "submit": ("orchestrator.driver", "submit"),
-    "resume": ("orchestrator.driver", "resume"),
-    "status": ("orchestrator.driver", "status"),
-    "fit": ("orchestrator.reporting", "fit_command"),
-    "recipe": ("orchestrator.reporting", "recipe_command"),
-    "demo": ("orchestrator.demo", "run"),
-    "suite build": ("workers.suite", "build_command"),
-    "suite list": ("workers.suite", "list_command"),
-}
+
+
+# --- the commands' handlers: imported when the command runs (the driver stays light) ------------------------
+def _submit(args):
+    from orchestrator.driver import submit
+    return submit(args)
+
+
+def _resume(args):
+    from orchestrator.driver import resume
+    return resume(args)
+
+
+def _status(args):
+    from orchestrator.driver import status
+    return status(args)
+
+
+def _fit(args):
+    from orchestrator.reporting import fit_command
+    return fit_command(args)
+
+
+def _recipe(args):
+    from orchestrator.reporting import recipe_command
+    return recipe_command(args)
+
+
+def _demo(args):
+    from orchestrator.demo import run
+    return run(args)
+
+
+def _export(args):
+    from workers.export import export_command
+    return export_command(args)
+
+
+def _replay(args):
+    from orchestrator.reporting import replay_command
+    return replay_command(args)
+
+
+def _suite_build(args):
+    from workers.suite import build_command
+    return build_command(args)
+
+
+def _suite_list(args):
+    from workers.suite import list_command
+    return list_command(args)
+
+
+COMMANDS = {"submit": _submit, "resume": _resume, "status": _status, "fit": _fit, "recipe": _recipe,
+            "demo": _demo, "suite build": _suite_build, "suite list": _suite_list, "export": _export,
+            "replay": _replay}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,6 +107,16 @@ def _positive_float(text: str) -> float:
     return x
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        x = float("nan")
+    if not x >= 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return x
+
+
 def _gpu_count(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
@@ -70,7 +125,7 @@ def _gpu_count(text: str) -> int:
 
 def _storage_uri(text: str) -> str:
     """A store URI without credentials in it (they belong in the environment; the error masks them)."""
-    from workers.storage import StorageError, check_no_credentials
+    from core.storage import StorageError, check_no_credentials
 
     try:
         return check_no_credentials(text)
@@ -115,44 +170,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("grid", metavar="GRID.yaml")
     p.add_argument("--name", type=_sweep_name, default=None, help="sweep name (default: the grid's name)")
     _takeover_flag(p)
-    p.set_defaults(handler=_delegate("submit"))
+    p.set_defaults(handler=COMMANDS["submit"])
 
     p = common(sub.add_parser("resume", help="finish an interrupted sweep from its stored grid"), sweep=True)
     p.add_argument("name", type=_sweep_name, metavar="NAME")
     _takeover_flag(p)
-    p.set_defaults(handler=_delegate("resume"))
+    p.set_defaults(handler=COMMANDS["resume"])
 
     p = common(sub.add_parser("status", help="counts, FLOP spent / planned, the trials"), sweep=True)
     p.add_argument("name", type=_sweep_name, metavar="NAME")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=_delegate("status"))
+    p.set_defaults(handler=COMMANDS["status"])
 
     p = common(sub.add_parser("fit", help="fit the frontier; write figures and the recipe table"))
     p.add_argument("name", type=_sweep_name, metavar="NAME")
     p.add_argument("--out", default=None, metavar="DIR", help="default: <storage>/<NAME>/analysis/")
-    p.set_defaults(handler=_delegate("fit"))
+    p.add_argument("--metric", default="eval_loss", choices=("eval_loss", "ndcg_at_10"),
+                   help="what the frontier is fitted on: the held-out loss (default) or 1 - nDCG@10 "
+                        "(written to <out>/ndcg_at_10/ by default)")
+    p.set_defaults(handler=COMMANDS["fit"])
 
     p = common(sub.add_parser("recipe", help="the compute-optimal recipe at a budget"))
     p.add_argument("name", type=_sweep_name, metavar="NAME")
     p.add_argument("--budget", type=_positive_float, required=True, metavar="FLOP")
+    p.add_argument("--serve-tokens", type=_non_negative_float, default=None, metavar="T",
+                   help="tokens the model will embed in its life: the recipe under training FLOP + 2·N·T <= C")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=_delegate("recipe"))
+    p.set_defaults(handler=COMMANDS["recipe"])
+
+    p = common(sub.add_parser("export", help="a trial's model as a sentence-transformers folder"))
+    p.add_argument("name", type=_sweep_name, metavar="NAME")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trial", default=None, metavar="ID", help="the trial to export")
+    which.add_argument("--budget", type=_positive_float, default=None, metavar="FLOP",
+                       help="export the best completed trial (lowest eval_loss) at this grid budget")
+    p.add_argument("--out", required=True, metavar="DIR", help="the folder to write (must not exist or be empty)")
+    p.set_defaults(handler=COMMANDS["export"])
+
+    p = common(sub.add_parser("replay", help="what the adaptive strategy would have run on a full sweep"))
+    p.add_argument("name", type=_sweep_name, metavar="NAME")
+    p.add_argument("--strategy", choices=("adaptive",), default="adaptive")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=COMMANDS["replay"])
 
     p = common(sub.add_parser("demo", help="offline mini suite, small sweep on a local Ray, fit, recipe"),
                sweep=True)
     p.add_argument("--name", type=_sweep_name, default="demo", help="sweep name (default: demo)")
     p.add_argument("--quick", action="store_true", help="a reduced demo: two tiny models, two methods (CI)")
-    p.set_defaults(handler=_delegate("demo"))
+    p.set_defaults(handler=COMMANDS["demo"])
 
     suite = sub.add_parser("suite", help="the offline mini model suite")
     suite_sub = suite.add_subparsers(dest="suite_command", required=True, metavar="{build,list}",
                                      parser_class=_Parser)
     p = common(suite_sub.add_parser("build", help="build (or reuse) the mini suite and its data"))
     p.add_argument("--out", default=None, metavar="DIR", help="default: the suite's cache directory")
-    p.set_defaults(handler=_delegate("suite build"))
+    p.set_defaults(handler=COMMANDS["suite build"])
     p = common(suite_sub.add_parser("list", help="list the suite's models"))
+    p.add_argument("--out", default=None, metavar="DIR", help="default: the suite's cache directory")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=_delegate("suite list"))
+    p.set_defaults(handler=COMMANDS["suite list"])
     return parser
 
 
@@ -162,30 +238,6 @@ def _takeover_flag(p: argparse.ArgumentParser) -> None:
 
 
 # --- commands ----------------------------------------------------------------------------------------------
-class CommandUnavailable(UserError):
-    """The module behind a command is not part of this installation."""
-
-
-def _delegate(command: str):
-    module_name, func_name = COMMANDS[command]
-
-    def handler(args: argparse.Namespace) -> int | None:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name is None or not (module_name == e.name or module_name.startswith(e.name + ".")):
-                raise  # a dependency of the module is missing: a real ImportError, keep its traceback
-            module = None
-        func = getattr(module, func_name, None)
-        if func is None:
-            raise CommandUnavailable(f"repurpose {command}: not available in this installation "
-                                     f"({module_name}.{func_name} is missing)")
-        return func(args)
-
-    handler.__name__ = f"run_{command.replace(' ', '_')}"
-    return handler
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
     from orchestrator.grid import load_grid
     from orchestrator.plan import plan_grid
@@ -242,12 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # before or after a sweep runs (during one, the driver handles both signals)
         print("interrupted", file=sys.stderr)
         return EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_SIGINT
-    except Exception as e:
-        error = as_user_error(e)
-        if error is None:
-            raise
-        print(" ".join(str(error).split()), file=sys.stderr)
-        return error.exit_code
+    except UserError as e:
+        print(e.one_line(), file=sys.stderr)
+        return e.exit_code
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -270,7 +319,6 @@ def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
-
 
 
 if __name__ == "__main__":

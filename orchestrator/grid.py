@@ -30,6 +30,7 @@ from pydantic_core import PydanticCustomError
 from core.models import ModelConfigError, auto_lr, model_shape, read_config
 from core.spec import BATCHING, LORA_TARGETS, METHODS, POOLINGS, DeepSpeedConfigError, TrialSpec, default, parse_deepspeed_override
 from core.spec import trial_id as trial_id
+from core.strategy import STRATEGIES, AdaptiveConfig
 from core.uris import SCHEMES as DATA_SCHEMES
 from core.uris import StorageError, check_no_credentials
 from orchestrator.errors import GridError
@@ -273,6 +274,23 @@ class RunConfig(_Optional):
         return v
 
 
+def _knob(name: str):
+    return AdaptiveConfig.__dataclass_fields__[name].default
+
+
+class AdaptiveKnobs(_Optional):
+    """``strategy: adaptive``'s knobs (core/strategy.py AdaptiveConfig; defaults chosen by benchmarks/adaptive.py)."""
+
+    margin: Annotated[Number, Field(ge=0, lt=1)] = _knob("margin")  # relative loss kept within the best
+    neighbours: Annotated[Int, Field(ge=0)] = _knob("neighbours")  # model sizes kept each side of the optimum
+    full_rungs: Annotated[Int, Field(ge=1)] = _knob("full_rungs")  # rungs run in full before any pruning
+    dominated_rungs: Annotated[Int, Field(ge=1)] = _knob("dominated_rungs")  # before a method is pruned
+    n_boot: Annotated[Int, Field(ge=0)] = _knob("n_boot")  # bootstrap refits behind each decision's interval
+
+    def config(self) -> AdaptiveConfig:
+        return AdaptiveConfig(**self.model_dump())
+
+
 class Grid(_Section):
     name: Annotated[str, Field(pattern=SWEEP_NAME_PATTERN)]
     models: _list_of(Text)  # HF names or local paths of GPT-NeoX (Pythia) checkpoints
@@ -281,6 +299,10 @@ class Grid(_Section):
     pooling: _list_of(Literal[POOLINGS]) = (default("pooling"),)
     budgets: _list_of(Annotated[Number, Field(gt=0)])  # FLOP, paper convention
     data: DataConfig
+    # grid: every cell; adaptive: the budgets as rungs, cells that cannot be on the frontier pruned (never part of a
+    # trial's id: a later `strategy: grid` submit of the same grid runs exactly the pruned cells)
+    strategy: Literal[STRATEGIES] = "grid"
+    adaptive: AdaptiveKnobs = AdaptiveKnobs()
     train: TrainConfig = TrainConfig()
     plan: PlanConfig = PlanConfig()
     resources: ResourcesConfig = ResourcesConfig()
@@ -377,7 +399,8 @@ def _check_references(grid: Grid, source: str) -> None:
 _SECTIONS: dict[tuple, type[BaseModel]] = {
     (): Grid, ("methods",): Methods, ("methods", "full"): FullConfig, ("methods", "freeze"): FreezeConfig,
     ("methods", "bias"): BiasConfig, ("methods", "lora"): LoraConfig, ("data",): DataConfig,
-    ("train",): TrainConfig, ("plan",): PlanConfig, ("resources",): ResourcesConfig, ("run",): RunConfig,
+    ("train",): TrainConfig, ("plan",): PlanConfig, ("adaptive",): AdaptiveKnobs, ("resources",): ResourcesConfig,
+    ("run",): RunConfig,
 }
 _TYPE_PROBLEMS = {
     "missing": "required",
