@@ -7,6 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 STRATEGIES = ("grid", "adaptive")
+# The FLOP an adaptive sweep typically spends, as a fraction of the full grid's: the median over the simulation's
+# ground truths and noise levels (benchmarks/adaptive.py, benchmarks/README.md "Adaptive sweep": 0.06-0.17).
+TYPICAL_FLOP_FRACTION = 0.15
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ runs (the driver stays light: no torch, no Ray at import). Each such function re
     recipe  -> orchestrator.reporting.recipe_command(args)  args: name, budget (float > 0), json, storage
     demo    -> orchestrator.demo.run(args)         args: name ("demo"), storage, address
     export  -> workers.export.export_command(args)  args: name, trial | budget, out, storage
+    prepare -> orchestrator.prepare.prepare_command(args)  args: grid, json, storage, address
     suite build -> workers.suite.build_command(args)  args: out (None: the suite's default), storage
     suite list  -> workers.suite.list_command(args)   args: json, storage
 
@@ -74,6 +75,11 @@ def _replay(args):
     return replay_command(args)
 
 
+def _prepare(args):
+    from orchestrator.prepare import prepare_command
+    return prepare_command(args)
+
+
 def _suite_build(args):
     from workers.suite import build_command
     return build_command(args)
@@ -86,7 +92,7 @@ def _suite_list(args):
 
 COMMANDS = {"submit": _submit, "resume": _resume, "status": _status, "fit": _fit, "recipe": _recipe,
             "demo": _demo, "suite build": _suite_build, "suite list": _suite_list, "export": _export,
-            "replay": _replay}
+            "replay": _replay, "prepare": _prepare}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -171,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", type=_sweep_name, default=None, help="sweep name (default: the grid's name)")
     _takeover_flag(p)
     p.set_defaults(handler=COMMANDS["submit"])
+
+    p = common(sub.add_parser("prepare", help="build (or reuse) the token caches a grid's trials read"),
+               sweep=True)
+    p.add_argument("grid", metavar="GRID.yaml")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.set_defaults(handler=COMMANDS["prepare"])
 
     p = common(sub.add_parser("resume", help="finish an interrupted sweep from its stored grid"), sweep=True)
     p.add_argument("name", type=_sweep_name, metavar="NAME")
@@ -258,21 +270,35 @@ def render_plan(plan) -> str:
 
     header = ("trial_id", "model", "method", "rank/frac", "budget", "tokens", "steps", "resources", "status")
     rows = []
+    g = plan.grid
+    adaptive = g.strategy == "adaptive"
+    rung_of = {b: i + 1 for i, b in enumerate(sorted(g.budgets))} if adaptive else {}
+    full_rungs = g.adaptive.full_rungs if adaptive else 0
     for t in plan.trials:
         hyper = f"r={t.lora_rank}" if t.lora_rank is not None else (
             f"f={t.trainable_fraction:g}" if t.trainable_fraction is not None else "-")
         resources = " ".join(f"{k}={v:g}" for k, v in t.display_resources().items())
         status = "ok" if t.runnable else f"SKIP {t.skip_reason}"
+        if t.runnable and rung_of.get(t.budget_flops, 0) > full_rungs:
+            status = f"rung {rung_of[t.budget_flops]}: decided after rung {rung_of[t.budget_flops] - 1}"
         rows.append((t.trial_id, t.model, t.method, hyper, sci(t.budget_flops), short(t.planned_tokens),
                      str(t.steps), resources, status))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    g = plan.grid
     lines.insert(0, f"sweep {g.name}: {len(g.models)} models x {len(g.methods.cells())} method settings x "
                     f"{len(g.budgets)} budgets; resources for "
                     + (f"{plan.gpus_available} GPUs per node" if plan.gpus_available else "a CPU-only cluster"))
     lines.append(f"{len(plan.trials)} trials: {len(plan.runnable)} runnable, {len(plan.skipped)} skipped; "
                  f"{sci(plan.total_flops)} FLOP planned (runnable trials)")
+    if adaptive:
+        from core.strategy import TYPICAL_FLOP_FRACTION
+
+        first = sum(t.planned_flops for t in plan.runnable if rung_of[t.budget_flops] <= full_rungs)
+        lines.append(f"strategy adaptive: rungs 1-{min(full_rungs, len(rung_of))} run in full ({sci(first)} FLOP); "
+                     f"later rungs run only the cells that can still be on the frontier, decided after the rung "
+                     f"below. Worst case {sci(plan.total_flops)} FLOP (every cell); expected about "
+                     f"{sci(TYPICAL_FLOP_FRACTION * plan.total_flops)} ({TYPICAL_FLOP_FRACTION:.0%}, the simulation's "
+                     "typical fraction: benchmarks/adaptive.py)")
     return "\n".join(lines)
 
 

@@ -4,7 +4,7 @@ Pure functions (``planned_steps``, ``skip_reason``, ``trial_resources``, ``plan_
 ``plan_grid(grid) -> Plan``, which adds the only I/O: the models' configs (never their weights) and, once per
 (tokenizer, data), a measurement of the tokens a pair really has; once per data file, a count of its pairs.
 
-Per trial (PAPER.md "FLOP accounting"): N, N_tr from the config (``workers.flops.param_counts``), planned tokens
+Per trial (PAPER.md "FLOP accounting"): N, N_tr from the config (``core.flops.param_counts``), planned tokens
 = ``tokens_for_budget(budget, cost_per_token)``, planned pairs = tokens / tokens per pair, steps =
 pairs // batch_size. Infeasible cells are kept, marked with ``skip_reason``: too few optimizer steps to be a
 training run, or more pairs than ``max_epochs`` passes over the data hold.
@@ -15,11 +15,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Mapping
 
-from orchestrator.errors import UserError
+from core.errors import UserError
+from core.flops import NeoxShape, cost_per_token, param_counts, planned_steps, tokens_for_budget
+from core.models import model_shape, pythia_size
+from core.spec import TrialSpec
 from orchestrator.grid import Grid, Trial, expand
-from workers.flops import NeoxShape, cost_per_token, param_counts, tokens_for_budget
-from workers.models import model_shape, pythia_size
-from workers.spec import TrialSpec
 
 # The authors planned every cell with 78 tokens per pair (14 query + 64 positive at max length 75; PAPER.md).
 # Used only when the data cannot be read here (e.g. `plan` on a laptop for an s3:// grid), with a warning.
@@ -30,7 +30,8 @@ FALLBACK_TOKENS_PER_PAIR = 78.0
 class PlannedTrial:
     trial_id: str
     model: str  # as written in the grid
-    spec: TrialSpec  # spec.planned_tokens_per_pair carries the planner's measurement (a runtime knob)
+    spec: TrialSpec  # carries the planner's tokens per pair, tokens and steps to the worker (runtime knobs)
+    family: str  # the model's model_type (gpt_neox, llama, qwen3, ...)
     n_params: int  # N: non-embedding parameters, LoRA adapters included
     n_trainable: int  # N_tr
     cost_per_token: float  # FLOP per real token, paper convention
@@ -116,16 +117,13 @@ class Plan:
 
 
 # --- pure policy -------------------------------------------------------------------------------------------
-def planned_steps(tokens: int, tokens_per_pair: float, batch_size: int) -> tuple[float, int]:
-    """(pairs, optimizer steps) that ``tokens`` real tokens buy."""
-    pairs = tokens / tokens_per_pair
-    return pairs, int(pairs // batch_size)
-
-
 def skip_reason(*, pairs: float, steps: int, min_steps: int, train_pairs: int | None,
-                max_epochs: float) -> str | None:
+                max_epochs: float, method: str | None = None, bias_params: int | None = None) -> str | None:
     """Why a cell is infeasible, or None. Both ends of PAPER.md's degenerate cells: 2.8B full at 1.5e15 is
-    ~one batch; 14M at 1.5e18 needs ~2.7e9 pairs."""
+    ~one batch; 14M at 1.5e18 needs ~2.7e9 pairs. And method bias on a family without biases (Llama, Qwen3,
+    Gemma, OLMo 2, Phi-3: ``bias_params`` 0, core.models.ModelShape.bias_params) has nothing to train."""
+    if method == "bias" and bias_params == 0:
+        return "model has no bias parameters"  # the one reason that matters: nothing to train
     reasons = []
     if train_pairs is not None and pairs > max_epochs * train_pairs:
         reasons.append(f"needs {short(pairs)} pairs, data has {short(train_pairs)} (max_epochs {max_epochs:g})")
@@ -155,20 +153,23 @@ def trial_resources(n_params: int, n_trainable: int, gpus_available: int, grid: 
 
 
 def plan_trial(trial: Trial, shape: NeoxShape, tokens_per_pair: float, train_pairs: int | None,
-               gpus_available: int, grid: Grid) -> PlannedTrial:
+               gpus_available: int, grid: Grid, family: str | None = None) -> PlannedTrial:
     spec = trial.spec
+    family = family or shape.family
     n, n_tr = param_counts(shape, spec.method, spec.lora_rank, spec.trainable_fraction, spec.lora_targets)
     cost = cost_per_token(spec.method, n, n_tr)
     tokens = tokens_for_budget(spec.budget_flops, cost)
     pairs, steps = planned_steps(tokens, tokens_per_pair, spec.batch_size)
     resources, ds = trial_resources(n, n_tr, gpus_available, grid)
     return PlannedTrial(
-        trial_id=trial.trial_id, model=trial.model,
-        spec=dataclasses.replace(spec, planned_tokens_per_pair=tokens_per_pair),
+        trial_id=trial.trial_id, model=trial.model, family=family,
+        spec=dataclasses.replace(spec, planned_tokens_per_pair=tokens_per_pair, planned_tokens=tokens,
+                                 planned_steps=steps),
         n_params=n, n_trainable=n_tr, cost_per_token=cost, planned_tokens=tokens, planned_pairs=pairs,
         steps=steps, planned_flops=tokens * cost, resources=resources, deepspeed_gpus=ds,
         skip_reason=skip_reason(pairs=pairs, steps=steps, min_steps=grid.plan.min_steps,
-                                train_pairs=train_pairs, max_epochs=grid.plan.max_epochs),
+                                train_pairs=train_pairs, max_epochs=grid.plan.max_epochs, method=spec.method,
+                                bias_params=shape.bias_params()),
     )
 
 
