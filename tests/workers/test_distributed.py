@@ -528,8 +528,9 @@ def test_tune_trial_runs_deepspeed_ranks_and_reports_once(tiny_model, pairs_file
     from orchestrator.tuning import trial_placement
     from workers.trial import run_trial
 
+    # ZeRO 2, the default; an event per step (report_every_s 0), so the two runs' events compare whatever their speed
     spec = TrialSpec(model=tiny_model, method="full", budget_flops=BUDGET / 2, train_data=str(pairs_file),
-                     batch_size=16, precision="fp32", num_threads=1, chunk_size=4)  # ZeRO 2, the default
+                     batch_size=16, precision="fp32", num_threads=1, chunk_size=4, report_every_s=0.0)
     configs = [{"trial_id": name, "spec": spec.to_dict(), "checkpoint_uri": str(tmp_path / name),
                 "resources": {"CPU": 2}, "deepspeed_gpus": 0, "cpu_ranks": 2} for name in ("a", "b")]
     results: dict[str, list[dict]] = {"a": [], "b": []}
