@@ -394,22 +394,25 @@ def _split_summary(uri: str, tasks: list[dict], records: list[dict], max_bad: fl
 
 
 def ensure(storage_uri: str, *, train_uri: str, eval_uri: str | None, tokenizer_path: str, max_length: int,
-           shard_bytes: int = SHARD_BYTES, max_bad_fraction: float = MAX_BAD_FRACTION, log=None) -> tuple[str, dict]:
-    """(cache URI, manifest): the cache of (data, tokenizer, max_length), built if it is not there yet."""
+           shard_bytes: int = SHARD_BYTES, max_bad_fraction: float = MAX_BAD_FRACTION, log=None,
+           address: str | None = None, tokenizer=None) -> tuple[str, dict]:
+    """(cache URI, manifest): the cache of (data, tokenizer, max_length), built if it is not there yet (on the
+    initialised Ray, else the one at ``address`` or $RAY_ADDRESS, else a local one). ``tokenizer``: the one at
+    ``tokenizer_path`` if the caller has loaded it (``workers.records.load_tokenizer``)."""
     from workers.records import load_tokenizer
 
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = tokenizer or load_tokenizer(tokenizer_path)
     inputs = cache_inputs(train_uri, eval_uri, tokenizer_sha256(tokenizer_path, tokenizer), max_length, shard_bytes)
     uri = cache_uri(storage_uri, cache_key(inputs))
     manifest = read_manifest(uri)
     if manifest is None:
         manifest = build(uri, inputs, tokenizer, train_uri=train_uri, eval_uri=eval_uri,
-                         max_bad_fraction=max_bad_fraction, log=log)
+                         max_bad_fraction=max_bad_fraction, log=log, address=address)
     return uri, manifest
 
 
 def build(uri: str, inputs: dict, tokenizer, *, train_uri: str, eval_uri: str | None,
-          max_bad_fraction: float = MAX_BAD_FRACTION, log=None) -> dict:
+          max_bad_fraction: float = MAX_BAD_FRACTION, log=None, address: str | None = None) -> dict:
     """Builds (or finishes) the cache at ``uri`` with Ray Data; returns its manifest. One progress line per shard
     on ``log`` (default: stderr); Ray Data's own progress bars are off."""
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -433,7 +436,7 @@ def build(uri: str, inputs: dict, tokenizer, *, train_uri: str, eval_uri: str | 
         log(f"token cache {short}: {len(records)} of {total} shards already built, resuming")
     if todo:
         kwargs = dict(cache=uri, tokenizer_json=backend.to_str(), max_length=inputs["max_length"], dtype=dtype)
-        for out in _run_tasks(todo, kwargs):
+        for out in _run_tasks(todo, kwargs, address):
             if out["error"]:
                 raise DataError(out["error"])
             rec = records[out["split"], out["index"]] = json.loads(out["record"])
@@ -460,12 +463,12 @@ def _remove_temps(uri: str, splits: list[str]) -> None:
                 storage.delete(join(uri, split, name))
 
 
-def _run_tasks(tasks: list[dict], kwargs: dict) -> Iterator[dict]:
+def _run_tasks(tasks: list[dict], kwargs: dict, address: str | None = None) -> Iterator[dict]:
     """One Ray Data task per shard over the cluster's CPUs; results as they finish. Starts (and stops) a local
     Ray when none is initialised."""
     import ray
 
-    with _ray_connected():
+    with _ray_connected(address):
         import ray.data
 
         ctx = ray.data.DataContext.get_current()
@@ -480,9 +483,13 @@ def _run_tasks(tasks: list[dict], kwargs: dict) -> Iterator[dict]:
 
 
 class _ray_connected:
-    """The caller's Ray if one is initialised; else the cluster at $RAY_ADDRESS; else a local Ray for the build:
-    its own temp dir, loopback only (as orchestrator/driver.py's embedded Ray, which workers may not import).
+    """The caller's Ray if one is initialised; else the cluster at ``address`` or $RAY_ADDRESS; else a local Ray
+    for the build: its own temp dir, loopback only (as orchestrator/driver.py's embedded Ray, which workers may
+    not import).
     What it started or connected, it stops after."""
+
+    def __init__(self, address: str | None = None):
+        self.address = address or os.environ.get("RAY_ADDRESS")
 
     def __enter__(self):
         import ray
@@ -491,8 +498,8 @@ class _ray_connected:
         if not self.started:
             return self
         common = dict(include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level="WARNING")
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"], **common)
+        if self.address:
+            ray.init(address=self.address, **common)
             return self
         import tempfile
 
@@ -731,7 +738,8 @@ class CachedPairs:
                             "interrupted; run `repurpose prepare`)")
         self.uri, self.manifest = cache_uri, manifest
         self.split = manifest["splits"]["train"]
-        self.batch_size, self.seed, self.max_epochs, self.skip_batches = batch_size, seed, float(max_epochs), skip_batches
+        self.batch_size, self.seed, self.skip_batches = batch_size, seed, skip_batches
+        self.max_epochs = float(max_epochs)
         self.eos, self.max_length = pooling_eos, int(manifest["max_length"])
         self.pad_id = int(manifest["pad_id"] if pad_id is None else pad_id)
         # the raw path's buffer (PairStream's shuffle_buffer): the manifest's, SHUFFLE_BUFFER when built

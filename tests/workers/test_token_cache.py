@@ -287,3 +287,24 @@ def test_two_node_cluster_build_equals_in_process(tmp_path, tiny_model, built, r
     got, whole = _files(uri), _files(built["uri"])
     assert {k: v for k, v in got.items() if k.startswith("train/")} == \
         {k: v for k, v in whole.items() if k.startswith("train/")}
+
+
+# --- `repurpose prepare` ------------------------------------------------------------------------------------
+def test_prepare_builds_then_reuses(tmp_path, tiny_model, pairs_file, eval_file, ray_env):
+    """The grid's one cache (one tokenizer) built by the CLI on an embedded Ray, then reused with no Ray."""
+    import yaml
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({"name": "prep", "models": [tiny_model], "methods": {"bias": {}},
+                                    "budgets": [5.0e9], "data": {"train": pairs_file, "eval": eval_file},
+                                    "train": {"batch_size": 16, "max_length": 24}}))
+    store = str(tmp_path / "store")
+    first = ray_env.run(["prepare", str(grid), "--storage", store, "--json"])
+    assert first.returncode == 0, first.stderr
+    (cache,) = json.loads(first.stdout)["caches"]
+    assert cache["built"] and cache["pairs"] == 2000 and cache["models"] == [tiny_model]
+    assert "shard 1/2" in first.stderr and "built in" in first.stderr  # one train shard, one eval shard
+    again = ray_env.run(["prepare", str(grid), "--storage", store])
+    assert again.returncode == 0 and again.stdout.startswith(f"{cache['uri']}  reused: 2,000 pairs"), again.stderr
+    bad = ray_env.run(["prepare", str(tmp_path / "missing.yaml"), "--storage", store])
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
