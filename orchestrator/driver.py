@@ -90,12 +90,14 @@ def run_sweep(grid: Grid, store: Store, address: str | None, *, progress: bool =
     plan = plan_grid(grid, strict_data=True)  # bad input stops here, before Ray and before any write
     store.read_trials()  # an unreadable store too
     store.check_location()
+    created = store.first_missing_dir()  # what the lease creates, removed if the run ends before the grid is written
     lease = store.acquire_lease(takeover=takeover)  # a live driver's sweep stops here, nothing written
     try:
         with Interrupt(on_second=lease.release) as interrupt:
             outcome = _run_leased(grid, store, address, plan, lease, interrupt, progress)
     finally:
         lease.release()
+        store.remove_unused(created)  # e.g. a bad --address: bad input leaves no store behind
     print(outcome.line, file=sys.stderr)
     return outcome.code
 

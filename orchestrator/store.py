@@ -19,6 +19,7 @@ trials' checkpoints and the rows already written are its starting point; rows ne
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import time
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from core import storage
-from core.store import (GRID_FILE, METRIC_COLUMNS, METRICS_DIR, TRIAL_COLUMNS, TRIALS_FILE,
+from core.store import (GRID_FILE, LEASE_FILE, METRIC_COLUMNS, METRICS_DIR, TRIAL_COLUMNS, TRIALS_FILE,
                         StoreError, checkpoint_uri, metrics_uri, sweep_uri)
 from orchestrator.lease import LeaseLost
 
@@ -94,6 +95,25 @@ class Store:
     def has_checkpoint(self, trial_id: str) -> bool:
         """The trial saved a checkpoint a resume continues from (workers/checkpoint.py names it in LATEST)."""
         return self._try(lambda: storage.exists(storage.join(self.checkpoint_uri(trial_id), "LATEST")), "read")
+
+    def first_missing_dir(self) -> str | None:
+        """Local stores: the outermost folder of the sweep's path that does not exist yet (None: the sweep's folder
+        exists, or the store is remote)."""
+        if storage.is_remote(self.uri):
+            return None
+        path, missing = storage.local_path(self.uri), None
+        while not os.path.exists(path) and os.path.dirname(path) != path:
+            path, missing = os.path.dirname(path), path
+        return missing
+
+    def remove_unused(self, created: str | None) -> None:
+        """Removes ``created`` (``first_missing_dir`` before the lease was taken) when the run wrote nothing but
+        the lease there: only the lease's lock file is left (the lease itself is released)."""
+        if created is None or self.exists():
+            return
+        files = [os.path.join(d, f) for d, _, names in os.walk(created) for f in names]
+        if all(os.path.basename(f) == f".{LEASE_FILE}.lock" for f in files):
+            shutil.rmtree(created, ignore_errors=True)
 
     def acquire_lease(self, takeover: bool = False):
         """This driver's lease on the sweep (orchestrator/lease.py), its heartbeat started; ``LeaseHeld`` when a

@@ -220,3 +220,23 @@ def test_two_concurrent_submits_s3(make_grid, ray_env, s3_endpoint, tmp_path):
     for t in trials:
         assert sorted(metrics[metrics.trial_id == t["trial_id"]].step) == list(range(1, t["steps"] + 1))
     assert fs.get_file_info("bucket/pair/twice3/lease").type == pafs.FileType.NotFound
+
+
+def test_bad_input_after_the_lease_leaves_no_store(make_grid, tmp_path, monkeypatch):
+    """Ray refusing --address is found after the lease is taken: the lease (and the folders it made) go again."""
+    import contextlib
+
+    from core.errors import UserError
+    from orchestrator import driver
+    from orchestrator.grid import load_grid
+    from orchestrator.store import Store
+
+    @contextlib.contextmanager
+    def refused(address):
+        raise UserError(f"--address {address}: cannot start or reach Ray (refused)")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(driver, "ray_session", refused)
+    with pytest.raises(UserError, match="cannot start or reach Ray"):
+        driver.run_sweep(load_grid(make_grid("fresh")), Store(str(tmp_path / "other"), "fresh"), "127.0.0.1:1")
+    assert not os.path.exists(tmp_path / "other")
