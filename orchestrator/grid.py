@@ -36,7 +36,6 @@ from core.uris import StorageError, check_no_credentials
 from orchestrator.errors import GridError
 
 SWEEP_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
-LoraTarget = Literal[LORA_TARGETS]  # the spec's targets, spelled once
 
 
 # --- value types: YAML scalars -> typed values, with the messages users see ---------------------------------
@@ -151,7 +150,9 @@ class LoraConfig(_Optional):
     rank: _list_of(Annotated[Int, Field(ge=1)])
     alpha: Annotated[Number, Field(gt=0)] | None = None  # None: peft's default, as the authors' code
     dropout: Annotated[Number, Field(ge=0, lt=1)] = 0.0
-    targets: _list_of(LoraTarget) = LORA_TARGETS  # PAPER.md: the authors' targets (embed_in left out)
+    # Linears adapted, by module name; default: every Linear of the family's blocks (for GPT-NeoX exactly the
+    # authors' four, core.spec.LORA_TARGETS; embed_in left out). Checked against each model's family.
+    targets: _list_of(Text) | None = None
 
 
 class Methods(_Section):
@@ -381,6 +382,11 @@ def _check_references(grid: Grid, source: str) -> None:
             model_shape(path)
         except ModelConfigError as e:
             raise GridError.at(source, f"models[{i}]", str(e)) from None
+        if grid.methods.lora is not None:
+            try:
+                model_shape(path).check_lora_targets(grid.methods.lora.targets, model)
+            except ModelConfigError as e:
+                raise GridError.at(source, "methods.lora.targets", str(e)) from None
         if grid.train.lr == "auto":
             try:
                 auto_lr(path, config)
@@ -498,7 +504,8 @@ def trial_spec(grid: Grid, model: str, method: str, budget_flops: float,
     t, r, lora = grid.train, grid.run, grid.methods.lora
     lora_fields = {}
     if method == "lora":  # LoRA's knobs define LoRA trials only
-        lora_fields = {"lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "lora_targets": lora.targets}
+        targets = model_shape(grid.model_path(model)).check_lora_targets(lora.targets, model)
+        lora_fields = {"lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "lora_targets": targets}
     return TrialSpec(
         model=grid.model_path(model), method=method, budget_flops=float(budget_flops),
         train_data=grid.resolve(grid.data.train),

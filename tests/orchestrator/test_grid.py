@@ -7,6 +7,7 @@ import re
 import shutil
 
 import pytest
+from pydantic import ValidationError
 import yaml
 
 from orchestrator.errors import GridError, UserError
@@ -87,15 +88,17 @@ def test_defaults_are_the_papers(ws):
     assert (t.batch_size, t.temperature, t.max_length, t.lr, t.warmup_fraction, t.weight_decay) == (
         1024, 0.025, 75, "auto", 0.1, 0.1)
     assert (g.plan.min_steps, g.plan.max_epochs, g.run.max_failures, g.run.checkpoint_every_s) == (10, 1.0, 2, 60.0)
-    assert g.methods.lora.targets == ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+    assert g.methods.lora.targets is None  # the family's default: for GPT-NeoX the authors' four (PAPER.md)
+    lora = next(t for t in expand(g) if t.spec.method == "lora")
+    assert lora.spec.lora_targets == ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
     assert g.resources.gpus == "auto" and g.resources.deepspeed_from_params == 1e9
 
 
 def test_grid_is_frozen(ws):
     g = load(ws)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         g.name = "other"
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         g.train.batch_size = 2
 
 
@@ -228,8 +231,9 @@ BAD_GRIDS = [
     ("methods.lora.rank", DELETE, "methods.lora.rank: required"),
     ("methods.lora.alpha", 0, "methods.lora.alpha: must be > 0"),
     ("methods.lora.dropout", 1, "methods.lora.dropout: must be < 1"),
-    ("methods.lora.targets", ["embed_in"], "methods.lora.targets[0]: must be one of 'query_key_value', 'dense', "
-                                           "'dense_h_to_4h' or 'dense_4h_to_h', got 'embed_in'"),
+    ("methods.lora.targets", ["embed_in"], "methods.lora.targets: ./tiny: LoRA targets ['embed_in'] are not "
+                                           "Linears of a gpt_neox block (it has query_key_value, dense, "
+                                           "dense_h_to_4h, dense_4h_to_h)"),
     ("methods.lora.trainable_fraction", [0.5], "methods.lora.trainable_fraction: trainable_fraction is a "
                                                "hyperparameter of freeze, not lora"),
     ("methods.freeze.rank", [8], "methods.freeze.rank: rank is a hyperparameter of lora, not freeze"),
