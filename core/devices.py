@@ -1,0 +1,86 @@
+"""Accelerators' dense bf16 peak FLOP/s by name, and MFU: pure (no torch), so the planner and the store share them.
+
+MFU = hardware FLOP executed / (time in optimizer steps x the device's peak) (PaLM, Chowdhery et al. 2022,
+appendix B, counts model FLOP; we count the FLOP actually executed, recomputation included, core/flops.py
+``sequence_hardware_flops``, so ours is their "hardware FLOPs utilization"; the store's column keeps the name
+``mfu``, CONTRACTS.md). A trial on CPU has no datasheet: workers/device_peak.py measures the machine's best bf16
+matmul once and caches it.
+
+Peaks are dense (no 2:4 sparsity: NVIDIA's datasheets print the sparse figure with an asterisk, twice the dense
+one) bf16 tensor-core rates with fp32 accumulation, at boost clock, per GPU.
+"""
+from __future__ import annotations
+
+import re
+
+# (pattern on the lower-cased device name, canonical name, dense bf16 FLOP/s, source). First match wins, so the
+# more specific names come first ("h100 pcie" before "h100", "l40s" before "l40" before "l4").
+PEAKS: tuple[tuple[str, str, float, str], ...] = (
+    # NVIDIA H100 Tensor Core GPU datasheet (2023): BF16 1,979 TFLOPS* SXM, 1,513* PCIe, 1,671* NVL (*sparse)
+    (r"h100.*pcie", "H100 PCIe", 756e12, "NVIDIA H100 datasheet: 1,513 TFLOPS sparse / 2"),
+    (r"h100.*nvl", "H100 NVL", 835e12, "NVIDIA H100 datasheet: 1,671 TFLOPS sparse / 2"),
+    (r"h100", "H100 SXM", 989e12, "NVIDIA H100 datasheet: 1,979 TFLOPS sparse / 2"),
+    # NVIDIA H200 Tensor Core GPU datasheet (2024): BF16 1,979 TFLOPS* SXM, 1,671* NVL
+    (r"h200.*nvl", "H200 NVL", 835e12, "NVIDIA H200 datasheet: 1,671 TFLOPS sparse / 2"),
+    (r"h200", "H200 SXM", 989e12, "NVIDIA H200 datasheet: 1,979 TFLOPS sparse / 2"),
+    # NVIDIA GH200 Grace Hopper datasheet: the Hopper GPU at H100 SXM rates
+    (r"gh200", "GH200", 989e12, "NVIDIA GH200 datasheet: 1,979 TFLOPS sparse / 2"),
+    # NVIDIA A100 Tensor Core GPU datasheet (2021): BF16 312 TFLOPS dense (624 sparse), SXM and PCIe alike
+    (r"a100", "A100", 312e12, "NVIDIA A100 datasheet: BF16 312 TFLOPS"),
+    # NVIDIA L40S datasheet (2023): BF16 733 TFLOPS* -> 362 dense (the datasheet's 362.05)
+    (r"l40s", "L40S", 362e12, "NVIDIA L40S datasheet: 733 TFLOPS sparse / 2"),
+    # NVIDIA L40 datasheet (2022): BF16 362.1 TFLOPS* -> 181 dense
+    (r"l40\b", "L40", 181e12, "NVIDIA L40 datasheet: 362 TFLOPS sparse / 2"),
+    # NVIDIA L4 datasheet (2023): BF16 242 TFLOPS* -> 121 dense
+    (r"\bl4\b", "L4", 121e12, "NVIDIA L4 datasheet: 242 TFLOPS sparse / 2"),
+    # A10G (AWS G5): NVIDIA publishes no datasheet; AWS quotes no bf16 rate. 70 TFLOPS is the commonly cited dense
+    # figure (GA102 at the A10G's lower clocks) -- an estimate, not a datasheet number.
+    (r"a10g", "A10G", 70e12, "estimate: no NVIDIA datasheet for the A10G"),
+    # NVIDIA A10 datasheet (2021): BF16 250 TFLOPS* -> 125 dense
+    (r"\ba10\b", "A10", 125e12, "NVIDIA A10 datasheet: 250 TFLOPS sparse / 2"),
+    # NVIDIA HGX B200 (Blackwell datasheet, 2024): FP16/BF16 4.5 PFLOPS* per GPU -> 2.25 dense
+    (r"b200", "B200", 2250e12, "NVIDIA Blackwell datasheet: 4.5 PFLOPS sparse / 2"),
+    # AMD Instinct MI300X data sheet (2023): BF16 1,307.4 TFLOPS dense (2,614.9 with sparsity)
+    (r"mi300x", "MI300X", 1307.4e12, "AMD Instinct MI300X data sheet: BF16 1,307.4 TFLOPS"),
+)
+
+# No bf16 units (V100, T4): bf16 is emulated there, so there is no bf16 peak to divide by; the trial falls back to
+# fp16/fp32 (issue 16) and its mfu is left null rather than measured against the wrong unit.
+NO_BF16 = (r"v100", r"\bt4\b", r"p100")
+
+# For plan estimates (device-hours at an assumed MFU): 0.40, the issue's working figure. For scale: PaLM 540B
+# reached 46.2 % MFU, Megatron-Turing NLG 530B 30.2 % and GPT-3 21.3 % (Chowdhery et al. 2022, "PaLM", Table 3);
+# models below ~1B at batch 1024 x 75 tokens are smaller per kernel and will sit lower -- benchmarks/gpu.py
+# measures what this code reaches.
+TYPICAL_MFU = 0.40
+TYPICAL_MFU_SOURCE = "issue 16's working figure; PaLM (Chowdhery et al. 2022, Table 3): 46.2 % at 540B"
+
+
+def device_entry(device_name: str) -> tuple[str, float, str] | None:
+    """(canonical name, dense bf16 FLOP/s, source) for a device name as ``torch.cuda.get_device_name`` gives it
+    ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", "NVIDIA L4"); None if unknown or without bf16."""
+    name = device_name.lower()
+    if any(re.search(p, name) for p in NO_BF16):
+        return None
+    for pattern, canonical, peak, source in PEAKS:
+        if re.search(pattern, name):
+            return canonical, peak, source
+    return None
+
+
+def peak_flops(device_name: str) -> float | None:
+    """The device's dense bf16 peak FLOP/s from the table, None if it is not there."""
+    entry = device_entry(device_name)
+    return entry[1] if entry else None
+
+
+def mfu(hardware_flops: float, train_s: float, peak: float | None) -> float | None:
+    """hardware FLOP / (seconds in optimizer steps x peak FLOP/s); None without a peak or without time."""
+    if not peak or not train_s or train_s <= 0:
+        return None
+    return hardware_flops / (train_s * peak)
+
+
+def device_hours(hardware_flops: float, peak: float, mfu_assumed: float = TYPICAL_MFU) -> float:
+    """Hours one device needs for ``hardware_flops`` at ``mfu_assumed`` of its peak (the plan's estimate)."""
+    return hardware_flops / (peak * mfu_assumed) / 3600.0

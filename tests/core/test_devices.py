@@ -1,0 +1,79 @@
+"""core/devices.py by hand: the datasheet table by the names torch reports, MFU and device-hours; and the CPU's
+measured peak (workers/device_peak.py), measured once and cached."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from core.devices import TYPICAL_MFU, device_entry, device_hours, mfu, peak_flops
+
+
+@pytest.mark.parametrize("name,canonical,peak", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM", 989e12),  # torch.cuda.get_device_name on an SXM5 board
+    ("NVIDIA H100 PCIe", "H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", "H100 NVL", 835e12),
+    ("NVIDIA H200", "H200 SXM", 989e12),
+    ("NVIDIA A100-SXM4-80GB", "A100", 312e12),
+    ("NVIDIA A100 80GB PCIe", "A100", 312e12),
+    ("NVIDIA L40S", "L40S", 362e12),
+    ("NVIDIA L40", "L40", 181e12),
+    ("NVIDIA L4", "L4", 121e12),
+    ("NVIDIA A10G", "A10G", 70e12),
+    ("NVIDIA A10", "A10", 125e12),
+    ("AMD Instinct MI300X", "MI300X", 1307.4e12),
+])
+def test_peak_by_device_name(name, canonical, peak):
+    assert device_entry(name)[:2] == (canonical, peak) and peak_flops(name) == peak
+
+
+@pytest.mark.parametrize("name", ["Tesla V100-SXM2-16GB", "Tesla T4", "NVIDIA GeForce GTX 1080", "cpu"])
+def test_no_peak_without_bf16_or_entry(name):
+    assert peak_flops(name) is None
+
+
+def test_mfu_by_hand():
+    # 6·N·D for N = 70M, D = 1M tokens = 4.2e17 FLOP in 1,000 s on an H100 SXM: 4.2e14 / 9.89e14 = 0.4247
+    assert mfu(6 * 70e6 * 1e9, 1000.0, 989e12) == pytest.approx(4.2e17 / (1000 * 989e12))
+    assert mfu(6 * 70e6 * 1e9, 1000.0, 989e12) == pytest.approx(0.42467, abs=1e-5)
+    assert mfu(1e12, 0.0, 989e12) is None and mfu(1e12, 10.0, None) is None
+
+
+def test_device_hours_by_hand():
+    # 1e21 FLOP at 40 % of 989e12: 1e21 / 3.956e14 = 2,527,805 s = 702.2 h
+    assert TYPICAL_MFU == 0.40
+    assert device_hours(1e21, 989e12) == pytest.approx(1e21 / (0.4 * 989e12) / 3600)
+    assert device_hours(1e21, 989e12) == pytest.approx(702.17, abs=0.01)
+
+
+def test_core_devices_is_pure():
+    out = subprocess.run([sys.executable, "-c", "import core.devices, sys; print(sorted(m for m in "
+                          "('torch', 'ray', 'pyarrow', 'pandas') if m in sys.modules))"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_cpu_peak_measured_once_and_cached(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from workers import device_peak
+
+    torch.set_num_threads(1)
+    first = device_peak.cpu_peak_flops(cache_dir=str(tmp_path), sizes=(64, 128), seconds=0.05)
+    assert first > 1e8  # even one loaded core multiplies 128 x 128 bf16 faster than 0.1 GFLOP/s
+    monkeypatch.setattr(device_peak, "matmul_rate", lambda *a, **k: pytest.fail("measured again"))
+    assert device_peak.cpu_peak_flops(cache_dir=str(tmp_path), sizes=(64, 128), seconds=0.05) == first
+    (entry,) = json.loads((tmp_path / device_peak.CACHE_FILE).read_text()).values()
+    assert entry["cpu"] == device_peak.cpu_model() and entry["threads"] == 1
+    peak, source = device_peak.device_peak(torch.device("cpu"), cache_dir=str(tmp_path), sizes=(64, 128))
+    assert peak == first and source.startswith("measured")
+    # MFU by hand on this CPU: a timed workload of known FLOP against the measured peak is in (0, ~1.3]
+    a = torch.randn(128, 128, dtype=torch.bfloat16)
+    import time
+
+    t0, reps = time.perf_counter(), 50
+    for _ in range(reps):
+        a @ a
+    util = mfu(2 * 128 ** 3 * reps, time.perf_counter() - t0, peak)
+    assert 0 < util < 1.5  # a shared machine: the same matmul may run a little faster than when measured

@@ -1,0 +1,84 @@
+"""The peak a trial's MFU divides by: a GPU's from core/devices.py's datasheet table, a CPU's measured once.
+
+A CPU has no datasheet figure that this code reaches (AVX512-BF16 without AMX here: 0.94 TFLOP/s bf16 against
+0.21 fp32, benchmarks/README.md), so the peak is the best bf16 square-matmul rate over n = 512..4096 (the best
+of several sizes: the peak must not be undersold), measured once per (CPU model, torch threads, torch version)
+and cached as JSON in the user cache dir (``$REPURPOSE_CACHE`` or platformdirs', as workers/suite.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+
+import torch
+
+from core.devices import device_entry
+
+SIZES = (512, 1024, 2048, 4096)
+SECONDS_PER_SIZE = 0.5  # timed matmuls per size (after one warm-up)
+CACHE_FILE = "device_peak.json"
+
+
+def cpu_model() -> str:
+    """/proc/cpuinfo's model name (Linux), else platform.processor()."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def matmul_rate(n: int, dtype: torch.dtype = torch.bfloat16, seconds: float = SECONDS_PER_SIZE) -> float:
+    """Sustained FLOP/s of an (n, n) @ (n, n) matmul on the CPU: 2·n³ per product."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up: packing, thread pool
+    reps, t0 = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - t0) < seconds or reps == 0:
+        a @ b
+        reps += 1
+    return 2 * n ** 3 * reps / elapsed
+
+
+def _cache_path(cache_dir: str | None) -> str:
+    from workers.suite import cache_root
+
+    return os.path.join(cache_root(cache_dir), CACHE_FILE)
+
+
+def cpu_peak_flops(*, cache_dir: str | None = None, sizes=SIZES, seconds: float = SECONDS_PER_SIZE) -> float:
+    """The best bf16 matmul FLOP/s of this CPU at the current torch thread count; measured on the first call per
+    (CPU model, threads, torch version), read from the cache after."""
+    key = hashlib.sha256(f"{cpu_model()}|{torch.get_num_threads()}|{torch.__version__}|{sizes}".encode()).hexdigest()
+    path = _cache_path(cache_dir)
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except (OSError, ValueError):
+        table = {}
+    if key in table:
+        return float(table[key]["peak_flops"])
+    peak = max(matmul_rate(n, torch.bfloat16, seconds) for n in sizes)
+    table[key] = {"peak_flops": peak, "cpu": cpu_model(), "threads": torch.get_num_threads(),
+                  "torch": torch.__version__, "sizes": list(sizes), "measured_at": time.time()}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)  # concurrent trials: the last writer wins, every entry it read is kept
+    return peak
+
+
+def device_peak(device: torch.device, **cpu_kwargs) -> tuple[float | None, str]:
+    """(peak FLOP/s, where it comes from) for the trial's device: the datasheet table for a GPU (None when the
+    name is not in it or has no bf16), the measured best bf16 matmul for a CPU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        entry = device_entry(name)
+        return (entry[1], f"{entry[0]}: {entry[2]}") if entry else (None, f"{name}: not in core/devices.py")
+    return cpu_peak_flops(**cpu_kwargs), f"measured: best bf16 matmul on {cpu_model()}, {torch.get_num_threads()} threads"
