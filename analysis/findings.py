@@ -123,7 +123,8 @@ def recipe_table(a: Analysis) -> pd.DataFrame:
                        model=c.model, n_params=int(c.n_params), tokens=c.tokens, flops=c.flops,
                        predicted_loss=c.predicted_loss, predicted_loss_low=c.predicted_loss_low,
                        predicted_loss_high=c.predicted_loss_high, win_fraction=r.win_fraction.get(c.method),
-                       data_limited=c.data_limited, extrapolated=c.extrapolated, source="fit")
+                       data_limited=c.data_limited, extrapolated=c.extrapolated, source="fit",
+                       family=c.family, pooling=c.pooling)
             notes = fit_doubts(a.surfaces, c, float(e["eval_loss"]) if e is not None else None)
             row["notes"] = "; ".join(notes)
             if notes and e is not None:
@@ -144,13 +145,14 @@ def _empirical_answer(a: Analysis, e: pd.Series) -> dict:
     """The recipe row's fields for the best trial ``e`` (a frontier row), the fit's prediction for that cell where
     its slice has a surface."""
     h = None if pd.isna(e["hparam"]) else float(e["hparam"])
-    surface = a.surfaces.surfaces.get((e["method"], h))
+    surface = a.surfaces.surfaces.get((e["method"], h, e["variant"]))
     n, tokens = float(e["n_params"]), float(e["tokens"])
     pred, low, high = np.nan, np.nan, np.nan
     if surface is not None:
         pred = float(surface.predict(n, tokens))
         low, high = (float(x) for x in surface.interval(n, tokens))
-    return dict(method=e["method"], lora_rank=int(h) if e["method"] == "lora" and h is not None else None,
+    return dict(method=e["method"], family=None if e["family"] == "?" else e["family"], pooling=e["pooling"],
+                lora_rank=int(h) if e["method"] == "lora" and h is not None else None,
                 trainable_fraction=h if e["method"] == "freeze" else None, model=e["model"], n_params=int(n),
                 tokens=int(tokens), flops=float(e["flops"]), predicted_loss=pred, predicted_loss_low=low,
                 predicted_loss_high=high, win_fraction=np.nan, data_limited=False, extrapolated=False)
@@ -209,8 +211,8 @@ def surfaces_table(a: Analysis) -> pd.DataFrame:
         row.update(rmse_log=s.rmse_log, r2_log=s.r2_log, max_rel_err=s.max_rel_err,
                    best_slice=a.best_slices.get(s.method) is s, warnings="; ".join(s.warnings), refused="")
         rows.append(row)
-    for (method, h), why in a.surfaces.refused.items():
-        rows.append({"method": method, "slice": slice_label(method, h), "refused": why})
+    for (method, h, v), why in a.surfaces.refused.items():
+        rows.append({"method": method, "slice": slice_label(method, h, v), "refused": why})
     return pd.DataFrame(rows)
 
 
@@ -256,7 +258,9 @@ def recipe_markdown(a: Analysis) -> str:
         flags += [r["notes"]] if isinstance(r.get("notes"), str) and r["notes"] else []
         emp = (f"{r['empirical_method']} {r['empirical_hparam']} {model_label(r['empirical_model'])} "
                f"{r['empirical_loss']:.4f}".replace("  ", " ") if isinstance(r.get("empirical_method"), str) else "—")
+        varies = bool(a.usable["variant"].astype(bool).any()) if "variant" in a.usable else False
         rows.append({"budget (FLOP)": f"{r['budget_flops']:.2g}", "method": f"{r['method']} {hp}".strip(),
+                     **({"family": r.get("family") or "?", "pooling": r.get("pooling")} if varies else {}),
                      "model": model_label(r["model"]), "N": f"{r['n_params']:.3g}", "tokens": f"{r['tokens']:.3g}",
                      "predicted loss": _f(r["predicted_loss"]),
                      f"{level}% CI": f"[{_f(r['predicted_loss_low'])}, {_f(r['predicted_loss_high'])}]",
@@ -361,8 +365,8 @@ def findings_markdown(a: Analysis) -> str:
                      "β": f"{s.beta:.3f} [{_f(ci['beta'][0], '{:.3f}')}, {_f(ci['beta'][1], '{:.3f}')}]",
                      "points": s.n_points, "models": s.n_models, "rmse (log)": f"{s.rmse_log:.4f}",
                      "R² (log)": _f(s.r2_log, "{:.3f}")})
-    rows += [{"slice": slice_label(m, h), "E": "refused", "α": why, "β": "", "points": "", "models": "",
-              "rmse (log)": "", "R² (log)": ""} for (m, h), why in a.surfaces.refused.items()]
+    rows += [{"slice": slice_label(m, h, v), "E": "refused", "α": why, "β": "", "points": "", "models": "",
+              "rmse (log)": "", "R² (log)": ""} for (m, h, v), why in a.surfaces.refused.items()]
     out += [_md(pd.DataFrame(rows)), ""]
     from .agreement import agreement, render_markdown
 

@@ -63,12 +63,17 @@ def hparam_of(method: str, lora_rank, trainable_fraction) -> float | None:
     return float(value)
 
 
-def slice_label(method: str, hparam: float | None) -> str:
-    if hparam is None:
-        return method
-    if method == "lora":
-        return f"lora r={int(hparam)}"
-    return f"{method} f={hparam:g}"
+def slice_label(method: str, hparam: float | None, variant: str = "") -> str:
+    """``lora r=8``, ``freeze f=0.5``; with a variant (a sweep over several families or poolings) ``lora r=8
+    [llama last]``."""
+    label = method if hparam is None else f"lora r={int(hparam)}" if method == "lora" else f"{method} f={hparam:g}"
+    return f"{label} [{variant}]" if variant else label
+
+
+def variant_of(family, pooling, varies: bool) -> str:
+    """A slice's family and pooling as its key's third part: "" when the sweep has one family and mean pooling
+    (every sweep before the families and the pooling axis), else ``"llama last"``."""
+    return f"{family} {pooling}" if varies else ""
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,6 +139,14 @@ def split_usable(trials: pd.DataFrame) -> tuple[pd.DataFrame, Exclusions]:
     usable["N"] = n_params[~bad].to_numpy()
     usable["D"] = tokens[~bad].to_numpy()
     usable["eval_loss"] = loss[~bad].to_numpy()
+    # family and pooling: surfaces are fitted per (family, method, slice, pooling); a store written before those
+    # columns holds one family (unknown) and mean pooling
+    family = usable["family"].astype(object).where(usable["family"].notna(), "?") if "family" in usable else "?"
+    pooling = usable["pooling"].astype(object).where(usable["pooling"].notna(), "mean") if "pooling" in usable \
+        else "mean"
+    usable = usable.assign(family=family, pooling=pooling)
+    varies = usable["family"].nunique() > 1 or set(usable["pooling"]) != {"mean"}
+    usable["variant"] = [variant_of(f, p, varies) for f, p in zip(usable["family"], usable["pooling"])]
     return usable.reset_index(drop=True), Exclusions(excluded, len(df))
 
 
@@ -150,7 +163,8 @@ def require_usable(trials: pd.DataFrame, where: str = "the sweep") -> tuple[pd.D
 # 1. Empirical optimum
 
 BEST_COLUMNS = ["method", "budget_flops", "trial_id", "model", "n_params", "n_trainable", "lora_rank",
-                "trainable_fraction", "hparam", "tokens", "flops", "eval_loss", "n_trials"]
+                "trainable_fraction", "hparam", "tokens", "flops", "eval_loss", "family", "pooling", "variant",
+                "n_trials"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -333,10 +347,17 @@ class Surface:
     max_rel_err: float
     models: tuple[tuple[str, float, float], ...]
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    family: str | None = None  # the slice's model family (model_type); None: not known to the store
+    pooling: str = "mean"
+    variant: str = ""  # "" unless the sweep varies family or pooling (then "<family> <pooling>")
+
+    @property
+    def key(self) -> tuple[str, float | None, str]:
+        return self.method, self.hparam, self.variant
 
     @property
     def label(self) -> str:
-        return slice_label(self.method, self.hparam)
+        return slice_label(self.method, self.hparam, self.variant)
 
     @property
     def params(self) -> np.ndarray:
@@ -373,14 +394,16 @@ def _surface(p, n, d):
 
 @dataclass(frozen=True, eq=False)
 class SurfaceFits:
-    """All slices of a sweep: fitted ``surfaces`` and ``refused`` (reason) keyed by (method, hparam)."""
+    """All slices of a sweep: fitted ``surfaces`` and ``refused`` (reason) keyed by (method, hparam, variant)
+    (``Surface.key``; the variant is "" unless the sweep varies family or pooling)."""
 
-    surfaces: dict[tuple[str, float | None], Surface]
-    refused: dict[tuple[str, float | None], str]
+    surfaces: dict[tuple[str, float | None, str], Surface]
+    refused: dict[tuple[str, float | None, str], str]
     n_boot: int
 
     def for_method(self, method: str) -> list[Surface]:
-        return [s for (m, _), s in self.surfaces.items() if m == method]
+        """Every slice of ``method``, over its hyperparameters, families and poolings."""
+        return [s for (m, _, _), s in self.surfaces.items() if m == method]
 
     def methods(self) -> list[str]:
         return [m for m in METHODS if self.for_method(m)]
@@ -530,10 +553,11 @@ def _bootstrap(best_x, form_nd, terms, centres, logl, delta, bounds, n_boot: int
 
 
 def fit_surface(points: pd.DataFrame, *, method: str = "?", hparam: float | None = None,
-                n_boot: int = N_BOOTSTRAP, seed: int = 0, delta: float = HUBER_DELTA) -> Surface:
+                n_boot: int = N_BOOTSTRAP, seed: int = 0, delta: float = HUBER_DELTA, variant: str = "") -> Surface:
     """Fit one slice. ``points``: usable trials (``N``, ``D``, ``eval_loss``, ``budget_flops``, ``model``,
-    ``n_trainable``). Raises FitError when the slice has too few points, model sizes or budgets."""
-    label = slice_label(method, hparam)
+    ``n_trainable``; ``family``, ``pooling`` when split_usable made them). Raises FitError when the slice has too
+    few points, model sizes or budgets."""
+    label = slice_label(method, hparam, variant)
     n_models = points["N"].nunique()
     n_budgets = points["budget_flops"].nunique()
     form_nd = n_models >= 2
@@ -571,7 +595,13 @@ def fit_surface(points: pd.DataFrame, *, method: str = "?", hparam: float | None
         max_rel_err=float(np.abs(pred / np.exp(logl) - 1).max()),
         models=tuple((str(m), float(r["N"]), float(r["n_trainable"])) for m, r in models.iterrows()),
         warnings=tuple(warnings),
+        family=_only(points, "family"), pooling=_only(points, "pooling") or "mean", variant=variant,
     )
+
+
+def _only(points: pd.DataFrame, column: str) -> str | None:
+    values = set(points[column].dropna()) - {"?"} if column in points else set()
+    return str(values.pop()) if len(values) == 1 else None
 
 
 def _fit_warnings(x, bounds, form_nd: bool, n_models: int) -> list[str]:
@@ -585,19 +615,23 @@ def _fit_warnings(x, bounds, form_nd: bool, n_models: int) -> list[str]:
 
 
 def fit_surfaces(usable: pd.DataFrame, *, n_boot: int = N_BOOTSTRAP, seed: int = 0) -> SurfaceFits:
-    """Every (method, hparam) slice of the usable trials; slices with too few points go to ``refused``."""
+    """Every (method, hparam, variant) slice of the usable trials (split_usable's ``variant``: family and pooling
+    where the sweep varies them); slices with too few points go to ``refused``."""
     surfaces, refused = {}, {}
     keyed = usable.assign(_h=usable["hparam"].fillna(-1.0))
-    groups = keyed.groupby(["method", "_h"], sort=True) if len(keyed) else []
-    for (method, h), points in groups:
+    if "variant" not in keyed:
+        keyed = keyed.assign(variant="")
+    groups = keyed.groupby(["method", "_h", "variant"], sort=True) if len(keyed) else []
+    for (method, h, variant), points in groups:
         hparam = None if h == -1.0 else float(h)
-        key = (str(method), hparam)
+        key = (str(method), hparam, str(variant))
         # a per-slice seed: the same slice gets the same resamples whatever else the sweep holds
         slice_seed = seed + zlib.crc32(slice_label(*key).encode())
         try:
-            surfaces[key] = fit_surface(points, method=str(method), hparam=hparam, n_boot=n_boot, seed=slice_seed)
+            surfaces[key] = fit_surface(points, method=str(method), hparam=hparam, n_boot=n_boot, seed=slice_seed,
+                                        variant=str(variant))
         except FitError as e:
             refused[key] = str(e)
     order = {m: i for i, m in enumerate(METHODS)}
-    sort = lambda kv: (order.get(kv[0][0], 99), -1 if kv[0][1] is None else kv[0][1])  # noqa: E731
+    sort = lambda kv: (order.get(kv[0][0], 99), -1 if kv[0][1] is None else kv[0][1], kv[0][2])  # noqa: E731
     return SurfaceFits(dict(sorted(surfaces.items(), key=sort)), dict(sorted(refused.items(), key=sort)), n_boot)

@@ -39,10 +39,17 @@ class Choice:
     predicted_loss_low: float
     predicted_loss_high: float
     serve_flops: float = 0.0  # 2 N T: embedding T tokens in the model's life (N: the merged model's, no adapters)
+    family: str | None = None  # the slice's family (model_type) and pooling (fit.Surface)
+    pooling: str = "mean"
+    variant: str = ""
+
+    @property
+    def key(self) -> tuple[str, float | None, str]:
+        return self.method, self.hparam, self.variant
 
     @property
     def label(self) -> str:
-        return slice_label(self.method, self.hparam)
+        return slice_label(self.method, self.hparam, self.variant)
 
     @property
     def lora_rank(self) -> int | None:
@@ -112,7 +119,8 @@ def best_in_slice(surface, budget_flops: float, max_tokens: int | None = None, s
               and lo_d * (1 - 1e-9) <= d[i] <= hi_d * (1 + 1e-9))
     choice = Choice(surface.method, surface.hparam, names[i], float(n[i]), float(ntr[i]), float(cost[i]),
                     int(d[i]), float(d[i] * cost[i]), bool(limited[i]), not inside,
-                    float(pred[i]), float(low), float(high), float(serve[i]))
+                    float(pred[i]), float(low), float(high), float(serve[i]), surface.family, surface.pooling,
+                    surface.variant)
     boot = np.where(ok[None, :], surface.predict_boot(n, d), np.inf).min(axis=1) if len(surface.boot) else None
     return choice, boot
 
@@ -138,7 +146,7 @@ def compute_recipe(fits: SurfaceFits, budget_flops: float, max_tokens: int | Non
         boots = [b for _, b in found if b is not None]
         if boots:
             boot_best[method] = np.min(np.stack(boots), axis=0)
-    for (method, _), why in fits.refused.items():
+    for (method, _, _), why in fits.refused.items():
         if method not in per_method and method not in refused:
             refused[method] = why
     if not per_method:
@@ -167,7 +175,7 @@ def fit_doubts(fits: SurfaceFits, choice: Choice, empirical_loss: float | None) 
     at a grid budget (``empirical_loss``: the best completed trial there), the fitted best is worse than that
     trial or the trial lies above what the fit promises — each beyond the fit's interval widened by two residuals. Where there is doubt at a grid budget, the recipe table
     and `recipe` answer with the empirical best (analysis/findings.py recipe_table, analysis/report.py)."""
-    surface = fits.surfaces[(choice.method, choice.hparam)]
+    surface = fits.surfaces[choice.key]
     k = 5 if surface.form == FORM_ND else 3
     notes = []
     if surface.n_points < MIN_POINTS_PER_PARAMETER * k:

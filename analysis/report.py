@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 
 from .findings import (Analysis, analyze, findings_markdown, model_label, recipe_markdown, recipe_table,
                        surfaces_table)
-from .fit import CI_LEVEL, N_BOOTSTRAP, FitError, fit_surfaces, require_usable
+from .fit import CI_LEVEL, N_BOOTSTRAP, FitError, fit_surfaces, require_usable, slice_label
 from .load import StoreError, load_data_cap, load_trials, open_uri
 from .recipe import Choice, compute_recipe, fit_doubts
 
@@ -67,7 +67,8 @@ def _empirical_at(usable: pd.DataFrame, budget_flops: float) -> dict | None:
     return {"trial_id": r["trial_id"], "method": r["method"], "model": r["model"], "n_params": _num(r["n_params"]),
             "tokens": _num(r["tokens"]), "lora_rank": _num(r["lora_rank"]),
             "trainable_fraction": _num(r["trainable_fraction"]), "eval_loss": _num(r["eval_loss"]),
-            "budget_flops": _num(r["budget_flops"])}
+            "budget_flops": _num(r["budget_flops"]), "family": None if r["family"] == "?" else r["family"],
+            "pooling": r["pooling"], "variant": r["variant"]}
 
 
 def recipe_at(sweep_uri: str, budget_flops: float, max_tokens: int | None = None, *, n_boot: int = N_BOOTSTRAP,
@@ -106,7 +107,7 @@ def recipe_at(sweep_uri: str, budget_flops: float, max_tokens: int | None = None
         per_method[method] = entry
     out["per_method"] = per_method
     out["empirical"] = emp = _empirical_at(usable, budget_flops)
-    out["family"], out["pooling"] = _family_and_pooling(usable, c.model, c.method)
+    out["family"], out["pooling"] = c.family, c.pooling
     if serve_tokens is not None:  # the trials spent the whole budget on training: no empirical answer to compare
         out.update(serve_tokens=float(serve_tokens), train_flops=_num(c.flops), serve_flops=_num(c.serve_flops))
         emp = None
@@ -114,23 +115,15 @@ def recipe_at(sweep_uri: str, budget_flops: float, max_tokens: int | None = None
     out["source"] = "fit"
     if out["notes"] and emp:  # at a grid budget the fit is in doubt: the best trial answers (notes say why)
         out["notes"].insert(0, f"fit chose {c.label} {model_label(c.model)} at {c.predicted_loss:.4f}")
-        surface = fits.surfaces.get((emp["method"], _hparam(emp)))
+        surface = fits.surfaces.get((emp["method"], _hparam(emp), emp["variant"]))
         pred = low = high = None
         if surface is not None:
             pred = _num(float(surface.predict(emp["n_params"], emp["tokens"])))
             low, high = (_num(float(x)) for x in surface.interval(emp["n_params"], emp["tokens"]))
-        out.update({k: emp[k] for k in ("method", "model", "n_params", "tokens", "lora_rank", "trainable_fraction")},
+        out.update({k: emp[k] for k in ("method", "model", "n_params", "tokens", "lora_rank", "trainable_fraction",
+                                        "family", "pooling")},
                    predicted_loss=pred, predicted_loss_low=low, predicted_loss_high=high, source="empirical")
     return out
-
-
-def _family_and_pooling(usable: pd.DataFrame, model: str, method: str) -> tuple[str | None, str]:
-    """The chosen model's family (its model_type; None in a store written before the column) and the pooling
-    its method's trials used (mean, the study's, in a store written before the axis)."""
-    rows = usable[(usable["model"] == model) & (usable["method"] == method)]
-    family = rows["family"].dropna() if "family" in rows else pd.Series(dtype=object)
-    pooling = rows["pooling"].dropna() if "pooling" in rows else pd.Series(dtype=object)
-    return (str(family.iloc[0]) if len(family) else None), (str(pooling.iloc[0]) if len(pooling) else "mean")
 
 
 def _hparam(e: dict) -> float | None:
@@ -258,8 +251,7 @@ def _summary(a: Analysis, sweep_uri: str, out_dir: str, files: dict[str, str], n
                                "n_points": s.n_points, "rmse_log": s.rmse_log, "r2_log": _num(s.r2_log)}
                      for s in a.surfaces.surfaces.values()},
         "refused": {"trends": dict(a.trends.refused),
-                    "surfaces": {f"{m}" + ("" if h is None else f" {h:g}"): why
-                                 for (m, h), why in a.surfaces.refused.items()}},
+                    "surfaces": {slice_label(m, h, v): why for (m, h, v), why in a.surfaces.refused.items()}},
         "recipes": [{"budget_flops": b, "method": r.best.method, "model": r.best.model, "tokens": r.best.tokens,
                      "lora_rank": r.best.lora_rank, "trainable_fraction": r.best.trainable_fraction,
                      "predicted_loss": _num(r.best.predicted_loss), "on_grid": b in a.grid_budgets}

@@ -31,7 +31,7 @@ def test_one_model_fits_the_data_term_only(tmp_path):
     uri = storegen.write_store(tmp_path, trials)
     usable, _ = split_usable(load_trials(uri))
     fits = fit_surfaces(usable, n_boot=N_BOOT)
-    s = fits.surfaces[("full", None)]
+    s = fits.surfaces[("full", None, "")]
     assert s.form == FORM_D and s.A == 0
     assert abs(s.beta - storegen.LAWS["full"].beta) < 0.03  # the N term is a constant inside E
     for budget in (3e15, 4.8e16, 6e18):
@@ -87,7 +87,7 @@ def test_a_method_with_a_single_point(tmp_path):
     a = analyze(load_trials(uri), n_boot=N_BOOT)
     assert "full" in a.trends.trends and "bias" in a.trends.refused
     assert ">= 2 budgets (has 1)" in a.trends.refused["bias"]
-    assert "1 trial(s)" in a.surfaces.refused[("bias", None)]
+    assert "1 trial(s)" in a.surfaces.refused[("bias", None, "")]
     assert "bias" in set(a.optimum.best["method"])  # still shown as what it is: one trial
     d = recipe_at(uri, 6e15, n_boot=N_BOOT)
     assert d["method"] == "full" and "refused" in d["per_method"]["bias"]

@@ -29,7 +29,7 @@ def case(request):
 def test_exponents_and_floor_recovered(case):
     laws, _, _, _, fits = case
     assert not fits.refused and len(fits.surfaces) == 5
-    for (method, hparam), s in fits.surfaces.items():
+    for (method, hparam, _), s in fits.surfaces.items():
         truth = storegen.slice_law(laws, method, hparam)
         assert abs(s.alpha - truth.alpha) < 0.05, (s.label, s.alpha, truth.alpha)
         assert abs(s.beta - truth.beta) < 0.02, (s.label, s.beta, truth.beta)
@@ -92,7 +92,7 @@ def test_fits_are_deterministic(case):
     full = usable[usable["method"] == "full"]
     # fit_surfaces(seed=0) seeds each slice with seed + crc32(its label): refitting one slice alone reproduces it
     again = fit_surface(full, method="full", n_boot=N_BOOT, seed=zlib.crc32(b"full"))
-    first = fits.surfaces[("full", None)]
+    first = fits.surfaces[("full", None, "")]
     np.testing.assert_array_equal(again.boot, first.boot)
     assert again.alpha == first.alpha
 
@@ -142,7 +142,7 @@ def test_bootstrap_intervals_are_honest():
     covered, cases, widths = 0, 0, {0.01: [], 0.002: []}
     for seed in range(5):
         for noise in widths:
-            for (method, _), s in fit(noise, seed).items():
+            for (method, _, _), s in fit(noise, seed).items():
                 truth = storegen.LAWS[method]
                 for name in ("alpha", "beta"):
                     lo, hi = s.param_interval(name)

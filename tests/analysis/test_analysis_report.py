@@ -175,3 +175,38 @@ def test_fit_on_one_minus_ndcg(tmp_path):
     assert [(r["method"], r["model"]) for r in ndcg["recipes"]] == [(r["method"], r["model"]) for r in loss["recipes"]]
     with open(ndcg["files"]["findings_md"]) as f:
         assert "Fitted on 1 − ndcg_at_10" in f.read()
+
+
+def test_surfaces_per_family_and_pooling_and_the_recipe_names_them(tmp_path):
+    """A sweep over two families x two poolings: one surface per (method, slice, family, pooling); the recipe's
+    model is one of the sweep's models and it names the family and pooling that win (here by construction the
+    llama models with last-token pooling: every loss 10 % lower)."""
+    from dataclasses import replace
+
+    import pyarrow.parquet as pq
+
+    from analysis.fit import fit_surfaces, split_usable
+    from analysis.schema import TRIALS_SCHEMA
+
+    frames = []
+    for family, pooling, scale in (("gpt_neox", "mean", 1.0), ("gpt_neox", "last", 0.97), ("llama", "mean", 0.95),
+                                   ("llama", "last", 0.9)):
+        laws = {m: replace(law, E=law.E * scale, A=law.A * scale, B=law.B * scale) for m, law in storegen.LAWS.items()}
+        t = storegen.make_trials(laws=laws, slices={"full": (None,)}, models=tuple(storegen.PYTHIA)[:5],
+                                 noise=0.002, seed=3)
+        if family == "llama":
+            t["model"] = t["model"].str.replace("EleutherAI/pythia", "local/llama-mini")
+        frames.append(t.assign(family=family, pooling=pooling, trial_id=t["trial_id"] + f"-{family}-{pooling}"))
+    trials = pd.concat(frames, ignore_index=True)
+    uri = storegen.write_store(tmp_path, trials)
+    pq.write_table(storegen.to_table(trials, TRIALS_SCHEMA), f"{uri}/trials.parquet")
+
+    fits = fit_surfaces(split_usable(trials)[0], n_boot=10)
+    assert sorted(k[2] for k in fits.surfaces) == ["gpt_neox last", "gpt_neox mean", "llama last", "llama mean"]
+    d = recipe_at(uri, 2.4e16, n_boot=10)
+    assert (d["family"], d["pooling"]) == ("llama", "last") and d["model"] in set(trials["model"])
+    assert d["model"].startswith("local/llama-mini")
+    summary = write_fit_outputs(uri, str(tmp_path / "out"), n_boot=10)
+    with open(summary["files"]["recipe_md"]) as f:
+        text = f.read()
+    assert "| family | pooling |" in text and "| llama | last |" in text
