@@ -5,8 +5,9 @@
 ``submit`` and ``resume`` take the lease before Ray starts and before anything else is written, and hold it to
 the end (released on success, error and interrupt alike). A second driver finds it and stops with one line
 naming the holder and how fresh its heartbeat is (``LeaseHeld``, exit code 2) — unless the heartbeat is older
-than the holder's own ``expiry_s`` (a killed driver, a lost head node): then it takes the lease over, with one
-line saying so; ``--takeover`` takes it whatever its age. ``status``, ``fit``, ``recipe`` and ``export`` never
+than the holder's own ``expiry_s`` (a killed driver, a lost head node), or the holder ran on this machine and its
+process is gone (``Holder.gone``: same host, boot id and pid namespace; a driver killed here is taken over at
+once): then it takes the lease over, with one line saying so; ``--takeover`` takes it whatever its age. ``status``, ``fit``, ``recipe`` and ``export`` never
 look at it.
 
 Two drivers can never both win: the lease is created only if absent and replaced only if unchanged since it was
@@ -63,11 +64,13 @@ class Holder:
     heartbeat_at: float
     expiry_s: float
     token: str
+    boot_id: str = ""  # with host and pidns: a holder on this very machine and pid namespace can be checked
+    pidns: str = ""
 
     @classmethod
     def new(cls, sweep: str, expiry_s: float) -> "Holder":
         now = time.time()
-        return cls(sweep, socket.gethostname(), os.getpid(), now, now, expiry_s, uuid.uuid4().hex)
+        return cls(sweep, socket.gethostname(), os.getpid(), now, now, expiry_s, uuid.uuid4().hex, *_machine_ids())
 
     @classmethod
     def parse(cls, data: bytes) -> "Holder | None":
@@ -75,7 +78,8 @@ class Holder:
         try:
             doc = json.loads(data)
             return cls(str(doc["sweep"]), str(doc["host"]), int(doc["pid"]), float(doc["started_at"]),
-                       float(doc["heartbeat_at"]), float(doc["expiry_s"]), str(doc["token"]))
+                       float(doc["heartbeat_at"]), float(doc["expiry_s"]), str(doc["token"]),
+                       str(doc.get("boot_id", "")), str(doc.get("pidns", "")))
         except (ValueError, TypeError, KeyError):
             return None
 
@@ -88,9 +92,31 @@ class Holder:
     def expired(self) -> bool:
         return self.age_s() > self.expiry_s
 
+    def gone(self) -> bool:
+        """The holder ran on this machine (same host, boot and pid namespace) and its process no longer exists: a
+        killed driver here need not wait for its expiry. Anywhere else (a lost head node), only the expiry tells."""
+        if not self.boot_id or (self.host, self.boot_id, self.pidns) != (socket.gethostname(), *_machine_ids()):
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # alive, someone else's
+            return False
+        return False
+
     def who(self) -> str:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started_at))
         return f"host {self.host} pid {self.pid} (since {started})"
+
+
+def _machine_ids() -> tuple[str, str]:
+    """(boot id, pid namespace) of this process: ("", "") where /proc does not tell."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip(), str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "", ""
 
 
 def expiry_from_env() -> float:
@@ -142,7 +168,7 @@ class Lease:
                 continue  # released between our create and our read
             data, version = current
             theirs = Holder.parse(data)
-            if theirs is not None and not theirs.expired() and not takeover:
+            if theirs is not None and not theirs.expired() and not theirs.gone() and not takeover:
                 raise LeaseHeld(f"{redact(uri)}: sweep {sweep!r} is being run by another driver, "
                                 f"{theirs.who()}, heartbeat {theirs.age_s():.0f} s ago (it expires after "
                                 f"{theirs.expiry_s:g} s without one): wait for it to finish, or pass --takeover "
@@ -150,6 +176,8 @@ class Lease:
             if storage.replace_if(uri, mine.encode(), version):
                 if theirs is None:
                     why = "its lease file was unreadable"
+                elif theirs.gone():
+                    why = f"{theirs.who()} is gone (no such process on this machine)"
                 elif theirs.expired():
                     why = f"{theirs.who()} sent no heartbeat for {theirs.age_s():.0f} s (expiry {theirs.expiry_s:g} s)"
                 else:

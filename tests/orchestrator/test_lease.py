@@ -128,6 +128,24 @@ def test_takeover_flag_forces_a_fresh_lease_and_the_heartbeat_notices(sweep_uri)
         first.release()
 
 
+def test_a_holder_gone_from_this_machine_is_taken_over_at_once(tmp_path):
+    """A driver killed here (its pid no longer exists on this host, boot and pid namespace) is not waited for."""
+    import subprocess
+    import sys
+
+    sweep_uri = str(tmp_path / "gone")
+    code = ("import os, sys; from orchestrator.lease import Lease; "
+            f"Lease.acquire({sweep_uri!r}, 'gone', expiry_s=600); os._exit(0)")  # dies holding it
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(
+        os.path.dirname(os.path.abspath(__file__)))))
+    dead = stored(sweep_uri)
+    assert dead.pid != os.getpid() and dead.gone()
+    out = io.StringIO()
+    Lease.acquire(sweep_uri, "gone", expiry_s=30, out=out).release()
+    assert f"host {dead.host} pid {dead.pid}" in out.getvalue() and "is gone" in out.getvalue(), out.getvalue()
+    assert not Holder.new("gone", 30).gone()  # this process, alive
+
+
 def test_racing_drivers_exactly_one_wins(tmp_path):
     sweep_uri = str(tmp_path / "race")
     results: list = []
