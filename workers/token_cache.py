@@ -63,7 +63,10 @@ MANIFEST = "manifest.json"
 SPLITS = ("train", "eval")
 ENCODE_ROWS = 8192  # texts per encode_batch call in a build task
 ORDER_CHUNK = 1 << 20  # pass_order: stream positions per vectorised step
-SHARDS_HELD = 8  # CachedPairs: shards kept in memory (a pair can wait long in the shuffle buffer)
+# CachedPairs: bytes of shards kept in memory, least recently used out. A pair waits in the shuffle buffer s steps
+# with probability exp(-s / 16384): at 14k rows a shard (benchmarks/cache.py), 8 shards held were re-read at
+# nearly every batch (15k pairs/s); 1 GiB holds ~60 shards of 64 MB of JSONL, beyond any pair's wait.
+HELD_BYTES = 1 << 30
 PREFETCH = 4  # batches ready ahead of the training loop
 _META = b"repurpose.shard"  # the shard's record in the Parquet footer's key-value metadata
 # a test hook: seconds each build task sleeps before writing its shard (the interrupted-build test)
@@ -468,9 +471,14 @@ def _run_tasks(tasks: list[dict], kwargs: dict, address: str | None = None) -> I
     Ray when none is initialised."""
     import ray
 
+    import logging
+
+    quiet = logging.getLogger("ray.data")  # "Progress bars disabled", "execution finished": our lines say it
+    level = quiet.level
     with _ray_connected(address):
         import ray.data
 
+        quiet.setLevel(logging.ERROR)
         ctx = ray.data.DataContext.get_current()
         # our one line per shard instead of Ray Data's bars and execution banners
         ctx.enable_progress_bars = False
@@ -479,7 +487,10 @@ def _run_tasks(tasks: list[dict], kwargs: dict, address: str | None = None) -> I
         ctx.verbose_stats_logs = False
         ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
         ds = ds.map(build_shard, fn_kwargs=kwargs, num_cpus=1)
-        yield from ds.iter_rows()
+        try:
+            yield from ds.iter_rows()
+        finally:
+            quiet.setLevel(level)
 
 
 class _ray_connected:
@@ -628,6 +639,10 @@ class _Shard:
     d_off: np.ndarray
     d_val: np.ndarray
 
+    @property
+    def nbytes(self) -> int:
+        return self.q_off.nbytes + self.q_val.nbytes + self.d_off.nbytes + self.d_val.nbytes
+
 
 def _read_shard(uri: str) -> _Shard:
     import pyarrow.parquet as pq
@@ -644,21 +659,23 @@ def _read_shard(uri: str) -> _Shard:
 
 
 class _Rows:
-    """A split's rows by global index, shards loaded on demand and kept (the last SHARDS_HELD used)."""
+    """A split's rows by global index, shards loaded on demand and kept (the most recently used, up to
+    ``held_bytes``)."""
 
-    def __init__(self, uri: str, split: dict, held: int = SHARDS_HELD):
+    def __init__(self, uri: str, split: dict, held_bytes: int = HELD_BYTES):
         self.uri, self.names = uri, [s["name"] for s in split["shards"]]
         self.starts = np.concatenate([[0], np.cumsum([s["rows"] for s in split["shards"]])])
-        self.held, self.cache = held, OrderedDict()
+        self.held_bytes, self.cache, self.bytes = held_bytes, OrderedDict(), 0
 
     def shard(self, i: int) -> _Shard:
         if i in self.cache:
             self.cache.move_to_end(i)
-        else:
-            self.cache[i] = _read_shard(join(self.uri, self.names[i]))
-            if len(self.cache) > self.held:
-                self.cache.popitem(last=False)
-        return self.cache[i]
+            return self.cache[i]
+        sh = self.cache[i] = _read_shard(join(self.uri, self.names[i]))
+        self.bytes += sh.nbytes
+        while self.bytes > self.held_bytes and len(self.cache) > 1:
+            self.bytes -= self.cache.popitem(last=False)[1].nbytes
+        return sh
 
     def gather(self, rows: np.ndarray, side: str) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """[(positions in ``rows``, their token-start offsets, lengths, values array)] per shard touched."""
@@ -673,6 +690,11 @@ class _Rows:
         return out
 
 
+def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """The indices start[i] .. start[i] + lens[i] - 1 of every i, concatenated."""
+    return np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
+
+
 def _padded(parts, count: int, pad_id: int, eos: int | None, max_length: int):
     """(ids, mask) int64 (count, T), right-padded to the longest, as workers/data.py's ``_pad``; with ``eos``,
     each text cut to max_length - 1 tokens and the EOS appended (workers/pooling.py ``append_eos``: an EOS
@@ -683,15 +705,15 @@ def _padded(parts, count: int, pad_id: int, eos: int | None, max_length: int):
             last = np.where(n > 0, val[np.maximum(start + n - 1, 0)], -1)
             n = np.minimum(n - ((n > 0) & (last == eos)), max_length - 1)
         keep[pos] = n
+    first = np.cumsum(keep) - keep  # each row's first token in the row-major concatenation
+    tokens = np.empty(int(keep.sum()), dtype=np.int64)
+    for pos, start, _, val in parts:
+        k = keep[pos]
+        tokens[_ranges(first[pos], k)] = val[_ranges(start, k)]
     width = int(keep.max()) + (eos is not None)
     ids = np.full((count, width), pad_id, dtype=np.int64)  # (B, T)
     text = np.arange(width) < keep[:, None]  # (B, T): row-major order = each row's tokens in turn
-    for pos, start, _, val in parts:
-        k = keep[pos]
-        flat = np.repeat(start - np.cumsum(k) + k, k) + np.arange(int(k.sum()))  # each row's first k tokens
-        block = ids[pos]
-        block[text[pos]] = val[flat]
-        ids[pos] = block
+    ids[text] = tokens
     if eos is None:
         return ids, text.astype(np.int64)
     ids[np.arange(count), keep] = eos
@@ -723,13 +745,14 @@ class CachedPairs:
     ``max_epochs`` passes; batch k is pairs [k·B, (k+1)·B). ``skip_batches=k`` starts there: the order before it
     is computed (seed and row counts), no shard before it is read. ``pooling_eos``: the EOS id to append to
     every text (``pooling="last"``), None for none; ``pad_id`` None: the tokenizer's, from the manifest;
-    ``shuffle_buffer`` None: records.SHUFFLE_BUFFER, as the raw path's default."""
+    ``shuffle_buffer`` None: records.SHUFFLE_BUFFER, as the raw path's default. ``prefetch=0``: batches are made
+    on the consumer's thread when asked for (no thread; ~3 ms per batch of 1024, benchmarks/cache.py)."""
 
     def __init__(self, cache_uri: str, batch_size: int, seed: int = 0, max_epochs: float = 1.0,
                  skip_batches: int = 0, pooling_eos: int | None = None, *, pad_id: int | None = None,
                  prefetch: int = PREFETCH, shuffle_buffer: int | None = None):
-        if batch_size < 1 or prefetch < 1:
-            raise ValueError("batch_size, prefetch: must be >= 1")
+        if batch_size < 1 or prefetch < 0:
+            raise ValueError("batch_size must be >= 1, prefetch >= 0")
         if not max_epochs > 0 or skip_batches < 0:
             raise ValueError("max_epochs must be > 0 and skip_batches >= 0")
         manifest = read_manifest(cache_uri)
@@ -834,10 +857,27 @@ class CachedPairs:
             raise RuntimeError("CachedPairs: already iterating; close() it first")
         self.stats.reset()
         self._stop.clear()
+        if self.prefetch == 0:
+            return self._inline()
         self._queue = queue.Queue(maxsize=self.prefetch)
         self._thread = threading.Thread(target=self._produce, name=f"CachedPairs-{id(self):x}", daemon=True)
         self._thread.start()
         return self._consume()
+
+    def _inline(self):
+        try:
+            for batch, epochs in self._batches():
+                self._count(batch, epochs)
+                yield batch
+            self.stats.epochs_completed = int(self.max_epochs)
+        except _Stopped:
+            return
+
+    def _count(self, batch, epochs: int) -> None:
+        s = self.stats
+        s.batches, s.pairs, s.epochs_completed = s.batches + 1, s.pairs + len(batch), epochs
+        s.real_tokens += batch.real_tokens
+        s.padded_tokens += batch.padded_tokens
 
     def _consume(self):
         try:
@@ -854,10 +894,7 @@ class CachedPairs:
                     self.stats.epochs_completed = item
                     return
                 batch, epochs = item
-                s = self.stats
-                s.batches, s.pairs, s.epochs_completed = s.batches + 1, s.pairs + len(batch), epochs
-                s.real_tokens += batch.real_tokens
-                s.padded_tokens += batch.padded_tokens
+                self._count(batch, epochs)
                 yield batch
         finally:
             self.close()
