@@ -1,0 +1,368 @@
+"""The GPU check (issue 16): every training path on real Pythia shapes, one command, no network.
+
+    python benchmarks/gpu.py            full: one H100/H200-class GPU, <= 8 minutes; JSON + a dated README table
+    python benchmarks/gpu.py --smoke    the same paths with tiny shapes on CPU in seconds (CI: tests/benchmarks)
+
+Paths (each a row; a failure or an OOM is a row with its reason, never the end of the run -- peft's harness):
+- ``full-<size>``: full fine-tuning through ``workers.trial.run_trial`` (bf16, batch 1024 through the gradient
+  cache, chunk auto), MFU = hardware FLOP / (train_s x the device's bf16 peak, core/devices.py), tokens/s, peak
+  memory;
+- ``lora-r128-1b``: LoRA r=128 at the 1b shape;
+- ``zero2-<size>``, ``zero3-<size>``: DeepSpeed ZeRO-2/3 on one rank (``workers.distributed.run_local``);
+- ``cache-<size>``: the 70m shape trained from the token cache (workers/token_cache.py ``CachedPairs``) through
+  ``workers.loss.contrastive_backward``: the GPU's busy fraction = 1 - time waiting for a batch / wall;
+- ``shared-0.5`` (full mode only): two trials sharing the GPU at 0.5 each through the real driver on a local Ray
+  (``repurpose submit``): both complete, their wall times overlap.
+
+Models are random weights from the Pythia configs (core/models.py ``read_config``: the real shapes, vocabulary
+50,304), saved locally in bf16; the tokenizer is a byte-level BPE trained here on the synthetic pairs. Nothing
+downloads. Each trial runs in this process one after another; ``torch.cuda.max_memory_allocated`` is reset
+between them.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, REPO)
+
+WORDS = ("river stone cloud lamp garden window forest engine silver paper candle bridge harbor violin mountain "
+         "thunder copper meadow lantern orchard desert glacier compass falcon marble velvet canyon ember prism").split()
+
+# (name, method, size, extra spec fields, optimizer steps): full mode, sized for <= 8 minutes on one H100
+FULL = (("full-160m", "full", "160m", {}, 40), ("full-410m", "full", "410m", {}, 20),
+        ("full-1b", "full", "1b", {}, 10), ("lora-r128-1b", "lora", "1b", {"lora_rank": 128}, 10))
+ZERO = (("zero2-1.4b", 2, "1.4b", 6), ("zero3-2.8b", 3, "2.8b", 4), ("zero2-2.8b", 2, "2.8b", 4),
+        ("zero3-1.4b", 3, "1.4b", 6))
+CACHE_SIZE, CACHE_STEPS = "70m", 30
+# smoke: a 2-layer, 64-wide GPT-NeoX stands for every size; batch 16 through chunks of 4 (the gradient cache)
+SMOKE_SHAPE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256,
+               "vocab_size": 512}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- fixtures: pairs, tokenizer, models ---------------------------------------------------------------------
+def make_pairs(path: str, n: int, seed: int = 0) -> str:
+    """BGE JSONL pairs with ~25 + ~25 tokens, like the stdlib pairs' lengths."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            q = " ".join(rng.choices(WORDS, k=rng.randint(4, 20)))
+            d = " ".join(rng.choices(WORDS, k=rng.randint(8, 60)))
+            f.write(json.dumps({"query": q, "pos": [d], "neg": []}) + "\n")
+    return path
+
+
+def make_tokenizer(out: str, data: str, vocab: int) -> str:
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    texts = []
+    with open(data) as f:
+        for line in f:
+            p = json.loads(line)
+            texts += [p["query"], p["pos"][0]]
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(texts, vocab_size=vocab, special_tokens=["<|endoftext|>", "<|padding|>"])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                            unk_token="<|endoftext|>").save_pretrained(out)
+    return out
+
+
+def make_model(root: str, size: str, tokenizer: str, smoke: bool) -> str:
+    """A random-weight GPT-NeoX of the Pythia size's shape (bf16 on disk), with the tokenizer beside it."""
+    import torch
+    from transformers import AutoModel, GPTNeoXConfig
+
+    from core.models import read_config
+
+    path = os.path.join(root, f"pythia-{size}")
+    if os.path.isdir(path):
+        return path
+    cfg = dict(read_config(f"EleutherAI/pythia-{size}"))
+    cfg.pop("model_type", None)
+    lr = cfg.pop("repurpose_pretrain_lr", None)
+    if smoke:
+        cfg.update(SMOKE_SHAPE)
+    config = GPTNeoXConfig(**cfg, max_position_embeddings=2048, rotary_pct=0.25, eos_token_id=0, bos_token_id=0)
+    if lr is not None:
+        config.repurpose_pretrain_lr = lr
+    torch.manual_seed(0)
+    model = AutoModel.from_config(config)
+    model.to(torch.bfloat16).save_pretrained(path)
+    del model
+    for name in os.listdir(tokenizer):
+        shutil.copy(os.path.join(tokenizer, name), path)
+    return path
+
+
+def budget_for(size: str, method: str, steps: int, batch: int, tokens_per_pair: float, smoke: bool,
+               lora_rank: int | None = None) -> float:
+    """A FLOP budget for about ``steps`` optimizer steps (core/flops.py's paper convention)."""
+    from core.flops import cost_per_token
+    from core.models import ModelShape, param_counts, read_config
+
+    cfg = dict(read_config(f"EleutherAI/pythia-{size}"))
+    if smoke:
+        cfg.update(SMOKE_SHAPE)
+    n, n_tr = param_counts(ModelShape.from_config(cfg), method, lora_rank=lora_rank)
+    return cost_per_token(method, n, n_tr) * tokens_per_pair * batch * (steps + 0.5)
+
+
+# --- the paths ------------------------------------------------------------------------------------------------
+def _cuda():
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _peak():
+    import torch
+
+    from workers.device_peak import device_peak
+
+    device = torch.device("cuda" if _cuda() else "cpu")
+    return device_peak(device)
+
+
+def _reset_memory() -> None:
+    import torch
+
+    if _cuda():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _memory_gb() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2 ** 30 if _cuda() else None
+
+
+def trial_row(name: str, row: dict, wall: float, peak: float | None) -> dict:
+    from core.devices import mfu
+
+    train_s = row.get("train_s") or 0.0
+    return {"path": name, "status": "ok", "steps": row.get("steps"), "tokens": row.get("tokens"),
+            "train_s": train_s, "wall_s": wall, "tokens_per_s": row["tokens"] / train_s if train_s else None,
+            "hardware_flops": row.get("hardware_flops"), "mfu": mfu(row.get("hardware_flops") or 0.0, train_s, peak),
+            "peak_memory_gb": _memory_gb(), "reason": row.get("reason")}
+
+
+def failed(name: str, e: BaseException) -> dict:
+    oom = "out of memory" in str(e).lower()
+    log(traceback.format_exc(limit=3))
+    return {"path": name, "status": "oom" if oom else "failed", "reason": " ".join(str(e).split())[:300]}
+
+
+def run_single(name: str, spec, peak) -> dict:
+    from workers.trial import run_trial
+
+    _reset_memory()
+    t0 = time.perf_counter()
+    try:
+        row = run_trial(spec)
+    except Exception as e:  # noqa: BLE001 -- a row, not the end of the run
+        return failed(name, e)
+    return trial_row(name, row, time.perf_counter() - t0, peak)
+
+
+def run_zero(name: str, spec, peak) -> dict:
+    from workers.distributed import run_local
+
+    t0 = time.perf_counter()
+    try:
+        row = run_local(spec, 1, timeout_s=600)
+    except Exception as e:  # noqa: BLE001
+        return failed(name, e)
+    out = trial_row(name, row, time.perf_counter() - t0, peak)
+    out["peak_memory_gb"] = None  # in the rank's process: not visible here
+    return out
+
+
+def run_from_cache(name: str, model_dir: str, data: str, storage: str, *, batch: int, max_length: int,
+                   steps: int, chunk: int | None) -> dict:
+    """The model trained on batches from the token cache: step time vs time waiting for the next batch."""
+    import torch
+    from transformers import AutoModel
+
+    from workers import token_cache
+    from workers.loss import contrastive_backward
+    from workers.steps import autocast_for
+
+    try:
+        uri, manifest = token_cache.ensure(storage, train_uri=data, eval_uri=None, tokenizer_path=model_dir,
+                                           max_length=max_length, log=lambda line: None)
+        device = torch.device("cuda" if _cuda() else "cpu")
+        model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).to(device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        autocast = autocast_for("bf16", device)
+        stream = token_cache.CachedPairs(uri, batch, 0, 100.0)
+        waited = busy = 0.0
+        tokens, t_start, it = 0, time.perf_counter(), iter(stream)
+        for k in range(steps):
+            t0 = time.perf_counter()
+            b = next(it)
+            t1 = time.perf_counter()
+            for key in ("q_ids", "q_mask", "d_ids", "d_mask"):
+                setattr(b, key, getattr(b, key).to(device, non_blocking=True))
+            contrastive_backward(model, b, 0.025, chunk, autocast)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if k:  # the first step: allocator and kernel warm-up
+                waited += t1 - t0
+                busy += time.perf_counter() - t1
+                tokens += b.real_tokens
+        stream.close()
+        wall = time.perf_counter() - t_start
+    except Exception as e:  # noqa: BLE001
+        return failed(name, e)
+    return {"path": name, "status": "ok", "steps": steps, "tokens": tokens, "wall_s": wall,
+            "busy_fraction": busy / (busy + waited) if busy + waited else None,
+            "tokens_per_s": tokens / (busy + waited) if busy + waited else None,
+            "cache_pairs": manifest["splits"]["train"]["pairs"], "peak_memory_gb": _memory_gb()}
+
+
+def run_shared(root: str, model_dir: str, data: str, budget: float) -> dict:
+    """Two trials at gpu_fraction 0.5 through `repurpose submit` on a local Ray: both complete, overlapping."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    grid = {"name": "shared", "models": [model_dir], "methods": {"full": {}, "bias": {}}, "budgets": [budget],
+            "data": {"train": data}, "train": {"batch_size": 1024, "precision": "bf16"},
+            "plan": {"min_steps": 1}, "resources": {"gpus": 1, "gpu_fraction": 0.5, "gpu_fraction_below_params": 1e12}}
+    path = os.path.join(root, "shared.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(grid, f)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", path, "--storage",
+                           os.path.join(root, "sweeps")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"path": "shared-0.5", "status": "failed", "reason": proc.stderr.strip().splitlines()[-1][:300]}
+    trials = pq.read_table(os.path.join(root, "sweeps", "shared", "trials.parquet")).to_pylist()
+    done = [t for t in trials if t["status"] == "completed"]
+    spans = sorted((t["updated_at"] - t["wall_s"], t["updated_at"]) for t in done)
+    overlap = max(0.0, spans[0][1] - spans[1][0]) if len(spans) == 2 else 0.0
+    return {"path": "shared-0.5", "status": "ok" if len(done) == 2 else "failed", "wall_s": wall,
+            "trials_completed": len(done), "overlap_s": overlap,
+            "trial_wall_s": [t["wall_s"] for t in done]}
+
+
+# --- the run --------------------------------------------------------------------------------------------------
+def run(smoke: bool, root: str) -> dict:
+    import torch
+
+    from core.spec import TrialSpec
+
+    if smoke:
+        torch.set_num_threads(1)
+    batch, max_length = (16, 24) if smoke else (1024, 75)
+    data = make_pairs(os.path.join(root, "train.jsonl"), 400 if smoke else 60000)
+    tokenizer = make_tokenizer(os.path.join(root, "tokenizer"), data, 512 if smoke else 8192)
+    tokens_per_pair = 30.0 if smoke else 45.0  # the synthetic pairs' real tokens (truncated), roughly
+    peak, peak_source = _peak()
+    log(f"device peak: {peak and peak / 1e12:.2f} TFLOP/s ({peak_source})")
+    common = dict(train_data=data, batch_size=batch, max_length=max_length, precision="bf16",
+                  report_every_s=60.0, checkpoint_every_s=1e9, eval_data=None)
+    if smoke:
+        common.update(chunk_size=4, num_threads=1, gradient_checkpointing=False)
+    rows = []
+    singles = FULL if not smoke else (("full-160m", "full", "160m", {}, 2), ("lora-r128-1b", "lora", "1b",
+                                                                             {"lora_rank": 8}, 2))
+    for name, method, size, extra, steps in singles:
+        log(f"{name} ...")
+        model = make_model(root, size, tokenizer, smoke)
+        budget = budget_for(size, method, steps, batch, tokens_per_pair, smoke, extra.get("lora_rank"))
+        rows.append(run_single(name, TrialSpec(model=model, method=method, budget_flops=budget, **extra, **common),
+                               peak))
+        log(f"  {rows[-1]}")
+    zeros = ZERO if not smoke else (("zero2-1.4b", 2, "1.4b", 2), ("zero3-1.4b", 3, "1.4b", 2))
+    for name, stage, size, steps in zeros:
+        log(f"{name} ...")
+        model = make_model(root, size, tokenizer, smoke)
+        spec = TrialSpec(model=model, method="full", budget_flops=budget_for(size, "full", steps, batch,
+                                                                             tokens_per_pair, smoke),
+                         deepspeed_config=json.dumps({"zero_optimization": {"stage": stage}}), **common)
+        rows.append(run_zero(name, spec, peak))
+        log(f"  {rows[-1]}")
+    log(f"cache-{CACHE_SIZE} ...")
+    model = make_model(root, CACHE_SIZE, tokenizer, smoke)
+    _reset_memory()
+    rows.append(run_from_cache(f"cache-{CACHE_SIZE}", model, data, os.path.join(root, "store"), batch=batch,
+                               max_length=max_length, steps=4 if smoke else CACHE_STEPS, chunk=4 if smoke else None))
+    log(f"  {rows[-1]}")
+    if not smoke:
+        log("shared-0.5 ...")
+        model = make_model(root, "160m", tokenizer, smoke)
+        rows.append(run_shared(root, model, data, budget_for("160m", "full", 20, batch, tokens_per_pair, smoke)))
+        log(f"  {rows[-1]}")
+    device = torch.cuda.get_device_name() if _cuda() else "cpu"
+    return {"date": datetime.date.today().isoformat(), "smoke": smoke, "device": device, "peak_flops": peak,
+            "peak_source": peak_source, "torch": torch.__version__, "batch_size": batch, "max_length": max_length,
+            "rows": rows}
+
+
+def readme_table(out: dict) -> str:
+    def f(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    lines = [f"\n## GPU check, {out['date']} ({out['device']}, peak {f(out['peak_flops'] and out['peak_flops'] / 1e12, '.2f')}"
+             f" TFLOP/s bf16: {out['peak_source']})\n",
+             "`python benchmarks/gpu.py`: random-weight Pythia shapes, batch 1024 x max length 75, bf16.\n",
+             "| path | status | steps | tokens/s | MFU | peak memory GB | note |", "|---|---|---|---|---|---|---|"]
+    for r in out["rows"]:
+        note = r.get("reason") or ""
+        if "busy_fraction" in r:
+            note = f"GPU busy {f(r['busy_fraction'], '.2f')} of the loop"
+        if "overlap_s" in r:
+            note = f"{r.get('trials_completed')} trials completed, {f(r.get('overlap_s'), '.0f')} s overlapping"
+        lines.append(f"| {r['path']} | {r['status']} | {r.get('steps') or '-'} | {f(r.get('tokens_per_s'), ',.0f')} "
+                     f"| {f(r.get('mfu'), '.3f')} | {f(r.get('peak_memory_gb'), '.1f')} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="the GPU check (issue 16)")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, every path, in seconds (CI)")
+    ap.add_argument("--out", default=None, help="JSON file (default: $OUT/gpu.json or ./gpu-<date>.json)")
+    ap.add_argument("--no-readme", action="store_true", help="full mode: do not append to benchmarks/README.md")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    root = tempfile.mkdtemp(prefix="rpgpu")
+    t0 = time.perf_counter()
+    try:
+        out = run(args.smoke, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    out["wall_s"] = time.perf_counter() - t0
+    path = args.out or (os.path.join(os.environ["OUT"], "gpu.json") if os.environ.get("OUT") else
+                        f"gpu-{out['date']}{'-smoke' if args.smoke else ''}.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    table = readme_table(out)
+    print(table)
+    if not args.smoke and not args.no_readme:
+        with open(os.path.join(REPO, "benchmarks", "README.md"), "a") as f:
+            f.write(table)
+    log(f"wrote {path} in {out['wall_s']:.0f} s")
+    return 0 if all(r["status"] == "ok" for r in out["rows"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
