@@ -9,7 +9,7 @@ Batching (``PairStream(batching=...)``, the trial's ``TrialSpec.batching``):
   (workers/records.py, "The shuffle of one pass"), each side padded to its longest. The in-batch negatives of
   the contrastive loss are a random sample of the data.
 - ``"length_buckets"`` (opt-in): pools of ``bucket_batches`` batches' worth of pairs sorted by length, cut into
-  batches whose order is shuffled. Less padding (stdlib pairs, batch 128: 31 % against 63 %), but each batch
+  batches whose order is shuffled. Less padding (stdlib pairs, batch 128: 32 % against 64 %), but each batch
   holds pairs of similar length, so the negatives are no longer a random sample: ~0.1 nats worse eval loss on
   the mini suite (issue 12; benchmarks/README.md "Data").
 
@@ -103,7 +103,8 @@ class PairStream:
     def __init__(self, uri, tokenizer, *, batch_size: int, max_length: int, seed: int = 0,
                  max_epochs: float = 1.0, skip_batches: int = 0, batching: str = "random",
                  bucket_batches: int = BUCKET_BATCHES, shuffle_buffer: int = SHUFFLE_BUFFER,
-                 prefetch: int = PREFETCH, max_bad_fraction: float = MAX_BAD_FRACTION):
+                 prefetch: int = PREFETCH, max_bad_fraction: float = MAX_BAD_FRACTION,
+                 encode: Callable[[list[str]], list[list[int]]] | None = None):
         if batch_size < 1 or max_length < 1 or bucket_batches < 1 or shuffle_buffer < 1 or prefetch < 1:
             raise ValueError("batch_size, max_length, bucket_batches, shuffle_buffer, prefetch: must be >= 1")
         if not max_epochs > 0 or skip_batches < 0:
@@ -115,7 +116,8 @@ class PairStream:
         self.max_epochs, self.skip_batches, self.bucket_batches = float(max_epochs), skip_batches, bucket_batches
         self.shuffle_buffer, self.prefetch, self.max_bad_fraction = shuffle_buffer, prefetch, max_bad_fraction
         self.pad_id = pad_id_of(tokenizer)
-        self._encode = make_encoder(tokenizer, max_length)
+        # texts -> ids; ``encode`` overrides the plain truncation (last-token pooling appends the EOS: workers/steps.py)
+        self._encode = encode or make_encoder(tokenizer, max_length)
         resolve_files(self.uri)  # a missing file or bad glob fails here, not on the thread
         self.stats = DataStats()
         self._thread: threading.Thread | None = None
@@ -189,7 +191,7 @@ class PairStream:
             q, d = self._encode([p[0] for p in pool]), self._encode([p[1] for p in pool])
             # by the longer side, then the total: each side is padded to its own longest, and the longer side
             # sets most of the padding (stdlib pairs, batch 128: 31 % padding against 40 % sorted by the total,
-            # 63 % unsorted). Stable: deterministic.
+            # 64 % random batches). Stable: deterministic.
             order = sorted(range(len(pool)), key=lambda i: (max(len(q[i]), len(d[i])), len(q[i]) + len(d[i])))
             groups = [order[i:i + bsz] for i in range(0, len(pool), bsz)]
             rng.shuffle(groups)

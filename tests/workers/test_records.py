@@ -53,3 +53,17 @@ print(json.dumps([count_pairs({data!r}), len(load_eval_pairs({data!r}, 7)), tpp,
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     n, n_eval, tpp, heavy = json.loads(out.strip().splitlines()[-1])
     assert (n, n_eval, heavy) == (50, 7, []) and 2 < tpp <= 32
+
+
+def test_a_uri_with_credentials_is_refused_before_any_io():
+    # core.storage.resolve, the project's one URI -> filesystem function (data.py's own lacked this check)
+    from core.uris import StorageError
+    from workers.records import count_pairs, iter_pairs
+
+    for uri in ("s3://AKIAEXAMPLE:s3cr3t@bucket/train.jsonl", "s3://bucket/train.jsonl?secret_key=s3cr3t"):
+        with pytest.raises(StorageError, match=r"credentials in a URI are refused") as e:
+            count_pairs(uri)
+        assert "s3cr3t" not in str(e.value) and "***" in str(e.value)
+    with pytest.raises(StorageError) as e:
+        list(iter_pairs("gs://user:s3cr3t@bucket/x.jsonl"))
+    assert "s3cr3t" not in str(e.value)
