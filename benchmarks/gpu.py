@@ -101,8 +101,10 @@ def make_model(root: str, size: str, tokenizer: str, smoke: bool) -> str:
     if lr is not None:
         config.repurpose_pretrain_lr = lr
     torch.manual_seed(0)
-    model = AutoModel.from_config(config)
-    model.to(torch.bfloat16).save_pretrained(path)
+    # random init of a 2.8B model takes minutes on CPU threads and seconds on the GPU
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModel.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(path)
     del model
     for name in os.listdir(tokenizer):
         shutil.copy(os.path.join(tokenizer, name), path)
@@ -322,7 +324,8 @@ def readme_table(out: dict) -> str:
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
 
-    lines = [f"\n## GPU check, {out['date']} ({out['device']}, peak {f(out['peak_flops'] and out['peak_flops'] / 1e12, '.2f')}"
+    peak = f(out["peak_flops"] and out["peak_flops"] / 1e12, ".2f")
+    lines = [f"\n## GPU check, {out['date']} ({out['device']}, peak {peak}"
              f" TFLOP/s bf16: {out['peak_source']})\n",
              "`python benchmarks/gpu.py`: random-weight Pythia shapes, batch 1024 x max length 75, bf16.\n",
              "| path | status | steps | tokens/s | MFU | peak memory GB | note |", "|---|---|---|---|---|---|---|"]

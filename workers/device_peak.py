@@ -81,4 +81,5 @@ def device_peak(device: torch.device, **cpu_kwargs) -> tuple[float | None, str]:
         name = torch.cuda.get_device_name(device)
         entry = device_entry(name)
         return (entry[1], f"{entry[0]}: {entry[2]}") if entry else (None, f"{name}: not in core/devices.py")
-    return cpu_peak_flops(**cpu_kwargs), f"measured: best bf16 matmul on {cpu_model()}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return cpu_peak_flops(**cpu_kwargs), f"measured: best bf16 matmul on {cpu_model()}, {threads} threads"
