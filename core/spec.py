@@ -19,6 +19,7 @@ METHODS = ("full", "freeze", "bias", "lora")  # the contract's methods, in the g
 # GPT-NeoX's Linears, the authors' LoRA targets (PAPER.md; they also adapted embed_in, left out here)
 LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 BATCHING = ("random", "length_buckets")
+KEEP_WEIGHTS = ("trainable", "none")
 # mean over real tokens (the study's); last: the EOS appended to every text, its hidden state (Qwen3-Embedding,
 # E5-Mistral); weighted_mean: SGPT's position-weighted mean, w_i = i / sum_j j (Muennighoff 2022)
 POOLINGS = ("mean", "last", "weighted_mean")
@@ -33,7 +34,7 @@ WEIGHT_DECAY = 0.1
 
 # Knobs that change how a trial runs but not what it computes.
 RUNTIME_FIELDS = ("chunk_size", "report_every", "report_every_s", "checkpoint_every_s", "save_model",
-                  "planned_tokens_per_pair", "planned_tokens", "planned_steps", "num_threads",
+                  "keep_weights", "weights_uri", "planned_tokens_per_pair", "planned_tokens", "planned_steps", "num_threads",
                   "prefetch_batches", "deepspeed_config")
 # Identity fields added after sweeps existed: in the identity only when not at their default (ids stay stable).
 ADDED_FIELDS = ("batching", "pooling")
@@ -81,6 +82,8 @@ class TrialSpec:
     report_every_s: float = 1.0
     checkpoint_every_s: float = 60.0
     save_model: bool = False
+    keep_weights: str = "trainable"  # trainable: a completed trial keeps what it trained under <sweep>/models/; none
+    weights_uri: str | None = None  # where it keeps them: <sweep>/models/<trial_id>, set by the driver; None: nowhere
     planned_tokens_per_pair: float | None = None  # from the planner; measured on the data when None
     planned_tokens: int | None = None  # from the planner (core.flops.tokens_for_budget); reported as planned_tokens
     planned_steps: int | None = None  # from the planner (core.flops.planned_steps); reported as planned_steps
@@ -102,6 +105,8 @@ class TrialSpec:
             raise ValueError("trainable_fraction: required for method freeze and only for it")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling: {self.pooling!r} is not one of {', '.join(POOLINGS)}")
+        if self.keep_weights not in KEEP_WEIGHTS:
+            raise ValueError(f"keep_weights: {self.keep_weights!r} is not one of {', '.join(KEEP_WEIGHTS)}")
         if self.batching not in BATCHING:
             raise ValueError(f"batching: {self.batching!r} is not one of {', '.join(BATCHING)}")
 

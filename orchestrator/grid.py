@@ -28,7 +28,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 from pydantic_core import PydanticCustomError
 
 from core.models import ModelConfigError, auto_lr, model_shape, read_config
-from core.spec import BATCHING, LORA_TARGETS, METHODS, POOLINGS, DeepSpeedConfigError, TrialSpec, default, parse_deepspeed_override
+from core.spec import BATCHING, KEEP_WEIGHTS, LORA_TARGETS, METHODS, POOLINGS, DeepSpeedConfigError, TrialSpec, default, parse_deepspeed_override
 from core.spec import trial_id as trial_id
 from core.strategy import STRATEGIES, AdaptiveConfig
 from core.uris import SCHEMES as DATA_SCHEMES
@@ -261,6 +261,9 @@ class RunConfig(_Optional):
     eval_pairs: Annotated[Int, Field(ge=1)] = default("eval_pairs")
     chunk_size: Annotated[Int, Field(ge=1)] | None = default("chunk_size")  # gradient-cache sub-batch; None: auto
     save_model: StrictBool = default("save_model")
+    # trainable: a completed trial keeps what it trained (adapter, blocks, biases or the whole model) under
+    # <sweep>/models/<trial_id>/, pickle-free, for `repurpose export`; none: nothing kept
+    keep_weights: Literal[KEEP_WEIGHTS] = default("keep_weights")
     # DeepSpeed trials: a JSON object (inline, or a path / s3:// / gs:// URI) merged over the default ZeRO-2 config
     deepspeed_config: Text | None = None
 
@@ -518,7 +521,7 @@ def trial_spec(grid: Grid, model: str, method: str, budget_flops: float,
         eval_every=r.eval_every, eval_pairs=r.eval_pairs,
         chunk_size=r.chunk_size, report_every=r.report_every, report_every_s=r.report_every_s,
         checkpoint_every_s=r.checkpoint_every_s,
-        save_model=r.save_model, deepspeed_config=r.deepspeed_config,
+        save_model=r.save_model, keep_weights=r.keep_weights, deepspeed_config=r.deepspeed_config,
     )
 
 

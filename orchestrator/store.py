@@ -30,7 +30,7 @@ import yaml
 
 from core import storage
 from core.store import (GRID_FILE, LEASE_FILE, METRIC_COLUMNS, METRICS_DIR, TRIAL_COLUMNS, TRIALS_FILE,
-                        StoreError, checkpoint_uri, metrics_uri, sweep_uri)
+                        StoreError, checkpoint_uri, metrics_uri, model_uri, sweep_uri)
 from orchestrator.lease import LeaseLost
 
 TRIALS_SCHEMA = storage.arrow_schema(TRIAL_COLUMNS)
@@ -91,6 +91,10 @@ class Store:
 
     def checkpoint_uri(self, trial_id: str) -> str:
         return checkpoint_uri(self.uri, trial_id)
+
+    def model_uri(self, trial_id: str) -> str:
+        """Where a completed trial keeps its trained weights (``run.keep_weights``)."""
+        return model_uri(self.uri, trial_id)
 
     def has_checkpoint(self, trial_id: str) -> bool:
         """The trial saved a checkpoint a resume continues from (workers/checkpoint.py names it in LATEST)."""

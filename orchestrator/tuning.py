@@ -29,7 +29,8 @@ def run_tuner(todo: list[PlannedTrial], recorder: Recorder, grid: Grid, store: S
     # Our own handler (driver.Interrupt) owns SIGINT: Tune's would end the run with `Tuner.restore` advice, which
     # does not apply here (ray/tune/tune.py ``_setup_signal_catching`` reads this at fit time).
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    configs = [{"trial_id": t.trial_id, "spec": t.spec.to_dict(), "checkpoint_uri": store.checkpoint_uri(t.trial_id),
+    configs = [{"trial_id": t.trial_id, "spec": {**t.spec.to_dict(), "weights_uri": store.model_uri(t.trial_id)},
+                "checkpoint_uri": store.checkpoint_uri(t.trial_id),
                 "resources": dict(t.resources), "deepspeed_gpus": t.deepspeed_gpus} for t in todo]
     trainable = tune.with_resources(trainable, trial_placement)
     callback = _StoreCallback(recorder, progress, interrupt=interrupt, lease=lease)

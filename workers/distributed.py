@@ -236,7 +236,7 @@ def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | N
     hardware_flops = steps.HardwareFlops(shape, spec, chunk)  # what this rank executes
     eval_batches = steps.eval_batches(spec, tokenizer, device)
 
-    def evaluate() -> float | None:  # every rank: ZeRO-3's forwards are collective
+    def evaluate() -> dict | None:  # every rank: ZeRO-3's forwards are collective
         return steps.evaluate(engine, eval_batches, spec, chunk, autocast,
                               split=lambda b: shard(b, ranks.rank, ranks.world)[:2])
 
@@ -248,7 +248,7 @@ def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | N
             t_step = time.perf_counter()
             part, gather, owned = shard(steps.to_device(batch, device), ranks.rank, ranks.world)
             loss = contrastive_backward(engine, part, spec.temperature, chunk, autocast, gather=gather,
-                                        backward=engine.backward)
+                                        backward=engine.backward, pooling=spec.pooling)
             engine.step()  # reduces (ZeRO) and updates; zeroes the gradients
             train_s = time.perf_counter() - t_step
             # tokens and hardware FLOP summed over ranks; rank 0's clock decides checkpoints for all
@@ -261,15 +261,30 @@ def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | N
                 last_ckpt = time.perf_counter()
 
     # 4. evaluate
-    eval_loss = evaluate()
+    evaluation = evaluate()
     if output_dir and spec.save_model:
         _save_model(engine, tokenizer, output_dir, ranks, config)
+    _keep_weights(engine, spec, ranks)
 
     # 5. report (rank 0) and the done marker, which replaces the checkpoints, once every rank is done
     dist.barrier()
-    row = steps.finish(progress, rows, eval_loss, started, checkpoint_uri if ranks.rank == 0 else None)
+    row = steps.finish(progress, rows, evaluation, started, checkpoint_uri if ranks.rank == 0 else None)
     engine.destroy()
     return row
+
+
+def _keep_weights(engine, spec: TrialSpec, ranks) -> None:
+    """Rank 0 keeps what trained (steps.keep_weights); under ZeRO-3 the trainable parameters are gathered first,
+    a collective every rank enters (ZeRO 1/2 hold them whole on every rank: nothing to gather)."""
+    if not steps.keeps_weights(spec):
+        return
+    import deepspeed
+
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(params, enabled=any(hasattr(p, "ds_id") for p in params)):
+        if ranks.rank == 0:
+            steps.keep_weights(engine.module, spec)
+    dist.barrier()
 
 
 def _sum_over_ranks(batch: Batch, owned: int, rank_flops: float, due: bool, device) -> tuple[int, float, bool]:

@@ -122,13 +122,15 @@ def contrastive_backward(model, batch, temperature: float, chunk_size: int | Non
 
 
 @torch.no_grad()
-def eval_loss(model, batches, temperature: float, chunk_size: int | None, autocast, *, split=None,
-              pooling: str = "mean") -> float:
-    """Mean contrastive loss over held-out batches (weighted by pairs); negatives = the whole batch.
+def eval_embeddings(model, batches, chunk_size: int | None, autocast, *, split=None,
+                    pooling: str = "mean") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per held-out batch, its (B, D) query and (B, D) document embeddings, fp32, unit norm: one forward pass
+    serves both the eval loss and the retrieval metrics (workers/retrieval.py).
 
-    ``split``: batch -> (this rank's shard, gather) for data parallel (workers/distributed.py); None: whole.
+    ``split``: batch -> (this rank's shard, gather) for data parallel (workers/distributed.py): every rank then
+    holds the whole batch's embeddings; None: whole.
     """
-    total, pairs = 0.0, 0
+    out = []
     for batch in batches:
         batch, gather = split(batch) if split else (batch, _whole)
         embs = []
@@ -136,7 +138,18 @@ def eval_loss(model, batches, temperature: float, chunk_size: int | None, autoca
             size = chunk_size or ids.shape[0]
             with autocast():
                 embs.append(gather(torch.cat([embed(model, i, m, pooling) for i, m in _chunks(ids, mask, size)])))
-        n = embs[0].shape[0]
-        total += info_nce(embs[0], embs[1], temperature).item() * n
-        pairs += n
-    return total / max(pairs, 1)
+        out.append((embs[0].float(), embs[1].float()))
+    return out
+
+
+def mean_info_nce(pairs: list[tuple[torch.Tensor, torch.Tensor]], temperature: float) -> float:
+    """The mean contrastive loss over batches of embeddings, weighted by pairs; negatives = the whole batch."""
+    total = sum(info_nce(q, d, temperature).item() * q.shape[0] for q, d in pairs)
+    return total / max(sum(q.shape[0] for q, _ in pairs), 1)
+
+
+def eval_loss(model, batches, temperature: float, chunk_size: int | None, autocast, *, split=None,
+              pooling: str = "mean") -> float:
+    """Mean contrastive loss over held-out batches (weighted by pairs); negatives = the whole batch."""
+    return mean_info_nce(eval_embeddings(model, batches, chunk_size, autocast, split=split, pooling=pooling),
+                         temperature)

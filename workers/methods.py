@@ -14,6 +14,8 @@
 """
 from __future__ import annotations
 
+import warnings
+
 from core.models import ModelShape, trained_blocks
 
 
@@ -27,7 +29,10 @@ def select_trainable(model, method: str, *, lora_rank=None, trainable_fraction=N
         kwargs = {} if lora_alpha is None else {"lora_alpha": lora_alpha}
         config = LoraConfig(r=lora_rank, lora_dropout=lora_dropout, target_modules=list(targets), bias="none",
                             **kwargs)
-        return get_peft_model(model, config)  # freezes the base model, adapters train
+        with warnings.catch_warnings():
+            # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` alias: library noise
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model, config)  # freezes the base model, adapters train
     if method == "full":
         trains = {id(p) for p in model.parameters()}
     elif method == "bias":

@@ -39,8 +39,10 @@ from core.spec import TrialSpec
 from workers import checkpoint
 from workers.data import (PairStream, collate, load_eval_pairs, make_encoder, measure_tokens_per_pair,
                           pad_id_of)
-from workers.loss import eval_loss, step_shapes
+from workers.loss import eval_embeddings, mean_info_nce, step_shapes
 from workers.methods import count_params, select_trainable
+from workers.pooling import eos_id_of, with_eos
+from workers.retrieval import retrieval_metrics
 
 # --------------------------------------------------------------------------------------------------------
 # Setup
@@ -190,7 +192,7 @@ def eval_batches(spec: TrialSpec, tokenizer, device) -> list:
     if not spec.eval_data:
         return []
     pairs = load_eval_pairs(spec.eval_data, spec.eval_pairs)
-    encode, pad = make_encoder(tokenizer, spec.max_length), pad_id_of(tokenizer)
+    encode, pad = encoder(spec, tokenizer), pad_id_of(tokenizer)
     batches = []
     for i in range(0, len(pairs), spec.batch_size):
         chunk = pairs[i:i + spec.batch_size]
@@ -201,14 +203,25 @@ def eval_batches(spec: TrialSpec, tokenizer, device) -> list:
     return batches
 
 
-def evaluate(model, batches: list, spec: TrialSpec, chunk: int, autocast, *, split=None) -> float | None:
-    """The mean held-out loss (None without eval data); the model back in training mode after."""
+def evaluate(model, batches: list, spec: TrialSpec, chunk: int, autocast, *, split=None) -> dict | None:
+    """The held-out evaluation from one embedding pass (None without eval data): ``eval_loss`` (the mean
+    contrastive loss, in-batch negatives) and retrieval over all eval pairs (``recall_at_1``, ``recall_at_10``,
+    ``mrr_at_10``, ``ndcg_at_10``: each query against every eval positive, workers/retrieval.py). The model is
+    back in training mode after."""
     if not batches:
         return None
     model.eval()
-    loss = eval_loss(model, batches, spec.temperature, chunk, autocast, split=split)
+    pairs = eval_embeddings(model, batches, chunk, autocast, split=split, pooling=spec.pooling)
     model.train()
-    return loss
+    q, d = torch.cat([q for q, _ in pairs]), torch.cat([d for _, d in pairs])
+    return {"eval_loss": mean_info_nce(pairs, spec.temperature), **retrieval_metrics(q, d)}
+
+
+def encoder(spec: TrialSpec, tokenizer):
+    """texts -> token ids as the trial embeds them: truncated to ``max_length``; for last-token pooling the
+    tokenizer's EOS appended to every text (the text truncated, not the EOS: workers/pooling.py)."""
+    encode = make_encoder(tokenizer, spec.max_length)
+    return with_eos(encode, eos_id_of(tokenizer), spec.max_length) if spec.pooling == "last" else encode
 
 
 def train_stream(spec: TrialSpec, tokenizer, skip_batches: int = 0) -> PairStream:
@@ -216,7 +229,7 @@ def train_stream(spec: TrialSpec, tokenizer, skip_batches: int = 0) -> PairStrea
     after every resume, batched as ``spec.batching`` says (workers/data.py)."""
     return PairStream(spec.train_data, tokenizer, batch_size=spec.batch_size, max_length=spec.max_length,
                       seed=spec.seed, max_epochs=spec.max_epochs, skip_batches=skip_batches,
-                      batching=spec.batching, prefetch=spec.prefetch_batches)
+                      batching=spec.batching, prefetch=spec.prefetch_batches, encode=encoder(spec, tokenizer))
 
 
 def to_device(batch, device):
@@ -245,6 +258,7 @@ class Progress:
     train_s: float = 0.0  # inside optimizer steps (forward, backward, update): wall_s minus this is overhead
     train_loss: float | None = None
     eval_loss: float | None = None
+    retrieval: dict = field(default_factory=dict)  # the last evaluation's recall_at_1 ... ndcg_at_10
     bad_lines: int = 0
     reason: str | None = None
     done: bool = False
@@ -254,6 +268,12 @@ class Progress:
     def from_state(cls, state: dict) -> "Progress":
         """From a checkpoint's state.json (``checkpoint_state``)."""
         return cls(**state["progress"])
+
+    def evaluated(self, evaluation: dict | None) -> None:
+        """An evaluation's results (steps.evaluate; None without eval data) become the trial's latest."""
+        evaluation = dict(evaluation or {})
+        self.eval_loss = evaluation.pop("eval_loss", None)
+        self.retrieval = evaluation
 
     def advance(self, tokens: int, padded_tokens: int, cost: float, hardware_flops: float, loss: float,
                 train_s: float) -> None:
@@ -400,10 +420,10 @@ class Reporter:
         self.tokens += tokens
         evaluated = bool(spec.eval_every) and p.step % spec.eval_every == 0 and not final
         if evaluated:
-            p.eval_loss = evaluate()
+            p.evaluated(evaluate())
         if not (final or evaluated or p.step % spec.report_every == 0):
             return
-        now = self._add_row(lr, p.eval_loss if evaluated else None)
+        now = self._add_row(lr, evaluated)
         if final or evaluated or self.restart or now - self.last_event >= spec.report_every_s:
             self.report(event(p, self.plan, self.pending, restart=self.restart))
             self.pending, self.restart, self.last_event = [], False, now
@@ -413,35 +433,50 @@ class Reporter:
         the final eval_loss is not pinned to an earlier step."""
         p = self.progress
         if p.step and (not p.rows or p.rows[-1]["step"] != p.step):
-            self._add_row(lr, None)
+            self._add_row(lr, False)
 
     def finish(self) -> None:
-        """The final eval_loss goes on the last row (before the done marker saves the rows); sent again if it
+        """The final evaluation goes on the last row (before the done marker saves the rows); sent again if it
         went out before: the consumer upserts."""
         p = self.progress
         if p.rows:
-            p.rows[-1]["eval_loss"] = p.eval_loss
+            p.rows[-1].update(eval_loss=p.eval_loss, **p.retrieval)
             if not self.pending or self.pending[-1] is not p.rows[-1]:
                 self.pending.append(p.rows[-1])
 
     def done(self, trial: dict) -> None:
         self.report(event(self.progress, self.plan, self.pending, restart=self.restart, done=True, trial=trial))
 
-    def _add_row(self, lr: float, eval_loss) -> float:
+    def _add_row(self, lr: float, evaluated: bool) -> float:
         p, now = self.progress, time.perf_counter()
         row = metric_row(p, lr, p.wall_s + now - self.started, self.tokens / max(now - self.last_row, 1e-9),
-                         eval_loss)
+                         evaluated)
         p.rows.append(row)
         self.pending.append(row)
         self.last_row, self.tokens = now, 0
         return now
 
 
-def finish(progress: Progress, rows: Reporter, eval_loss: float | None, started: float,
+def keeps_weights(spec: TrialSpec) -> bool:
+    return spec.weights_uri is not None and spec.keep_weights == "trainable"
+
+
+def keep_weights(model, spec: TrialSpec) -> None:
+    """A completed trial keeps what it trained (``spec.keep_weights`` trainable) at ``spec.weights_uri``, which the
+    driver sets to ``<sweep>/models/<trial_id>`` (workers/weights.py: safetensors + a manifest written last).
+    Called before the done marker: a trial killed in between saves again on resume and replaces the save
+    atomically, so the sweep holds each trial's weights exactly once."""
+    if keeps_weights(spec):
+        from workers.weights import save_trained
+
+        save_trained(model, spec.method, spec.weights_uri, base_model=spec.model)
+
+
+def finish(progress: Progress, rows: Reporter, evaluation: dict | None, started: float,
            checkpoint_uri: str | None) -> dict:
-    """The trial's end: the final eval loss on the last row, the done marker at ``checkpoint_uri`` (counters and
+    """The trial's end: the final evaluation on the last row, the done marker at ``checkpoint_uri`` (counters and
     rows, no tensors; it replaces the checkpoints), the done event; returns the trial row."""
-    progress.eval_loss = eval_loss
+    progress.evaluated(evaluation)
     progress.wall_s += time.perf_counter() - started
     progress.done = True
     rows.finish()
@@ -451,10 +486,11 @@ def finish(progress: Progress, rows: Reporter, eval_loss: float | None, started:
     return row
 
 
-def metric_row(p: Progress, lr: float, wall_s: float, tokens_per_s: float, eval_loss) -> dict:
+def metric_row(p: Progress, lr: float, wall_s: float, tokens_per_s: float, evaluated: bool) -> dict:
+    """A metric row (core/store.py METRIC_COLUMNS); the evaluation's columns only where this step evaluated."""
+    evaluation = {"eval_loss": p.eval_loss, **p.retrieval} if evaluated else {"eval_loss": None}
     return {"step": p.step, "tokens": p.tokens, "flops": p.flops, "hardware_flops": p.hardware_flops,
-            "train_loss": p.train_loss, "lr": lr, "wall_s": wall_s, "eval_loss": eval_loss,
-            "tokens_per_s": tokens_per_s}
+            "train_loss": p.train_loss, "lr": lr, "wall_s": wall_s, "tokens_per_s": tokens_per_s, **evaluation}
 
 
 def event(p: Progress, plan: Plan, rows: list, *, restart: bool, done: bool = False, trial: dict | None = None):
@@ -470,7 +506,7 @@ def event(p: Progress, plan: Plan, rows: list, *, restart: bool, done: bool = Fa
 def trial_row(p: Progress, plan: Plan) -> dict:
     """The trial columns the worker owns (core/store.py names them)."""
     return {"n_params": plan.n_params, "n_trainable": plan.n_trainable, "tokens": p.tokens, "steps": p.step,
-            "flops": p.flops, "hardware_flops": p.hardware_flops, "eval_loss": p.eval_loss,
+            "flops": p.flops, "hardware_flops": p.hardware_flops, "eval_loss": p.eval_loss, **p.retrieval,
             "train_loss": p.train_loss, "wall_s": p.wall_s, "train_s": p.train_s, "reason": p.reason,
             "planned_tokens": plan.planned_tokens, "planned_steps": plan.planned_steps, "batching": plan.batching,
             "bad_lines": p.bad_lines,

@@ -69,7 +69,7 @@ def run_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | None = None
     hardware_flops = steps.HardwareFlops(shape, spec, chunk)
     eval_batches = steps.eval_batches(spec, tokenizer, device)
 
-    def evaluate() -> float | None:
+    def evaluate() -> dict | None:
         return steps.evaluate(model, eval_batches, spec, chunk, autocast)
 
     # 3. train to the budget
@@ -79,7 +79,7 @@ def run_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | None = None
         for batch, final in batches:
             t_step = time.perf_counter()
             batch = steps.to_device(batch, device)
-            loss = contrastive_backward(model, batch, spec.temperature, chunk, autocast)
+            loss = contrastive_backward(model, batch, spec.temperature, chunk, autocast, pooling=spec.pooling)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             progress.advance(batch.real_tokens, batch.padded_tokens, plan.cost, hardware_flops(batch, len(batch)),
@@ -91,10 +91,11 @@ def run_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | None = None
                 last_ckpt = time.perf_counter()
 
     # 4. evaluate
-    eval_loss = evaluate()
+    evaluation = evaluate()
     if output_dir and spec.save_model:
         model.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)
+    steps.keep_weights(model, spec)  # before the done marker: a resumed trial saves again, once
 
     # 5. report, and the done marker (counters and rows, no tensors) in place of the checkpoints
-    return steps.finish(progress, rows, eval_loss, started, checkpoint_uri)
+    return steps.finish(progress, rows, evaluation, started, checkpoint_uri)

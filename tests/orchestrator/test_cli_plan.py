@@ -100,14 +100,14 @@ def test_help_exits_0(capsys):
 
 def test_paper_grid_plans_offline(capsys, monkeypatch):
     """The shipped paper grid: data on a placeholder bucket, unreadable here -> 78 tokens per pair, warned."""
-    fake = types.ModuleType("workers.data")
+    fake = types.ModuleType("workers.records")  # planning reads the data through workers.records
     fake.DataError = type("DataError", (ValueError,), {})
 
     def unreachable(uri, *a, **k):
         raise fake.DataError(f"{uri}: cannot open: no network")
 
     fake.count_pairs = fake.measure_tokens_per_pair = unreachable
-    monkeypatch.setitem(sys.modules, "workers.data", fake)
+    monkeypatch.setitem(sys.modules, "workers.records", fake)
     assert cli.main(["plan", PAPER, "--json"]) == 0
     out, err = capsys.readouterr()
     doc = json.loads(out)
