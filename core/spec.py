@@ -34,7 +34,7 @@ WEIGHT_DECAY = 0.1
 
 # Knobs that change how a trial runs but not what it computes.
 RUNTIME_FIELDS = ("chunk_size", "report_every", "report_every_s", "checkpoint_every_s", "save_model",
-                  "keep_weights", "weights_uri", "planned_tokens_per_pair", "planned_tokens", "planned_steps", "num_threads",
+                  "keep_weights", "weights_uri", "token_cache", "planned_tokens_per_pair", "planned_tokens", "planned_steps", "num_threads",
                   "prefetch_batches", "deepspeed_config")
 # Identity fields added after sweeps existed: in the identity only when not at their default (ids stay stable).
 ADDED_FIELDS = ("batching", "pooling")
@@ -84,6 +84,9 @@ class TrialSpec:
     save_model: bool = False
     keep_weights: str = "trainable"  # trainable: a completed trial keeps what it trained under <sweep>/models/; none
     weights_uri: str | None = None  # where it keeps them: <sweep>/models/<trial_id>, set by the driver; None: nowhere
+    # the token cache the trial reads its pairs from (workers/token_cache.py: the same batches as the raw data, no
+    # tokeniser on the training path), set by the driver once `prepare` built it; None: the raw data
+    token_cache: str | None = None
     planned_tokens_per_pair: float | None = None  # from the planner; measured on the data when None
     planned_tokens: int | None = None  # from the planner (core.flops.tokens_for_budget); reported as planned_tokens
     planned_steps: int | None = None  # from the planner (core.flops.planned_steps); reported as planned_steps

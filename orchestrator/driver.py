@@ -63,7 +63,7 @@ def status(args) -> int:
     # is reachable, not only where the grid's models and data are (and answers fast on large stores).
     store.read_grid()
     trials = store.read_trials(columns=STATUS_COLUMNS)
-    summary = summarize(args.name, trials)
+    summary = summarize(args.name, trials) | {"weights_bytes": sum(store.kept_weights_bytes().values())}
     if args.json:
         print(json.dumps(summary))
     else:
@@ -129,16 +129,77 @@ def _run_leased(grid: Grid, store: Store, address: str | None, plan: Plan, lease
         print(f"sweep {grid.name}: {len(plan.trials)} trials, {len(plan.runnable) - len(todo)} already completed, "
               f"{len(todo)} to run, {len(plan.skipped)} skipped -> {store.uri}", file=sys.stderr)
         if todo and not interrupt.signum:
-            from orchestrator.tuning import run_tuner  # Ray Tune only when something runs
+            todo = with_token_caches(todo, grid, store)
+            for rung in rungs(grid, todo, recorder, store):
+                if interrupt.signum or lease.lost:
+                    break
+                from orchestrator.tuning import run_tuner  # Ray Tune only when something runs
 
-            run_tuner(todo, recorder, grid, store, progress=Progress(recorder, [t.trial_id for t in todo])
-                      if progress else None, interrupt=interrupt, lease=lease)
+                run_tuner(rung, recorder, grid, store, progress=Progress(recorder, [t.trial_id for t in rung])
+                          if progress else None, interrupt=interrupt, lease=lease)
+            todo = [t for t in todo if trials[t.trial_id]["status"] != "skipped"]  # pruned: not failed
     if interrupt.signum:
         return _Outcome(128 + interrupt.signum, interrupted_line(grid.name, store, trials, todo))
     failed = [t.trial_id for t in todo if trials[t.trial_id]["status"] != "completed"]
     for trial_id in failed:
         print(f"failed {trial_id}: {trials[trial_id]['reason']}", file=sys.stderr)
     return _Outcome(EXIT_TRIALS_FAILED if failed else 0, render_counts(summarize(grid.name, trials)))
+
+
+def with_token_caches(todo: list[PlannedTrial], grid: Grid, store: Store) -> list[PlannedTrial]:
+    """The trials with their token cache (``run.token_cache``): built once per tokenizer on the Ray this driver
+    runs on (orchestrator/prepare.py, Ray Data across the cluster's CPUs), reused by every later sweep of the same
+    data. Length-bucketed trials read the raw data (the cache serves random batches)."""
+    if not grid.run.token_cache or not any(t.spec.batching == "random" for t in todo):
+        return todo
+    from orchestrator.prepare import caches_for_grid
+
+    caches = caches_for_grid(grid, store.storage_uri)
+    return [dataclasses.replace(t, spec=dataclasses.replace(t.spec, token_cache=caches[t.model]["uri"]))
+            if t.spec.batching == "random" else t for t in todo]
+
+
+def rungs(grid: Grid, todo: list[PlannedTrial], recorder: Recorder, store: Store):
+    """The trials to run, in groups: ``strategy: grid`` one group; ``adaptive`` one rung per budget, ascending,
+    each decided (analysis/adaptive.py ``decide``, a pure function of the completed trials) after the rungs below
+    it ran: pruned cells become ``skipped`` rows with the reason, the rest run. Decisions are taken per (family,
+    pooling): the policy compares methods and model sizes within one family and pooling. A resumed sweep
+    re-derives the same decisions from the same completed trials."""
+    if grid.strategy != "adaptive":
+        yield todo
+        return
+    import pandas as pd
+
+    from analysis.adaptive import decide  # pandas and scipy, no torch
+
+    config = grid.adaptive.config()
+    for budget in sorted({t.budget_flops for t in todo}):
+        cells = [t for t in todo if t.budget_flops == budget]
+        done = pd.DataFrame([r for r in recorder.trials.values() if r.get("sweep", store.sweep) == store.sweep])
+        done = done.assign(family=done.get("family"), pooling=done.get("pooling"))  # older rows: no such columns
+        pruned = {}
+        for (family, pooling), group in _by_variant(cells).items():
+            mine = done[(done["family"].fillna(family) == family) & (done["pooling"].fillna("mean") == pooling)]
+            table = pd.DataFrame([{"trial_id": t.trial_id, "model": t.model, "method": t.method,
+                                   "lora_rank": t.lora_rank, "trainable_fraction": t.trainable_fraction,
+                                   "budget_flops": t.budget_flops, "n_params": t.n_params,
+                                   "n_trainable": t.n_trainable, "status": "pending"} for t in group])
+            pruned |= {d.trial_id: d.reason for d in decide(mine, table, config) if not d.run}
+        for trial_id, reason in pruned.items():
+            recorder.set_status(trial_id, "skipped", reason)
+        recorder.flush()
+        run = [t for t in cells if t.trial_id not in pruned]
+        if pruned:
+            print(f"rung {budget:.2g} FLOP: {len(run)} to run, {len(pruned)} pruned", file=sys.stderr)
+        if run:
+            yield run
+
+
+def _by_variant(cells: list[PlannedTrial]) -> dict[tuple[str, str], list[PlannedTrial]]:
+    out: dict[tuple[str, str], list[PlannedTrial]] = {}
+    for t in cells:
+        out.setdefault((t.family, t.spec.pooling), []).append(t)
+    return out
 
 
 def interrupted_line(sweep: str, store: Store, trials: dict[str, dict], todo: list[PlannedTrial]) -> str:
@@ -336,7 +397,10 @@ def _duration(s: float) -> str:
 
 # --- status --------------------------------------------------------------------------------------------------
 STATUS_COLUMNS = ("trial_id", "model", "method", "lora_rank", "trainable_fraction", "budget_flops", "status",
-                  "steps", "flops", "eval_loss", "reason")  # what summarize and render_status read
+                  "steps", "flops", "eval_loss", "ndcg_at_10", "mfu", "reason")  # what summarize and render_status read
+
+
+
 def summarize(sweep: str, trials: dict[str, dict]) -> dict:
     """`status --json` (CONTRACTS.md): counts by status, FLOP spent (all trials) and planned (non-skipped)."""
     counts = {s: 0 for s in ("completed", "running", "pending", "failed", "skipped")}
@@ -357,14 +421,26 @@ def render_counts(summary: dict) -> str:
 
 
 def render_status(summary: dict, trials: dict[str, dict]) -> str:
-    header = ("trial_id", "model", "method", "rank/frac", "budget", "status", "steps", "flops", "eval_loss", "reason")
+    header = ("trial_id", "model", "method", "rank/frac", "budget", "status", "steps", "flops", "eval_loss",
+              "ndcg@10", "mfu", "reason")
     rows = []
     for r in sorted(trials.values(), key=lambda r: (r["model"], r["method"], r["budget_flops"])):
         hyper = (f"r={r['lora_rank']}" if r["lora_rank"] is not None else
                  f"f={r['trainable_fraction']:g}" if r["trainable_fraction"] is not None else "-")
         loss = f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-"
+        ndcg = f"{r['ndcg_at_10']:.3f}" if r.get("ndcg_at_10") is not None else "-"
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
         rows.append((r["trial_id"], r["model"], r["method"], hyper, f"{r['budget_flops']:.1e}", r["status"],
-                     str(r["steps"] or 0), f"{r['flops'] or 0.0:.2e}", loss, (r["reason"] or "")[:60]))
+                     str(r["steps"] or 0), f"{r['flops'] or 0.0:.2e}", loss, ndcg, mfu, (r["reason"] or "")[:60]))
     widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in [header, *rows]]
-    return "\n".join([render_counts(summary), *lines])
+    kept = summary.get("weights_bytes")
+    weights = [f"kept weights: {_bytes(kept)} under {summary['sweep']}/models/"] if kept else []
+    return "\n".join([render_counts(summary), *weights, *lines])
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024

@@ -264,6 +264,9 @@ class RunConfig(_Optional):
     # trainable: a completed trial keeps what it trained (adapter, blocks, biases or the whole model) under
     # <sweep>/models/<trial_id>/, pickle-free, for `repurpose export`; none: nothing kept
     keep_weights: Literal[KEEP_WEIGHTS] = default("keep_weights")
+    # true: `submit` tokenises the data once per tokenizer into <storage>/_cache/ (Ray Data) and trials read ids
+    # from it (`repurpose prepare` builds it alone); false: every trial tokenises the raw data itself
+    token_cache: StrictBool = True
     # DeepSpeed trials: a JSON object (inline, or a path / s3:// / gs:// URI) merged over the default ZeRO-2 config
     deepspeed_config: Text | None = None
 

@@ -30,7 +30,7 @@ import yaml
 
 from core import storage
 from core.store import (GRID_FILE, LEASE_FILE, METRIC_COLUMNS, METRICS_DIR, TRIAL_COLUMNS, TRIALS_FILE,
-                        StoreError, checkpoint_uri, metrics_uri, model_uri, sweep_uri)
+                        StoreError, checkpoint_uri, kept_weights_bytes, metrics_uri, model_uri, sweep_uri)
 from orchestrator.lease import LeaseLost
 
 TRIALS_SCHEMA = storage.arrow_schema(TRIAL_COLUMNS)
@@ -78,7 +78,12 @@ def _read_rows(uri: str, columns=None) -> list[dict]:
     # thread is killed inside C++ and the process aborts ("terminate called without an active exception").
     fs, path = storage.resolve(uri)
     with fs.open_input_file(path) as f:
-        return pq.ParquetFile(f).read(columns=list(columns) if columns else None).to_pylist()
+        parquet = pq.ParquetFile(f)
+        if columns:  # a store written before a column existed: it reads as null
+            present = [c for c in columns if c in parquet.schema_arrow.names]
+            rows = parquet.read(columns=present).to_pylist()
+            return [{c: r.get(c) for c in columns} for r in rows]
+        return parquet.read().to_pylist()
 
 
 class Store:
@@ -91,6 +96,10 @@ class Store:
 
     def checkpoint_uri(self, trial_id: str) -> str:
         return checkpoint_uri(self.uri, trial_id)
+
+    def kept_weights_bytes(self) -> dict[str, int]:
+        """{trial_id: bytes} of the completed trials' kept weights (`status` shows their total)."""
+        return self._try(lambda: kept_weights_bytes(self.uri), "read")
 
     def model_uri(self, trial_id: str) -> str:
         """Where a completed trial keeps its trained weights (``run.keep_weights``)."""

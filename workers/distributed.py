@@ -173,18 +173,31 @@ class Ranks:
     local_rank: int
 
 
+def rank_device(local_rank: int, accelerator: str, cuda_available: bool) -> tuple[str, str]:
+    """(torch device, process-group backend) of a rank. Each rank sees all of its trial's GPUs, so it must take
+    cuda:LOCAL_RANK before the process group starts (else every rank lands on cuda:0 and the first collective
+    fails: "tensor not on device passed to init_process_group"); the backend follows the accelerator DeepSpeed
+    uses (``DS_ACCELERATOR=cpu`` on a GPU box — tests, run_local — is gloo, never nccl)."""
+    if accelerator != "cpu" and cuda_available:
+        return f"cuda:{local_rank}", "nccl"
+    return "cpu", "gloo"
+
+
 def init_ranks(timeout_s: float = 1800.0) -> Ranks:
-    """The process group from the environment (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK): NCCL on GPUs,
-    gloo on CPUs (DeepSpeed's CPU accelerator falls back to gloo without oneCCL)."""
+    """The process group from the environment (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK), on this rank's
+    device (``rank_device``)."""
     import datetime
 
     import deepspeed
 
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device, backend = rank_device(local_rank, os.environ.get("DS_ACCELERATOR", ""), torch.cuda.is_available())
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   auto_mpi_discovery=False, verbose=False,
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
-    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return Ranks(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | None = None,
@@ -199,13 +212,14 @@ def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | N
     if spec.num_threads:
         torch.set_num_threads(spec.num_threads)
     _quiet_deepspeed()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(rank_device(ranks.local_rank, os.environ.get("DS_ACCELERATOR", ""),
+                                      torch.cuda.is_available())[0])
 
     # 1. load; 2. choose trainable parameters and plan (counted before ZeRO-3 partitions them)
     tokenizer, model = steps.load(spec.model, device)
     shape = NeoxShape.from_config(model.config.to_dict())
     model = steps.prepare(model, spec)
-    plan = steps.make_plan(spec, model, tokenizer)
+    plan = steps.make_plan(spec, model, tokenizer, device, world=ranks.world)  # hardware FLOP: summed over ranks
     if spec.batch_size % ranks.world:
         raise ValueError(f"batch_size: {spec.batch_size} does not split over {ranks.world} ranks")
     micro = spec.batch_size // ranks.world

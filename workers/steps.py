@@ -34,6 +34,7 @@ import torch
 from core import storage
 from core.flops import (NeoxShape, cost_per_token, loss_matmul_flops, planned_steps, sequence_hardware_flops,
                         tokens_for_budget)
+from core.devices import mfu
 from core.models import auto_lr
 from core.spec import TrialSpec
 from workers import checkpoint
@@ -104,9 +105,10 @@ class Plan:
     planned_steps: int
     budget_flops: float
     batching: str
+    peak_flops: float | None = None  # the device's bf16 peak FLOP/s x the ranks (core/devices.py, workers/device_peak.py)
 
 
-def make_plan(spec: TrialSpec, model, tokenizer) -> Plan:
+def make_plan(spec: TrialSpec, model, tokenizer, device: torch.device | None = None, world: int = 1) -> Plan:
     """N and N_tr of the prepared model (counted before ZeRO-3 partitions it), the cost per token, the peak lr
     ('auto': Pythia's pretraining lr / 10), and the planned tokens and steps: the planner's (``spec``) when it
     set them, else the same core.flops functions the planner calls."""
@@ -119,7 +121,13 @@ def make_plan(spec: TrialSpec, model, tokenizer) -> Plan:
         per_pair = spec.planned_tokens_per_pair or measure_tokens_per_pair(spec.train_data, tokenizer,
                                                                            spec.max_length)
         _, n_steps = planned_steps(tokens, per_pair, spec.batch_size)
-    return Plan(n_params, n_trainable, cost, lr, tokens, n_steps, spec.budget_flops, spec.batching)
+    peak = None
+    if device is not None:
+        from workers.device_peak import device_peak
+
+        one, _ = device_peak(device)
+        peak = one * world if one else None
+    return Plan(n_params, n_trainable, cost, lr, tokens, n_steps, spec.budget_flops, spec.batching, peak)
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:
@@ -188,9 +196,16 @@ class HardwareFlops:
 
 
 def eval_batches(spec: TrialSpec, tokenizer, device) -> list:
-    """The held-out pairs as batches of the training batch size (a last batch of fewer than 2 pairs dropped)."""
+    """The held-out pairs as batches of the training batch size (a last batch of fewer than 2 pairs dropped): from
+    the token cache when the trial has one, else tokenised here."""
     if not spec.eval_data:
         return []
+    if spec.token_cache:
+        from workers import token_cache
+
+        return [to_device(b, device) for b in token_cache.eval_batches(
+            spec.token_cache, limit=spec.eval_pairs, batch_size=spec.batch_size, pooling_eos=_eos(spec, tokenizer),
+            pad_id=pad_id_of(tokenizer))]
     pairs = load_eval_pairs(spec.eval_data, spec.eval_pairs)
     encode, pad = encoder(spec, tokenizer), pad_id_of(tokenizer)
     batches = []
@@ -224,9 +239,21 @@ def encoder(spec: TrialSpec, tokenizer):
     return with_eos(encode, eos_id_of(tokenizer), spec.max_length) if spec.pooling == "last" else encode
 
 
-def train_stream(spec: TrialSpec, tokenizer, skip_batches: int = 0) -> PairStream:
+def _eos(spec: TrialSpec, tokenizer) -> int | None:
+    return eos_id_of(tokenizer) if spec.pooling == "last" else None
+
+
+def train_stream(spec: TrialSpec, tokenizer, skip_batches: int = 0):
     """The trial's training batches from batch ``skip_batches`` on: the same seeded sequence on every rank and
-    after every resume, batched as ``spec.batching`` says (workers/data.py)."""
+    after every resume, batched as ``spec.batching`` says. From the token cache when the trial has one (random
+    batches: the same pairs, padded the same, as the raw path's; O(1) resume), else the raw data
+    (workers/data.py PairStream)."""
+    if spec.token_cache and spec.batching == "random":
+        from workers.token_cache import CachedPairs
+
+        return CachedPairs(spec.token_cache, spec.batch_size, spec.seed, spec.max_epochs, skip_batches,
+                           pooling_eos=_eos(spec, tokenizer), pad_id=pad_id_of(tokenizer),
+                           prefetch=spec.prefetch_batches)
     return PairStream(spec.train_data, tokenizer, batch_size=spec.batch_size, max_length=spec.max_length,
                       seed=spec.seed, max_epochs=spec.max_epochs, skip_batches=skip_batches,
                       batching=spec.batching, prefetch=spec.prefetch_batches, encode=encoder(spec, tokenizer))
@@ -450,7 +477,7 @@ class Reporter:
     def _add_row(self, lr: float, evaluated: bool) -> float:
         p, now = self.progress, time.perf_counter()
         row = metric_row(p, lr, p.wall_s + now - self.started, self.tokens / max(now - self.last_row, 1e-9),
-                         evaluated)
+                         evaluated, self.plan.peak_flops)
         p.rows.append(row)
         self.pending.append(row)
         self.last_row, self.tokens = now, 0
@@ -486,11 +513,14 @@ def finish(progress: Progress, rows: Reporter, evaluation: dict | None, started:
     return row
 
 
-def metric_row(p: Progress, lr: float, wall_s: float, tokens_per_s: float, evaluated: bool) -> dict:
-    """A metric row (core/store.py METRIC_COLUMNS); the evaluation's columns only where this step evaluated."""
+def metric_row(p: Progress, lr: float, wall_s: float, tokens_per_s: float, evaluated: bool,
+               peak_flops: float | None = None) -> dict:
+    """A metric row (core/store.py METRIC_COLUMNS); the evaluation's columns only where this step evaluated; MFU
+    over the steps so far."""
     evaluation = {"eval_loss": p.eval_loss, **p.retrieval} if evaluated else {"eval_loss": None}
     return {"step": p.step, "tokens": p.tokens, "flops": p.flops, "hardware_flops": p.hardware_flops,
-            "train_loss": p.train_loss, "lr": lr, "wall_s": wall_s, "tokens_per_s": tokens_per_s, **evaluation}
+            "train_loss": p.train_loss, "lr": lr, "wall_s": wall_s, "tokens_per_s": tokens_per_s,
+            "mfu": mfu(p.hardware_flops, p.train_s, peak_flops), **evaluation}
 
 
 def event(p: Progress, plan: Plan, rows: list, *, restart: bool, done: bool = False, trial: dict | None = None):
@@ -509,5 +539,6 @@ def trial_row(p: Progress, plan: Plan) -> dict:
             "flops": p.flops, "hardware_flops": p.hardware_flops, "eval_loss": p.eval_loss, **p.retrieval,
             "train_loss": p.train_loss, "wall_s": p.wall_s, "train_s": p.train_s, "reason": p.reason,
             "planned_tokens": plan.planned_tokens, "planned_steps": plan.planned_steps, "batching": plan.batching,
+            "mfu": mfu(p.hardware_flops, p.train_s, plan.peak_flops),
             "bad_lines": p.bad_lines,
             "padding_fraction": 1 - p.tokens / p.padded_tokens if p.padded_tokens else None}

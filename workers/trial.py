@@ -46,7 +46,7 @@ def run_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | None = None
     # 2. choose trainable parameters; the plan (N, N_tr, cost per token, lr, planned tokens and steps)
     model = steps.prepare(model, spec)
     model.to(device).train()
-    plan = steps.make_plan(spec, model, tokenizer)
+    plan = steps.make_plan(spec, model, tokenizer, device)
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([p for _, p in trainable], lr=plan.lr, weight_decay=spec.weight_decay,
                                   foreach=device.type == "cuda")

@@ -567,3 +567,14 @@ def test_tune_trial_runs_deepspeed_ranks_and_reports_once(tiny_model, pairs_file
         rows = upsert([r for e in got for r in e["rows"]])
         for a, b in zip(rows, ref_rows, strict=True):
             assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5), (name, a["step"])
+
+
+def test_each_rank_takes_its_own_gpu_and_the_backend_follows_the_accelerator():
+    """GPU-path decisions checked on CPU: rank k of a trial uses cuda:k (LOCAL_RANK), not cuda:0 for all; a CPU
+    accelerator on a GPU box (DS_ACCELERATOR=cpu) is gloo, never nccl; no GPU is gloo on the CPU."""
+    from workers.distributed import rank_device
+
+    assert rank_device(3, "", cuda_available=True) == ("cuda:3", "nccl")
+    assert rank_device(1, "cuda", cuda_available=True) == ("cuda:1", "nccl")
+    assert rank_device(1, "cpu", cuda_available=True) == ("cpu", "gloo")
+    assert rank_device(0, "", cuda_available=False) == ("cpu", "gloo")

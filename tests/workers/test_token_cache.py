@@ -2,6 +2,8 @@
 on a 2-node cluster), and its reader, which must yield the raw path's batches exactly."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import random
@@ -308,3 +310,21 @@ def test_prepare_builds_then_reuses(tmp_path, tiny_model, pairs_file, eval_file,
     assert again.returncode == 0 and again.stdout.startswith(f"{cache['uri']}  reused: 2,000 pairs"), again.stderr
     bad = ray_env.run(["prepare", str(tmp_path / "missing.yaml"), "--storage", store])
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_trial_from_the_cache_equals_one_from_the_raw_data(built, tiny_model, eval_file):
+    """The trial's data path (workers/steps.py train_stream / eval_batches): with ``token_cache`` set it reads the
+    cache, and trains and evaluates exactly as from the raw files (same batches: same tokens, FLOP, losses)."""
+    import torch
+
+    from core.spec import TrialSpec
+    from workers.trial import run_trial
+
+    torch.set_num_threads(1)
+    spec = TrialSpec(model=tiny_model, method="full", budget_flops=4e9, train_data=built["data"],
+                     eval_data=eval_file, batch_size=8, max_length=24, precision="fp32", eval_pairs=24,
+                     num_threads=1)
+    raw = run_trial(spec)
+    cached = run_trial(dataclasses.replace(spec, token_cache=built["uri"]))
+    for key in ("tokens", "steps", "flops", "hardware_flops", "train_loss", "eval_loss", "ndcg_at_10"):
+        assert cached[key] == raw[key], key

@@ -101,3 +101,17 @@ def test_weights_kept_once_and_served_as_the_trial_embeds(tiny_model, pairs_file
     served = retrieval_metrics(q, d)
     for key, value in served.items():
         assert value == pytest.approx(row[key], abs=1e-6), key
+
+
+def test_mfu_by_hand_on_a_cpu_trial(tiny_model, pairs_file, eval_file):
+    """mfu = hardware FLOP / (seconds in optimizer steps x the device's peak); on CPU the peak is the best bf16
+    matmul rate measured once per machine (workers/device_peak.py), the same one the trial read."""
+    from workers.device_peak import device_peak
+
+    events = []
+    row = run_trial(spec_for(tiny_model, pairs_file, eval_file, eval_every=0), report=events.append)
+    peak, source = device_peak(torch.device("cpu"))
+    assert peak > 1e9 and "matmul" in source
+    assert row["mfu"] == pytest.approx(row["hardware_flops"] / (row["train_s"] * peak), rel=1e-12)
+    last = [r for e in events for r in e["rows"]][-1]
+    assert 0 < last["mfu"] < 1 and 0 < row["mfu"] < 1
