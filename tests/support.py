@@ -60,3 +60,36 @@ def build_tiny_model(out_dir, *, hidden=64, layers=4, heads=4, vocab=512, pretra
     return out_dir
 
 
+# --- tiny checkpoints of every supported decoder family (tests/workers/test_families.py, the cross-family sweep)
+VOCAB = 512
+_COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB, use_cache=False,
+               bos_token_id=0, eos_token_id=0, pad_token_id=1)
+_GQA = dict(num_key_value_heads=2, intermediate_size=48)
+
+
+def tiny_config(family: str):
+    """A 2-block, 32-wide model of ``family``; 2 KV heads of 4 (GQA), head_dim 12 (not 32/4) where it is free."""
+    import transformers as T
+
+    return {
+        "gpt_neox": lambda: T.GPTNeoXConfig(**_COMMON, intermediate_size=128, rotary_pct=0.25),
+        "llama": lambda: T.LlamaConfig(**_COMMON, **_GQA),
+        "mistral": lambda: T.MistralConfig(**_COMMON, **_GQA),
+        "qwen2": lambda: T.Qwen2Config(**_COMMON, **_GQA),
+        "qwen3": lambda: T.Qwen3Config(**_COMMON, **_GQA, head_dim=12),
+        "gemma2": lambda: T.Gemma2Config(**_COMMON, **_GQA, head_dim=12),
+        "gemma3_text": lambda: T.Gemma3TextConfig(**_COMMON, **_GQA, head_dim=12),
+        "olmo2": lambda: T.Olmo2Config(**_COMMON, **_GQA),
+        "phi3": lambda: T.Phi3Config(**_COMMON, **_GQA),
+    }[family]()
+
+
+def build_family_checkpoint(out_dir, family: str, tokenizer, seed: int = 0) -> str:
+    """A tiny ``family`` model (``tiny_config``) saved with ``tokenizer`` beside it, as a hub checkpoint is."""
+    import torch
+    from transformers import AutoModel
+
+    torch.manual_seed(seed)
+    AutoModel.from_config(tiny_config(family)).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return str(out_dir)

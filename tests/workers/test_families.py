@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from support import build_tokenizer, make_pairs
+from support import VOCAB, build_tokenizer, make_pairs, tiny_config
 
 from core.flops import cost_per_token, loss_matmul_flops, param_counts, sequence_hardware_flops
 from core.models import FAMILIES, ModelConfigError, auto_lr, model_shape, read_config, trained_blocks
@@ -25,29 +25,6 @@ from workers.steps import enable_checkpointing
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = os.path.join(os.path.dirname(__file__), "..", "..")
-VOCAB = 512
-_COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB, use_cache=False,
-               bos_token_id=0, eos_token_id=0, pad_token_id=1)
-_GQA = dict(num_key_value_heads=2, intermediate_size=48)
-
-
-def tiny_config(family: str):
-    """A 2-block, 32-wide model of ``family``; 2 KV heads of 4 (GQA), head_dim 12 (not 32/4) where it is free."""
-    import transformers as T
-
-    return {
-        "gpt_neox": lambda: T.GPTNeoXConfig(**_COMMON, intermediate_size=128, rotary_pct=0.25),
-        "llama": lambda: T.LlamaConfig(**_COMMON, **_GQA),
-        "mistral": lambda: T.MistralConfig(**_COMMON, **_GQA),
-        "qwen2": lambda: T.Qwen2Config(**_COMMON, **_GQA),
-        "qwen3": lambda: T.Qwen3Config(**_COMMON, **_GQA, head_dim=12),
-        "gemma2": lambda: T.Gemma2Config(**_COMMON, **_GQA, head_dim=12),
-        "gemma3_text": lambda: T.Gemma3TextConfig(**_COMMON, **_GQA, head_dim=12),
-        "olmo2": lambda: T.Olmo2Config(**_COMMON, **_GQA),
-        "phi3": lambda: T.Phi3Config(**_COMMON, **_GQA),
-    }[family]()
-
-
 HAS_BIAS = {"gpt_neox", "qwen2"}
 METHODS = [("full", {}), ("freeze", {"trainable_fraction": 0.5}), ("bias", {}), ("lora", {"lora_rank": 4})]
 CASES = [(f, m, kw) for f in FAMILIES for m, kw in METHODS if m != "bias" or f in HAS_BIAS]
