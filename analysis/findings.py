@@ -113,6 +113,8 @@ def recipe_table(a: Analysis) -> pd.DataFrame:
     row's method, model, N and tokens are then the best trial's, and ``predicted_loss`` the fit's value for it."""
     rows = []
     frontier = a.optimum.frontier.set_index("budget_flops")
+    ndcg = (a.trials.set_index("trial_id")["ndcg_at_10"].astype(float).to_dict()
+            if "ndcg_at_10" in a.trials else {})
     for budget in a.table_budgets:
         row = {"budget_flops": budget, "on_grid": budget in a.grid_budgets}
         r = a.recipes.get(budget)
@@ -134,7 +136,7 @@ def recipe_table(a: Analysis) -> pd.DataFrame:
         if e is not None:
             row.update(empirical_method=e["method"], empirical_hparam=_hp(e["method"], e["hparam"]),
                        empirical_model=e["model"], empirical_loss=float(e["eval_loss"]),
-                       empirical_trial=e["trial_id"])
+                       empirical_trial=e["trial_id"], empirical_ndcg_at_10=ndcg.get(e["trial_id"], np.nan))
             if r is not None:
                 row["agree"] = bool(e["method"] == r.best.method and e["model"] == r.best.model)
         rows.append(row)
@@ -265,6 +267,7 @@ def recipe_markdown(a: Analysis) -> str:
                      "predicted loss": _f(r["predicted_loss"]),
                      f"{level}% CI": f"[{_f(r['predicted_loss_low'])}, {_f(r['predicted_loss_high'])}]",
                      "wins": _f(r.get("win_fraction"), "{:.0%}"), "empirical best": emp,
+                     "its nDCG@10": _f(r.get("empirical_ndcg_at_10"), "{:.3f}"),
                      "notes": ", ".join(flags)})
     return _md(pd.DataFrame(rows)) + "\n"
 

@@ -229,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                sweep=True)
     p.add_argument("--name", type=_sweep_name, default="demo", help="sweep name (default: demo)")
     p.add_argument("--quick", action="store_true", help="a reduced demo: two tiny models, two methods (CI)")
+    p.add_argument("--family", choices=("pythia", "llama"), default="pythia",
+                   help="the mini suite's family: pythia (GPT-NeoX, the study's) or llama (RMSNorm, SwiGLU, RoPE)")
     p.set_defaults(handler=COMMANDS["demo"])
 
     suite = sub.add_parser("suite", help="the offline mini model suite")

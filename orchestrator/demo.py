@@ -47,14 +47,16 @@ def demo_grid(name: str, models: list[str], data: dict, *, budgets=DEMO_BUDGETS,
 
 
 def run(args) -> int:
-    from workers.suite import SUITE, build_suite, demo_data  # torch: the suite is built in this process, once
+    from workers.suite import SUITES, build_suite, demo_data  # torch: the suite is built in this process, once
 
     started = time.perf_counter()
-    print("repurpose demo: building (or reusing) the offline pair data and the mini Pythia suite", file=sys.stderr)
+    family = getattr(args, "family", None) or "pythia"
+    print(f"repurpose demo: building (or reusing) the offline pair data and the mini {family} suite", file=sys.stderr)
     quick = getattr(args, "quick", False)
     data = demo_data()
-    suite = (build_suite(sizes=QUICK["sizes"], token_scale=QUICK["token_scale"]) if quick
-             else build_suite(sizes=[m.name for m in SUITE[:DEMO_MODELS]]))  # only the models the grid uses
+    series = SUITES[family]
+    sizes = [series[i].name for i in range(len(QUICK["sizes"]))] if quick else [m.name for m in series[:DEMO_MODELS]]
+    suite = build_suite(sizes=sizes, token_scale=QUICK["token_scale"] if quick else 1.0, family=family)
     models = [m.path for m in suite[:DEMO_MODELS]]
     for m in suite:
         print(f"  {m.name:<20} N={m.n_params:>9,}  pretrain loss {m.pretrain_loss:.2f}  {m.path}", file=sys.stderr)
