@@ -123,6 +123,16 @@ def _non_negative_float(text: str) -> float:
     return x
 
 
+def _fraction(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        x = float("nan")
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
+    return x
+
+
 def _gpu_count(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
@@ -170,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
     p.add_argument("--gpus", type=_gpu_count, default=None, metavar="N",
                    help="plan resources for N GPUs per node (default: the grid's resources.gpus; auto: CPU)")
+    p.add_argument("--device", default="H100 SXM", metavar="NAME",
+                   help="the accelerator device-hours are estimated for (core/devices.py's table; default H100 SXM)")
+    p.add_argument("--mfu", type=_fraction, default=None, metavar="F",
+                   help="assumed model FLOP utilisation for the estimate (default 0.40, core/devices.py TYPICAL_MFU)")
     p.set_defaults(handler=cmd_plan)
 
     p = common(sub.add_parser("submit", help="run (or extend, or finish) a sweep"), sweep=True)
@@ -256,21 +270,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from orchestrator.grid import load_grid
     from orchestrator.plan import plan_grid
 
+    from core.devices import TYPICAL_MFU, device_entry
+
+    entry = device_entry(getattr(args, "device", "H100 SXM"))
+    if entry is None:
+        raise UserError(f"--device {args.device}: not a device with a bf16 peak in core/devices.py's table")
     plan = plan_grid(load_grid(args.grid), gpus_available=args.gpus)
     for warning in plan.warnings:
         print(warning, file=sys.stderr)
     if args.json:
         print(json.dumps(plan.to_json()))
     else:
-        print(render_plan(plan))
+        print(render_plan(plan, entry, args.mfu or TYPICAL_MFU))
     return 0
 
 
-def render_plan(plan) -> str:
+def render_plan(plan, device=("H100 SXM", 989e12, ""), mfu: float = 0.40) -> str:
     """The dry run as an aligned text table (deterministic; no terminal width games), then the totals."""
     from orchestrator.plan import short
 
-    header = ("trial_id", "model", "method", "rank/frac", "budget", "tokens", "steps", "resources", "status")
+    header = ("trial_id", "model", "method", "rank/frac", "budget", "tokens", "steps", "hours", "resources", "status")
+    name, peak, _ = device
+    hours = {t.trial_id: t.hardware_flops / (peak * mfu) / 3600 for t in plan.trials}
     rows = []
     g = plan.grid
     adaptive = g.strategy == "adaptive"
@@ -284,14 +305,16 @@ def render_plan(plan) -> str:
         if t.runnable and rung_of.get(t.budget_flops, 0) > full_rungs:
             status = f"rung {rung_of[t.budget_flops]}: decided after rung {rung_of[t.budget_flops] - 1}"
         rows.append((t.trial_id, t.model, t.method, hyper, sci(t.budget_flops), short(t.planned_tokens),
-                     str(t.steps), resources, status))
+                     str(t.steps), f"{hours[t.trial_id]:.2g}" if t.runnable else "-", resources, status))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     lines.insert(0, f"sweep {g.name}: {len(g.models)} models x {len(g.methods.cells())} method settings x "
                     f"{len(g.budgets)} budgets; resources for "
                     + (f"{plan.gpus_available} GPUs per node" if plan.gpus_available else "a CPU-only cluster"))
     lines.append(f"{len(plan.trials)} trials: {len(plan.runnable)} runnable, {len(plan.skipped)} skipped; "
-                 f"{sci(plan.total_flops)} FLOP planned (runnable trials)")
+                 f"{sci(plan.total_flops)} FLOP planned (runnable trials); about "
+                 f"{sum(hours[t.trial_id] for t in plan.runnable):.3g} {name}-hours at {mfu:.0%} MFU "
+                 f"({peak / 1e12:.0f} TFLOP/s bf16 peak; hours: per trial, recomputation included)")
     if adaptive:
         from core.strategy import TYPICAL_FLOP_FRACTION
 

@@ -295,6 +295,11 @@ def ray_session(address: str | None):
         yield _gpus_per_node(ray)
         return
     common = dict(include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level="WARNING")
+    # Ray (2.60) warns at every start whether its token authentication is on or off (on when ~/.ray/auth_token
+    # exists and RAY_AUTH_MODE is unset): the user did not ask; auth itself is unchanged (README, deploy/).
+    import logging
+
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     for key, value in TRIAL_PROCESS_ENV.items():  # the embedded Ray's workers inherit the raylet's environment
         os.environ.setdefault(key, value)
     if address:  # a cluster's workers get them through the job's runtime environment

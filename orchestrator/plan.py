@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from core.errors import UserError
-from core.flops import NeoxShape, cost_per_token, param_counts, planned_steps, tokens_for_budget
+from core.flops import (NeoxShape, cost_per_token, param_counts, planned_steps, sequence_hardware_flops,
+                        tokens_for_budget)
 from core.models import model_shape, pythia_size
 from core.spec import TrialSpec
 from orchestrator.grid import Grid, Trial, expand
@@ -39,6 +40,7 @@ class PlannedTrial:
     planned_pairs: float
     steps: int  # optimizer steps
     planned_flops: float  # planned_tokens * cost_per_token <= budget_flops
+    hardware_flops: float  # estimated FLOP executed (recomputation included, padding not): device-hours in `plan`
     resources: Mapping[str, float]  # Ray resources of one trial: {"CPU": 1, "GPU": 0.25}
     deepspeed_gpus: int  # 0: plain PyTorch; k: DeepSpeed ZeRO over the k GPUs in `resources`
     skip_reason: str | None  # None: runnable
@@ -167,10 +169,20 @@ def plan_trial(trial: Trial, shape: NeoxShape, tokens_per_pair: float, train_pai
                                  planned_steps=steps),
         n_params=n, n_trainable=n_tr, cost_per_token=cost, planned_tokens=tokens, planned_pairs=pairs,
         steps=steps, planned_flops=tokens * cost, resources=resources, deepspeed_gpus=ds,
+        hardware_flops=tokens * hardware_flops_per_token(shape, spec, tokens_per_pair),
         skip_reason=skip_reason(pairs=pairs, steps=steps, min_steps=grid.plan.min_steps,
                                 train_pairs=train_pairs, max_epochs=grid.plan.max_epochs, method=spec.method,
                                 bias_params=shape.bias_params()),
     )
+
+
+def hardware_flops_per_token(shape: NeoxShape, spec: TrialSpec, tokens_per_pair: float) -> float:
+    """FLOP executed per real token of a trial (core.flops.sequence_hardware_flops at the mean text length, half
+    a pair; padding and the gradient cache's extra forward left out): what device-hours are estimated from."""
+    length = max(1, round(tokens_per_pair / 2))
+    return sequence_hardware_flops(shape, spec.method, length, lora_rank=spec.lora_rank,
+                                   trainable_fraction=spec.trainable_fraction, lora_targets=spec.lora_targets,
+                                   checkpointing=spec.gradient_checkpointing) / length
 
 
 def default_gpus(grid: Grid) -> int:

@@ -143,8 +143,10 @@ def autocast_for(precision: str, device: torch.device):
 
 
 def has_bf16(device: torch.device) -> bool:
+    """Native bf16 matmuls. On CUDA, emulation does not count (``is_bf16_supported()`` alone is True on T4 and V100,
+    which emulate bf16 far slower than fp32): 'auto' then trains in fp32."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()

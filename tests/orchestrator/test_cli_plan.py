@@ -276,3 +276,29 @@ def test_suite_list_and_build_for_real(tmp_path, capsys):
     assert cli.main(["suite", "list", "--out", str(tmp_path), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [(m["name"], m["n_params"]) for m in listed] == [(built[0].name, 100_096)]
+
+
+def test_plan_estimates_device_hours(capsys, monkeypatch):
+    """Device-hours per trial and in total, at an assumed MFU of a named device's bf16 peak: the paper's grid is
+    1.4e20 FLOP, ~98 H100-hours of paper FLOP at 40 %; executed FLOP add checkpointing's recomputation (a forward
+    again: 8N per token against 6N for full fine-tuning), so between 1.3x and 1.5x that; halving the MFU doubles it."""
+    import re
+
+    fake = types.ModuleType("workers.records")
+    fake.DataError = type("DataError", (ValueError,), {})
+    fake.count_pairs = fake.measure_tokens_per_pair = lambda uri, *a, **k: (_ for _ in ()).throw(
+        fake.DataError(f"{uri}: no network"))
+    monkeypatch.setitem(sys.modules, "workers.records", fake)
+
+    def total(*extra) -> float:
+        assert cli.main(["plan", PAPER, *extra]) == 0
+        out = capsys.readouterr().out
+        return float(re.search(r"about ([0-9.e+]+) [^;]*-hours at (\d+)% MFU", out).group(1))
+
+    paper_hours = 1.4e20 / (989e12 * 0.40) / 3600
+    h100 = total()
+    assert 1.3 * paper_hours < h100 < 1.5 * paper_hours
+    assert total("--mfu", "0.2") == pytest.approx(2 * h100, rel=0.01)
+    assert total("--device", "A100") == pytest.approx(h100 * 989 / 312, rel=0.01)
+    assert cli.main(["plan", PAPER, "--device", "T4"]) == 2  # emulated bf16 only: no peak to plan with
+    assert "--device T4" in capsys.readouterr().err

@@ -115,3 +115,17 @@ def test_mfu_by_hand_on_a_cpu_trial(tiny_model, pairs_file, eval_file):
     assert row["mfu"] == pytest.approx(row["hardware_flops"] / (row["train_s"] * peak), rel=1e-12)
     last = [r for e in events for r in e["rows"]][-1]
     assert 0 < last["mfu"] < 1 and 0 < row["mfu"] < 1
+
+
+def test_auto_precision_ignores_emulated_bf16(monkeypatch):
+    """A T4 / V100 reports bf16 "supported" by emulation only: 'auto' must not pick it (fp32 there)."""
+    calls = []
+
+    def t4(including_emulation: bool = True) -> bool:
+        calls.append(including_emulation)
+        return including_emulation  # emulated only
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", t4)
+    assert not steps_mod.has_bf16(torch.device("cuda", 0)) and calls == [False]
+    assert not steps_mod.uses_bf16("auto", torch.device("cuda", 0))
+    assert steps_mod.uses_bf16("bf16", torch.device("cuda", 0))  # asked for explicitly: the user's call
