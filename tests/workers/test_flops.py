@@ -74,7 +74,7 @@ METHODS = [("full", {}), ("freeze", {"trainable_fraction": 0.5}), ("bias", {}), 
 @pytest.mark.parametrize("method,kw", METHODS)
 @pytest.mark.parametrize("checkpointing,chunk", [(False, None), (True, None), (True, 4)])
 def test_hardware_flops_match_torch_flop_counter(method, kw, checkpointing, chunk):
-    """One training step of a Pythia-14m-shaped model (eager attention): our count within 1 % of torch's."""
+    """One training step of a Pythia-14m-shaped model (eager attention): our count equals torch's (within 0.1 %)'s."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModel, GPTNeoXConfig
@@ -109,4 +109,4 @@ def test_hardware_flops_match_torch_flop_counter(method, kw, checkpointing, chun
         for n, t in step_shapes(batch, chunk))
     ratio = ours / counter.get_total_flops()
     print(f"{method} checkpointing={checkpointing} chunk={chunk}: ours/torch = {ratio:.4f}")
-    assert 0.99 <= ratio <= 1.01
+    assert abs(ratio - 1) < 1e-3  # exact up to float rounding: the lora_B recompute error was 0.4 %
