@@ -210,3 +210,16 @@ def test_surfaces_per_family_and_pooling_and_the_recipe_names_them(tmp_path):
     with open(summary["files"]["recipe_md"]) as f:
         text = f.read()
     assert "| family | pooling |" in text and "| llama | last |" in text
+
+
+def test_reports_name_local_models_by_their_last_path_part(tmp_path):
+    """findings.md and recipe.md name a local model (the suite's cache path) as recipe.md always did: its last path
+    part, never a machine path."""
+    trials = storegen.make_trials(slices={"full": (None,)}, models=tuple(storegen.PYTHIA)[:4], noise=0.002, seed=1)
+    trials["model"] = "/home/someone/.cache/repurpose/suite/c4e28/mini-" + trials["model"].str.split("/").str[-1]
+    uri = storegen.write_store(tmp_path, trials)
+    summary = write_fit_outputs(uri, str(tmp_path / "out"), n_boot=10)
+    for name in ("findings_md", "recipe_md"):
+        with open(summary["files"][name]) as f:
+            text = f.read()
+        assert "/home/someone" not in text and "| mini-pythia-" in text, name

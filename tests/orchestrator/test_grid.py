@@ -315,6 +315,17 @@ def test_bad_grid_is_one_line_naming_the_field(ws, dotted, value, expected):
     assert isinstance(e.value, UserError) and "\n" not in str(e.value)
 
 
+def test_a_misspelt_top_level_key_is_named_not_the_missing_one(ws):
+    """`modles:` for `models:`: pydantic reports both the unknown key and the now missing `models`; the user must
+    read the first (it said only "models: required" before)."""
+    g = base_grid()
+    g["modles"] = g.pop("models")
+    path = write_grid(ws, g)
+    with pytest.raises(GridError) as e:
+        load_grid(path)
+    assert str(e.value) == f"{path}: modles: unknown key (did you mean models?)"
+
+
 def test_an_explicit_lr_needs_no_pretraining_lr(ws):
     assert load(ws, models=["./nolr"], train__lr=1e-4).train.lr == 1e-4
 
