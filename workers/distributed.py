@@ -278,7 +278,7 @@ def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | N
     evaluation = evaluate()
     if output_dir and spec.save_model:
         _save_model(engine, tokenizer, output_dir, ranks, config)
-    _keep_weights(engine, spec, ranks)
+    _keep_weights(engine, spec, ranks, progress)
 
     # 5. report (rank 0) and the done marker, which replaces the checkpoints, once every rank is done
     dist.barrier()
@@ -287,7 +287,7 @@ def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | N
     return row
 
 
-def _keep_weights(engine, spec: TrialSpec, ranks) -> None:
+def _keep_weights(engine, spec: TrialSpec, ranks, progress) -> None:
     """Rank 0 keeps what trained (steps.keep_weights); under ZeRO-3 the trainable parameters are gathered first,
     a collective every rank enters (ZeRO 1/2 hold them whole on every rank: nothing to gather)."""
     if not steps.keeps_weights(spec):
@@ -297,7 +297,7 @@ def _keep_weights(engine, spec: TrialSpec, ranks) -> None:
     params = [p for p in engine.module.parameters() if p.requires_grad]
     with deepspeed.zero.GatheredParameters(params, enabled=any(hasattr(p, "ds_id") for p in params)):
         if ranks.rank == 0:
-            steps.keep_weights(engine.module, spec)
+            steps.keep_weights(engine.module, spec, progress)
     dist.barrier()
 
 

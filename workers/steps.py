@@ -490,15 +490,23 @@ def keeps_weights(spec: TrialSpec) -> bool:
     return spec.weights_uri is not None and spec.keep_weights == "trainable"
 
 
-def keep_weights(model, spec: TrialSpec) -> None:
+def keep_weights(model, spec: TrialSpec, progress: Progress) -> None:
     """A completed trial keeps what it trained (``spec.keep_weights`` trainable) at ``spec.weights_uri``, which the
     driver sets to ``<sweep>/models/<trial_id>`` (workers/weights.py: safetensors + a manifest written last).
     Called before the done marker: a trial killed in between saves again on resume and replaces the save
-    atomically, so the sweep holds each trial's weights exactly once."""
-    if keeps_weights(spec):
-        from workers.weights import save_trained
+    atomically, so the sweep holds each trial's weights exactly once. A save the store refuses (read-only, full,
+    unreachable) does not fail the trial, as a refused checkpoint does not: its reason says the weights were not
+    kept, and `export` says so too."""
+    if not keeps_weights(spec):
+        return
+    from workers.weights import save_trained
 
+    try:
         save_trained(model, spec.method, spec.weights_uri, base_model=spec.model)
+    except (OSError, storage.StorageError) as e:
+        problem = " ".join(str(e).split())[:200]
+        print(f"warning: trained weights not kept ({problem})", file=sys.stderr, flush=True)
+        progress.reason = "; ".join(filter(None, [progress.reason, f"weights not kept: {problem}"]))
 
 
 def finish(progress: Progress, rows: Reporter, evaluation: dict | None, started: float,

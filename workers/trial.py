@@ -95,7 +95,7 @@ def run_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | None = None
     if output_dir and spec.save_model:
         model.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)
-    steps.keep_weights(model, spec)  # before the done marker: a resumed trial saves again, once
+    steps.keep_weights(model, spec, progress)  # before the done marker: a resumed trial saves again, once
 
     # 5. report, and the done marker (counters and rows, no tensors) in place of the checkpoints
     return steps.finish(progress, rows, evaluation, started, checkpoint_uri)

@@ -144,8 +144,8 @@ CASES = [
          ("grid.yaml", "models[0]")),
     Case("model-without-config", lambda c: ["submit", c.grid(models=[c.model("m", None)])],
          ("grid.yaml", "models[0]", "no config.json")),
-    Case("model-not-neox", lambda c: ["submit", c.grid(models=[c.model("m", neox(model_type="llama"))])],
-         ("grid.yaml", "models[0]")),
+    Case("model-unsupported-family", lambda c: ["submit", c.grid(models=[c.model("m", neox(model_type="mamba"))])],
+         ("grid.yaml", "models[0]", "mamba")),
     Case("model-config-not-json", lambda c: ["submit", c.grid(models=[c.model("m", "{oops")])],
          ("grid.yaml", "models[0]", "config")),
     Case("lr-auto-unknown", lambda c: ["submit", c.grid(

@@ -48,7 +48,7 @@ def chain(seed: int) -> list[tuple[str, str, str | None]]:
 def test_driver_killed_at_seeded_moments(seed, make_grid, ray_env, tmp_path, fault_table):
     name = f"chain{seed}"
     grid = make_grid(name, methods={"full": {}, "bias": {}, "lora": {"rank": [4]}}, budgets=[5.0e9, 1.2e10],
-                     run={"checkpoint_every_s": 0.3, "max_concurrent_trials": 2})
+                     run={"checkpoint_every_s": 0.3, "max_concurrent_trials": 2, "report_every_s": 0})
     storage = str(tmp_path / "store")
     sweep_dir = os.path.join(storage, name)
     counts: dict[str, Counts] = {}

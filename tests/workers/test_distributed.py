@@ -578,3 +578,32 @@ def test_each_rank_takes_its_own_gpu_and_the_backend_follows_the_accelerator():
     assert rank_device(1, "cuda", cuda_available=True) == ("cuda:1", "nccl")
     assert rank_device(1, "cpu", cuda_available=True) == ("cpu", "gloo")
     assert rank_device(0, "", cuda_available=False) == ("cpu", "gloo")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_deepspeed_trial_equals_single_process_for_other_families(family, pairs_file, eval_file, tmp_path):
+    """The DeepSpeed recipe is family-generic: a Llama-shaped (GQA, SwiGLU, RMSNorm) and a Qwen3-shaped (q/k norms,
+    head_dim != hidden/heads) model train on 2 CPU ranks (gloo, ZeRO 2) exactly as on one process."""
+    from support import build_family_checkpoint, build_tokenizer, make_pairs
+
+    from workers.distributed import run_local
+    from workers.trial import run_trial
+
+    texts = [p["query"] + " " + p["pos"][0] for p in make_pairs(500, seed=3)]
+    model = build_family_checkpoint(tmp_path / family, family, build_tokenizer(tmp_path / "tok", texts))
+    spec = TrialSpec(model=model, method="lora", lora_rank=4, budget_flops=2e9, train_data=str(pairs_file),
+                     eval_data=str(eval_file), batch_size=16, precision="fp32", eval_pairs=32, num_threads=1,
+                     lr=1e-3, pooling="last")
+    ranks: list[dict] = []
+    row = run_local(spec, 2, report=ranks.append, timeout_s=600)
+    single: list[dict] = []
+    ref = run_trial(spec, report=single.append)
+    assert (row["steps"], row["tokens"], row["flops"]) == (ref["steps"], ref["tokens"], ref["flops"]) and ref["steps"] >= 3
+    got = upsert([r for e in ranks for r in e["rows"]])
+    want = upsert([r for e in single for r in e["rows"]])
+    for g, w in zip(got, want):
+        assert g["train_loss"] == pytest.approx(w["train_loss"], abs=1e-5), g["step"]
+    assert row["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-5)
+    assert row["ndcg_at_10"] == pytest.approx(ref["ndcg_at_10"], abs=1e-6)
