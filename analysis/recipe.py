@@ -140,7 +140,8 @@ def compute_recipe(fits: SurfaceFits, budget_flops: float, max_tokens: int | Non
         found = [r for s in fits.for_method(method)
                  if (r := best_in_slice(s, budget_flops, max_tokens, serve_tokens))]
         if not found:
-            refused[method] = f"{method}: no model affords one token at {budget_flops:.3g} FLOP"
+            serving = f" after serving {serve_tokens:.3g} tokens (2·N·T)" if serve_tokens else ""
+            refused[method] = f"{method}: no model affords one token at {budget_flops:.3g} FLOP{serving}"
             continue
         per_method[method] = min((c for c, _ in found), key=lambda c: c.predicted_loss)
         boots = [b for _, b in found if b is not None]

@@ -48,8 +48,21 @@ class ExportError(UserError):
     """An export that cannot be made; the message names what is wrong."""
 
 
+def quiet_model_loading() -> None:
+    """The CLI loads models in its own process here: no library noise the user did not ask for — transformers'
+    per-load progress bars, and DeepSpeed's "unable to detect [an accelerator]" warning, which its import (pulled
+    in by transformers' model loading through accelerate) prints on a machine without a GPU."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def export_command(args) -> int:
     """args: name, trial (or None), budget (or None), out, storage."""
+    quiet_model_loading()
     sweep = sweep_uri(args.storage, args.name)
     grid = read_grid(sweep, args.name)
     row = select_trial(read_trials(sweep), trial_id=args.trial, budget=args.budget,
