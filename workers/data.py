@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from core.spec import BATCHING
-from workers.records import (MAX_BAD_FRACTION, SHUFFLE_BUFFER, DataError, DataStats,  # noqa: F401 -- re-exports
+from workers.records import (MAX_BAD_FRACTION, SHUFFLE_BUFFER, BackgroundBatches, DataError, DataStats,  # noqa: F401
                              _shown, count_pairs, epoch_seed, iter_pairs, load_eval_pairs, make_encoder,
                              measure_tokens_per_pair, pad_id_of, resolve_files)
 
@@ -90,7 +90,7 @@ class _Stopped(Exception):
     """The consumer closed the stream."""
 
 
-class PairStream:
+class PairStream(BackgroundBatches):
     """Batches of tokenised pairs for one trial, produced on a background thread.
 
     The pair sequence is the passes over the data back to back (pass e shuffled with ``epoch_seed(seed, e)``),
@@ -256,18 +256,5 @@ class PairStream:
                 yield batch
         finally:
             self.close()
-
-    def close(self) -> None:
-        """Stop the producer thread and wait for it (it checks at every pair and every queue put)."""
-        self._stop.set()
-        thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=30)
-
-    def __enter__(self) -> "PairStream":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 

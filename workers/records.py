@@ -28,6 +28,7 @@ import json
 import os
 import random
 import re
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -402,3 +403,24 @@ def measure_tokens_per_pair(uri, tokenizer, max_length: int, sample: int = 1024)
     encode = make_encoder(tokenizer, max_length)
     q, d = encode([p[0] for p in pairs]), encode([p[1] for p in pairs])
     return (sum(map(len, q)) + sum(map(len, d))) / len(pairs)
+
+
+class BackgroundBatches:
+    """A batch iterator fed by a producer thread (``self._thread``, stopped through ``self._stop``): its
+    lifecycle, shared by PairStream and workers/token_cache.py's CachedPairs. ``close`` stops the producer and
+    waits for it (it checks at every pair and every queue put); a context manager."""
+
+    _thread: threading.Thread | None
+    _stop: threading.Event
+
+    def close(self) -> None:
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=30)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

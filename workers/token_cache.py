@@ -53,8 +53,9 @@ import numpy as np
 from core import storage
 from core.store import CACHE_DIR
 from core.uris import join
-from workers.records import (CHECK_EVERY, MAX_BAD_FRACTION, SHUFFLE_BUFFER, DataError, DataStats, _Bad, _one_line,
-                             _pair, _parse, _shown, _Source, epoch_seed, make_encoder, pad_id_of, resolve_files)
+from workers.records import (CHECK_EVERY, MAX_BAD_FRACTION, SHUFFLE_BUFFER, BackgroundBatches, DataError, DataStats,
+                             _Bad, _one_line, _pair, _parse, _shown, _Source, epoch_seed, make_encoder, pad_id_of,
+                             resolve_files)
 
 FORMAT_VERSION = 1
 SHARD_BYTES = 64 << 20  # JSONL bytes per shard (a compressed file is one shard)
@@ -737,7 +738,7 @@ class _Stopped(Exception):
     pass
 
 
-class CachedPairs:
+class CachedPairs(BackgroundBatches):
     """``PairStream``'s random batches from a token cache: the same pairs in the same order, padded the same, for
     the same seed and batch size (only ``batching="random"``: length buckets stay on the raw path).
 
@@ -898,18 +899,6 @@ class CachedPairs:
                 yield batch
         finally:
             self.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=30)
-
-    def __enter__(self) -> "CachedPairs":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def eval_batches(cache_uri: str, *, limit: int, batch_size: int, pooling_eos: int | None = None,
