@@ -315,6 +315,9 @@ def render_plan(plan, device=("H100 SXM", 989e12, ""), mfu: float = 0.40) -> str
                  f"{sci(plan.total_flops)} FLOP planned (runnable trials); about "
                  f"{sum(hours[t.trial_id] for t in plan.runnable):.3g} {name}-hours at {mfu:.0%} MFU "
                  f"({peak / 1e12:.0f} TFLOP/s bf16 peak; hours: per trial, recomputation included)")
+    per_pair = plan.data.tokens_per_pair  # measured once per tokenizer: the same text costs each family its own tokens
+    lines.append("tokens per pair (measured per tokenizer): " + ", ".join(
+        f"{model} {per_pair[model]:.1f}" for model in g.models if model in per_pair))
     if adaptive:
         from core.strategy import TYPICAL_FLOP_FRACTION
 

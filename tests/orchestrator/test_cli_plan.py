@@ -48,7 +48,8 @@ def test_plan_table(grid_file, capsys):
     lora = lines[5].split()[1:]
     assert lora[:6] + lora[7:] == ["./tiny", "lora", "r=8", "1.2e10", "1.2e4", "100", "CPU=1", "ok"]
     assert 0 < float(lora[6]) < 1e-6  # ~1e10 FLOP on an H100 at 40 %: tens of microseconds' worth of hours
-    assert lines[-1].startswith("4 trials: 3 runnable, 1 skipped; ") and "FLOP planned (runnable trials)" in lines[-1]
+    assert lines[-2].startswith("4 trials: 3 runnable, 1 skipped; ") and "FLOP planned (runnable trials)" in lines[-2]
+    assert lines[-1] == "tokens per pair (measured per tokenizer): ./tiny 30.0"  # plan.tokens_per_pair: 30
     assert err == ""
 
 
