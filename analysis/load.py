@@ -17,7 +17,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from core.storage import StorageError, resolve
+from fsio import StorageError, resolve
 from core.store import REQUIRED_METRIC_COLUMNS, REQUIRED_TRIAL_COLUMNS, StoreError, data_cap_tokens
 
 from .schema import (
@@ -32,7 +32,7 @@ from .schema import (
 
 
 def open_uri(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a ``scheme://`` URI: core.storage.resolve (the project's
+    """(filesystem, path inside it) for a local path or a ``scheme://`` URI: fsio.resolve (the project's
     one URI -> filesystem function, with its credential check) with a StoreError for the reader."""
     try:
         fs, path = resolve(str(uri))

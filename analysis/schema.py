@@ -2,7 +2,7 @@
 orchestrator/store.py, builds the same schemas from them)."""
 from __future__ import annotations
 
-from core.storage import arrow_schema
+from fsio import arrow_schema
 from core.store import (COMPLETED, CONTRACT_METRIC_COLUMNS, CONTRACT_TRIAL_COLUMNS, GRID_FILE, METRIC_COLUMNS,
                         METRIC_NAMES, METRICS_DIR, TRIAL_COLUMNS, TRIAL_NAMES, TRIAL_STATUSES, TRIALS_FILE)
 

@@ -1,7 +1,7 @@
 """The store's layout (docs/reference.md "The store"): where each file lives and what its columns are called.
 
 The writer (orchestrator/store.py) and the readers (analysis/load.py, status) import these names; the Arrow
-types live beside them as plain strings, turned into a pyarrow schema by ``core.storage.arrow_schema`` where
+types live beside them as plain strings, turned into a pyarrow schema by ``fsio.arrow_schema`` where
 pyarrow is loaded anyway. A row with a key that is not a column is refused on write (a misspelt key would
 otherwise become a silent null column).
 
@@ -101,20 +101,6 @@ def model_uri_for_checkpoint(checkpoint: str) -> str:
     return model_uri(sweep, trial_id)
 
 
-def kept_weights_bytes(sweep: str) -> dict[str, int]:
-    """{trial_id: bytes} of every finished save under ``<sweep>/models/`` (one listing; `status` shows them)."""
-    from core import storage
-
-    sizes, finished = {}, set()
-    for rel, size in storage.file_sizes(join(sweep, MODELS_DIR)).items():
-        parts = rel.split("/")
-        if len(parts) != 2 or parts[1].startswith(".tmp-"):
-            continue
-        finished.update([parts[0]] if parts[1] == MODEL_MANIFEST else [])
-        sizes[parts[0]] = sizes.get(parts[0], 0) + size
-    return {t: sizes[t] for t in sorted(finished)}
-
-
 def data_cap_tokens(data: dict | None, model: str | None = None) -> int | None:
     """The one data cap (grid.yaml's ``data``, written by the driver from the planner's measurement): the real
     tokens ``max_epochs`` passes over the training pairs hold, for ``model``'s tokenizer (None: the largest over
@@ -127,7 +113,7 @@ def data_cap_tokens(data: dict | None, model: str | None = None) -> int | None:
     return int(pairs * tokens_per_pair * data.get("max_epochs", 1.0))
 
 # The live driver's claim on a sweep (orchestrator/lease.py): JSON {host, pid, started_at, heartbeat_at, expiry_s,
-# token}, created only if absent and renewed only by compare-and-swap (core/storage.py "conditional writes").
+# token}, created only if absent and renewed only by compare-and-swap (fsio/__init__.py "conditional writes").
 LEASE_FILE = "lease"
 
 # Storage-wide, beside the sweeps (sweep names never start with "_"): content-addressed token caches shared by

@@ -3,7 +3,7 @@
 Credentials come from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS,
 an instance role), never from a URI: a URI is printed, logged, kept in the store's grid and handed to every
 worker, so one that carries a secret (``s3://KEY:SECRET@bucket``, ``?secret_key=``) is refused, and the
-refusal shows it with the secret masked (``redact``). I/O on a URI is core/storage.py's.
+refusal shows it with the secret masked (``redact``). I/O on a URI is the fsio package's.
 """
 from __future__ import annotations
 

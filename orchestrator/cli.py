@@ -141,7 +141,7 @@ def _gpu_count(text: str) -> int:
 
 def _storage_uri(text: str) -> str:
     """A store URI without credentials in it (they belong in the environment; the error masks them)."""
-    from core.storage import StorageError, check_no_credentials
+    from fsio import StorageError, check_no_credentials
 
     try:
         return check_no_credentials(text)

@@ -11,7 +11,7 @@ once): then it takes the lease over, with one line saying so; ``--takeover`` tak
 look at it.
 
 Two drivers can never both win: the lease is created only if absent and replaced only if unchanged since it was
-read (``core.storage.create_exclusive`` / ``replace_if``: link(2) and an flock'ed compare-and-swap locally,
+read (``fsio.create_exclusive`` / ``replace_if``: link(2) and an flock'ed compare-and-swap locally,
 ``If-None-Match: *`` / ``If-Match`` on S3, generation preconditions on GCS). A background thread renews the
 heartbeat every ``renew_every_s`` by the same compare-and-swap; when the lease no longer carries this driver's
 token (another driver took it over), or it could not be renewed for ``expiry_s``, the lease is lost: the
@@ -37,7 +37,7 @@ import threading
 import time
 import uuid
 
-from core import storage
+import fsio as storage
 from core.errors import UserError
 from core.store import LEASE_FILE, StoreError
 from core.uris import join, redact

@@ -3,7 +3,7 @@
 safetensors + JSON). No pickle anywhere.
 
 Exactly once: a trial's metric file always holds the trial's rows keyed by step, and every write replaces
-the whole file atomically (``core.storage.write_bytes``: temp + rename, or an object PUT). An event's
+the whole file atomically (``fsio.write_bytes``: temp + rename, or an object PUT). An event's
 rows supersede the stored rows from their first step on, and the first event after a worker resumes
 carries the whole history up to its checkpoint, so rows written past a checkpoint by a run that later
 died are replaced, never duplicated, and rows not yet flushed when the driver died come back with the
@@ -28,9 +28,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from core import storage
+import fsio as storage
 from core.store import (GRID_FILE, LEASE_FILE, METRIC_COLUMNS, METRICS_DIR, TRIAL_COLUMNS, TRIALS_FILE,
-                        StoreError, checkpoint_uri, kept_weights_bytes, metrics_uri, model_uri, sweep_uri)
+                        StoreError, checkpoint_uri, metrics_uri, model_uri, sweep_uri)
 from orchestrator.lease import LeaseLost
 
 TRIALS_SCHEMA = storage.arrow_schema(TRIAL_COLUMNS)
@@ -99,7 +99,7 @@ class Store:
 
     def kept_weights_bytes(self) -> dict[str, int]:
         """{trial_id: bytes} of the completed trials' kept weights (`status` shows their total)."""
-        return self._try(lambda: kept_weights_bytes(self.uri), "read")
+        return self._try(lambda: storage.kept_weights_bytes(self.uri), "read")
 
     def model_uri(self, trial_id: str) -> str:
         """Where a completed trial keeps its trained weights (``run.keep_weights``)."""

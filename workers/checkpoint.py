@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from core import storage
+import fsio as storage
 
 
 def save(uri: str, step: int, tensors: dict[str, torch.Tensor], state: dict, *, keep_previous: bool = True) -> None:

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from core import storage
+import fsio as storage
 from core.flops import NeoxShape
 from core.spec import DeepSpeedConfigError, TrialSpec, parse_deepspeed_override  # noqa: F401 (re-exported)
 from workers import checkpoint, steps, zero_checkpoint

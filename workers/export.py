@@ -31,7 +31,7 @@ import shutil
 import sys
 import tempfile
 
-from core import storage
+import fsio as storage
 from core.errors import UserError
 from core.spec import default
 from core.store import COMPLETED, GRID_FILE, TRIALS_FILE, StoreError, sweep_uri

@@ -7,7 +7,7 @@ pyarrow, ``core`` and the standard library, and, when it encodes, ``tokenizers``
 
 Data: BAAI BGE JSONL lines ``{"query": str, "pos": [str, ...], "neg": [...]}``; only ``pos[0]`` is used,
 no hard negatives (PAPER.md, "Training recipe"). Parquet files with the same columns work too. A source is a
-local path, a directory, a glob or an ``s3://`` / ``gs://`` URI, opened with ``core.storage.resolve`` (the
+local path, a directory, a glob or an ``s3://`` / ``gs://`` URI, opened with ``fsio.resolve`` (the
 project's one URI -> filesystem function: it refuses credentials in a URI, and through
 ``pyarrow.fs.FileSystem.from_uri`` honours ``AWS_ENDPOINT_URL_S3`` -- pyarrow 26, apache/arrow#49643 -- and
 ``?endpoint_override=...``). Files are streamed: JSONL line by line, Parquet by ``iter_batches``; ``.gz`` /
@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from core import storage
+import fsio as storage
 from core.errors import UserError
 
 SHUFFLE_BUFFER = 16384  # pairs held for the streaming shuffle
@@ -113,7 +113,7 @@ def _glob_match(path: str, pattern: str) -> bool:
 
 
 def _filesystem(uri: str) -> tuple[pafs.FileSystem, str, Callable[[str], str]]:
-    """(filesystem, path inside it, path -> display name), through ``core.storage.resolve``."""
+    """(filesystem, path inside it, path -> display name), through ``fsio.resolve``."""
     fs, path = storage.resolve(uri)  # StorageError (a UserError) for credentials or an unopenable store
     if storage.is_remote(uri):
         scheme = uri.split("://", 1)[0]

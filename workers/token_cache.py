@@ -18,7 +18,7 @@ tokenizer.json (sha256), max_length, the shard size and FORMAT_VERSION: same dat
 
 Building (``build``) runs one Ray Data task per shard across the cluster's CPUs (a local Ray, its own temp dir,
 loopback only, when none is initialised). Resumable: a shard is written whole under its final name (temp +
-rename, core.storage.write_bytes), a rebuild skips the shards present, the manifest comes last; shards are
+rename, fsio.write_bytes), a rebuild skips the shards present, the manifest comes last; shards are
 deterministic, so a resumed cache is byte-identical to an uninterrupted one, and two builders of one key write
 the same bytes. No torch: the driver (``repurpose prepare``, ``submit``) builds it.
 
@@ -50,7 +50,7 @@ from typing import Iterator
 
 import numpy as np
 
-from core import storage
+import fsio as storage
 from core.store import CACHE_DIR
 from core.uris import join
 from workers.records import (CHECK_EVERY, MAX_BAD_FRACTION, SHUFFLE_BUFFER, BackgroundBatches, DataError, DataStats,
@@ -460,7 +460,7 @@ def build(uri: str, inputs: dict, tokenizer, *, train_uri: str, eval_uri: str | 
 
 
 def _remove_temps(uri: str, splits: list[str]) -> None:
-    """Temp files of writers killed mid-write (core.storage.write_bytes names them .tmp-*)."""
+    """Temp files of writers killed mid-write (fsio.write_bytes names them .tmp-*)."""
     for split in splits:
         for name in storage.list_dir(join(uri, split)):
             if name.startswith(".tmp-"):

@@ -12,12 +12,12 @@ Layout: ``manifest.json`` and ``weights-<sha256[:16]>.safetensors``. The weights
 written first; the manifest (method, tensor file, its size and sha256, the peft config) is written last and is the
 only thing a reader trusts: a directory without its manifest is a save that did not finish (ignored by readers and
 by ``stored_bytes``), and one whose weights file does not match its manifest is refused. Each file is written whole
-by core.storage (temp + rename locally, one PUT on object stores), so saving again (a trial resumed after it saved
+by fsio (temp + rename locally, one PUT on object stores), so saving again (a trial resumed after it saved
 but before the driver heard it was done) replaces the manifest atomically, then removes the weights it no longer
 names: readers see the old save or the new one, never half of either.
 
 torch, safetensors and peft are imported inside the functions that use them. The layout's names (``model_uri``,
-the manifest's name) and the byte count `status` shows (``kept_weights_bytes``) are core/store.py's.
+the manifest's name) are core/store.py's, the byte count `status` shows is fsio.kept_weights_bytes.
 """
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ import hashlib
 import json
 import time
 
-from core import storage
+import fsio as storage
 from core.errors import UserError
 from core.spec import METHODS
-from core.store import MODEL_MANIFEST, kept_weights_bytes, model_uri, model_uri_for_checkpoint  # noqa: F401
+from core.store import MODEL_MANIFEST, model_uri, model_uri_for_checkpoint  # noqa: F401
 
 MANIFEST = MODEL_MANIFEST
 FORMAT = "repurpose-trained-weights/1"
@@ -170,8 +170,8 @@ def _merge_lora(model, tensors: dict, config: dict, uri: str):
 
 # --- sizes (for `status`) -----------------------------------------------------------------------------------
 def stored_bytes(sweep: str) -> dict[str, int]:
-    """{trial_id: bytes} of every finished save under ``<sweep>/models/`` (core.store.kept_weights_bytes)."""
-    return kept_weights_bytes(sweep)
+    """{trial_id: bytes} of every finished save under ``<sweep>/models/`` (fsio.kept_weights_bytes)."""
+    return storage.kept_weights_bytes(sweep)
 
 
 def total_bytes(sweep: str) -> int:

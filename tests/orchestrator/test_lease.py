@@ -18,7 +18,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from core import storage
+import fsio as storage
 from orchestrator.lease import EXPIRY_ENV, Holder, Lease, LeaseHeld, LeaseLost
 from orchestrator.store import Recorder, Store
 

@@ -24,7 +24,7 @@ import os
 import pytest
 import torch
 
-from core import storage
+import fsio as storage
 from workers import checkpoint
 from core.spec import TrialSpec
 

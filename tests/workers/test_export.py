@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import yaml
 
 from core.spec import LORA_TARGETS
-from core.storage import arrow_schema
+from fsio import arrow_schema
 from core.store import TRIAL_COLUMNS
 from orchestrator.cli import main
 from workers.export import ExportError, select_trial

@@ -1,17 +1,19 @@
-"""Local paths and object stores (s3://, gs://) behind one small API, through pyarrow filesystems.
+"""Local paths and object stores (s3://, gs://) behind one small API, through pyarrow filesystems: the project's
+I/O layer, used by the driver's store writer, the workers (checkpoints, kept weights, the token cache) and the
+analysis' readers. Its own package beside ``core`` (which stays free of pyarrow): URIs themselves (parsing,
+credentials, redaction) are core/uris.py's, the store's layout core/store.py's. pyarrow is loaded when a
+function first runs, so ``import fsio`` stays cheap for the light commands.
 
-The one module of ``core`` that does I/O. pyarrow is taken when a function runs (``_pafs``), never at import:
-the driver's and the analysis' light paths import ``core`` without it.
-
-Writes are atomic: a reader sees the old object or the new one, never half of one (temp + rename
-locally; on object stores a PUT is atomic, and we write a temp key and move it for the same shape).
-URIs (parsing, credentials, redaction) are core/uris.py's.
+Writes are atomic: a reader sees the old object or the new one, never half of one (temp + rename locally; on object
+stores a PUT is atomic, and we write a temp key and move it for the same shape). The lease's conditional writes
+(create-if-absent, replace-if-unchanged) are at the end.
 """
 from __future__ import annotations
 
 import os
 import uuid
 
+from core.store import MODEL_MANIFEST, MODELS_DIR
 from core.uris import SCHEMES, StorageError, check_no_credentials, checked, is_remote, join, local_path, redact
 
 __all__ = ["SCHEMES", "StorageError", "check_no_credentials", "delete", "exists", "is_remote", "join", "list_dir",
@@ -273,3 +275,15 @@ def _gcs_conditional(uri: str, op: str, data: bytes | None = None, generation: i
         return False
     except gexc.GoogleAPIError as e:
         raise StorageError(f"{redact(uri)}: cannot {op} ({' '.join(str(e).split())[:200]})") from None
+
+
+def kept_weights_bytes(sweep: str) -> dict[str, int]:
+    """{trial_id: bytes} of every finished save under ``<sweep>/models/`` (one listing; `status` shows them)."""
+    sizes, finished = {}, set()
+    for rel, size in file_sizes(join(sweep, MODELS_DIR)).items():
+        parts = rel.split("/")
+        if len(parts) != 2 or parts[1].startswith(".tmp-"):
+            continue
+        finished.update([parts[0]] if parts[1] == MODEL_MANIFEST else [])
+        sizes[parts[0]] = sizes.get(parts[0], 0) + size
+    return {t: sizes[t] for t in sorted(finished)}
