@@ -24,13 +24,13 @@ import queue
 import random
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from core.spec import BATCHING
-from workers.records import (MAX_BAD_FRACTION, SHUFFLE_BUFFER, BackgroundBatches, DataError, DataStats,  # noqa: F401
+from workers.records import (MAX_BAD_FRACTION, SHUFFLE_BUFFER, BackgroundBatches, DataError, DataStats, Stopped,  # noqa: F401
                              _shown, count_pairs, epoch_seed, iter_pairs, load_eval_pairs, make_encoder,
                              measure_tokens_per_pair, pad_id_of, resolve_files)
 
@@ -84,10 +84,6 @@ def collate(q: list[list[int]], d: list[list[int]], pad_id: int, index: int) -> 
 
 # --------------------------------------------------------------------------------------------------------
 # The stream
-
-
-class _Stopped(Exception):
-    """The consumer closed the stream."""
 
 
 class PairStream(BackgroundBatches):
@@ -150,7 +146,7 @@ class PairStream(BackgroundBatches):
         try:
             for pair in pairs:
                 if self._stop.is_set():
-                    raise _Stopped
+                    raise Stopped
                 yield pair
         finally:
             pairs.close()
@@ -201,26 +197,6 @@ class PairStream(BackgroundBatches):
                 index += 1
         return index
 
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _produce(self) -> None:
-        try:
-            for item in self._batches():
-                if not self._put(("batch", item)):
-                    return
-            self._put(("end", self._epochs_done))
-        except _Stopped:
-            pass
-        except BaseException as e:  # noqa: BLE001 -- re-raised in the consumer
-            self._put(("error", e))
-
     # -- consumer --
 
     def __iter__(self) -> Iterator[Batch]:
@@ -228,33 +204,10 @@ class PairStream(BackgroundBatches):
             raise RuntimeError("PairStream: already iterating; close() it first")
         self.stats.reset()
         self._stop.clear()
-        self._queue = queue.Queue(maxsize=self.prefetch)
         self._epochs_done = 0
-        self._thread = threading.Thread(target=self._produce, name=f"PairStream-{id(self):x}", daemon=True)
-        self._thread.start()
-        return self._consume()
+        return self._start(self.prefetch, "PairStream")
 
-    def _consume(self) -> Iterator[Batch]:
-        try:
-            while True:
-                try:
-                    kind, item = self._queue.get(timeout=0.1)
-                except queue.Empty:
-                    if self._stop.is_set():
-                        return
-                    continue
-                if kind == "error":
-                    raise item
-                if kind == "end":
-                    self.stats.epochs_completed = item
-                    return
-                batch, epochs = item
-                s = self.stats
-                s.batches, s.pairs, s.epochs_completed = s.batches + 1, s.pairs + len(batch), epochs
-                s.real_tokens += batch.real_tokens
-                s.padded_tokens += batch.padded_tokens
-                yield batch
-        finally:
-            self.close()
+    def _passes_done(self) -> int:
+        return self._epochs_done
 
 

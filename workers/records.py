@@ -28,6 +28,7 @@ import json
 import os
 import random
 import re
+import queue
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -405,13 +406,80 @@ def measure_tokens_per_pair(uri, tokenizer, max_length: int, sample: int = 1024)
     return (sum(map(len, q)) + sum(map(len, d))) / len(pairs)
 
 
+class Stopped(Exception):
+    """Raised inside a producer's ``_batches`` when ``close`` asked it to stop."""
+
+
 class BackgroundBatches:
-    """A batch iterator fed by a producer thread (``self._thread``, stopped through ``self._stop``): its
-    lifecycle, shared by PairStream and workers/token_cache.py's CachedPairs. ``close`` stops the producer and
-    waits for it (it checks at every pair and every queue put); a context manager."""
+    """A batch iterator fed by a producer thread, shared by PairStream (workers/data.py) and workers/token_cache.py's
+    CachedPairs: the producer runs the subclass's ``_batches()`` (``(batch, passes done)`` pairs) into a bounded
+    queue, the consumer yields them and counts them in ``self.stats``; an error in the producer is re-raised in the
+    consumer. ``close`` stops the producer and waits for it (it checks at every pair and every queue put); a
+    context manager."""
 
     _thread: threading.Thread | None
     _stop: threading.Event
+    stats: DataStats
+
+    def _batches(self):
+        raise NotImplementedError
+
+    def _passes_done(self) -> int:
+        """What ``stats.epochs_completed`` says once the producer ran out."""
+        raise NotImplementedError
+
+    def _start(self, prefetch: int, name: str):
+        """Starts the producer; returns the consumer's iterator."""
+        self._queue = queue.Queue(maxsize=prefetch)
+        self._thread = threading.Thread(target=self._produce, name=f"{name}-{id(self):x}", daemon=True)
+        self._thread.start()
+        return self._consume()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            for item in self._batches():
+                if not self._put(("batch", item)):
+                    return
+            self._put(("end", self._passes_done()))
+        except Stopped:
+            pass
+        except BaseException as e:  # noqa: BLE001 -- re-raised in the consumer
+            self._put(("error", e))
+
+    def _consume(self):
+        try:
+            while True:
+                try:
+                    kind, item = self._queue.get(timeout=0.1)
+                except queue.Empty:
+                    if self._stop.is_set():
+                        return
+                    continue
+                if kind == "error":
+                    raise item
+                if kind == "end":
+                    self.stats.epochs_completed = item
+                    return
+                batch, epochs = item
+                self._count(batch, epochs)
+                yield batch
+        finally:
+            self.close()
+
+    def _count(self, batch, epochs: int) -> None:
+        s = self.stats
+        s.batches, s.pairs, s.epochs_completed = s.batches + 1, s.pairs + len(batch), epochs
+        s.real_tokens += batch.real_tokens
+        s.padded_tokens += batch.padded_tokens
 
     def close(self) -> None:
         self._stop.set()

@@ -54,8 +54,8 @@ import fsio as storage
 from core.store import CACHE_DIR
 from core.uris import join
 from workers.records import (CHECK_EVERY, MAX_BAD_FRACTION, SHUFFLE_BUFFER, BackgroundBatches, DataError, DataStats,
-                             _Bad, _one_line, _pair, _parse, _shown, _Source, epoch_seed, make_encoder, pad_id_of,
-                             resolve_files)
+                             Stopped, _Bad, _one_line, _pair, _parse, _shown, _Source, epoch_seed, make_encoder,
+                             pad_id_of, resolve_files)
 
 FORMAT_VERSION = 1
 SHARD_BYTES = 64 << 20  # JSONL bytes per shard (a compressed file is one shard)
@@ -734,10 +734,6 @@ def collate_rows(rows_reader: _Rows, rows: np.ndarray, index: int, pad_id: int, 
                  index, real, q_ids.size + d_ids.size)
 
 
-class _Stopped(Exception):
-    pass
-
-
 class CachedPairs(BackgroundBatches):
     """``PairStream``'s random batches from a token cache: the same pairs in the same order, padded the same, for
     the same seed and batch size (only ``batching="random"``: length buckets stay on the raw path).
@@ -821,7 +817,7 @@ class CachedPairs(BackgroundBatches):
             while len(pending) < bsz:
                 pending = np.concatenate([pending, next(sequence)])
             if self._stop.is_set():
-                raise _Stopped
+                raise Stopped
             batch_rows, pending = pending[:bsz], pending[bsz:]
             end = (k + 1) * bsz
             # passes completed when the raw producer drew this batch (PairStream._pairs: a pass counts as done
@@ -831,28 +827,6 @@ class CachedPairs(BackgroundBatches):
         n_passes = whole + (total > whole * n) + (1 if whole == 0 else 0)
         self._count_read(n_passes, total)
 
-    # -- the thread and the consumer: PairStream's --
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _produce(self) -> None:
-        try:
-            for item in self._batches():
-                if not self._put(("batch", item)):
-                    return
-            self._put(("end", int(self.max_epochs)))
-        except _Stopped:
-            pass
-        except BaseException as e:  # noqa: BLE001 -- re-raised in the consumer
-            self._put(("error", e))
-
     def __iter__(self):
         if self._thread is not None:
             raise RuntimeError("CachedPairs: already iterating; close() it first")
@@ -860,45 +834,19 @@ class CachedPairs(BackgroundBatches):
         self._stop.clear()
         if self.prefetch == 0:
             return self._inline()
-        self._queue = queue.Queue(maxsize=self.prefetch)
-        self._thread = threading.Thread(target=self._produce, name=f"CachedPairs-{id(self):x}", daemon=True)
-        self._thread.start()
-        return self._consume()
+        return self._start(self.prefetch, "CachedPairs")
+
+    def _passes_done(self) -> int:
+        return int(self.max_epochs)
 
     def _inline(self):
         try:
             for batch, epochs in self._batches():
                 self._count(batch, epochs)
                 yield batch
-            self.stats.epochs_completed = int(self.max_epochs)
-        except _Stopped:
+            self.stats.epochs_completed = self._passes_done()
+        except Stopped:
             return
-
-    def _count(self, batch, epochs: int) -> None:
-        s = self.stats
-        s.batches, s.pairs, s.epochs_completed = s.batches + 1, s.pairs + len(batch), epochs
-        s.real_tokens += batch.real_tokens
-        s.padded_tokens += batch.padded_tokens
-
-    def _consume(self):
-        try:
-            while True:
-                try:
-                    kind, item = self._queue.get(timeout=0.1)
-                except queue.Empty:
-                    if self._stop.is_set():
-                        return
-                    continue
-                if kind == "error":
-                    raise item
-                if kind == "end":
-                    self.stats.epochs_completed = item
-                    return
-                batch, epochs = item
-                self._count(batch, epochs)
-                yield batch
-        finally:
-            self.close()
 
 
 def eval_batches(cache_uri: str, *, limit: int, batch_size: int, pooling_eos: int | None = None,
