@@ -236,19 +236,30 @@ class _Bad(str):
 def _jsonl_records(src: _Source) -> Iterator[tuple[int, object]]:
     """(line number, parsed object or _Bad reason) per non-blank line, streamed."""
     with src.fs.open_input_stream(src.path, compression="detect" if src.compressed else None) as f:
-        rest, line_no = b"", 0
-        while True:
-            chunk = f.read(_READ_CHUNK)
-            if not chunk:
-                break
-            lines = (rest + chunk).split(b"\n")
-            rest = lines.pop()
-            for line in lines:
-                line_no += 1
-                if line.strip():
-                    yield line_no, _parse(line)
-        if rest.strip():
-            yield line_no + 1, _parse(rest)
+        yield from jsonl_lines(f)
+
+
+def jsonl_lines(f, limit: int | None = None, tally: dict | None = None) -> Iterator[tuple[int, object]]:
+    """(line number, parsed object or _Bad reason) per non-blank line of an open file, read in chunks; ``limit``:
+    bytes to read at most (a shard's range: workers/token_cache.py); ``tally["lines"]``: the newline-ended lines
+    read, set once the file is exhausted."""
+    rest, line_no = b"", 0
+    while limit is None or limit > 0:
+        chunk = f.read(_READ_CHUNK if limit is None else min(_READ_CHUNK, limit))
+        if not chunk:
+            break
+        if limit is not None:
+            limit -= len(chunk)
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            line_no += 1
+            if line.strip():
+                yield line_no, _parse(line)
+    if rest.strip():
+        yield line_no + 1, _parse(rest)
+    if tally is not None:
+        tally["lines"] = line_no
 
 
 def _parse(line: bytes):

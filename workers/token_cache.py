@@ -54,8 +54,8 @@ import fsio as storage
 from core.store import CACHE_DIR
 from core.uris import join
 from workers.records import (CHECK_EVERY, MAX_BAD_FRACTION, SHUFFLE_BUFFER, BackgroundBatches, DataError, DataStats,
-                             Stopped, _Bad, _one_line, _pair, _parse, _shown, _Source, epoch_seed, make_encoder,
-                             pad_id_of, resolve_files)
+                             Stopped, _Bad, _one_line, _pair, _shown, _Source, epoch_seed, jsonl_lines,
+                             make_encoder, pad_id_of, resolve_files)
 
 FORMAT_VERSION = 1
 SHARD_BYTES = 64 << 20  # JSONL bytes per shard (a compressed file is one shard)
@@ -235,22 +235,9 @@ def _records(task: dict) -> Iterator[tuple[int, object]]:
         stream.seek(task["start"])
         left = task["stop"] - task["start"]
     with stream as f:
-        rest, line_no = b"", 0
-        while left is None or left > 0:
-            chunk = f.read(1 << 20 if left is None else min(1 << 20, left))
-            if not chunk:
-                break
-            if left is not None:
-                left -= len(chunk)
-            lines = (rest + chunk).split(b"\n")
-            rest = lines.pop()
-            for line in lines:
-                line_no += 1
-                if line.strip():
-                    yield line_no, _parse(line)
-        if rest.strip():
-            yield line_no + 1, _parse(rest)
-        task["_physical"] = line_no  # newline-ended lines: the next shard's line numbers start after them
+        tally: dict = {}
+        yield from jsonl_lines(f, left, tally)
+        task["_physical"] = tally["lines"]  # newline-ended lines: the next shard's line numbers start after them
 
 
 _TOKENIZERS: dict[str, object] = {}  # per worker process: tokenizer.json text -> its encoder's Tokenizer
