@@ -2,6 +2,7 @@
 GPT-NeoX checkpoint. Nothing downloads: the tokenizer is trained here, the model is built from a config."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -93,3 +94,20 @@ def build_family_checkpoint(out_dir, family: str, tokenizer, seed: int = 0) -> s
     AutoModel.from_config(tiny_config(family)).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return str(out_dir)
+
+
+# --- the uninterrupted reference of a driver test's trial
+def clean_run(grid_path: str, trial_id: str) -> dict:
+    """The trial run in this process, from scratch, without checkpoints, single-threaded as on a 1-CPU worker."""
+    import torch
+
+    from orchestrator.grid import load_grid
+    from orchestrator.plan import plan_grid
+    from workers.trial import run_trial
+
+    (planned,) = [t for t in plan_grid(load_grid(grid_path), strict_data=True).trials if t.trial_id == trial_id]
+    threads = torch.get_num_threads()
+    try:
+        return run_trial(dataclasses.replace(planned.spec, num_threads=1))
+    finally:
+        torch.set_num_threads(threads)

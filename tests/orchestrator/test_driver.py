@@ -6,7 +6,6 @@ what is new; a failing trial is a row and exit code 1; bad input is one line, ex
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -21,8 +20,8 @@ import pytest
 import yaml
 
 from analysis.schema import METRICS_SCHEMA, TRIALS_SCHEMA
-
 from raykit import wait_for
+from support import clean_run
 
 ALL_METHODS = {"full": {}, "freeze": {"trainable_fraction": [0.5]}, "bias": {}, "lora": {"rank": [4]}}
 # The last step takes only the pairs that fit the budget and needs two of them (in-batch negatives): at most
@@ -219,22 +218,6 @@ def load_checkpoint_state(sweep_dir, trial_id: str) -> dict:
         name = f.read().strip()
     with open(os.path.join(ckpt_dir, name, "state.json")) as f:
         return json.load(f)["progress"]
-
-
-def clean_run(grid_path: str, trial_id: str) -> dict:
-    """The trial run in this process, from scratch, without checkpoints, single-threaded as on a 1-CPU worker."""
-    import torch
-
-    from orchestrator.grid import load_grid
-    from orchestrator.plan import plan_grid
-    from workers.trial import run_trial
-
-    (planned,) = [t for t in plan_grid(load_grid(grid_path), strict_data=True).trials if t.trial_id == trial_id]
-    threads = torch.get_num_threads()
-    try:
-        return run_trial(dataclasses.replace(planned.spec, num_threads=1))
-    finally:
-        torch.set_num_threads(threads)
 
 
 # --- (d) a trial that cannot train ---------------------------------------------------------------------------

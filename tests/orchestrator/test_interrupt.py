@@ -9,7 +9,6 @@ trial side knows nothing of the driver. SIGINT goes to the driver's process grou
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -21,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raykit import wait_for
+from support import clean_run
 
 LINE = re.compile(r"^interrupted: (\d+) trials saved at their last checkpoint, (\d+) pending; "
                   r"`repurpose resume (\S+)` continues$")
@@ -47,22 +47,6 @@ def running_with_checkpoint(sweep_dir) -> bool:
         if not progress["done"] and progress["step"] >= 2:
             return True
     return False
-
-
-def clean_run(grid_path: str, trial_id: str) -> dict:
-    """The trial run in this process from scratch, single-threaded as on a 1-CPU worker: the uninterrupted end."""
-    import torch
-
-    from orchestrator.grid import load_grid
-    from orchestrator.plan import plan_grid
-    from workers.trial import run_trial
-
-    (planned,) = [t for t in plan_grid(load_grid(grid_path), strict_data=True).trials if t.trial_id == trial_id]
-    threads = torch.get_num_threads()
-    try:
-        return run_trial(dataclasses.replace(planned.spec, num_threads=1))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def interrupt_grid(make_grid, name):
