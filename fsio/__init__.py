@@ -4,20 +4,36 @@ analysis' readers. Its own package beside ``core`` (which stays free of pyarrow)
 credentials, redaction) are core/uris.py's, the store's layout core/store.py's. pyarrow is loaded when a
 function first runs, so ``import fsio`` stays cheap for the light commands.
 
-Writes are atomic: a reader sees the old object or the new one, never half of one (temp + rename locally; on object
-stores a PUT is atomic, and we write a temp key and move it for the same shape). The lease's conditional writes
-(create-if-absent, replace-if-unchanged) are at the end.
+Writes are atomic: a reader sees the old object or the new one, never half of one, and a write that fails leaves
+nothing behind (``open_write``). Locally: a temp file renamed into place. On S3 the final key is written directly:
+a PutObject, or a multipart upload that only its CompleteMultipartUpload makes visible, aborted on failure. Not a
+temp key moved into place: a move is a CopyObject, refused above 5 GiB, and a full fine-tune's checkpoint is
+larger. Not pyarrow's S3 stream either: closing it completes the upload, also when the block around it raised,
+and a partial object appears. On GCS a temp object moved into place (pyarrow's move is a rewrite, not capped).
+The lease's conditional writes (create-if-absent, replace-if-unchanged) are at the end.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from collections import deque
 
 from core.store import MODEL_MANIFEST, MODELS_DIR
 from core.uris import SCHEMES, StorageError, check_no_credentials, checked, is_remote, join, local_path, redact
 
 __all__ = ["SCHEMES", "StorageError", "check_no_credentials", "delete", "exists", "is_remote", "join", "list_dir",
-           "read_bytes", "redact", "resolve", "write_bytes"]
+           "open_read", "open_write", "read_bytes", "redact", "resolve", "write_bytes"]
+
+# S3's multipart limits (https://docs.aws.amazon.com/AmazonS3/latest/userguide/qfacts.html): parts of 5 MiB to
+# 5 GiB (the last one smaller), at most 10,000 of them. 32 MiB parts: objects up to 312 GiB (a 2.8B full
+# fine-tune's checkpoint, fp32 weights and AdamW's two moments, is ~34 GB); with 4 parts uploading at once an
+# upload holds at most 5 parts (160 MiB) of host memory.
+S3_PART_BYTES = 32 << 20
+S3_PARTS_IN_FLIGHT = 4
+S3_MAX_PARTS = 10_000
+# a sequential reader's buffer: small reads (a checkpoint's norm weights) come from it, not one GET each
+READ_BUFFER_BYTES = 8 << 20
 
 
 def _pafs():
@@ -43,25 +59,152 @@ def resolve(uri: str):
 
 
 def write_bytes(uri: str, data: bytes, *, before_commit=None) -> None:
-    """``before_commit``: called with the temp copy written, before it takes the name (a test hook)."""
-    fs, path = resolve(uri)
-    parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[1]}"
-    with fs.open_output_stream(tmp) as f:
+    """``data`` at ``uri``, atomically (``open_write``)."""
+    with open_write(uri, before_commit=before_commit) as f:
         f.write(data)
-    if before_commit is not None:
-        before_commit()
-    if isinstance(fs, _pafs().LocalFileSystem):
-        os.replace(tmp, path)
-    else:
-        fs.move(tmp, path)
+
+
+@contextlib.contextmanager
+def open_write(uri: str, *, before_commit=None):
+    """A writable stream (``.write(bytes-like)``) whose content takes the name ``uri`` when the block ends
+    cleanly; when it raises, nothing takes it and nothing is left behind (no temp file, no temp key, no partial
+    object). ``before_commit``: called with everything written, before it takes the name (a test hook)."""
+    if is_remote(uri) and checked(uri).startswith("s3://"):
+        upload = None
+        try:
+            upload = _S3Upload(uri)
+            yield upload
+            upload.commit(before_commit)
+        except BaseException as e:
+            if upload is not None:
+                upload.abort()
+            if _is_boto_error(e):
+                raise StorageError(f"{redact(uri)}: cannot write ({_boto_problem(e)})") from None
+            raise
+        return
+    fs, path = resolve(uri)
+    parent, name = path.rsplit("/", 1)
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
+    try:
+        with fs.open_output_stream(tmp, compression=None) as f:  # the bytes as given, unbuffered
+            yield f
+        if before_commit is not None:
+            before_commit()
+        if isinstance(fs, _pafs().LocalFileSystem):
+            os.replace(tmp, path)
+        else:  # GCS: a rewrite, any size
+            fs.move(tmp, path)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the original error is the one to see
+            fs.delete_file(tmp)
+        raise
+
+
+class _S3Upload:
+    """A write to an S3 key: buffered into parts of S3_PART_BYTES; an object that fits one part goes as one
+    PutObject at commit, a larger one as a multipart upload (S3_PARTS_IN_FLIGHT parts uploading at once, from a
+    thread pool) that ``commit`` completes and ``abort`` aborts: until completed, no reader sees any of it."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.client, self.bucket, self.key = _s3_client(uri)
+        self.buffer = bytearray()
+        self.upload_id: str | None = None
+        self.done: list[dict] = []
+        self.pending: deque = deque()
+        self.pool = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        n = len(view)
+        while len(view):
+            take = min(len(view), S3_PART_BYTES - len(self.buffer))
+            self.buffer += view[:take]
+            view = view[take:]
+            if len(self.buffer) == S3_PART_BYTES:
+                self._send()
+        return n
+
+    def _send(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self.upload_id is None:
+            self.upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key,
+                                                                 ChecksumAlgorithm="CRC32")["UploadId"]
+            self.pool = ThreadPoolExecutor(S3_PARTS_IN_FLIGHT, thread_name_prefix="s3-part")
+        number = len(self.done) + len(self.pending) + 1
+        if number > S3_MAX_PARTS:
+            raise StorageError(f"{redact(self.uri)}: cannot write more than {S3_MAX_PARTS} parts of "
+                               f"{S3_PART_BYTES >> 20} MiB to one object")
+        if len(self.pending) >= S3_PARTS_IN_FLIGHT:  # bounded memory: wait for the oldest part
+            self.done.append(self.pending.popleft().result())
+        part, self.buffer = self.buffer, bytearray()
+        self.pending.append(self.pool.submit(self._upload_part, number, part))
+
+    def _upload_part(self, number: int, part: bytearray) -> dict:
+        # each part with its CRC32, named again on completion (as boto3's s3transfer does)
+        response = self.client.upload_part(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+                                           PartNumber=number, Body=part, ChecksumAlgorithm="CRC32")
+        return {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32": response["ChecksumCRC32"]}
+
+    def commit(self, before_commit) -> None:
+        if self.upload_id is None:
+            if before_commit is not None:
+                before_commit()
+            self.client.put_object(Bucket=self.bucket, Key=self.key, Body=bytes(self.buffer))
+            return
+        if self.buffer:
+            self._send()
+        while self.pending:
+            self.done.append(self.pending.popleft().result())
+        self.pool.shutdown()
+        if before_commit is not None:
+            before_commit()
+        self.client.complete_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+                                              MultipartUpload={"Parts": self.done})
+
+    def abort(self) -> None:
+        """Drops what was uploaded. Best effort: if S3 cannot be reached now, the incomplete upload stays
+        invisible (a bucket lifecycle rule, AbortIncompleteMultipartUpload, reclaims its storage)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.upload_id is not None:
+            with contextlib.suppress(Exception):
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
+        self.buffer = bytearray()
+
+
+def _is_boto_error(e: BaseException) -> bool:
+    return type(e).__module__.startswith("botocore")
+
+
+def _boto_problem(e: BaseException) -> str:
+    response = getattr(e, "response", None)
+    if response:
+        error = response.get("Error", {})
+        return f"{error.get('Code')}: {error.get('Message')}"
+    return " ".join(str(e).split())[:200]
 
 
 def read_bytes(uri: str) -> bytes:
+    """The object's bytes as stored (no decompression by extension, as ``open_write`` compresses none)."""
     fs, path = resolve(uri)
-    with fs.open_input_stream(path) as f:
+    with fs.open_input_file(path) as f:  # its size known: one buffer, not chunks joined
         return f.read()
+
+
+@contextlib.contextmanager
+def open_read(uri: str, *, buffer_bytes: int = READ_BUFFER_BYTES):
+    """(stream, size in bytes) of the object at ``uri``, read front to back: ``stream.readinto(buffer)`` fills
+    the caller's buffer in place (a read larger than the stream's buffer goes straight into it)."""
+    import pyarrow as pa
+
+    fs, path = resolve(uri)
+    with fs.open_input_file(path) as raw:
+        size = raw.size()
+        with pa.BufferedInputStream(raw, buffer_bytes) as f:
+            yield f, size
 
 
 def exists(uri: str) -> bool:
