@@ -5,22 +5,36 @@ fallback), in the trial's checkpoint folder as a one-device trial's. It holds wh
 partitions: each trainable parameter's fp32 master value and AdamW moments, gathered one parameter at a time
 through DeepSpeed's full-state API (``deepspeed.utils.safe_get_full_*``: collectives, every rank in the same
 order), with AdamW's step count (its bias correction), the Progress and every rank's RNG; rank 0 writes them.
-Frozen weights are not saved: the model gives them again. On resume every rank reads the checkpoint and sets its
-own partitions: the master and the moments, and the module's copy the next forward reads (ZeRO 1/2: whole on
-every rank; ZeRO 3: gathered, set and partitioned again). So a checkpoint does not depend on the ZeRO stage or
-the number of ranks that wrote it (tests/workers/test_distributed.py restores across stages: bitwise with
-torch's AdamW, to float rounding with offload's DeepSpeedCPUAdam, which recomputes beta^t on resume). The cost:
-while saving, rank 0 holds three copies of the trainable tensors (value, two moments) in host memory; while
-restoring, every rank does.
+Frozen weights are not saved: the model gives them again. On resume rank 0 alone reads the checkpoint (``read``:
+past a damaged one, the one before it) and sends the others its JSON state, then each tensor in turn as every
+rank sets its own partitions from it (``restore``): the master and the moments, and the module's copy the next
+forward reads (ZeRO 1/2: whole on every rank; ZeRO 3: gathered, set and partitioned again). So every rank resumes
+from the step rank 0 read, storage is read once, and a checkpoint does not depend on the ZeRO stage or the
+number of ranks that wrote it (tests/workers/test_distributed.py restores across stages: bitwise with torch's
+AdamW, to float rounding with offload's DeepSpeedCPUAdam, which recomputes beta^t on resume). The cost: while
+saving, rank 0 holds three copies of the trainable tensors (value, two moments) in host memory; while restoring,
+rank 0 holds what it read (each tensor let go once sent), the other ranks one whole tensor at a time.
 """
 from __future__ import annotations
+
+import json
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from workers import steps
+from workers import checkpoint, steps
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")  # the state names of torch.optim.AdamW and DeepSpeedCPUAdam
+
+
+def barrier() -> None:
+    """Every rank waits for every other. On NCCL on this rank's own GPU: torch otherwise guesses the device and says
+    so on every rank ("barrier(): using the device under current context"), library noise seen on an H200."""
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
 
 
 def trainable(engine) -> list[tuple[str, torch.nn.Parameter]]:
@@ -46,31 +60,87 @@ def save(engine, uri: str | None, progress: steps.Progress, started: float, rank
     if rank == 0:
         tensors |= {f"rng.{name}": states for name, states in rng.items()}
         steps.save_checkpoint(uri, progress, started, tensors, {"adam_step": adam_step(engine)})
-    dist.barrier()  # no rank trains on (or is killed) before the checkpoint is complete
+    barrier()  # no rank trains on (or is killed) before the checkpoint is complete
 
 
-def restore(engine, restored: tuple[dict, dict], rank: int) -> steps.Progress:
+@dataclass
+class Restored:
+    """A checkpoint as rank 0 read it, on every rank: its JSON state, and its tensors' names, shapes and dtypes;
+    the tensors themselves stay with rank 0 (``held``) until ``take`` sends them."""
+    state: dict
+    meta: dict[str, tuple[list[int], str]]  # name -> (shape, torch dtype name)
+    held: dict[str, torch.Tensor] | None  # rank 0's tensors; None on the others
+    device: torch.device  # where a tensor travels: the rank's device (nccl sends CUDA tensors only)
+
+    def take(self, name: str) -> torch.Tensor:
+        """Rank 0's tensor ``name``, on every rank's device: a broadcast, so every rank takes the same names in the
+        same order. Rank 0 lets go of its copy."""
+        shape, dtype = self.meta[name]
+        if self.held is not None:
+            tensor = self.held.pop(name).to(self.device).contiguous()
+        else:
+            tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
+        dist.broadcast(tensor, src=0)
+        return tensor
+
+
+def read(uri: str | None, rank: int, device) -> tuple[Restored | None, list[str]]:
+    """The trial's newest readable checkpoint (workers/checkpoint.py's ``load``; None: there is none) and the
+    damaged ones passed over, read by rank 0 alone: every rank gets rank 0's answer, so all resume from the same
+    step, and no other rank touches storage. Its tensors follow one at a time (``Restored.take``)."""
+    tensors = None
+    if rank == 0:
+        skipped: list[str] = []
+        try:
+            loaded = checkpoint.load(uri, skipped=skipped)
+        except Exception as e:  # the others wait for the header: tell them, then fail
+            _broadcast_json({"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}, device)
+            raise
+        tensors, state = loaded if loaded is not None else ({}, None)
+        meta = {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in tensors.items()}
+        header = _broadcast_json({"state": state, "meta": meta, "skipped": skipped}, device)
+    else:
+        header = _broadcast_json(None, device)
+        if "error" in header:
+            raise RuntimeError(f"rank 0 could not read the trial's checkpoints: {header['error']}")
+    if header["state"] is None:
+        return None, header["skipped"]
+    meta = {k: (shape, dtype) for k, (shape, dtype) in header["meta"].items()}
+    return Restored(header["state"], meta, tensors, torch.device(device)), header["skipped"]
+
+
+def _broadcast_json(obj, device):
+    """Rank 0's JSON-able ``obj`` on every rank (the others pass None): its UTF-8 bytes, their count first. JSON,
+    not broadcast_object_list's pickle: nothing a checkpoint holds is ever unpickled (workers/checkpoint.py)."""
+    data = json.dumps(obj).encode() if dist.get_rank() == 0 else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=0)
+    buffer = (torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device) if data else
+              torch.empty(int(size), dtype=torch.uint8, device=device))
+    dist.broadcast(buffer, src=0)
+    return json.loads(buffer.cpu().numpy().tobytes())
+
+
+def restore(engine, restored: Restored, rank: int) -> steps.Progress:
     """Sets this rank's partitions from a checkpoint ``save`` wrote (of any number of ranks and ZeRO stage: its
-    tensors are whole); returns its Progress."""
-    tensors, state = restored
+    tensors are whole), parameter by parameter as ``restored`` sends them; returns its Progress. Every rank calls
+    it: the sends and ZeRO-3's gathers are collectives."""
+    state = restored.state
     if "adam_step" not in state:
         raise ValueError("the trial's checkpoint has no AdamW step count: not written by a DeepSpeed trial")
+    params = trainable(engine)
+    # checked on every rank before the first send (the names are rank 0's, on every rank): a rank that raised
+    # half-way would leave the others waiting on a broadcast
+    missing = [key for name, _ in params for key in (f"{k}.{name}" for k in ("param", *ADAM_MOMENTS))
+               if key not in restored.meta]
+    if missing:
+        raise ValueError(f"the trial's checkpoint lacks {len(missing)} tensors of this model, e.g. {missing[:3]}")
     _start_adam(engine, state["adam_step"])
-    for name, p in trainable(engine):
-        _set_full_state(p, tensors[f"param.{name}"], {k: tensors[f"{k}.{name}"] for k in ADAM_MOMENTS})
-    _set_rng({k.removeprefix("rng."): v for k, v in tensors.items() if k.startswith("rng.")}, rank)
+    for name, p in params:
+        value = restored.take(f"param.{name}")
+        _set_full_state(p, value, {k: restored.take(f"{k}.{name}") for k in ADAM_MOMENTS})
+    _set_rng({k.removeprefix("rng."): restored.take(k) for k in sorted(restored.meta) if k.startswith("rng.")}, rank)
     return steps.Progress.from_state(state)
-
-
-def check_same(restored, device) -> None:
-    """Each rank reads the checkpoint itself: one that could not read the newest (a flaky store) would resume
-    from an older one, out of step with the others. Raises then."""
-    progress = restored[1]["progress"] if restored is not None else {"step": -1, "done": False}
-    mine = torch.tensor([progress["step"], int(progress["done"])], device=device)
-    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, mine)
-    if any(not torch.equal(other, mine) for other in every):
-        raise RuntimeError(f"the ranks read different checkpoints: (step, done) {[o.tolist() for o in every]}")
 
 
 def adam_step(engine) -> int:
@@ -144,7 +214,8 @@ def _gather_rng(device) -> dict:
 def _set_rng(rng: dict, rank: int) -> None:
     if rank >= rng["cpu"].shape[0]:
         return  # resumed on more ranks than saved: the new ones keep fresh RNG
-    # clone: a row of the stacked states is a view at an offset, which set_rng_state does not honour (segfault)
-    torch.set_rng_state(rng["cpu"][rank].clone())
+    # a copy on the CPU: a row of the stacked states is a view at an offset, which set_rng_state does not honour
+    # (segfault), and it takes a CPU tensor (the states may have travelled on the GPU)
+    torch.set_rng_state(rng["cpu"][rank].to("cpu", copy=True))
     if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"][rank].clone())
+        torch.cuda.set_rng_state(rng["cuda"][rank].to("cpu", copy=True))

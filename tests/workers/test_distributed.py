@@ -5,12 +5,13 @@ the single-process batch.
   ones, with and without the gradient cache, for full fine-tuning and LoRA, sharded and (uneven batch) whole;
 - the DeepSpeed engine (DS_ACCELERATOR=cpu, ZeRO 2 and 3): one SGD step with lr 1 moves every parameter by
   exactly minus the single-process gradient (AdamW would hide a wrong gradient scale: its first steps are
-  scale-free);
+  scale-free); with bf16 autocast, every gradient is reduced in fp32;
 - the DeepSpeed checkpoint (ZeRO 2 and 3, with and without CPU optimizer offload, parameters the ranks do not
-  divide): the full tensors saved, set back into a fresh engine (of the other stage too), and its next steps
-  equal the uninterrupted engine's;
+  divide): the full tensors saved, read by rank 0 alone and sent, set back into a fresh engine (of the other
+  stage too), and its next steps equal the uninterrupted engine's;
 - the DeepSpeed trial (ZeRO 2 full fine-tuning, ZeRO 3 LoRA, gradient cache on): killed after a few steps and
-  resumed from its checkpoint, its rows, FLOP and eval loss equal a single-process run_trial's.
+  resumed from its checkpoint (rank 1 cannot reach it; on disk, past a damaged newest one), its rows, FLOP and
+  eval loss equal a single-process run_trial's.
 
 Ranks are spawned processes; they get the tiny model and data through the fixtures' paths and write results
 as safetensors (nothing unpickled here).
@@ -18,6 +19,7 @@ as safetensors (nothing unpickled here).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 
@@ -30,6 +32,7 @@ from core.spec import TrialSpec
 
 TAU = 0.025
 FP32 = contextlib.nullcontext
+BF16 = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)  # a one-device bf16 trial's (steps.autocast_for)
 LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 CASES = {"full": {}, "lora": {"lora_rank": 4}}
 # (pairs, gradient-cache chunk): 12 pairs split 6 + 6 (chunks 2: three per rank; 4: 4 + 2); 7 pairs do not split
@@ -91,6 +94,36 @@ def _init(rank, world, port):
     torch.set_num_threads(1)
 
 
+def refuse_storage(prefix: str) -> None:
+    """From now on in this process (a spawned rank), storage under ``prefix`` raises, whatever asks for it: every
+    function of fsio given such a URI, and workers/checkpoint.py's load."""
+    import inspect
+
+    import fsio
+    from workers import checkpoint as ckpt
+
+    def refusing(fn):
+        def call(*args, **kwargs):
+            if any(isinstance(a, str) and a.startswith(prefix) for a in (*args, *kwargs.values())):
+                raise PermissionError(f"this rank may not touch {prefix}")
+            return fn(*args, **kwargs)
+        return call
+
+    for name, fn in vars(fsio).items():
+        if inspect.isfunction(fn) and fn.__module__ == fsio.__name__:
+            setattr(fsio, name, refusing(fn))
+    ckpt.load = refusing(ckpt.load)
+
+
+def _rank1_blind(rank, world, port, spec, checkpoint_uri, events):
+    """run_local's rank (workers.distributed._local_main), except that rank 1 cannot reach the checkpoints."""
+    from workers import distributed
+
+    if rank == 1:
+        refuse_storage(checkpoint_uri)
+    distributed._local_main(rank, world, port, spec, checkpoint_uri, events)
+
+
 # --------------------------------------------------------------------------------------------------------
 # pure parts: the split of a batch, the engine config, the placement
 
@@ -124,7 +157,8 @@ def test_deepspeed_config_default_and_override(tmp_path):
     assert config["train_batch_size"] == 1024 and config["gradient_accumulation_steps"] == 1
     assert config["gradient_clipping"] == 0.0  # DeepSpeed's own default (1.0) would clip: the recipe does not
     assert config["managed_gradient_accumulation"] is False
-    assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    # bf16 matmuls, no module's gradients reduced in bf16 (test_deepspeed_step_is_the_single_process_gradient)
+    assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     assert "torch_autocast" not in deepspeed_config(world=4, micro_batch=256, bf16=False)
     # an override merges key by key: stage 3 with CPU optimizer offload keeps the rest
     override = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
@@ -136,7 +170,8 @@ def test_deepspeed_config_default_and_override(tmp_path):
         assert merged["gradient_clipping"] == 0.0 and merged["train_batch_size"] == 16
     assert read_override(None) == {}
     # what the trial computes is not an override's to change
-    for bad in ({"optimizer": {"type": "SGD"}}, {"gradient_clipping": 1.0}, {"bf16": {"enabled": True}}):
+    for bad in ({"optimizer": {"type": "SGD"}}, {"gradient_clipping": 1.0}, {"bf16": {"enabled": True}},
+                {"communication_data_type": "bf16"}):  # gradients reduce in fp32 (parity with one device)
         path.write_text(json.dumps(bad))
         with pytest.raises(DeepSpeedConfigError, match=f"deepspeed_config.{next(iter(bad))}"):
             read_override(str(path))
@@ -236,32 +271,44 @@ def _engine_rank(rank, world, port, model_dir, pairs_file, out_dir):
     from deepspeed.utils import safe_get_full_fp32_param
     from safetensors.torch import save_file
 
+    from distkit import EngineAutocast, average_gradients, contrastive_backward_sharded, watch_reductions
     from workers.distributed import deepspeed_config, shard
     from workers.loss import contrastive_backward
 
     _init(rank, world, port)
+    reductions = watch_reductions()  # before DeepSpeed's backend starts
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     out = {}
-    for stage in (2, 3):
-        for chunk in (None, 2):
-            tokenizer, model = load(model_dir, "full")
-            batch = make_batch(tokenizer, pairs_file, 12)
-            sgd = torch.optim.SGD(model.parameters(), lr=1.0)
-            config = deepspeed_config(world=world, micro_batch=6, bf16=False,
-                                      override={"zero_optimization": {"stage": stage}})
-            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=sgd, config=config)
-            part, gather, _ = shard(batch, rank, world)
+    # bf16 autocast: the ranks' own gradients (a plain model, the same shards, autocast as the engine's) averaged in
+    # fp32, what DeepSpeed's step must be
+    tokenizer, model = load(model_dir, "full")
+    contrastive_backward_sharded(EngineAutocast(model), make_batch(tokenizer, pairs_file, 12), TAU, None, FP32)
+    average_gradients([p for p in model.parameters() if p.requires_grad])
+    out |= {f"bf16.mean.{n}": g for n, g in grads(model).items()}
+    for stage, chunk, bf16 in [(2, None, False), (2, 2, False), (3, None, False), (3, 2, False),
+                               (2, None, True), (3, None, True)]:
+        tokenizer, model = load(model_dir, "full")
+        batch = make_batch(tokenizer, pairs_file, 12)
+        sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+        config = deepspeed_config(world=world, micro_batch=6, bf16=bf16,
+                                  override={"zero_optimization": {"stage": stage}})
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=sgd, config=config)
+        part, gather, _ = shard(batch, rank, world)
 
-            def full(p):  # ZeRO-3 partitions the module's parameters; ZeRO-2 keeps them whole
-                return (safe_get_full_fp32_param(p) if stage == 3 else p.detach()).clone()
+        def full(p):  # ZeRO-3 partitions the module's parameters; ZeRO-2 keeps them whole
+            return (safe_get_full_fp32_param(p) if stage == 3 else p.detach()).clone()
 
-            before = {n: full(p) for n, p in engine.module.named_parameters()}
-            loss = contrastive_backward(engine, part, TAU, chunk, FP32, gather=gather, backward=engine.backward)
-            engine.step()
-            key = f"{stage}.{chunk}"
-            out[f"{key}.loss"] = torch.tensor([loss])
-            out |= {f"{key}.step.{n}": before[n] - full(p) for n, p in engine.module.named_parameters()}
-            engine.destroy()
+        before = {n: full(p) for n, p in engine.module.named_parameters()}
+        reductions.clear()
+        # the engine's own autocast when bf16 (torch_autocast), as in run_deepspeed_trial
+        loss = contrastive_backward(engine, part, TAU, chunk, FP32, gather=gather, backward=engine.backward)
+        engine.step()
+        key = f"{stage}.bf16" if bf16 else f"{stage}.{chunk}"
+        # what backward and step reduced: (bits of the float dtype, elements) a reduction
+        out[f"{key}.reduced"] = torch.tensor([[torch.finfo(d).bits, n] for d, n in reductions], dtype=torch.int64)
+        out[f"{key}.loss"] = torch.tensor([loss])
+        out |= {f"{key}.step.{n}": before[n] - full(p) for n, p in engine.module.named_parameters()}
+        engine.destroy()
     if rank == 0:
         save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(out_dir, "engine.safetensors"))
     dist.barrier()
@@ -271,6 +318,9 @@ def _engine_rank(rank, world, port, model_dir, pairs_file, out_dir):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_deepspeed_step_is_the_single_process_gradient(tiny_model, pairs_file, tmp_path):
+    """fp32: the step is the single-process gradient. bf16 autocast (ZeRO 2 and 3): every gradient reduced in fp32
+    (DeepSpeed's default reduces nn.Linear's in bf16), so the step is the ranks' own gradients averaged in fp32, to
+    float rounding; the loss is the single-process one."""
     from safetensors.torch import load_file
 
     from workers.loss import contrastive_backward
@@ -286,10 +336,80 @@ def test_deepspeed_step_is_the_single_process_gradient(tiny_model, pairs_file, t
             assert got[f"{key}.loss"].item() == pytest.approx(loss, abs=1e-5), key
             for name, g in ref.items():  # SGD, lr 1: the step is the gradient
                 torch.testing.assert_close(got[f"{key}.step.{name}"], g, atol=1e-5, rtol=1e-4, msg=f"{key} {name}")
+    tokenizer, model = load(tiny_model, "full")
+    bf16_loss = contrastive_backward(model, make_batch(tokenizer, pairs_file, 12), TAU, None, BF16)
+    bf16_ref = grads(model)
+    n_params = sum(g.numel() for g in bf16_ref.values())
+    for stage in (2, 3):
+        key = f"{stage}.bf16"
+        bits, elements = got[f"{key}.reduced"].unbind(1)
+        assert set(bits.tolist()) <= {32, 64}, f"ZeRO-{stage} reduced in {sorted(set(bits.tolist()))} bits"
+        assert elements[bits == 32].sum() >= n_params  # every gradient went through a reduction seen here
+        assert got[f"{key}.loss"].item() == pytest.approx(bf16_loss, abs=1e-5), key
+        for name, g in bf16_ref.items():
+            step, mean = got[f"{key}.step.{name}"], got[f"bf16.mean.{name}"]
+            # to lr-1 SGD's rounding (measured: 1e-6); a bf16 reduction misses by up to 2^-9 of the gradient (0.09)
+            torch.testing.assert_close(step, mean, atol=4e-6, rtol=1e-5, msg=f"{key} {name}")
+            # the single process's to bf16 rounding (measured: 0.6%; distkit.EngineAutocast says why not closer)
+            assert (step - g).norm() <= 2e-2 * g.norm(), (key, name)
 
 
 # --------------------------------------------------------------------------------------------------------
 # the DeepSpeed checkpoint: full tensors out, this rank's partitions back in, whatever the stage
+
+
+def _read_rank(rank, world, port, root):
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from workers.zero_checkpoint import read
+
+    _init(rank, world, port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    cpu = torch.device("cpu")
+    if rank == 1:
+        refuse_storage(root)
+    out = {}
+    restored, skipped = read(os.path.join(root, "ckpt"), rank, cpu)
+    out |= {f"got.{k}": restored.take(k) for k in sorted(restored.meta)}
+    out["state"] = torch.tensor(list(json.dumps([restored.state, skipped]).encode()), dtype=torch.uint8)
+    assert read(os.path.join(root, "none"), rank, cpu) == (None, [])
+    if rank == 0:
+        refuse_storage(os.path.join(root, "ckpt"))
+    try:
+        read(os.path.join(root, "ckpt"), rank, cpu)
+    except (PermissionError, RuntimeError) as e:  # rank 0's own error; the others': rank 0 could not read
+        out["error"] = torch.tensor(list(f"{type(e).__name__}: {e}".encode()), dtype=torch.uint8)
+    save_file(out, os.path.join(root, f"rank{rank}.safetensors"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_checkpoint_is_read_by_rank_0_alone_and_sent(tmp_path):
+    """Rank 1 cannot reach storage; it gets rank 0's checkpoint (past the damaged newest: the one before it, and
+    what was skipped), its tensors whole in their dtypes; no checkpoint: None everywhere; rank 0 failing to read
+    fails every rank, not a hang."""
+    from safetensors.torch import load_file
+
+    uri = str(tmp_path / "ckpt")
+    saved = {"param.w": torch.randn(3, 5), "exp_avg.w": torch.randn(3, 5).to(torch.bfloat16),
+             "rng.cpu": torch.stack([torch.get_rng_state()] * 2), "n": torch.arange(4)}
+    checkpoint.save(uri, 1, saved, {"progress": {"step": 1}, "adam_step": 1})
+    checkpoint.save(uri, 2, {k: v + 1 for k, v in saved.items()}, {"progress": {"step": 2}, "adam_step": 2})
+    latest = (tmp_path / "ckpt" / "LATEST").read_text().strip()
+    (tmp_path / "ckpt" / latest / "state.json").write_text("{")  # the newest damaged
+    spawn(_read_rank, 2, str(tmp_path))
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
+    states = [json.loads(bytes(r["state"].tolist())) for r in ranks]
+    assert states[0] == states[1] and states[0][0]["adam_step"] == 1
+    assert len(states[0][1]) == 1 and "unreadable" in states[0][1][0]
+    for r in ranks:
+        assert sorted(k.removeprefix("got.") for k in r if k.startswith("got.")) == sorted(saved)
+        for k, v in saved.items():
+            assert r[f"got.{k}"].dtype == v.dtype and torch.equal(r[f"got.{k}"], v), k
+    errors = [bytes(r["error"].tolist()).decode() for r in ranks]
+    assert errors[0].startswith("PermissionError")
+    assert errors[1].startswith("RuntimeError: rank 0 could not read") and "PermissionError" in errors[1]
 
 OFFLOAD = {"offload_optimizer": {"device": "cpu"}}  # DeepSpeedCPUAdam
 ZERO = [  # (the engine that saves, the engine that restores)
@@ -319,9 +439,11 @@ def _checkpoint_rank(rank, world, port, root):
 
     from workers.distributed import _optimizer, deepspeed_config
     from workers.steps import Progress
-    from workers.zero_checkpoint import ADAM_MOMENTS, adam_step, restore, save
+    from workers.zero_checkpoint import ADAM_MOMENTS, adam_step, read, restore, save
 
     _init(rank, world, port)
+    if rank == 1:
+        refuse_storage(root)  # restores from what rank 0 reads
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     cpu = torch.device("cpu")
     data = torch.Generator().manual_seed(1)
@@ -361,7 +483,7 @@ def _checkpoint_rank(rank, world, port, root):
         ref_after = full_state(ref)
         ref.destroy()
         resumed = engine(other)
-        progress = restore(resumed, checkpoint.load(uri), rank)
+        progress = restore(resumed, read(uri, rank, cpu)[0], rank)
         restored = full_state(resumed)
         losses = train(resumed, 2)
         after = full_state(resumed)
@@ -454,8 +576,11 @@ def s3(monkeypatch):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("stage,method,store", [(2, "full", "s3"), (3, "lora", "local")])
 def test_deepspeed_trial_resumes_and_equals_single_process(tiny_model, pairs_file, eval_file, tmp_path, request,
-                                                           stage, method, store):
-    """ZeRO 2 keeps its checkpoints in S3, ZeRO 3 on disk."""
+                                                           monkeypatch, stage, method, store):
+    """ZeRO 2 keeps its checkpoints in S3, ZeRO 3 on disk. The resumed run's rank 1 cannot reach them: rank 0
+    reads and sends. On disk, the newest checkpoint is damaged before the resume: rank 0 falls back to the one
+    before it, and so does every rank."""
+    from workers import distributed
     from workers.distributed import run_local
     from workers.trial import run_trial
 
@@ -480,17 +605,28 @@ def test_deepspeed_trial_resumes_and_equals_single_process(tiny_model, pairs_fil
     tokenizer, model = load(tiny_model, method)
     assert params == {n for n, p in model.named_parameters() if p.requires_grad}
     assert all(tensors[f"param.{n}"].shape == p.shape for n, p in model.named_parameters() if n in params)
+    newest = state["progress"]["step"]
+    if store == "local":  # every file of the newest checkpoint cut in half
+        latest = (tmp_path / "ckpt" / "LATEST").read_text().strip()
+        for f in (p for p in (tmp_path / "ckpt" / latest).rglob("*") if p.is_file()):
+            f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
     second: list[dict] = []
-    row = run_local(spec, 2, checkpoint_uri=uri, report=second.append, timeout_s=600)
+    with monkeypatch.context() as m:
+        m.setattr(distributed, "_local_main", _rank1_blind)  # spawned by reference: the ranks run _rank1_blind
+        row = run_local(spec, 2, checkpoint_uri=uri, report=second.append, timeout_s=600)
 
     ref_events: list[dict] = []
     ref = run_trial(spec, report=ref_events.append)
 
-    # the second run resumed from a DeepSpeed checkpoint after step c >= 2 (saved before the kill at step 3): its
-    # first event restates the history 1..c, then its own first step c + 1
+    # the second run resumed from a DeepSpeed checkpoint after step c >= 2 (saved before the kill at step 3; on
+    # disk, the one before the damaged newest): its first event restates the history 1..c, then its own step c + 1
     history = [r["step"] for r in second[0]["rows"]]
     c = history[-2]
-    assert second[0]["restart"] and history == list(range(1, c + 2)) and 2 <= c < ref["steps"]
+    assert second[0]["restart"] and history == list(range(1, c + 2)) and 1 <= c < ref["steps"]
+    if store == "local":  # checkpoints every step: the previous one is a step older; the trial's reason says so
+        assert c == newest - 1 and "unreadable" in row["reason"] and f"resumed from step {c}" in row["reason"]
+    else:
+        assert c == newest >= 2 and not row["reason"]
     rows = upsert([r for e in first + second for r in e["rows"]])
     ref_rows = upsert([r for e in ref_events for r in e["rows"]])
     assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
@@ -607,3 +743,19 @@ def test_deepspeed_trial_equals_single_process_for_other_families(family, pairs_
         assert g["train_loss"] == pytest.approx(w["train_loss"], abs=1e-5), g["step"]
     assert row["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-5)
     assert row["ndcg_at_10"] == pytest.approx(ref["ndcg_at_10"], abs=1e-6)
+
+
+def test_local_ranks_use_the_gpus_a_machine_has(monkeypatch):
+    """run_local's ranks: the CPU accelerator only where there is no GPU (the GPU check's ZeRO rows once trained a
+    1.4B model on an H200 box's CPU because every local rank was told DS_ACCELERATOR=cpu)."""
+    import queue as q
+
+    from workers import distributed
+
+    seen = []
+    monkeypatch.setattr(distributed, "run_rank", lambda *a, **k: seen.append(os.environ.get("DS_ACCELERATOR")))
+    for cuda, expected in ((True, None), (False, "cpu")):
+        monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        distributed._local_main(0, 1, 0, {}, None, q.Queue())
+        assert seen[-1] == expected
