@@ -12,20 +12,32 @@ equal the one-shot batch's (tests/workers/test_loss.py).
 Data parallel (workers/distributed.py): each rank passes its shard of the batch and a differentiable ``gather``
 of the shards' embeddings, so the loss is still the whole batch's; ``backward`` is DeepSpeed's
 ``engine.backward`` there.
+
+Packing (workers/packing.py, ``packing=True``): each sub-batch's queries and documents run as one forward of
+packed rows (no padding) instead of two padded ones; the pooled embeddings, the loss and the gradients are the
+padded forward's up to float rounding (tests/workers/test_packing.py).
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from workers.packing import Packed, layout, lengths_of, pack, unpack
 from workers.pooling import assert_right_padded, pool
 
 
-def embed(model, ids: torch.Tensor, mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
-    """(B, T) token ids and right-padded mask -> (B, D) unit-norm embeddings (fp32), pooled per ``pooling``."""
-    hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, D)
+def embed(model, ids: torch.Tensor, mask: torch.Tensor, pooling: str = "mean",
+          packed: Packed | None = None) -> torch.Tensor:
+    """(B, T) token ids and right-padded mask -> (B, D) unit-norm embeddings (fp32), pooled per ``pooling``.
+    ``packed``: the same texts packed (workers/packing.py): the model runs its rows, pooling reads them back."""
+    if packed is None:
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, D)
+    else:  # no attention mask: transformers finds the texts from the restarting positions
+        rows = model(input_ids=packed.input_ids, position_ids=packed.position_ids).last_hidden_state  # (R, L, D)
+        hidden = unpack(rows, packed)  # (B, T, D)
     return F.normalize(pool(hidden, mask, pooling), dim=-1)
 
 
@@ -62,12 +74,64 @@ def _chunks(ids: torch.Tensor, mask: torch.Tensor, size: int):
         yield ids[i:i + size, :t], m[:, :t]
 
 
-def step_shapes(batch, chunk_size: int | None) -> list[tuple[int, int]]:
-    """(pairs, padded length) of every forward a training step runs, both sides (for FLOP accounting)."""
+@dataclass(frozen=True)
+class _Forward:
+    """One forward pass of a step: the texts it embeds, right-padded, and which of the stacked (2B,) [queries;
+    documents] they are; packed: one sub-batch's queries and documents together."""
+
+    rows: torch.Tensor  # (S,) long: positions in the stacked [queries; documents]
+    ids: torch.Tensor  # (S, T)
+    mask: torch.Tensor  # (S, T)
+    packed: Packed | None = None
+
+    def embed(self, model, pooling: str) -> torch.Tensor:
+        return embed(model, self.ids, self.mask, pooling, self.packed)
+
+
+def _forwards(batch, size: int, packing: bool) -> list[_Forward]:
+    """The forwards that embed a batch in sub-batches of ``size`` pairs: padded, every query sub-batch then every
+    document sub-batch; packed, one per sub-batch, its queries and documents together."""
+    n, dev = batch.q_ids.shape[0], batch.q_ids.device
+    q_parts = list(_chunks(batch.q_ids, batch.q_mask, size))
+    d_parts = list(_chunks(batch.d_ids, batch.d_mask, size))
+    starts = range(0, n, size)
+    if not packing:
+        return [_Forward(torch.arange(side + i, side + i + ids.shape[0], device=dev), ids, mask)
+                for side, parts in ((0, q_parts), (n, d_parts)) for i, (ids, mask) in zip(starts, parts)]
+    out = []
+    for i, (q_ids, q_mask), (d_ids, d_mask) in zip(starts, q_parts, d_parts):
+        ids, mask = _stack(q_ids, d_ids), _stack(q_mask, d_mask)  # (2b, T)
+        b = q_ids.shape[0]
+        rows = torch.cat([torch.arange(i, i + b, device=dev), torch.arange(n + i, n + i + b, device=dev)])
+        out.append(_Forward(rows, ids, mask, pack(ids, mask)))
+    return out
+
+
+def _stack(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(b, Ta) and (b, Tb) right-padded -> (2b, max(Ta, Tb)), padded with 0 (masked)."""
+    t = max(a.shape[1], b.shape[1])
+    return torch.cat([F.pad(a, (0, t - a.shape[1])), F.pad(b, (0, t - b.shape[1]))])
+
+
+def _assemble(forwards: list[_Forward], outs: list[torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forwards' embeddings in the stacked order -> (n, D) queries and (n, D) documents."""
+    order = torch.cat([f.rows for f in forwards])
+    stacked = torch.cat(outs)[torch.argsort(order)]  # (2n, D)
+    return stacked[:n], stacked[n:]
+
+
+def step_shapes(batch, chunk_size: int | None, packing: bool = False) -> list[tuple[int, int]]:
+    """(rows, padded length) of every forward a training step runs (for FLOP accounting): padded, a sub-batch's
+    texts; packed, its rows (workers/packing.py ``layout``, as ``pack`` lays them out)."""
+    n = batch.q_ids.shape[0]
+    size = n if chunk_size is None else min(chunk_size, n)
+    if not packing:
+        sides = ((batch.q_ids, batch.q_mask), (batch.d_ids, batch.d_mask))
+        return [(ids.shape[0], ids.shape[1]) for side in sides for ids, _ in _chunks(*side, size)]
     shapes = []
-    for ids, mask in ((batch.q_ids, batch.q_mask), (batch.d_ids, batch.d_mask)):
-        size = ids.shape[0] if chunk_size is None else min(chunk_size, ids.shape[0])
-        shapes += [(i.shape[0], i.shape[1]) for i, _ in _chunks(ids, mask, size)]
+    for i in range(0, n, size):
+        lay = layout(lengths_of(batch.q_mask[i:i + size]) + lengths_of(batch.d_mask[i:i + size]))
+        shapes.append((len(lay.rows), lay.length))
     return shapes
 
 
@@ -76,69 +140,66 @@ def _whole(x: torch.Tensor) -> torch.Tensor:
 
 
 def contrastive_backward(model, batch, temperature: float, chunk_size: int | None, autocast, *,
-                         gather=None, backward=None, pooling: str = "mean") -> float:
+                         gather=None, backward=None, pooling: str = "mean", packing: bool = False) -> float:
     """Loss of one contrastive batch; parameter gradients accumulated in .grad. Returns the loss value.
 
     ``chunk_size`` None or >= the batch: one pass. Smaller: the exact gradient cache.
     ``autocast``: a zero-argument context-manager factory (bf16 autocast or a null context).
     ``gather``: (b, D) embeddings of this rank's shard -> (B, D) of the whole batch, differentiable; None: the
     batch is whole here. ``backward``: back-propagates a scalar (DeepSpeed's ``engine.backward``); None:
-    ``Tensor.backward``. ``pooling``: the trial's (``spec.pooling``; workers/pooling.py).
+    ``Tensor.backward``. ``pooling``: the trial's (``spec.pooling``; workers/pooling.py). ``packing``: each
+    sub-batch as one forward of packed rows (workers/packing.py; the recipe decides with ``packing.packs``).
     """
     gather = gather or _whole
     backward = backward or torch.Tensor.backward
     n = batch.q_ids.shape[0]
     if chunk_size is None or chunk_size >= n:
-        (q_ids, q_mask), = _chunks(batch.q_ids, batch.q_mask, n)
-        (d_ids, d_mask), = _chunks(batch.d_ids, batch.d_mask, n)
-        with autocast():
-            q = embed(model, q_ids, q_mask, pooling)
-            d = embed(model, d_ids, d_mask, pooling)
+        forwards = _forwards(batch, n, packing)
+        outs = []
+        for f in forwards:  # a region per forward, as the gradient cache's and DeepSpeed's: each its own bf16 weight
+            with autocast():  # copies, whose gradients meet in fp32 (one shared cached copy would sum them in bf16)
+                outs.append(f.embed(model, pooling))
+        q, d = _assemble(forwards, outs, n)
         loss = info_nce(gather(q), gather(d), temperature)
         backward(loss)
         return loss.item()
 
-    sides = [(batch.q_ids, batch.q_mask), (batch.d_ids, batch.d_mask)]
+    forwards = _forwards(batch, chunk_size, packing)  # packed once: both passes run the same rows
     device = batch.q_ids.device
-    cached, forks = [], []
+    outs, forks = [], []
     with torch.no_grad():
-        for ids, mask in sides:
-            parts = []
-            for c_ids, c_mask in _chunks(ids, mask, chunk_size):
-                forks.append(_RngFork(device))
-                with autocast():
-                    parts.append(embed(model, c_ids, c_mask, pooling))
-            cached.append(torch.cat(parts))
-    q, d = (e.detach().requires_grad_() for e in cached)
+        for f in forwards:
+            forks.append(_RngFork(device))
+            with autocast():
+                outs.append(f.embed(model, pooling))
+    q, d = (e.detach().requires_grad_() for e in _assemble(forwards, outs, n))
     loss = info_nce(gather(q), gather(d), temperature)
     loss.backward()  # gradients w.r.t. the (local) embeddings only: (n, D) each; no parameter is reached
-    grads = iter(forks)
-    for (ids, mask), emb in zip(sides, (q, d)):
-        for (c_ids, c_mask), g in zip(_chunks(ids, mask, chunk_size), emb.grad.split(chunk_size)):
-            with next(grads).replay(), autocast():
-                e = embed(model, c_ids, c_mask, pooling)
-            backward((e * g).sum())  # its gradient w.r.t. e is exactly g: e.backward(g) as a scalar
+    grads = torch.cat([q.grad, d.grad])  # (2n, D), stacked as the forwards' rows
+    for f, fork in zip(forwards, forks):
+        with fork.replay(), autocast():
+            e = f.embed(model, pooling)
+        backward((e * grads[f.rows]).sum())  # its gradient w.r.t. e is exactly the cached one: e.backward(g)
     return loss.item()
 
 
 @torch.no_grad()
 def eval_embeddings(model, batches, chunk_size: int | None, autocast, *, split=None,
-                    pooling: str = "mean") -> list[tuple[torch.Tensor, torch.Tensor]]:
+                    pooling: str = "mean", packing: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per held-out batch, its (B, D) query and (B, D) document embeddings, fp32, unit norm: one forward pass
     serves both the eval loss and the retrieval metrics (workers/retrieval.py).
 
     ``split``: batch -> (this rank's shard, gather) for data parallel (workers/distributed.py): every rank then
-    holds the whole batch's embeddings; None: whole.
+    holds the whole batch's embeddings; None: whole. ``packing``: as ``contrastive_backward``'s.
     """
     out = []
     for batch in batches:
         batch, gather = split(batch) if split else (batch, _whole)
-        embs = []
-        for ids, mask in ((batch.q_ids, batch.q_mask), (batch.d_ids, batch.d_mask)):
-            size = chunk_size or ids.shape[0]
-            with autocast():
-                embs.append(gather(torch.cat([embed(model, i, m, pooling) for i, m in _chunks(ids, mask, size)])))
-        out.append((embs[0].float(), embs[1].float()))
+        n = batch.q_ids.shape[0]
+        forwards = _forwards(batch, min(chunk_size or n, n), packing)
+        with autocast():
+            q, d = _assemble(forwards, [f.embed(model, pooling) for f in forwards], n)
+        out.append((gather(q).float(), gather(d).float()))
     return out
 
 
@@ -149,7 +210,7 @@ def mean_info_nce(pairs: list[tuple[torch.Tensor, torch.Tensor]], temperature: f
 
 
 def eval_loss(model, batches, temperature: float, chunk_size: int | None, autocast, *, split=None,
-              pooling: str = "mean") -> float:
+              pooling: str = "mean", packing: bool = False) -> float:
     """Mean contrastive loss over held-out batches (weighted by pairs); negatives = the whole batch."""
-    return mean_info_nce(eval_embeddings(model, batches, chunk_size, autocast, split=split, pooling=pooling),
-                         temperature)
+    return mean_info_nce(eval_embeddings(model, batches, chunk_size, autocast, split=split, pooling=pooling,
+                                         packing=packing), temperature)

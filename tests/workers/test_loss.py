@@ -218,3 +218,28 @@ def test_gradient_cache_replays_lora_dropout(tiny_model, chunk, checkpointing):
     other = grads(model)
     assert abs(loss_other - loss_ref) > 1e-4
     assert max((other[n] - ref[n]).abs().max().item() for n in ref) > 1e-3
+
+
+def test_bf16_gradients_meet_in_fp32_as_deepspeeds_do(tiny_model):
+    """Under bf16 autocast the one-pass step embeds queries and documents in a region each: every weight's
+    gradients from the two forwards are summed in fp32, as DeepSpeed's (which runs each forward in its own region)
+    and as autocast without its weight cache. One shared region would sum them in bf16 on the cached copy."""
+    tokenizer, model = load(tiny_model)
+    batch = make_batch(tokenizer, 8)
+
+    def grads(autocast) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        contrastive_backward(model, batch, 0.05, None, autocast, packing=False)
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    ours = grads(lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    uncached = grads(lambda: torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False))
+    assert all(torch.equal(a, b) for a, b in zip(ours, uncached))
+
+    model.zero_grad(set_to_none=True)  # the shared region, by hand: its sums differ
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q = embed(model, batch.q_ids, batch.q_mask)
+        d = embed(model, batch.d_ids, batch.d_mask)
+    info_nce(q, d, 0.05).backward()
+    shared = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    assert not all(torch.equal(a, b) for a, b in zip(shared, uncached))
