@@ -34,9 +34,7 @@ def run_tuner(todo: list[PlannedTrial], recorder: Recorder, grid: Grid, store: S
                 "resources": dict(t.resources), "deepspeed_gpus": t.deepspeed_gpus} for t in todo]
     trainable = tune.with_resources(trainable, trial_placement)
     callback = _StoreCallback(recorder, progress, interrupt=interrupt, lease=lease)
-    # Tune's own experiment files (the store replaces them): one place per sweep, cleared before and after, so a
-    # killed driver leaves nothing that grows.
-    tune_dir = os.path.join(tempfile.gettempdir(), f"repurpose-tune-{grid.name}")
+    tune_dir = tune_scratch_dir(grid.name)
     shutil.rmtree(tune_dir, ignore_errors=True)
     try:
         tuner = tune.Tuner(
@@ -72,6 +70,12 @@ def run_tuner(todo: list[PlannedTrial], recorder: Recorder, grid: Grid, store: S
     finally:
         callback.close()
         shutil.rmtree(tune_dir, ignore_errors=True)
+
+
+def tune_scratch_dir(sweep: str) -> str:
+    """Tune's own experiment files (the store replaces them): one place per sweep, cleared before and after each
+    Tuner, so a killed driver leaves nothing that grows."""
+    return os.path.join(tempfile.gettempdir(), f"repurpose-tune-{sweep}")
 
 
 def _keep_credentials_out_of_runtime_env() -> None:
