@@ -40,7 +40,9 @@ WORDS = ("river stone cloud lamp garden window forest engine silver paper candle
          "thunder copper meadow lantern orchard desert glacier compass falcon marble velvet canyon ember prism").split()
 
 # (name, method, size, extra spec fields, optimizer steps): full mode, sized for <= 8 minutes on one H100
-FULL = (("full-160m", "full", "160m", {}, 40), ("full-410m", "full", "410m", {}, 20),
+# packing "auto" (texts in rows without padding, workers/packing.py); the -padded rows measure what it recovers
+FULL = (("full-160m", "full", "160m", {}, 40), ("full-160m-padded", "full", "160m", {"packing": "off"}, 40),
+        ("full-410m", "full", "410m", {}, 20), ("full-410m-padded", "full", "410m", {"packing": "off"}, 20),
         ("full-1b", "full", "1b", {}, 10), ("lora-r128-1b", "lora", "1b", {"lora_rank": 128}, 10))
 ZERO = (("zero2-1.4b", 2, "1.4b", 6), ("zero3-2.8b", 3, "2.8b", 4), ("zero2-2.8b", 2, "2.8b", 4),
         ("zero3-1.4b", 3, "1.4b", 6))
@@ -170,16 +172,38 @@ def failed(name: str, e: BaseException) -> dict:
     return {"path": name, "status": "oom" if oom else "failed", "reason": " ".join(str(e).split())[:300]}
 
 
+def predicted_memory(spec) -> dict:
+    """What the memory model (core/memory.py) expects of the trial on this device: the chunk and checkpointing the
+    trial will choose (workers.steps.memory_plan) and the peak they imply (with its margin and 1 GiB overhead, so
+    a little above what ``max_memory_allocated`` sees)."""
+    import torch
+
+    from core.memory import footprint
+    from core.models import model_shape
+    from workers import steps
+
+    device = torch.device("cuda", torch.cuda.current_device()) if _cuda() else torch.device("cpu")
+    shape = model_shape(spec.model)
+    decided = steps.memory_plan(shape, spec, device)
+    fp = footprint(shape, spec.method, spec.max_length, lora_rank=spec.lora_rank,
+                   trainable_fraction=spec.trainable_fraction, lora_targets=spec.lora_targets,
+                   eager_attention=device.type != "cuda")
+    return {"chunk": decided.chunk_size, "checkpointing": decided.gradient_checkpointing,
+            "predicted_memory_gb": fp.total(decided.chunk_size, decided.gradient_checkpointing,
+                                            one_pass=decided.chunk_size >= spec.batch_size) / 2 ** 30}
+
+
 def run_single(name: str, spec, peak) -> dict:
     from workers.trial import run_trial
 
     _reset_memory()
     t0 = time.perf_counter()
     try:
+        predicted = predicted_memory(spec)
         row = run_trial(spec)
     except Exception as e:  # noqa: BLE001 -- a row, not the end of the run
         return failed(name, e)
-    return trial_row(name, row, time.perf_counter() - t0, peak)
+    return trial_row(name, row, time.perf_counter() - t0, peak) | predicted
 
 
 def run_zero(name: str, spec, peak) -> dict:
@@ -193,6 +217,50 @@ def run_zero(name: str, spec, peak) -> dict:
     out = trial_row(name, row, time.perf_counter() - t0, peak)
     out["peak_memory_gb"] = None  # in the rank's process: not visible here
     return out
+
+
+def run_adamw(name: str, size: str, smoke: bool, steps: int = 20) -> dict:
+    """AdamW's step over a full fine-tune's parameters (the size's real tensors, random), foreach (what the trial
+    uses) against fused (one kernel for all): seconds per step, median of ``steps`` after 3 warm-ups."""
+    import statistics
+
+    import torch
+
+    from core.models import ModelShape, read_config
+
+    try:
+        device = torch.device("cuda" if _cuda() else "cpu")
+        cfg = dict(read_config(f"EleutherAI/pythia-{size}"))
+        if smoke:
+            cfg.update(SMOKE_SHAPE)
+        shape = ModelShape.from_config(cfg)
+        shapes = [(shape.vocab, shape.hidden)] + [(b, a) for _ in range(shape.layers)
+                                                   for a, b, _ in shape.linears().values()]
+        times = {}
+        for kind in ("foreach", "fused"):
+            params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in shapes]
+            for p in params:
+                p.grad = torch.randn_like(p) * 1e-3
+            opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, **{kind: True})
+            took = []
+            for k in range(steps + 3):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                opt.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if k >= 3:
+                    took.append(time.perf_counter() - t0)
+            times[kind] = statistics.median(took)
+            del params, opt
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    except Exception as e:  # noqa: BLE001
+        return failed(name, e)
+    return {"path": name, "status": "ok", "steps": steps, "foreach_s": times["foreach"], "fused_s": times["fused"],
+            "reason": f"AdamW step: foreach {times['foreach'] * 1e3:.1f} ms, fused {times['fused'] * 1e3:.1f} ms "
+                      f"({times['foreach'] / times['fused']:.2f}x)"}
 
 
 def run_from_cache(name: str, model_dir: str, data: str, storage: str, *, batch: int, max_length: int,
@@ -267,7 +335,35 @@ def run_shared(root: str, model_dir: str, data: str, budget: float) -> dict:
 
 
 # --- the run --------------------------------------------------------------------------------------------------
-def run(smoke: bool, root: str) -> dict:
+class Rows(list):
+    """The rows so far, written to ``path`` after each one: a run cut short by its time limit keeps what it measured."""
+
+    def __init__(self, path: str | None):
+        super().__init__()
+        self.path = path
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        if self.path:
+            with open(self.path, "w") as f:
+                json.dump({"partial": True, "rows": list(self)}, f, indent=1)
+
+
+def without_ray() -> None:
+    """A bare GPU machine may have no Ray: the token cache's shards are then built in this process, one after another
+    (the same ``build_shard`` that Ray Data maps over the cluster's CPUs)."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        from workers import token_cache
+
+        log("no Ray here: the token cache is built in this process")
+        token_cache._run_tasks = lambda tasks, kwargs, address=None: (token_cache.build_shard(t, **kwargs)
+                                                                      for t in tasks)
+
+
+def run(smoke: bool, root: str, partial: str | None = None, only: tuple[str, ...] = ()) -> dict:
+    """Every path (``only``: those whose name starts with one of these, for a second, shorter lease)."""
     import torch
 
     from core.spec import TrialSpec
@@ -284,10 +380,22 @@ def run(smoke: bool, root: str) -> dict:
                   report_every_s=60.0, checkpoint_every_s=1e9, eval_data=None)
     if smoke:
         common.update(chunk_size=4, num_threads=1, gradient_checkpointing=False)
-    rows = []
-    singles = FULL if not smoke else (("full-160m", "full", "160m", {}, 2), ("lora-r128-1b", "lora", "1b",
-                                                                             {"lora_rank": 8}, 2))
+    # full mode: chunk and checkpointing "auto", decided by the trial from the memory model (the row shows both)
+    without_ray()
+    rows = Rows(partial)
+    singles = FULL if not smoke else (("full-160m", "full", "160m", {}, 2),
+                                      ("full-160m-padded", "full", "160m", {"packing": "off"}, 2),
+                                      ("lora-r128-1b", "lora", "1b", {"lora_rank": 8}, 2))
+    def wanted(name: str) -> bool:
+        return not only or name.startswith(only)
+
+    if wanted("adamw-1b"):
+        log("adamw ...")
+        rows.append(run_adamw("adamw-1b", "1b", smoke, steps=3 if smoke else 20))
+        log(f"  {rows[-1]}")
     for name, method, size, extra, steps in singles:
+        if not wanted(name):
+            continue
         log(f"{name} ...")
         model = make_model(root, size, tokenizer, smoke)
         budget = budget_for(size, method, steps, batch, tokens_per_pair, smoke, extra.get("lora_rank"))
@@ -296,6 +404,8 @@ def run(smoke: bool, root: str) -> dict:
         log(f"  {rows[-1]}")
     zeros = ZERO if not smoke else (("zero2-1.4b", 2, "1.4b", 2), ("zero3-1.4b", 3, "1.4b", 2))
     for name, stage, size, steps in zeros:
+        if not wanted(name):
+            continue
         log(f"{name} ...")
         model = make_model(root, size, tokenizer, smoke)
         spec = TrialSpec(model=model, method="full", budget_flops=budget_for(size, "full", steps, batch,
@@ -303,13 +413,15 @@ def run(smoke: bool, root: str) -> dict:
                          deepspeed_config=json.dumps({"zero_optimization": {"stage": stage}}), **common)
         rows.append(run_zero(name, spec, peak))
         log(f"  {rows[-1]}")
-    log(f"cache-{CACHE_SIZE} ...")
-    model = make_model(root, CACHE_SIZE, tokenizer, smoke)
-    _reset_memory()
-    rows.append(run_from_cache(f"cache-{CACHE_SIZE}", model, data, os.path.join(root, "store"), batch=batch,
-                               max_length=max_length, steps=4 if smoke else CACHE_STEPS, chunk=4 if smoke else None))
-    log(f"  {rows[-1]}")
-    if not smoke:
+    if wanted(f"cache-{CACHE_SIZE}"):
+        log(f"cache-{CACHE_SIZE} ...")
+        model = make_model(root, CACHE_SIZE, tokenizer, smoke)
+        _reset_memory()
+        rows.append(run_from_cache(f"cache-{CACHE_SIZE}", model, data, os.path.join(root, "store"), batch=batch,
+                                   max_length=max_length, steps=4 if smoke else CACHE_STEPS,
+                                   chunk=4 if smoke else None))
+        log(f"  {rows[-1]}")
+    if not smoke and wanted("shared-0.5"):
         log("shared-0.5 ...")
         model = make_model(root, "160m", tokenizer, smoke)
         rows.append(run_shared(root, model, data, budget_for("160m", "full", 20, batch, tokens_per_pair, smoke)))
@@ -317,7 +429,7 @@ def run(smoke: bool, root: str) -> dict:
     device = torch.cuda.get_device_name() if _cuda() else "cpu"
     return {"date": datetime.date.today().isoformat(), "smoke": smoke, "device": device, "peak_flops": peak,
             "peak_source": peak_source, "torch": torch.__version__, "batch_size": batch, "max_length": max_length,
-            "rows": rows}
+            "rows": list(rows)}
 
 
 def readme_table(out: dict) -> str:
@@ -328,15 +440,20 @@ def readme_table(out: dict) -> str:
     lines = [f"\n## GPU check, {out['date']} ({out['device']}, peak {peak}"
              f" TFLOP/s bf16: {out['peak_source']})\n",
              "`python benchmarks/gpu.py`: random-weight Pythia shapes, batch 1024 x max length 75, bf16.\n",
-             "| path | status | steps | tokens/s | MFU | peak memory GB | note |", "|---|---|---|---|---|---|---|"]
+             "| path | status | steps | tokens/s | MFU | peak memory GB | predicted GB (chunk, ckpt) | note |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
         note = r.get("reason") or ""
         if "busy_fraction" in r:
             note = f"GPU busy {f(r['busy_fraction'], '.2f')} of the loop"
         if "overlap_s" in r:
             note = f"{r.get('trials_completed')} trials completed, {f(r.get('overlap_s'), '.0f')} s overlapping"
+        predicted = "-"
+        if r.get("predicted_memory_gb") is not None:
+            predicted = (f"{r['predicted_memory_gb']:.1f} ({r['chunk']}, "
+                         f"{'ckpt' if r['checkpointing'] else 'no ckpt'})")
         lines.append(f"| {r['path']} | {r['status']} | {r.get('steps') or '-'} | {f(r.get('tokens_per_s'), ',.0f')} "
-                     f"| {f(r.get('mfu'), '.3f')} | {f(r.get('peak_memory_gb'), '.1f')} | {note} |")
+                     f"| {f(r.get('mfu'), '.3f')} | {f(r.get('peak_memory_gb'), '.1f')} | {predicted} | {note} |")
     return "\n".join(lines) + "\n"
 
 
@@ -345,17 +462,19 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, every path, in seconds (CI)")
     ap.add_argument("--out", default=None, help="JSON file (default: $OUT/gpu.json or ./gpu-<date>.json)")
     ap.add_argument("--no-readme", action="store_true", help="full mode: do not append to benchmarks/README.md")
+    ap.add_argument("--only", default="", metavar="A,B", help="only the paths whose names start with these")
     args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     root = tempfile.mkdtemp(prefix="rpgpu")
     t0 = time.perf_counter()
+    date = datetime.date.today().isoformat()
+    path = args.out or (os.path.join(os.environ["OUT"], "gpu.json") if os.environ.get("OUT") else
+                        f"gpu-{date}{'-smoke' if args.smoke else ''}.json")
     try:
-        out = run(args.smoke, root)
+        out = run(args.smoke, root, partial=path, only=tuple(p for p in args.only.split(",") if p))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     out["wall_s"] = time.perf_counter() - t0
-    path = args.out or (os.path.join(os.environ["OUT"], "gpu.json") if os.environ.get("OUT") else
-                        f"gpu-{out['date']}{'-smoke' if args.smoke else ''}.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
     table = readme_table(out)

@@ -56,6 +56,30 @@ TYPICAL_MFU = 0.40
 TYPICAL_MFU_SOURCE = "issue 16's working figure; PaLM (Chowdhery et al. 2022, Table 3): 46.2 % at 540B"
 
 
+# Device memory, GB as the datasheets print it (10^9 bytes: a little under what torch reports, e.g. an H100 80GB has
+# 85.5e9 bytes), by canonical name (PEAKS). The A100 comes with 40 or 80 GB: the name says which ("A100-SXM4-80GB"),
+# and a bare "A100" (Ray's accelerator_type) is taken as the smaller.
+MEMORY_GB = {
+    "H100 PCIe": 80, "H100 NVL": 94, "H100 SXM": 80,  # NVIDIA H100 datasheet
+    "H200 NVL": 141, "H200 SXM": 141,  # NVIDIA H200 datasheet
+    "GH200": 96,  # NVIDIA GH200 datasheet (the 96 GB HBM3 version; 144 GB HBM3e exists)
+    "A100": 40,  # NVIDIA A100 datasheet: 40 GB or 80 GB
+    "L40S": 48, "L40": 48, "L4": 24,  # NVIDIA L40S, L40 and L4 datasheets
+    "A10G": 24, "A10": 24,  # AWS G5 documentation; NVIDIA A10 datasheet
+    "B200": 180,  # NVIDIA HGX B200 (Blackwell datasheet): 180 GB per GPU
+    "MI300X": 192,  # AMD Instinct MI300X data sheet
+}
+
+
+def device_memory(device_name: str) -> float | None:
+    """Bytes of memory of one device, by name (core.memory sizes trials against it); None if not in the table."""
+    entry = device_entry(device_name)
+    if entry is None:
+        return None
+    gb = 80 if entry[0] == "A100" and "80g" in device_name.lower() else MEMORY_GB.get(entry[0])
+    return gb * 1e9 if gb else None
+
+
 def device_entry(device_name: str) -> tuple[str, float, str] | None:
     """(canonical name, dense bf16 FLOP/s, source) for a device name as ``torch.cuda.get_device_name`` gives it
     ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", "NVIDIA L4"); None if unknown or without bf16."""

@@ -23,6 +23,8 @@ KEEP_WEIGHTS = ("trainable", "none")
 # mean over real tokens (the study's); last: the EOS appended to every text, its hidden state (Qwen3-Embedding,
 # E5-Mistral); weighted_mean: SGPT's position-weighted mean, w_i = i / sum_j j (Muennighoff 2022)
 POOLINGS = ("mean", "last", "weighted_mean")
+# texts packed in rows without padding (workers/packing.py): auto = where the family packs; speed, not results
+PACKINGS = ("auto", "on", "off")
 TRIAL_ID_HEX = 16
 
 # Defaults are the paper's (PAPER.md, "Training recipe").
@@ -35,14 +37,14 @@ WEIGHT_DECAY = 0.1
 # Knobs that change how a trial runs but not what it computes.
 RUNTIME_FIELDS = ("chunk_size", "report_every", "report_every_s", "checkpoint_every_s", "save_model",
                   "keep_weights", "weights_uri", "token_cache", "planned_tokens_per_pair", "planned_tokens", "planned_steps", "num_threads",
-                  "prefetch_batches", "deepspeed_config")
+                  "prefetch_batches", "deepspeed_config", "device_share", "packing")
 # Identity fields added after sweeps existed: in the identity only when not at their default (ids stay stable).
 ADDED_FIELDS = ("batching", "pooling")
 # A DeepSpeed override may tune how the engine runs (ZeRO stage, offload, buckets, communication), not what the
 # trial computes: these keys are the trial's (its fields, or fixed by workers/distributed.py's loop).
 DEEPSPEED_TRIAL_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                         "managed_gradient_accumulation", "optimizer", "scheduler", "gradient_clipping", "fp16",
-                        "bf16", "torch_autocast", "amp")
+                        "bf16", "torch_autocast", "amp", "communication_data_type")  # gradients reduce in fp32
 
 
 @dataclass(frozen=True)
@@ -70,12 +72,17 @@ class TrialSpec:
     weight_decay: float = WEIGHT_DECAY
     seed: int = 0
     max_epochs: float = 1.0  # more passes over the training pairs than this: planned as skipped
-    gradient_checkpointing: bool = True
+    # auto: only when the memory model (core/memory.py) needs it, decided by the trial from its device; true/false
+    # force it. It recomputes, it does not change results; ids hash "auto" as true, the default it replaced.
+    gradient_checkpointing: bool | str = "auto"
     precision: str = "auto"  # auto (bf16 autocast where the hardware has it) | bf16 | fp32
     eval_every: int = 0  # optimizer steps between evaluations; 0: at the end only
     eval_pairs: int = 4096  # held-out pairs used (the first ones of the eval file)
     # runtime knobs
     chunk_size: int | None = None  # gradient-cache sub-batch (pairs); None: automatic from memory
+    # a sub-batch's texts packed in rows, no padding (workers/packing.py): the padded step's results up to float
+    # rounding; auto: where the model's family packs, on: always (an error where it cannot), off: padded
+    packing: str = "auto"
     report_every: int = 1  # optimizer steps between metrics rows
     # seconds between events to ``report`` (rows batched in between; evaluations, restarts and the end are sent
     # at once): under Ray Tune every report is a round trip to the driver during which training waits
@@ -97,6 +104,9 @@ class TrialSpec:
     # tensors, not results; the keys that would change results are the trial's and rejected
     # (DEEPSPEED_TRIAL_KEYS above).
     deepspeed_config: str | None = None
+    # the share of its GPU the trial may fill (a fractional GPU's fraction; 1 for a whole one), set by the planner:
+    # what the trial sizes its chunk against (core/memory.py), not the memory other trials left free
+    device_share: float = 1.0
 
     def __post_init__(self):
         # invariants only (values are validated at the grid's edge): what makes the method's fields meaningful
@@ -108,8 +118,12 @@ class TrialSpec:
             raise ValueError("trainable_fraction: required for method freeze and only for it")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling: {self.pooling!r} is not one of {', '.join(POOLINGS)}")
+        if self.packing not in PACKINGS:
+            raise ValueError(f"packing: {self.packing!r} is not one of {', '.join(PACKINGS)}")
         if self.keep_weights not in KEEP_WEIGHTS:
             raise ValueError(f"keep_weights: {self.keep_weights!r} is not one of {', '.join(KEEP_WEIGHTS)}")
+        if self.gradient_checkpointing not in (True, False, "auto"):
+            raise ValueError(f"gradient_checkpointing: {self.gradient_checkpointing!r} is not auto, true or false")
         if self.batching not in BATCHING:
             raise ValueError(f"batching: {self.batching!r} is not one of {', '.join(BATCHING)}")
 
@@ -132,6 +146,8 @@ class TrialSpec:
         for name in ADDED_FIELDS:
             if d[name] == default(name):
                 del d[name]
+        if d["gradient_checkpointing"] == "auto":  # ids made when true was the default stay (the same results)
+            d["gradient_checkpointing"] = True
         return d
 
     def trial_id(self) -> str:

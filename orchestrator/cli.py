@@ -270,12 +270,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from orchestrator.grid import load_grid
     from orchestrator.plan import plan_grid
 
-    from core.devices import TYPICAL_MFU, device_entry
+    from core.devices import TYPICAL_MFU, device_entry, device_memory
 
-    entry = device_entry(getattr(args, "device", "H100 SXM"))
+    device = getattr(args, "device", "H100 SXM")
+    entry = device_entry(device)
     if entry is None:
         raise UserError(f"--device {args.device}: not a device with a bf16 peak in core/devices.py's table")
-    plan = plan_grid(load_grid(args.grid), gpus_available=args.gpus)
+    plan = plan_grid(load_grid(args.grid), gpus_available=args.gpus, gpu_memory=device_memory(device))
     for warning in plan.warnings:
         print(warning, file=sys.stderr)
     if args.json:
@@ -289,7 +290,8 @@ def render_plan(plan, device=("H100 SXM", 989e12, ""), mfu: float = 0.40) -> str
     """The dry run as an aligned text table (deterministic; no terminal width games), then the totals."""
     from orchestrator.plan import short
 
-    header = ("trial_id", "model", "method", "rank/frac", "budget", "tokens", "steps", "hours", "resources", "status")
+    header = ("trial_id", "model", "method", "rank/frac", "budget", "tokens", "steps", "hours", "resources",
+              "memory", "status")
     name, peak, _ = device
     hours = {t.trial_id: t.hardware_flops / (peak * mfu) / 3600 for t in plan.trials}
     rows = []
@@ -304,13 +306,16 @@ def render_plan(plan, device=("H100 SXM", 989e12, ""), mfu: float = 0.40) -> str
         status = "ok" if t.runnable else f"SKIP {t.skip_reason}"
         if t.runnable and rung_of.get(t.budget_flops, 0) > full_rungs:
             status = f"rung {rung_of[t.budget_flops]}: decided after rung {rung_of[t.budget_flops] - 1}"
+        memory = "-" if t.memory_bytes is None else f"{t.memory_bytes / 1e9:.1f}GB" + ("+ckpt" if t.checkpointing else "")
         rows.append((t.trial_id, t.model, t.method, hyper, sci(t.budget_flops), short(t.planned_tokens),
-                     str(t.steps), f"{hours[t.trial_id]:.2g}" if t.runnable else "-", resources, status))
+                     str(t.steps), f"{hours[t.trial_id]:.2g}" if t.runnable else "-", resources, memory, status))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     lines.insert(0, f"sweep {g.name}: {len(g.models)} models x {len(g.methods.cells())} method settings x "
                     f"{len(g.budgets)} budgets; resources for "
-                    + (f"{plan.gpus_available} GPUs per node" if plan.gpus_available else "a CPU-only cluster"))
+                    + (f"{plan.gpus_available} GPUs per node" if plan.gpus_available else "a CPU-only cluster")
+                    + (f" of {plan.gpu_memory / 1e9:.0f} GB each (memory: estimated peak per GPU, core/memory.py; "
+                       "+ckpt: with gradient checkpointing)" if plan.gpu_memory else ""))
     lines.append(f"{len(plan.trials)} trials: {len(plan.runnable)} runnable, {len(plan.skipped)} skipped; "
                  f"{sci(plan.total_flops)} FLOP planned (runnable trials); about "
                  f"{sum(hours[t.trial_id] for t in plan.runnable):.3g} {name}-hours at {mfu:.0%} MFU "

@@ -30,7 +30,7 @@ import threading
 import time
 
 from orchestrator.errors import UserError
-from orchestrator.grid import Grid, load_grid, parse_grid
+from orchestrator.grid import Grid, check_mirrors, load_grid, parse_grid
 from orchestrator.lease import Lease
 from orchestrator.plan import Plan, PlannedTrial, plan_grid
 from orchestrator.store import INTERRUPTED, Recorder, Store, StoreError
@@ -88,6 +88,7 @@ def run_sweep(grid: Grid, store: Store, address: str | None, *, progress: bool =
     """Plan, take the sweep's lease, run what is not done, record. Returns 0, 1 when trials failed, 130 / 143
     when a signal stopped it (``LeaseHeld`` / ``LeaseLost``: exit 2)."""
     plan = plan_grid(grid, strict_data=True)  # bad input stops here, before Ray and before any write
+    check_mirrors(grid, storage_join(store.uri, "grid.yaml"), store.uri)  # run.mirror's trackers: installed, a place
     store.read_trials()  # an unreadable store too
     store.check_location()
     created = store.first_missing_dir()  # what the lease creates, removed if the run ends before the grid is written
@@ -116,8 +117,10 @@ def _run_leased(grid: Grid, store: Store, address: str | None, plan: Plan, lease
     # but the lease: a bad --address is bad input too.
     with ray_session(address) if pending else contextlib.nullcontext(0) as gpus_per_node:
         interrupt.install()  # again: Ray's core worker installs its own SIGTERM handler (it aborts the process)
-        if grid.resources.gpus == "auto" and gpus_per_node:  # an explicit count wins (autoscaling from 0)
-            plan = plan_grid(grid, gpus_available=gpus_per_node, data=plan.data)
+        memory = cluster_gpu_memory() if gpus_per_node else None  # sizes trials (core/memory.py)
+        if gpus_per_node and (grid.resources.gpus == "auto" or memory):  # an explicit count wins (autoscaling from 0)
+            gpus = gpus_per_node if grid.resources.gpus == "auto" else grid.resources.gpus
+            plan = plan_grid(grid, gpus_available=gpus, data=plan.data, gpu_memory=memory)
         trials = merge_trials(existing, plan)
         store.write_grid(grid.model_dump(mode="json", exclude_none=True),
                          {"train_pairs": plan.data.train_pairs, "tokens_per_pair": dict(plan.data.tokens_per_pair),
@@ -130,13 +133,15 @@ def _run_leased(grid: Grid, store: Store, address: str | None, plan: Plan, lease
               f"{len(todo)} to run, {len(plan.skipped)} skipped -> {store.uri}", file=sys.stderr)
         if todo and not interrupt.signum:
             todo = with_token_caches(todo, grid, store)
+            from orchestrator.mirror import mirror_callbacks  # Ray Tune only when something runs
+            from orchestrator.tuning import run_tuner
+
+            mirrors = mirror_callbacks(grid, store, plan.trials)  # run.mirror: the rows copied to trackers
             for rung in rungs(grid, todo, recorder, store):
                 if interrupt.signum or lease.lost:
                     break
-                from orchestrator.tuning import run_tuner  # Ray Tune only when something runs
-
                 run_tuner(rung, recorder, grid, store, progress=Progress(recorder, [t.trial_id for t in rung])
-                          if progress else None, interrupt=interrupt, lease=lease)
+                          if progress else None, callbacks=mirrors, interrupt=interrupt, lease=lease)
             todo = [t for t in todo if trials[t.trial_id]["status"] != "skipped"]  # pruned: not failed
     if interrupt.signum:
         return _Outcome(128 + interrupt.signum, interrupted_line(grid.name, store, trials, todo))
@@ -369,6 +374,19 @@ def _fd2_captured():
             os.close(saved)
             tmp.seek(0)
             captured.append(tmp.read().decode(errors="replace"))
+
+
+def cluster_gpu_memory() -> float | None:
+    """Bytes of the smallest GPU of the cluster, from the ``accelerator_type:<name>`` resources Ray gives GPU nodes
+    (core/devices.py's table; None when no node names a type the table knows)."""
+    import ray
+
+    from core.devices import device_memory
+
+    sizes = [device_memory(key.split(":", 1)[1]) for n in ray.nodes() if n.get("Alive")
+             for key in n.get("Resources", {}) if key.startswith("accelerator_type:")]
+    sizes = [s for s in sizes if s]
+    return min(sizes) if sizes else None
 
 
 def _gpus_per_node(ray) -> int:

@@ -9,13 +9,14 @@ Trial identity: ``trial_id`` is the first 16 hex digits of sha256 over the canon
 ``./models/a/`` == ``models/a``), not as resolved on this machine. So the same grid gives the same ids across
 submits, machines and checkouts; moving data files changes ids only if the URI written in the grid changes
 (and editing a file in place changes none: the id hashes the URI, not the content). Runtime knobs
-(``run.report_every``, ``run.checkpoint_every_s``, ``run.chunk_size``, ``run.save_model``, the planner's
-tokens-per-pair) never change an id; LoRA's ``alpha``/``dropout``/``targets`` change only LoRA trials' ids.
+(``run.report_every``, ``run.checkpoint_every_s``, ``run.chunk_size``, ``run.packing``, ``run.save_model``, the
+planner's tokens-per-pair) never change an id; LoRA's ``alpha``/``dropout``/``targets`` change only LoRA trials' ids.
 """
 from __future__ import annotations
 
 import difflib
 import glob
+import importlib.util
 import math
 import os
 import posixpath
@@ -28,14 +29,17 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 from pydantic_core import PydanticCustomError
 
 from core.models import ModelConfigError, auto_lr, model_shape, read_config
-from core.spec import BATCHING, KEEP_WEIGHTS, LORA_TARGETS, METHODS, POOLINGS, DeepSpeedConfigError, TrialSpec, default, parse_deepspeed_override
+from core.spec import BATCHING, KEEP_WEIGHTS, LORA_TARGETS, METHODS, PACKINGS, POOLINGS, DeepSpeedConfigError, TrialSpec, default, parse_deepspeed_override
 from core.spec import trial_id as trial_id
 from core.strategy import STRATEGIES, AdaptiveConfig
 from core.uris import SCHEMES as DATA_SCHEMES
-from core.uris import StorageError, check_no_credentials
+from core.uris import StorageError, check_no_credentials, is_remote, local_path, redact
 from orchestrator.errors import GridError
 
 SWEEP_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+# run.mirror's trackers -> the module each one's extra installs (pyproject.toml: repurpose[mlflow], repurpose[wandb])
+MIRROR_MODULES = {"mlflow": "mlflow", "wandb": "wandb"}
+MIRRORS = tuple(MIRROR_MODULES)
 
 
 # --- value types: YAML scalars -> typed values, with the messages users see ---------------------------------
@@ -84,16 +88,29 @@ def _unique(values: tuple) -> tuple:
     return values
 
 
-def _lr(v: Any) -> float | str:
-    if v == "auto":
+def _auto_or_positive(what: str):
+    """A validator: 'auto', or a number > 0 (``what`` names it in the error: "a number", "a number of GB")."""
+    def check(v: Any) -> float | str:
+        if v == "auto":
+            return v
+        try:
+            x = _number(v)
+        except PydanticCustomError:
+            x = math.nan
+        if not x > 0:
+            raise PydanticCustomError("auto_or_positive", "must be 'auto' or {what} > 0, got {got}",
+                                      {"what": what, **_got(v)})
+        return x
+    return check
+
+
+_lr = _auto_or_positive("a number")
+
+
+def _auto_bool(v: Any) -> bool | str:
+    if v == "auto" or isinstance(v, bool):
         return v
-    try:
-        x = _number(v)
-    except PydanticCustomError:
-        x = math.nan
-    if not x > 0:
-        raise PydanticCustomError("lr", "must be 'auto' or a number > 0, got {got}", _got(v))
-    return x
+    raise PydanticCustomError("auto_bool", "must be auto, true or false, got {got}", _got(v))
 
 
 def _gpus(v: Any) -> int | str:
@@ -112,6 +129,11 @@ Number = Annotated[float, BeforeValidator(_number)]
 Int = Annotated[int, BeforeValidator(_int)]
 Text = Annotated[str, Field(min_length=1)]
 StrictBool = Annotated[bool, Field(strict=True)]
+
+
+def _listify_or_none(v: Any) -> Any:
+    """``mirror:`` (YAML null) is an empty list."""
+    return () if v is None else _listify(v)
 
 
 def _list_of(item: Any) -> Any:
@@ -224,7 +246,9 @@ class TrainConfig(_Optional):
     weight_decay: Annotated[Number, Field(ge=0)] = default("weight_decay")
     seed: Int = default("seed")
     precision: Literal["auto", "bf16", "fp32"] = default("precision")
-    gradient_checkpointing: StrictBool = default("gradient_checkpointing")
+    # auto: only where the memory model needs it (core/memory.py); true / false force it
+    gradient_checkpointing: Annotated[bool | Literal["auto"], BeforeValidator(_auto_bool)] = default(
+        "gradient_checkpointing")
     batching: Literal[BATCHING] = default("batching")  # random (the paper's) | length_buckets (opt-in)
 
 
@@ -237,10 +261,13 @@ class PlanConfig(_Optional):
 
 
 class ResourcesConfig(_Optional):
-    """Per-trial resources (orchestrator.plan.trial_resources): CPU-only clusters use ``cpus_per_trial``
+    """Per-trial resources (orchestrator.plan.size_trial): CPU-only clusters use ``cpus_per_trial``
     CPUs; on GPU clusters models with N below ``gpu_fraction_below_params`` share a GPU
     (``gpu_fraction`` each), larger ones take one GPU, and trials with N_tr >= ``deepspeed_from_params``
-    take ``deepspeed_gpus`` GPUs of one node (default: all of them) under DeepSpeed ZeRO."""
+    take ``deepspeed_gpus`` GPUs of one node (default: all of them) under DeepSpeed ZeRO. Where the GPUs' memory
+    is known (``gpu_memory_gb``, else the cluster's accelerator type, else `plan --device`), a trial whose memory
+    (core/memory.py) does not fit that share takes more: a larger share, one GPU, then DeepSpeed over 2, 4, ...
+    GPUs."""
 
     gpus: Annotated[int | Literal["auto"], BeforeValidator(_gpus)] = "auto"  # GPUs per node; auto: ask Ray
     cpus_per_trial: Annotated[Number, Field(gt=0)] = 1.0
@@ -248,6 +275,8 @@ class ResourcesConfig(_Optional):
     gpu_fraction_below_params: Annotated[Number, Field(ge=0)] = 1e8  # Pythia 14m-160m share a GPU
     deepspeed_from_params: Annotated[Number, Field(gt=0)] = 1e9
     deepspeed_gpus: Annotated[Int, Field(ge=1)] | None = None
+    # memory of one GPU in GB; auto: from the cluster's accelerator type (Ray's accelerator_type:*), or `plan --device`
+    gpu_memory_gb: Annotated[float | Literal["auto"], BeforeValidator(_auto_or_positive("a number of GB"))] = "auto"
 
 
 class RunConfig(_Optional):
@@ -260,6 +289,7 @@ class RunConfig(_Optional):
     eval_every: Annotated[Int, Field(ge=0)] = default("eval_every")  # steps between evaluations; 0: at the end
     eval_pairs: Annotated[Int, Field(ge=1)] = default("eval_pairs")
     chunk_size: Annotated[Int, Field(ge=1)] | None = default("chunk_size")  # gradient-cache sub-batch; None: auto
+    packing: Literal[PACKINGS] = default("packing")  # texts packed in rows, no padding (workers/packing.py)
     save_model: StrictBool = default("save_model")
     # trainable: a completed trial keeps what it trained (adapter, blocks, biases or the whole model) under
     # <sweep>/models/<trial_id>/, pickle-free, for `repurpose export`; none: nothing kept
@@ -269,6 +299,19 @@ class RunConfig(_Optional):
     token_cache: StrictBool = True
     # DeepSpeed trials: a JSON object (inline, or a path / s3:// / gs:// URI) merged over the default ZeRO-2 config
     deepspeed_config: Text | None = None
+    # experiment trackers that get a copy of every metric row (orchestrator/tuning.py, Ray Tune's logger callbacks);
+    # the store stays the source of truth, a tracker that fails is warned about once and dropped. Never in an id.
+    mirror: Annotated[tuple[Literal[MIRRORS], ...], BeforeValidator(_listify_or_none), AfterValidator(_unique)] = ()
+    mlflow_tracking_uri: Text | None = None  # None: $MLFLOW_TRACKING_URI, else <sweep>/mlflow on a local store
+    wandb_project: Text | None = None  # None: $WANDB_PROJECT, else the sweep's name
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        if v is not None and redact(v) != v:  # the grid is printed and stored
+            raise ValueError(f"{redact(v)}: credentials in a URI are refused: give them in MLFLOW_TRACKING_USERNAME "
+                             "/ MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN")
+        return v
 
     @field_validator("deepspeed_config")
     @classmethod
@@ -357,7 +400,36 @@ def load_grid(path: str) -> Grid:
         where = f"line {mark.line + 1}" if mark is not None else None
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise GridError.at(path, where, f"invalid YAML: {problem}") from None
-    return parse_grid(data, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
+    grid = parse_grid(data, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
+    check_mirrors(grid, path)
+    return grid
+
+
+def check_mirrors(grid: Grid, source: str, sweep_uri: str | None = None) -> None:
+    """Every tracker of ``run.mirror`` is installed (its extra), and, given the sweep's store, MLflow has somewhere
+    to write. Checked where a sweep is planned or run (load_grid; the driver, before Ray), not in parse_grid:
+    reading a stored grid (`replay`) needs no tracker."""
+    for name in grid.run.mirror:
+        if not _installed(MIRROR_MODULES[name]):
+            raise GridError.at(source, "run.mirror", f"{name} is not installed (pip install 'repurpose[{name}]')")
+    if sweep_uri is not None and "mlflow" in grid.run.mirror and mlflow_tracking_uri(grid.run, sweep_uri) is None:
+        raise GridError.at(source, "run.mirror", f"mlflow needs a tracking URI with a remote store "
+                           f"({redact(sweep_uri)}): set run.mlflow_tracking_uri or MLFLOW_TRACKING_URI")
+
+
+def mlflow_tracking_uri(run: RunConfig, sweep_uri: str) -> str | None:
+    """Where the MLflow mirror writes: ``run.mlflow_tracking_uri``, else the user's ``$MLFLOW_TRACKING_URI``, else a
+    local file store ``<sweep>/mlflow`` beside the store's files when the store is local (None: a remote store)."""
+    uri = run.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    if is_remote(sweep_uri):
+        return None
+    return "file://" + os.path.join(local_path(sweep_uri), "mlflow")
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 def parse_grid(data: Any, *, source: str = "grid.yaml", base_dir: str = ".") -> Grid:
@@ -522,7 +594,7 @@ def trial_spec(grid: Grid, model: str, method: str, budget_flops: float,
         weight_decay=t.weight_decay, seed=t.seed, max_epochs=grid.plan.max_epochs, batching=t.batching,
         gradient_checkpointing=t.gradient_checkpointing, precision=t.precision,
         eval_every=r.eval_every, eval_pairs=r.eval_pairs,
-        chunk_size=r.chunk_size, report_every=r.report_every, report_every_s=r.report_every_s,
+        chunk_size=r.chunk_size, packing=r.packing, report_every=r.report_every, report_every_s=r.report_every_s,
         checkpoint_every_s=r.checkpoint_every_s,
         save_model=r.save_model, keep_weights=r.keep_weights, deepspeed_config=r.deepspeed_config,
     )

@@ -1,20 +1,30 @@
 """Feasibility of a grid before anything runs: per trial N, tokens, optimizer steps, resources or a skip reason.
 
-Pure functions (``planned_steps``, ``skip_reason``, ``trial_resources``, ``plan_trial``) and one entry point,
+Pure functions (``planned_steps``, ``skip_reason``, ``size_trial``, ``plan_trial``) and one entry point,
 ``plan_grid(grid) -> Plan``, which adds the only I/O: the models' configs (never their weights) and, once per
 (tokenizer, data), a measurement of the tokens a pair really has; once per data file, a count of its pairs.
 
 Per trial (PAPER.md "FLOP accounting"): N, N_tr from the config (``core.flops.param_counts``), planned tokens
 = ``tokens_for_budget(budget, cost_per_token)``, planned pairs = tokens / tokens per pair, steps =
 pairs // batch_size. Infeasible cells are kept, marked with ``skip_reason``: too few optimizer steps to be a
-training run, or more pairs than ``max_epochs`` passes over the data hold.
+training run, more pairs than ``max_epochs`` passes over the data hold, or (where the GPUs' memory is known) no
+share of a node's GPUs that holds the trial (core/memory.py).
+
+Resources (``size_trial``): the grid's knobs say what a trial would like (a GPU share for small models, DeepSpeed
+from ``deepspeed_from_params`` trainable parameters); the memory model says whether that holds it, and if not the
+trial takes the next size up — a larger share, a whole GPU, DeepSpeed over 2, 4, ... GPUs of one node — with
+gradient checkpointing only where not even a small chunk of activations fits without it. Checkpoints are spaced by
+their size (``core.memory.checkpoint_interval_s``).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass
 from typing import Mapping
 
+from core import memory as mem
 from core.errors import UserError
 from core.flops import (NeoxShape, cost_per_token, param_counts, planned_steps, sequence_hardware_flops,
                         tokens_for_budget)
@@ -44,6 +54,8 @@ class PlannedTrial:
     resources: Mapping[str, float]  # Ray resources of one trial: {"CPU": 1, "GPU": 0.25}
     deepspeed_gpus: int  # 0: plain PyTorch; k: DeepSpeed ZeRO over the k GPUs in `resources`
     skip_reason: str | None  # None: runnable
+    memory_bytes: int | None = None  # estimated peak on each of its GPUs (None: CPU, or the GPUs' memory unknown)
+    checkpointing: bool | None = None  # gradient checkpointing as planned (None: the trial decides on its device)
 
     @property
     def method(self) -> str:
@@ -76,6 +88,8 @@ class PlannedTrial:
             "trainable_fraction": self.trainable_fraction, "budget_flops": self.budget_flops,
             "planned_tokens": self.planned_tokens, "steps": self.steps, "resources": self.display_resources(),
             "skip_reason": self.skip_reason,
+            "memory_gb": None if self.memory_bytes is None else round(self.memory_bytes / 1e9, 2),
+            "gradient_checkpointing": self.checkpointing, "checkpoint_every_s": self.spec.checkpoint_every_s,
         }
 
 
@@ -95,6 +109,7 @@ class Plan:
     trials: tuple[PlannedTrial, ...]
     gpus_available: int  # GPUs per node the resources were planned for (0: CPU-only)
     data: DataStats
+    gpu_memory: float | None = None  # bytes of one GPU the trials were sized against (None: unknown)
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -115,7 +130,8 @@ class Plan:
 
     def to_json(self) -> dict:
         """`plan --json` (shared/CONTRACTS.md)."""
-        return {"trials": [t.to_json() for t in self.trials], "total_flops": self.total_flops}
+        return {"trials": [t.to_json() for t in self.trials], "total_flops": self.total_flops,
+                "gpu_memory_gb": None if self.gpu_memory is None else self.gpu_memory / 1e9}
 
 
 # --- pure policy -------------------------------------------------------------------------------------------
@@ -134,55 +150,135 @@ def skip_reason(*, pairs: float, steps: int, min_steps: int, train_pairs: int | 
     return "; ".join(reasons) or None
 
 
-def trial_resources(n_params: int, n_trainable: int, gpus_available: int, grid: Grid) -> tuple[dict, int]:
-    """(Ray resources of one trial, DeepSpeed GPUs or 0). ``gpus_available``: GPUs on one node, 0 = CPU-only.
+@dataclass(frozen=True)
+class Sizing:
+    """Where a trial runs: Ray resources, DeepSpeed GPUs (0: one process), the share of each GPU it may fill, the
+    planned checkpointing (None: decided by the trial), its estimated peak per GPU and, when nothing on a node holds
+    it, why."""
 
-    N decides sharing (activations and frozen weights scale with N): below ``gpu_fraction_below_params`` a
-    trial takes ``gpu_fraction`` of a GPU, else a whole one. N_tr decides DeepSpeed (gradients and AdamW's
-    two moments, 12 bytes per trainable parameter, are what ZeRO shards): from ``deepspeed_from_params`` on, a
-    trial takes ``deepspeed_gpus`` GPUs of one node (default: all). So LoRA on 2.8B (small N_tr) takes one
-    GPU, full fine-tuning of 1.4B takes a node."""
+    resources: dict
+    deepspeed_gpus: int
+    share: float = 1.0
+    checkpointing: bool | None = None
+    memory: int | None = None
+    problem: str | None = None
+
+
+def size_trial(shape: NeoxShape, spec: TrialSpec, gpus_available: int, grid: Grid,
+               gpu_memory: float | None = None) -> Sizing:
+    """The trial's resources. ``gpus_available``: GPUs on one node, 0 = CPU-only; ``gpu_memory``: bytes of one GPU
+    (None: unknown, the knobs alone decide).
+
+    The knobs first: N below ``gpu_fraction_below_params`` takes ``gpu_fraction`` of a GPU, else a whole one; N_tr
+    from ``deepspeed_from_params`` on takes ``deepspeed_gpus`` GPUs of one node (default: all) under DeepSpeed
+    (gradients and AdamW's moments, 12 bytes per trainable parameter, are what ZeRO shards). So LoRA on 2.8B takes
+    one GPU, full fine-tuning of 1.4B a node. Then memory: a one-process trial that its share does not hold takes
+    half a GPU, a whole one, then DeepSpeed over 2, 4, ... GPUs (ZeRO-2, or the override's stage)."""
     r = grid.resources
     cpus = r.cpus_per_trial
+    n, n_tr = param_counts(shape, spec.method, spec.lora_rank, spec.trainable_fraction, spec.lora_targets)
     if gpus_available <= 0:
-        return {"CPU": _num(cpus)}, 0
-    if n_trainable >= r.deepspeed_from_params:
-        k = min(gpus_available, r.deepspeed_gpus or gpus_available)
-        return {"CPU": _num(cpus * k), "GPU": k}, k
-    if n_params < r.gpu_fraction_below_params:
-        return {"CPU": _num(cpus), "GPU": _num(r.gpu_fraction)}, 0
-    return {"CPU": _num(cpus), "GPU": 1}, 0
+        return Sizing({"CPU": _num(cpus)}, 0)
+    if n_tr >= r.deepspeed_from_params:
+        options = [(1.0, min(gpus_available, r.deepspeed_gpus or gpus_available))]
+    else:
+        first = _num(r.gpu_fraction) if n < r.gpu_fraction_below_params else 1
+        options = [(f, 0) for f in sorted({first, 0.5, 1}) if f >= first]
+        if gpu_memory is not None:  # what memory may need beyond one GPU
+            options += [(1.0, k) for k in _deepspeed_sizes(gpus_available)]
+    if gpu_memory is None:
+        share, k = options[0]
+        return _sizing(share, k, cpus)
+    stage = _zero_stage(spec.deepspeed_config)
+    tried = None
+    for share, k in options:
+        fp = mem.footprint(shape, spec.method, spec.max_length, lora_rank=spec.lora_rank,
+                           trainable_fraction=spec.trainable_fraction, lora_targets=spec.lora_targets,
+                           shards=max(k, 1), zero_stage=stage if k else 0)
+        micro = spec.batch_size // max(k, 1)
+        chosen = mem.choose(fp, share * gpu_memory, micro, spec.gradient_checkpointing)
+        if chosen is not None:
+            ckpt, chunk = chosen
+            return dataclasses.replace(_sizing(share, k, cpus), checkpointing=ckpt,
+                                       memory=fp.total(chunk, ckpt, one_pass=chunk >= micro))
+        tried = (share, k, fp)
+    share, k, fp = tried
+    where = f"ZeRO-{stage} over {k} GPUs" if k else f"{share:g} of a GPU"
+    hint = "; a deepspeed_config with ZeRO stage 3 shards the weights too" if k and stage < 3 else ""
+    return dataclasses.replace(_sizing(share, k, cpus), memory=fp.total(1, True), problem=(
+        f"does not fit in GPU memory: needs {fp.total(1, True) / 1e9:.1f} GB per GPU at the least ({where}, "
+        f"checkpointing, 1 pair per chunk); a GPU has {gpu_memory / 1e9:.0f} GB{hint}"))
+
+
+def _sizing(share: float, k: int, cpus: float) -> Sizing:
+    if k:
+        return Sizing({"CPU": _num(cpus * k), "GPU": k}, k)
+    return Sizing({"CPU": _num(cpus), "GPU": _num(share)}, 0, share=share)
+
+
+def _deepspeed_sizes(gpus: int) -> list[int]:
+    """2, 4, 8, ... up to the node's GPUs, and the node itself."""
+    sizes, k = [], 2
+    while k < gpus:
+        sizes.append(k)
+        k *= 2
+    return sizes + ([gpus] if gpus > 1 else [])
+
+
+def _zero_stage(override: str | None) -> int:
+    """The ZeRO stage a DeepSpeed override asks for (inline JSON or a local file; 2, the default, otherwise)."""
+    if not override:
+        return 2
+    text = override
+    if not override.lstrip().startswith("{"):
+        if "://" in override or not os.path.isfile(override):
+            return 2  # a remote override: read by the trial; planned as the default stage
+        with open(override) as f:
+            text = f.read()
+    try:
+        return int(json.loads(text).get("zero_optimization", {}).get("stage", 2))
+    except (ValueError, AttributeError, TypeError):
+        return 2
 
 
 def plan_trial(trial: Trial, shape: NeoxShape, tokens_per_pair: float, train_pairs: int | None,
-               gpus_available: int, grid: Grid, family: str | None = None) -> PlannedTrial:
+               gpus_available: int, grid: Grid, family: str | None = None,
+               gpu_memory: float | None = None) -> PlannedTrial:
     spec = trial.spec
     family = family or shape.family
     n, n_tr = param_counts(shape, spec.method, spec.lora_rank, spec.trainable_fraction, spec.lora_targets)
     cost = cost_per_token(spec.method, n, n_tr)
     tokens = tokens_for_budget(spec.budget_flops, cost)
     pairs, steps = planned_steps(tokens, tokens_per_pair, spec.batch_size)
-    resources, ds = trial_resources(n, n_tr, gpus_available, grid)
+    sizing = size_trial(shape, spec, gpus_available, grid, gpu_memory)
+    reason = skip_reason(pairs=pairs, steps=steps, min_steps=grid.plan.min_steps, train_pairs=train_pairs,
+                         max_epochs=grid.plan.max_epochs, method=spec.method, bias_params=shape.bias_params())
+    if sizing.problem and reason != "model has no bias parameters":
+        reason = "; ".join(filter(None, (reason, sizing.problem)))
+    spec = dataclasses.replace(
+        spec, planned_tokens_per_pair=tokens_per_pair, planned_tokens=tokens, planned_steps=steps,
+        device_share=sizing.share,
+        checkpoint_every_s=mem.checkpoint_interval_s(mem.checkpoint_bytes(n_tr), spec.checkpoint_every_s))
+    checkpointing = sizing.checkpointing
+    if checkpointing is None and spec.gradient_checkpointing != "auto":
+        checkpointing = spec.gradient_checkpointing
     return PlannedTrial(
-        trial_id=trial.trial_id, model=trial.model, family=family,
-        spec=dataclasses.replace(spec, planned_tokens_per_pair=tokens_per_pair, planned_tokens=tokens,
-                                 planned_steps=steps),
+        trial_id=trial.trial_id, model=trial.model, family=family, spec=spec,
         n_params=n, n_trainable=n_tr, cost_per_token=cost, planned_tokens=tokens, planned_pairs=pairs,
-        steps=steps, planned_flops=tokens * cost, resources=resources, deepspeed_gpus=ds,
-        hardware_flops=tokens * hardware_flops_per_token(shape, spec, tokens_per_pair),
-        skip_reason=skip_reason(pairs=pairs, steps=steps, min_steps=grid.plan.min_steps,
-                                train_pairs=train_pairs, max_epochs=grid.plan.max_epochs, method=spec.method,
-                                bias_params=shape.bias_params()),
+        steps=steps, planned_flops=tokens * cost, resources=sizing.resources, deepspeed_gpus=sizing.deepspeed_gpus,
+        hardware_flops=tokens * hardware_flops_per_token(shape, spec, tokens_per_pair, bool(checkpointing)),
+        skip_reason=reason, memory_bytes=sizing.memory, checkpointing=checkpointing,
     )
 
 
-def hardware_flops_per_token(shape: NeoxShape, spec: TrialSpec, tokens_per_pair: float) -> float:
+def hardware_flops_per_token(shape: NeoxShape, spec: TrialSpec, tokens_per_pair: float,
+                             checkpointing: bool) -> float:
     """FLOP executed per real token of a trial (core.flops.sequence_hardware_flops at the mean text length, half
     a pair; padding and the gradient cache's extra forward left out): what device-hours are estimated from."""
     length = max(1, round(tokens_per_pair / 2))
     return sequence_hardware_flops(shape, spec.method, length, lora_rank=spec.lora_rank,
                                    trainable_fraction=spec.trainable_fraction, lora_targets=spec.lora_targets,
-                                   checkpointing=spec.gradient_checkpointing) / length
+                                   checkpointing=checkpointing) / length
 
 
 def default_gpus(grid: Grid) -> int:
@@ -191,15 +287,21 @@ def default_gpus(grid: Grid) -> int:
 
 
 def plan_grid(grid: Grid, *, gpus_available: int | None = None, data: DataStats | None = None,
-              strict_data: bool = False) -> Plan:
+              strict_data: bool = False, gpu_memory: float | None = None) -> Plan:
     """Every trial of the grid with its plan. ``gpus_available``: GPUs per node (the driver asks Ray; None:
-    ``default_gpus``). ``data``: known data statistics (None: measured, see ``measure_data``)."""
+    ``default_gpus``). ``data``: known data statistics (None: measured, see ``measure_data``). ``gpu_memory``:
+    bytes of one GPU (the driver: from the cluster's accelerator type; `plan`: from ``--device``); the grid's
+    ``resources.gpu_memory_gb`` wins over it."""
     gpus = default_gpus(grid) if gpus_available is None else gpus_available
     data = measure_data(grid, strict=strict_data) if data is None else data
+    if grid.resources.gpu_memory_gb != "auto":
+        gpu_memory = grid.resources.gpu_memory_gb * 1e9
+    gpu_memory = gpu_memory if gpus else None
     shapes = {m: model_shape(grid.model_path(m)) for m in grid.models}
-    trials = tuple(plan_trial(t, shapes[t.model], data.tokens_per_pair[t.model], data.train_pairs, gpus, grid)
+    trials = tuple(plan_trial(t, shapes[t.model], data.tokens_per_pair[t.model], data.train_pairs, gpus, grid,
+                              gpu_memory=gpu_memory)
                    for t in expand(grid))
-    return Plan(grid=grid, trials=trials, gpus_available=gpus, data=data)
+    return Plan(grid=grid, trials=trials, gpus_available=gpus, data=data, gpu_memory=gpu_memory)
 
 
 # --- the data: measured once ------------------------------------------------------------------------------

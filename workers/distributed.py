@@ -22,12 +22,14 @@ Three parts, top to bottom:
    part of the trial's identity: stage, offload and buckets move tensors, not results (ZeRO 2 and 3 with and
    without offload give the single-process losses), and the keys that would change results (optimizer,
    schedule, batch sizes, clipping, precision: core.spec.DEEPSPEED_TRIAL_KEYS) are the trial's and rejected in an
-   override. Precision: DeepSpeed's ``torch_autocast`` (bf16 matmuls over fp32 weights and fp32 AdamW), what a
-   single-GPU trial runs, so a trial's result does not depend on how many GPUs it got. FLOP: each rank counts
-   the real tokens of its shard, summed over ranks by one all-reduce per step (and checked against the global
-   batch: ranks out of step raise); the budget is global. Metrics: rank 0 reports, once per event.
-   Checkpoints: whole tensors in the project's format, whatever the ZeRO stage or number of ranks
-   (workers/zero_checkpoint.py); a finished trial's done marker replaces them.
+   override. Precision: DeepSpeed's ``torch_autocast`` (bf16 matmuls over fp32 weights and fp32 AdamW, gradients
+   reduced in fp32: ``deepspeed_config``), what a single-GPU trial runs, so a trial's result does not depend on how
+   many GPUs it got. FLOP: each rank counts the real tokens of its shard, summed over ranks by one all-reduce per
+   step (and checked against the global batch: ranks out of step raise); the budget is global. Metrics: rank 0
+   reports, once per event.
+   Checkpoints: whole tensors in the project's format, whatever the ZeRO stage or number of ranks; on resume
+   rank 0 reads them and sends them to the others (workers/zero_checkpoint.py); a finished trial's done marker
+   replaces them.
 
 3. Launchers on this side: ``run_rank`` (one rank: process group, recipe, teardown) and ``run_local`` (k processes
    on this machine, gloo on CPU: tests, CPU-only runs). Inside a Tune trial, orchestrator/launchers.py starts the
@@ -49,9 +51,10 @@ import torch.distributed as dist
 import fsio as storage
 from core.flops import NeoxShape
 from core.spec import DeepSpeedConfigError, TrialSpec, parse_deepspeed_override  # noqa: F401 (re-exported)
-from workers import checkpoint, steps, zero_checkpoint
+from workers import steps, zero_checkpoint
 from workers.data import Batch
 from workers.loss import contrastive_backward
+from workers.packing import packs
 
 # --------------------------------------------------------------------------------------------------------
 # 1. The math: one contrastive batch over k ranks
@@ -141,8 +144,13 @@ def deepspeed_config(*, world: int, micro_batch: int, bf16: bool, override: dict
         "steps_per_print": 2 ** 31 - 1,
         "wall_clock_breakdown": False,
     }
-    if bf16:  # fp32 weights and optimizer, bf16 matmuls: the single-GPU trial's numerics
-        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    if bf16:  # fp32 weights, optimizer and gradient reduction, bf16 matmuls: the single-GPU trial's numerics
+        # DeepSpeed 0.19.8 tags the parameters of its "lower precision safe" modules (nn.Linear by default) with the
+        # autocast dtype (runtime/torch_autocast.py, init_autocast_params), and under autocast ZeRO 1/2/3 reduce a
+        # gradient in its parameter's tag, whatever communication_data_type says (runtime/base_optimizer.py,
+        # get_param_comm_dtype; ZeRO-3 also gathers the parameter in it: zero/partition_parameters.py,
+        # get_allgather_dtype). No module tagged: every gradient reduced in fp32 (tests/workers/test_distributed.py)
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     return _merge(config, override or {})
 
 
@@ -163,7 +171,8 @@ def _optimizer(params, lr: float, weight_decay: float, config: dict, device: tor
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, adamw_mode=True)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=device.type == "cuda")
+    # fused on a GPU: one kernel for every tensor, 2.67x foreach's step over 1B parameters on an H200 (benchmarks/gpu.py)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
 
 
 @dataclass(frozen=True)
@@ -218,24 +227,28 @@ def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | N
     # 1. load; 2. choose trainable parameters and plan (counted before ZeRO-3 partitions them)
     tokenizer, model = steps.load(spec.model, device)
     shape = NeoxShape.from_config(model.config.to_dict())
-    model = steps.prepare(model, spec)
-    plan = steps.make_plan(spec, model, tokenizer, device, world=ranks.world)  # hardware FLOP: summed over ranks
     if spec.batch_size % ranks.world:
         raise ValueError(f"batch_size: {spec.batch_size} does not split over {ranks.world} ranks")
     micro = spec.batch_size // ranks.world
+    # the engine's config (ZeRO 2 unless overridden; DeepSpeed's torch_autocast does the bf16 math), then
+    # checkpointing and this rank's chunk from the memory model for that stage
+    config = deepspeed_config(world=ranks.world, micro_batch=micro, bf16=steps.uses_bf16(spec.precision, device),
+                              override=read_override(spec.deepspeed_config))
+    packing = packs(spec.packing, shape.family, device_type=device.type, n_params=shape.n_params())
+    spec = steps.memory_plan(shape, spec, device, world=ranks.world, packing=packing,
+                             zero_stage=config.get("zero_optimization", {}).get("stage", 0))
+    model = steps.prepare(model, spec)
+    plan = steps.make_plan(spec, model, tokenizer, device, world=ranks.world)  # hardware FLOP: summed over ranks
 
-    # the newest checkpoint, read by every rank (past a damaged one: the one before it; the reason says so); a
-    # finished trial's marker: reported again, nothing computed
-    skipped: list[str] = []
-    restored = checkpoint.load(checkpoint_uri, skipped=skipped)
-    zero_checkpoint.check_same(restored, device)
-    row = steps.finished_row(restored, plan, report)
+    # the newest checkpoint, read by rank 0 and sent to the others (past a damaged one: the one before it; the
+    # reason says so), so every rank resumes from the same step; a finished trial's marker: reported again, nothing
+    # computed. Its tensors follow once the engine is up (zero_checkpoint.restore)
+    restored, skipped = zero_checkpoint.read(checkpoint_uri, ranks.rank, device)
+    row = steps.finished_row(None if restored is None else ({}, restored.state), plan, report)
     if row is not None:
         return row
 
-    # the engine: ZeRO over the trial's AdamW; DeepSpeed's torch_autocast does the bf16 math
-    config = deepspeed_config(world=ranks.world, micro_batch=micro, bf16=steps.uses_bf16(spec.precision, device),
-                              override=read_override(spec.deepspeed_config))
+    # the engine: ZeRO over the trial's AdamW
     optimizer = _optimizer([p for p in model.parameters() if p.requires_grad], plan.lr, spec.weight_decay, config,
                            device)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
@@ -245,13 +258,12 @@ def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | N
     steps.resume_reason(progress, skipped)
     restart, restored = restored is not None, None
 
-    chunk = spec.chunk_size or steps.auto_chunk_size(shape, micro, spec.max_length, spec.gradient_checkpointing,
-                                                     device)
-    hardware_flops = steps.HardwareFlops(shape, spec, chunk)  # what this rank executes
+    chunk = spec.chunk_size
+    hardware_flops = steps.HardwareFlops(shape, spec, chunk, packing)  # what this rank executes
     eval_batches = steps.eval_batches(spec, tokenizer, device)
 
     def evaluate() -> dict | None:  # every rank: ZeRO-3's forwards are collective
-        return steps.evaluate(engine, eval_batches, spec, chunk, autocast,
+        return steps.evaluate(engine, eval_batches, spec, chunk, autocast, packing=packing,
                               split=lambda b: shard(b, ranks.rank, ranks.world)[:2])
 
     # 3. train to the budget: the same seeded stream, so the same global batch and budget cut, on every rank
@@ -262,7 +274,7 @@ def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | N
             t_step = time.perf_counter()
             part, gather, owned = shard(steps.to_device(batch, device), ranks.rank, ranks.world)
             loss = contrastive_backward(engine, part, spec.temperature, chunk, autocast, gather=gather,
-                                        backward=engine.backward, pooling=spec.pooling)
+                                        backward=engine.backward, pooling=spec.pooling, packing=packing)
             engine.step()  # reduces (ZeRO) and updates; zeroes the gradients
             train_s = time.perf_counter() - t_step
             # tokens and hardware FLOP summed over ranks; rank 0's clock decides checkpoints for all
@@ -281,7 +293,7 @@ def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | N
     _keep_weights(engine, spec, ranks, progress)
 
     # 5. report (rank 0) and the done marker, which replaces the checkpoints, once every rank is done
-    dist.barrier()
+    zero_checkpoint.barrier()
     row = steps.finish(progress, rows, evaluation, started, checkpoint_uri if ranks.rank == 0 else None)
     engine.destroy()
     return row
@@ -298,7 +310,7 @@ def _keep_weights(engine, spec: TrialSpec, ranks, progress) -> None:
     with deepspeed.zero.GatheredParameters(params, enabled=any(hasattr(p, "ds_id") for p in params)):
         if ranks.rank == 0:
             steps.keep_weights(engine.module, spec, progress)
-    dist.barrier()
+    zero_checkpoint.barrier()
 
 
 def _sum_over_ranks(batch: Batch, owned: int, rank_flops: float, due: bool, device) -> tuple[int, float, bool]:
@@ -340,7 +352,7 @@ def _save_model(engine, tokenizer, output_dir: str, ranks: Ranks, config: dict) 
         if ranks.rank == 0:
             engine.module.save_pretrained(output_dir)
             tokenizer.save_pretrained(output_dir)
-    dist.barrier()
+    zero_checkpoint.barrier()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -371,7 +383,8 @@ def free_port() -> int:
 
 
 def _local_main(rank: int, world: int, port: int, spec: dict, checkpoint_uri, events) -> None:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not torch.cuda.is_available():  # a GPU box runs its ranks on its GPUs (nccl): the GPU check's ZeRO rows
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # once ran a 1.4B model on CPU for want of this
     report = events.put if rank == 0 else None
     try:
         run_rank(spec, rank, world, "127.0.0.1", port, checkpoint_uri=checkpoint_uri, report=report)
@@ -382,7 +395,8 @@ def _local_main(rank: int, world: int, port: int, spec: dict, checkpoint_uri, ev
 
 def run_local(spec: TrialSpec, world: int, *, checkpoint_uri: str | None = None, report=None,
               timeout_s: float = 3600.0) -> dict:
-    """The trial on ``world`` processes of this machine (gloo on CPU); ``report`` gets rank 0's events here.
+    """The trial on ``world`` processes of this machine (its GPUs with nccl where it has them, else the CPU with
+    gloo); ``report`` gets rank 0's events here.
     Returns the trial row. A rank that fails fails the call."""
     import torch.multiprocessing as mp
 

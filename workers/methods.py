@@ -23,16 +23,13 @@ def select_trainable(model, method: str, *, lora_rank=None, trainable_fraction=N
                      lora_dropout=0.0, lora_targets=None):
     """Sets requires_grad per the method; returns the model to train (a peft wrapper for LoRA)."""
     if method == "lora":
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
         targets = ModelShape.from_config(model.config.to_dict()).check_lora_targets(lora_targets)
         kwargs = {} if lora_alpha is None else {"lora_alpha": lora_alpha}
         config = LoraConfig(r=lora_rank, lora_dropout=lora_dropout, target_modules=list(targets), bias="none",
                             **kwargs)
-        with warnings.catch_warnings():
-            # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` alias: library noise
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            return get_peft_model(model, config)  # freezes the base model, adapters train
+        return peft_model(model, config)  # freezes the base model, adapters train
     if method == "full":
         trains = {id(p) for p in model.parameters()}
     elif method == "bias":
@@ -83,3 +80,13 @@ def count_params(model) -> tuple[int, int]:
         if p.requires_grad:
             n_tr += p.numel()
     return n, n_tr
+
+
+def peft_model(model, config):
+    """``peft.get_peft_model`` without its library noise: peft 0.21 reads transformers 5's deprecated
+    ``is_gradient_checkpointing`` alias (a FutureWarning the user did not ask for)."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)

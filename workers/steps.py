@@ -5,7 +5,7 @@ utilities, no base class). A change here changes both paths, on purpose; a chang
 In the order a recipe calls them:
 - setup: ``load`` (tokenizer and backbone, fp32), ``prepare`` (trainable parameters, checkpointing),
   ``make_plan`` (N, N_tr, cost per token, peak lr, planned tokens and steps: the planner's when it set them,
-  else core.flops' functions -- never a third way), ``autocast_for``, ``auto_chunk_size``.
+  else core.flops' functions -- never a third way), ``autocast_for``, ``memory_plan`` (checkpointing and chunk).
 - resume: ``Progress`` (what a checkpoint carries besides tensors), ``finished_row`` (a trial that finished
   before a crash lost the news), ``resume_reason``; ``save_checkpoint`` / ``checkpoint_state``.
 - each step: ``budget_batches`` (the batches under the budget: ``start_step``, the cut by real tokens,
@@ -24,6 +24,7 @@ exactly at the budget.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import sys
 import time
@@ -35,6 +36,7 @@ import fsio as storage
 from core.flops import (NeoxShape, cost_per_token, loss_matmul_flops, planned_steps, sequence_hardware_flops,
                         tokens_for_budget)
 from core.devices import mfu
+from core.memory import MARGIN, OVERHEAD_BYTES, choose, footprint
 from core.models import auto_lr
 from core.spec import TrialSpec
 from workers import checkpoint
@@ -75,7 +77,7 @@ def prepare(model, spec: TrialSpec):
     torch.manual_seed(spec.seed)
     model = select_trainable(model, spec.method, lora_rank=spec.lora_rank, trainable_fraction=spec.trainable_fraction,
                              lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout, lora_targets=spec.lora_targets)
-    if spec.gradient_checkpointing:
+    if spec.gradient_checkpointing is True:  # "auto": decided by memory_plan before
         enable_checkpointing(model)
     return model
 
@@ -155,44 +157,64 @@ def has_bf16(device: torch.device) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def auto_chunk_size(shape: NeoxShape, batch_size: int, max_length: int, checkpointing: bool,
-                    device: torch.device) -> int:
-    """The largest sub-batch (pairs) whose activations fit a share of free memory; the batch itself if it fits.
+def memory_plan(shape: NeoxShape, spec: TrialSpec, device: torch.device, *, world: int = 1,
+                zero_stage: int = 0, packing: bool = False) -> TrialSpec:
+    """The spec with gradient checkpointing and the gradient cache's chunk decided (core/memory.py), where the spec
+    leaves them to the trial ("auto" and None): the largest chunk of this rank's ``batch_size // world`` pairs that
+    fits, checkpointing only when not even a small chunk fits without it.
 
-    Activation bytes per token of one block in 16-bit: 34*d + 5*heads*T (Korthikanti et al. 2022, Eq. 2);
-    with checkpointing only each block's input (2*d bytes) stays, plus one block being recomputed.
-    """
-    per_block = 34 * shape.hidden + 5 * shape.heads * max_length
-    per_token = (shape.layers * 2 * shape.hidden + per_block) if checkpointing else shape.layers * per_block
+    The budget is the trial's share of its device's memory (``spec.device_share`` of a GPU's total: other trials on a
+    shared GPU have theirs, and a reused process's cached blocks from the previous trial are released first), not
+    the memory free right now. On a CPU, a quarter of the free host memory for activations, as before any planner.
+    ``packing``: texts run in rows without padding, so a pair holds the planner's tokens per pair, not twice
+    ``max_length`` (measured on an H200: padded peaks were ~0.6 of the worst case, the queries being short)."""
+    eager = device.type != "cuda"
+    fp = footprint(shape, spec.method, spec.max_length, lora_rank=spec.lora_rank,
+                   trainable_fraction=spec.trainable_fraction, lora_targets=spec.lora_targets, eager_attention=eager,
+                   shards=world, zero_stage=zero_stage, overhead=0 if eager else OVERHEAD_BYTES,
+                   tokens_per_pair=spec.planned_tokens_per_pair if packing else None)
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0] * 0.5
+        torch.cuda.empty_cache()
+        budget = spec.device_share * torch.cuda.get_device_properties(device).total_memory
     else:
         import psutil
 
-        free = psutil.virtual_memory().available * 0.25
-    per_pair = 2 * max_length * per_token  # query and document
-    fit = int(free // per_pair)
-    if fit >= batch_size:
-        return batch_size
-    return max(1, 2 ** int(math.log2(max(fit, 1))))
+        budget = (fp.static + 0.25 * psutil.virtual_memory().available) * MARGIN
+    batch = max(1, spec.batch_size // world)
+    ckpt, chunk = spec.gradient_checkpointing, spec.chunk_size
+    if chunk is not None:
+        if ckpt == "auto":
+            ckpt = fp.total(chunk, False, one_pass=chunk >= batch) > budget
+    else:
+        chosen = choose(fp, budget, batch, ckpt)
+        if chosen is None:  # nothing fits: the smallest there is (the planner skips such trials where it knows)
+            print(f"warning: {spec.model} {spec.method}: needs about {fp.total(1, True) / 1e9:.1f} GB with one "
+                  f"pair per chunk; the device offers {budget / 1e9:.1f} GB", file=sys.stderr, flush=True)
+            chosen = (ckpt if ckpt != "auto" else True, 1)
+        ckpt, chunk = chosen
+    return dataclasses.replace(spec, gradient_checkpointing=bool(ckpt), chunk_size=chunk)
 
 
 class HardwareFlops:
     """The matmul FLOP one step executes where it runs (core.flops.sequence_hardware_flops per padded sequence,
-    cached by length), for the hardware_flops column."""
+    cached by length), for the hardware_flops column. ``packing`` (as the step runs, workers/packing.py): per
+    packed row instead, a row of L tokens costing what a padded sequence of L does: its Linears on its tokens
+    (the real ones and the row's tail), its attention L^2, as eager and SDPA attention compute it under the
+    block-diagonal mask (flash-attention 2's varlen path would compute only each text's own square: unused)."""
 
-    def __init__(self, shape: NeoxShape, spec: TrialSpec, chunk: int):
-        self.shape, self.spec, self.chunk, self.per_sequence = shape, spec, chunk, {}
+    def __init__(self, shape: NeoxShape, spec: TrialSpec, chunk: int, packing: bool = False):
+        self.shape, self.spec, self.chunk, self.packing, self.per_sequence = shape, spec, chunk, packing, {}
 
     def __call__(self, part, pairs: int) -> float:
         """``part``: the batch (or this rank's shard) run here; ``pairs``: the whole batch, whose loss it computes."""
         s, total = self.spec, loss_matmul_flops(pairs, self.shape.hidden)
         grad_cache = self.chunk < len(part)  # as workers/loss.py decides
-        for b, t in step_shapes(part, self.chunk):
+        for b, t in step_shapes(part, self.chunk, self.packing):
             if (t, grad_cache) not in self.per_sequence:
                 self.per_sequence[t, grad_cache] = sequence_hardware_flops(
                     self.shape, s.method, t, lora_rank=s.lora_rank, trainable_fraction=s.trainable_fraction,
-                    lora_targets=s.lora_targets, checkpointing=s.gradient_checkpointing, grad_cache=grad_cache)
+                    lora_targets=s.lora_targets, checkpointing=s.gradient_checkpointing is True,
+                    grad_cache=grad_cache)
             total += b * self.per_sequence[t, grad_cache]
         return total
 
@@ -220,15 +242,16 @@ def eval_batches(spec: TrialSpec, tokenizer, device) -> list:
     return batches
 
 
-def evaluate(model, batches: list, spec: TrialSpec, chunk: int, autocast, *, split=None) -> dict | None:
+def evaluate(model, batches: list, spec: TrialSpec, chunk: int, autocast, *, split=None,
+             packing: bool = False) -> dict | None:
     """The held-out evaluation from one embedding pass (None without eval data): ``eval_loss`` (the mean
     contrastive loss, in-batch negatives) and retrieval over all eval pairs (``recall_at_1``, ``recall_at_10``,
     ``mrr_at_10``, ``ndcg_at_10``: each query against every eval positive, workers/retrieval.py). The model is
-    back in training mode after."""
+    back in training mode after. ``packing``: packed rows (workers/packing.py), as the training steps run."""
     if not batches:
         return None
     model.eval()
-    pairs = eval_embeddings(model, batches, chunk, autocast, split=split, pooling=spec.pooling)
+    pairs = eval_embeddings(model, batches, chunk, autocast, split=split, pooling=spec.pooling, packing=packing)
     model.train()
     q, d = torch.cat([q for q, _ in pairs]), torch.cat([d for _, d in pairs])
     return {"eval_loss": mean_info_nce(pairs, spec.temperature), **retrieval_metrics(q, d)}

@@ -156,11 +156,13 @@ def load_trained(base_model_path: str, uri: str, *, attn_implementation: str = "
 
 
 def _merge_lora(model, tensors: dict, config: dict, uri: str):
-    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+    from peft import PeftConfig, set_peft_model_state_dict
+
+    from workers.methods import peft_model as wrap
 
     config = PeftConfig.from_peft_type(**config)
     config.inference_mode = False
-    peft_model = get_peft_model(model, config)
+    peft_model = wrap(model, config)
     result = set_peft_model_state_dict(peft_model, tensors)
     if result.unexpected_keys:
         raise WeightsError(f"{storage.redact(uri)}: {len(result.unexpected_keys)} adapter tensors do not fit the "

@@ -41,6 +41,15 @@ def test_mfu_by_hand():
     assert mfu(1e12, 0.0, 989e12) is None and mfu(1e12, 10.0, None) is None
 
 
+def test_device_memory_by_name():
+    from core.devices import device_memory
+
+    assert device_memory("NVIDIA H100 80GB HBM3") == 80e9 and device_memory("H100") == 80e9  # Ray's accelerator_type
+    assert device_memory("A100") == 40e9 and device_memory("NVIDIA A100-SXM4-80GB") == 80e9
+    assert device_memory("NVIDIA L4") == 24e9 and device_memory("NVIDIA H200") == 141e9
+    assert device_memory("Tesla T4") is None and device_memory("no such card") is None
+
+
 def test_device_hours_by_hand():
     # 1e21 FLOP at 40 % of 989e12: 1e21 / 3.956e14 = 2,527,805 s = 702.2 h
     assert TYPICAL_MFU == 0.40
@@ -68,12 +77,3 @@ def test_cpu_peak_measured_once_and_cached(tmp_path, monkeypatch):
     assert entry["cpu"] == device_peak.cpu_model() and entry["threads"] == 1
     peak, source = device_peak.device_peak(torch.device("cpu"), cache_dir=str(tmp_path), sizes=(64, 128))
     assert peak == first and source.startswith("measured")
-    # MFU by hand on this CPU: a timed workload of known FLOP against the measured peak is in (0, ~1.3]
-    a = torch.randn(128, 128, dtype=torch.bfloat16)
-    import time
-
-    t0, reps = time.perf_counter(), 50
-    for _ in range(reps):
-        a @ a
-    util = mfu(2 * 128 ** 3 * reps, time.perf_counter() - t0, peak)
-    assert 0 < util < 1.5  # a shared machine: the same matmul may run a little faster than when measured

@@ -19,7 +19,8 @@ TINY_CONFIG = {"model_type": "gpt_neox", "hidden_size": 64, "num_hidden_layers":
                "intermediate_size": 256, "vocab_size": 512, "use_parallel_residual": True,
                "repurpose_pretrain_lr": 1e-3}
 CONTRACT_KEYS = {"trial_id", "model", "method", "lora_rank", "trainable_fraction", "budget_flops",
-                 "planned_tokens", "steps", "resources", "skip_reason"}
+                 "planned_tokens", "steps", "resources", "skip_reason", "memory_gb", "gradient_checkpointing",
+                 "checkpoint_every_s"}
 
 
 @pytest.fixture
@@ -42,11 +43,11 @@ def test_plan_table(grid_file, capsys):
     lines = out.splitlines()
     assert lines[0] == "sweep t: 1 models x 2 method settings x 2 budgets; resources for a CPU-only cluster"
     assert lines[1].split() == ["trial_id", "model", "method", "rank/frac", "budget", "tokens", "steps",
-                                "hours", "resources", "status"]
-    assert lines[2].split()[1:] == ["./tiny", "full", "-", "1.2e9", "999", "8", "-", "CPU=1", "SKIP", "8",
+                                "hours", "resources", "memory", "status"]
+    assert lines[2].split()[1:] == ["./tiny", "full", "-", "1.2e9", "999", "8", "-", "CPU=1", "-", "SKIP", "8",
                                     "optimizer", "steps", "<", "min_steps", "10"]
     lora = lines[5].split()[1:]
-    assert lora[:6] + lora[7:] == ["./tiny", "lora", "r=8", "1.2e10", "1.2e4", "100", "CPU=1", "ok"]
+    assert lora[:6] + lora[7:] == ["./tiny", "lora", "r=8", "1.2e10", "1.2e4", "100", "CPU=1", "-", "ok"]
     assert 0 < float(lora[6]) < 1e-6  # ~1e10 FLOP on an H100 at 40 %: tens of microseconds' worth of hours
     assert lines[-2].startswith("4 trials: 3 runnable, 1 skipped; ") and "FLOP planned (runnable trials)" in lines[-2]
     assert lines[-1] == "tokens per pair (measured per tokenizer): ./tiny 30.0"  # plan.tokens_per_pair: 30
@@ -56,7 +57,8 @@ def test_plan_table(grid_file, capsys):
 def test_plan_json(grid_file, capsys):
     assert cli.main(["plan", grid_file, "--json", "--gpus", "2"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert set(doc) == {"trials", "total_flops"} and len(doc["trials"]) == 4
+    assert set(doc) == {"trials", "total_flops", "gpu_memory_gb"} and len(doc["trials"]) == 4
+    assert doc["gpu_memory_gb"] == 80.0  # --device's default, the H100 SXM: 80 GB
     assert all(set(row) == CONTRACT_KEYS for row in doc["trials"])
     full = doc["trials"][0]
     assert (full["method"], full["lora_rank"], full["budget_flops"], full["planned_tokens"], full["steps"]) == (
@@ -280,10 +282,12 @@ def test_suite_list_and_build_for_real(tmp_path, capsys):
     assert [(m["name"], m["n_params"]) for m in listed] == [(built[0].name, 100_096)]
 
 
-def test_plan_estimates_device_hours(capsys, monkeypatch):
+def test_plan_estimates_device_hours(capsys, monkeypatch, tmp_path):
     """Device-hours per trial and in total, at an assumed MFU of a named device's bf16 peak: the paper's grid is
-    1.4e20 FLOP, ~98 H100-hours of paper FLOP at 40 %; executed FLOP add checkpointing's recomputation (a forward
-    again: 8N per token against 6N for full fine-tuning), so between 1.3x and 1.5x that; halving the MFU doubles it."""
+    1.4e20 FLOP, ~98 H100-hours of paper FLOP at 40 %; executed FLOP add attention and, where the memory model turns
+    it on, checkpointing's recomputation (a forward again: 8N per token against 6N for full fine-tuning). Planned for
+    CPU nothing is checkpointed (the trial decides): between 1.0x and 1.15x; on 8 H100s per node the 80 GB hold
+    every trial without it too; forced on, 1.3x to 1.5x. Halving the MFU doubles the hours."""
     import re
 
     fake = types.ModuleType("workers.records")
@@ -299,7 +303,16 @@ def test_plan_estimates_device_hours(capsys, monkeypatch):
 
     paper_hours = 1.4e20 / (989e12 * 0.40) / 3600
     h100 = total()
-    assert 1.3 * paper_hours < h100 < 1.5 * paper_hours
+    assert 1.0 * paper_hours < h100 < 1.15 * paper_hours
+    assert total("--gpus", "8") == pytest.approx(h100, rel=1e-6)
+    forced = tmp_path / "paper.yaml"
+    grid = yaml.safe_load(open(PAPER))
+    grid.setdefault("train", {})["gradient_checkpointing"] = True
+    forced.write_text(yaml.safe_dump(grid))
+    assert cli.main(["plan", str(forced)]) == 0
+    out = capsys.readouterr().out
+    checkpointed = float(re.search(r"about ([0-9.e+]+) [^;]*-hours at", out).group(1))
+    assert 1.3 * paper_hours < checkpointed < 1.5 * paper_hours
     assert total("--mfu", "0.2") == pytest.approx(2 * h100, rel=0.01)
     assert total("--device", "A100") == pytest.approx(h100 * 989 / 312, rel=0.01)
     assert cli.main(["plan", PAPER, "--device", "T4"]) == 2  # emulated bf16 only: no peak to plan with

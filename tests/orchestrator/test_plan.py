@@ -13,7 +13,7 @@ import yaml
 from orchestrator.errors import UserError
 from orchestrator.grid import expand, parse_grid
 from orchestrator.plan import (FALLBACK_TOKENS_PER_PAIR, DataStats, measure_data, plan_grid, planned_steps,
-                               short, skip_reason, trial_resources)
+                               short, size_trial, skip_reason)
 
 PAPER = os.path.join(os.path.dirname(__file__), "..", "..", "grids", "paper.yaml")
 # 4 layers, hidden 64, intermediate 256 (tests/conftest.py's tiny_model)
@@ -112,22 +112,97 @@ def test_plan_keeps_ids_and_records_tokens_per_pair(tmp_path):
 
 def test_json_rows_have_exactly_the_contract_keys(tmp_path):
     doc = plan_grid(tiny_grid(tmp_path), data=DataStats({"./tiny": 30.0}, None)).to_json()
-    assert set(doc) == {"trials", "total_flops"}
+    assert set(doc) == {"trials", "total_flops", "gpu_memory_gb"}
     assert all(set(row) == {"trial_id", "model", "method", "lora_rank", "trainable_fraction", "budget_flops",
-                            "planned_tokens", "steps", "resources", "skip_reason"} for row in doc["trials"])
+                            "planned_tokens", "steps", "resources", "skip_reason", "memory_gb",
+                            "gradient_checkpointing", "checkpoint_every_s"} for row in doc["trials"])
     json.dumps(doc)
 
 
 # --- resources ---------------------------------------------------------------------------------------------
-def test_resources_policy(tmp_path):
+def pythia(size: str, method: str = "full", grid=None, **fields):
+    """(shape, spec) of a Pythia size from the built-in tables (no download)."""
+    from core.models import model_shape
+    from core.spec import TrialSpec
+
+    spec = TrialSpec(model=f"EleutherAI/pythia-{size}", method=method, budget_flops=1e18, train_data="x",
+                     **fields)
+    return model_shape(spec.model), spec
+
+
+def test_resources_policy_without_memory(tmp_path):
+    """The knobs alone (GPU memory unknown): N below 1e8 shares a GPU, N_tr from 1e9 takes a node."""
     grid = tiny_grid(tmp_path, resources__cpus_per_trial=2)
-    assert trial_resources(10**6, 10**6, 0, grid) == ({"CPU": 2}, 0)  # CPU-only cluster
-    assert trial_resources(10**6, 10**6, 8, grid) == ({"CPU": 2, "GPU": 0.25}, 0)  # small: a quarter GPU
-    assert trial_resources(3 * 10**8, 3 * 10**8, 8, grid) == ({"CPU": 2, "GPU": 1}, 0)  # mid: one GPU
-    assert trial_resources(2 * 10**9, 2 * 10**9, 8, grid) == ({"CPU": 16, "GPU": 8}, 8)  # large N_tr: DeepSpeed
-    assert trial_resources(2 * 10**9, 10**7, 8, grid) == ({"CPU": 2, "GPU": 1}, 0)  # LoRA on a big model
+    size = lambda spec_of, gpus, g=grid: (lambda s: (s.resources, s.deepspeed_gpus))(size_trial(*spec_of, gpus, g))
+    assert size(pythia("14m"), 0) == ({"CPU": 2}, 0)  # CPU-only cluster
+    assert size(pythia("14m"), 8) == ({"CPU": 2, "GPU": 0.25}, 0)  # N = 1.2M: a quarter GPU
+    assert size(pythia("410m"), 8) == ({"CPU": 2, "GPU": 1}, 0)  # N = 302M: one GPU
+    assert size(pythia("1.4b"), 8) == ({"CPU": 16, "GPU": 8}, 8)  # N_tr = 1.2B: DeepSpeed over the node
+    assert size(pythia("2.8b", "lora", lora_rank=8), 8) == ({"CPU": 2, "GPU": 1}, 0)  # LoRA: small N_tr
     capped = tiny_grid(tmp_path, resources__deepspeed_gpus=4)
-    assert trial_resources(2 * 10**9, 2 * 10**9, 8, capped) == ({"CPU": 4, "GPU": 4}, 4)
+    assert size(pythia("1.4b"), 8, capped) == ({"CPU": 4, "GPU": 4}, 4)
+
+
+# Pythia-1b full fine-tuning, by hand (core/memory.py): N = 805,736,448, N + embedding (50304 x 2048) =
+# 908,759,040 parameters. weights 4 x 908,759,040 = 3,635,036,160; bf16 copies 2N = 1,611,472,896; gradients 4N =
+# 3,222,945,792; AdamW 8N = 6,445,891,584; overhead 2^30 -> static 15,989,088,256 B (~16 GB, the issue's figure).
+# Activations (SDPA): 8h + 8a + 4I = 65,536 B per token and block, x 16 blocks, + 4h = 8,192 outside them (the
+# final LayerNorm's input): 150 tokens x 1,056,768 = 158,515,200 B per pair; checkpointed: 150 x (4 x 2048 x 16 +
+# 65,536 + 8,192) = 30,720,000 B per pair. Everything x 1.1 margin.
+def test_memory_sizes_one_billion_full(tmp_path):
+    grid = tiny_grid(tmp_path)
+    shape, spec = pythia("1b", batch_size=1024)
+    # 80 GB: 80e9 / 1.1 - 15,989,088,256 = 56.74e9 B -> 357 pairs -> chunk 256, no checkpointing
+    s = size_trial(shape, spec, 8, grid, 80e9)
+    assert (s.resources, s.deepspeed_gpus, s.checkpointing) == ({"CPU": 1, "GPU": 1}, 0, False)
+    assert s.memory == int((15_989_088_256 + 256 * 158_515_200) * 1.1) + 1
+    # 20 GB, one GPU per node: 2.19e9 B -> 13 pairs < 16 without checkpointing; with it 71 -> chunk 64
+    s = size_trial(shape, spec, 1, grid, 20e9)
+    assert (s.resources, s.checkpointing, s.problem) == ({"CPU": 1, "GPU": 1}, True, None)
+    # 16 GB (below the static 17.6 GB with the margin), 8 per node: ZeRO-2 over 2 GPUs shards gradients and AdamW:
+    # static 3,635,036,160 + 1,611,472,896 + (3,222,945,792 + 6,445,891,584) / 2 + 2^30 = 11,154,669,568;
+    # 16e9 / 1.1 - that = 3.39e9 B -> 21 pairs of the 512 per rank -> chunk 16, no checkpointing
+    s = size_trial(shape, spec, 8, grid, 16e9)
+    assert (s.resources, s.deepspeed_gpus, s.checkpointing) == ({"CPU": 2, "GPU": 2}, 2, False)
+    # one 16 GB GPU and nothing else: no share holds it, and the plan says so
+    s = size_trial(shape, spec, 1, grid, 16e9)
+    assert s.problem.startswith("does not fit in GPU memory: needs 17.6 GB per GPU at the least (1 of a GPU")
+
+
+def test_memory_grows_a_share_before_a_gpu(tmp_path):
+    """Pythia-70m full at batch 1024 on a 24 GB card: a quarter (6 GB) holds the static ~1.4 GB and a chunk."""
+    grid = tiny_grid(tmp_path)
+    shape, spec = pythia("70m", batch_size=1024)
+    s = size_trial(shape, spec, 4, grid, 24e9)
+    assert s.resources == {"CPU": 1, "GPU": 0.25} and s.share == 0.25 and s.checkpointing is False
+    # a 2 GB card: a quarter (0.5 GB) cannot hold the static part, half of it (1 GB) neither, a whole one can
+    s = size_trial(shape, spec, 4, grid, 2e9)
+    assert s.resources == {"CPU": 1, "GPU": 1} and s.share == 1
+
+
+def test_plan_carries_the_share_checkpointing_and_checkpoint_interval(tmp_path):
+    stats = DataStats({"./tiny": 30.0}, None)
+    plan = plan_grid(tiny_grid(tmp_path, resources__gpus=4, resources__gpu_memory_gb=24), data=stats)
+    assert plan.gpu_memory == 24e9
+    assert all(t.spec.device_share == 0.25 and t.checkpointing is False for t in plan.trials)
+    assert all(t.spec.checkpoint_every_s == 60.0 for t in plan.trials)  # tiny checkpoints: the grid's interval
+    row = plan.to_json()["trials"][0]
+    assert row["gradient_checkpointing"] is False and row["memory_gb"] > 1.0 and row["checkpoint_every_s"] == 60.0
+    # forced on by the grid: planned on whatever memory says
+    forced = plan_grid(tiny_grid(tmp_path, resources__gpus=4, resources__gpu_memory_gb=24,
+                                 train__gradient_checkpointing=True), data=stats)
+    assert all(t.checkpointing is True for t in forced.trials)
+    # CPU: decided by the trial on its machine
+    assert all(t.checkpointing is None for t in plan_grid(tiny_grid(tmp_path), data=stats).trials)
+
+
+def test_checkpoint_interval_scales_with_size():
+    from core.memory import checkpoint_bytes, checkpoint_interval_s
+
+    # 1B full: 12 x 805,736,448 = 9.67e9 B; at 250 MB/s a 38.7 s write; 5 % of the time -> every 773 s
+    assert checkpoint_bytes(805_736_448) == 9_668_837_376
+    assert checkpoint_interval_s(9_668_837_376, 60.0) == pytest.approx(773.5, abs=0.1)
+    assert checkpoint_interval_s(10**6, 60.0) == 60.0  # small: the grid's floor
 
 
 def test_plan_shows_cpu_unless_the_grid_names_gpus(tmp_path):
@@ -272,3 +347,17 @@ def test_measures_real_data_with_the_models_tokenizer(tiny_model, pairs_file, tm
     expected = sum(lengths) / 64
     assert stats.tokens_per_pair == {tiny_model: pytest.approx(expected)} and 2 < expected <= 64
     assert stats.train_pairs == 2000 and stats.warnings == ()
+
+
+def test_cluster_gpu_memory_from_ray_accelerator_types(monkeypatch):
+    import ray
+
+    from orchestrator.driver import cluster_gpu_memory
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 8, "GPU": 8, "accelerator_type:H100": 1}},
+             {"Alive": True, "Resources": {"CPU": 8, "GPU": 4, "accelerator_type:L4": 1}},
+             {"Alive": False, "Resources": {"GPU": 1, "accelerator_type:T4": 1}}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    assert cluster_gpu_memory() == 24e9  # the smallest live GPU sizes every trial
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"GPU": 1}}])
+    assert cluster_gpu_memory() is None  # no type named: the knobs alone
