@@ -52,6 +52,12 @@ def local_path(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+def absolute(uri: str) -> str:
+    """A URI as another process reads it: remote ones as they are, local ones absolute (Ray Tune runs each trial in
+    its own working directory, where ``./sweeps`` is somewhere else)."""
+    return uri if is_remote(uri) else local_path(uri)
+
+
 def checked(uri: str) -> str:
     """A remote URI the storage layer can open: no credentials, a known scheme (StorageError otherwise)."""
     check_no_credentials(uri)

@@ -9,6 +9,7 @@ import tempfile
 
 from ray import tune
 
+from core.uris import absolute
 from orchestrator.grid import Grid
 from orchestrator.lease import LeaseLost
 from orchestrator.plan import PlannedTrial
@@ -29,8 +30,11 @@ def run_tuner(todo: list[PlannedTrial], recorder: Recorder, grid: Grid, store: S
     # Our own handler (driver.Interrupt) owns SIGINT: Tune's would end the run with `Tuner.restore` advice, which
     # does not apply here (ray/tune/tune.py ``_setup_signal_catching`` reads this at fit time).
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    configs = [{"trial_id": t.trial_id, "spec": {**t.spec.to_dict(), "weights_uri": store.model_uri(t.trial_id)},
-                "checkpoint_uri": store.checkpoint_uri(t.trial_id),
+    # every URI a trial gets absolute: Ray Tune runs each trial in its own working directory
+    configs = [{"trial_id": t.trial_id,
+                "spec": {**t.spec.to_dict(), "weights_uri": absolute(store.model_uri(t.trial_id)),
+                         "token_cache": t.spec.token_cache and absolute(t.spec.token_cache)},
+                "checkpoint_uri": absolute(store.checkpoint_uri(t.trial_id)),
                 "resources": dict(t.resources), "deepspeed_gpus": t.deepspeed_gpus} for t in todo]
     trainable = tune.with_resources(trainable, trial_placement)
     callback = _StoreCallback(recorder, progress, interrupt=interrupt, lease=lease)
@@ -54,6 +58,9 @@ def run_tuner(todo: list[PlannedTrial], recorder: Recorder, grid: Grid, store: S
         )
         # Tune's result analysis looks for the per-trial files the store replaces; it would warn per trial.
         logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+        # A failed attempt: Tune logs the worker's whole traceback; the store's callback prints one line per failure
+        # (``_error_line``) and the trial's reason keeps the error.
+        logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
         tuner.fit()
         if lease is not None and lease.lost:
             raise LeaseLost(lease.lost_line())

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from analysis.schema import METRICS_SCHEMA, TRIALS_SCHEMA
-from raykit import wait_for
+from raykit import REPO, wait_for
 from support import clean_run
 
 ALL_METHODS = {"full": {}, "freeze": {"trainable_fraction": [0.5]}, "bias": {}, "lora": {"rank": [4]}}
@@ -77,7 +77,9 @@ def check_store(sweep_dir, runnable_ids: set[str], contract) -> tuple[dict[str, 
 # --- (a) the whole path --------------------------------------------------------------------------------------
 def test_submit_all_methods_end_to_end(make_grid, ray_env, tmp_path, contract):
     grid = make_grid("e2e", methods=ALL_METHODS, budgets=[5.0e9])
-    storage = str(tmp_path / "store")
+    # a relative store (as the default ./sweeps): Ray Tune runs each trial in a working directory of its own, so the
+    # trials must be given absolute URIs (token cache, checkpoints, kept weights) -- relative ones failed every trial
+    storage = os.path.relpath(tmp_path / "store", REPO)  # ray_env runs the CLI in the repository
     plan = ray_env.json(["plan", grid, "--json"])
     runnable = {t["trial_id"] for t in plan["trials"] if t["skip_reason"] is None}
     assert len(runnable) == 4 and {t["method"] for t in plan["trials"]} == set(ALL_METHODS)
@@ -87,7 +89,7 @@ def test_submit_all_methods_end_to_end(make_grid, ray_env, tmp_path, contract):
     assert "sweep e2e: 4 trials, 0 already completed, 4 to run, 0 skipped" in proc.stderr
     assert "Traceback" not in proc.stderr
 
-    sweep_dir = os.path.join(storage, "e2e")
+    sweep_dir = str(tmp_path / "store" / "e2e")
     trials, metrics = check_store(sweep_dir, runnable, contract)
     assert set(trials) == {t["trial_id"] for t in plan["trials"]}  # plan ids == store ids
     for p in plan["trials"]:
@@ -101,6 +103,7 @@ def test_submit_all_methods_end_to_end(make_grid, ray_env, tmp_path, contract):
     assert by_method["full"]["n_trainable"] == by_method["full"]["n_params"]
     assert by_method["bias"]["n_trainable"] < by_method["lora"]["n_trainable"] < by_method["freeze"]["n_trainable"]
     assert sorted(os.listdir(os.path.join(sweep_dir, "checkpoints"))) == sorted(runnable)
+    assert sorted(os.listdir(os.path.join(sweep_dir, "models"))) == sorted(runnable)  # kept weights, in the store
 
     status = ray_env.json(["status", "e2e", "--json", "--storage", storage])
     assert status["sweep"] == "e2e"
