@@ -58,9 +58,6 @@ def run_tuner(todo: list[PlannedTrial], recorder: Recorder, grid: Grid, store: S
         )
         # Tune's result analysis looks for the per-trial files the store replaces; it would warn per trial.
         logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-        # A failed attempt: Tune logs the worker's whole traceback; the store's callback prints one line per failure
-        # (``_error_line``) and the trial's reason keeps the error.
-        logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
         tuner.fit()
         if lease is not None and lease.lost:
             raise LeaseLost(lease.lost_line())
