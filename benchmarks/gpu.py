@@ -174,20 +174,19 @@ def failed(name: str, e: BaseException) -> dict:
 
 def predicted_memory(spec) -> dict:
     """What the memory model (core/memory.py) expects of the trial on this device: the chunk and checkpointing the
-    trial will choose (workers.steps.memory_plan) and the peak they imply (with its margin and 1 GiB overhead, so
-    a little above what ``max_memory_allocated`` sees)."""
+    trial will choose (workers.steps.memory_plan, packed or not as the trial runs) and the peak they imply (with its
+    margin and, on a GPU, 1 GiB overhead, so a little above what ``max_memory_allocated`` sees)."""
     import torch
 
-    from core.memory import footprint
     from core.models import model_shape
     from workers import steps
+    from workers.packing import packs
 
     device = torch.device("cuda", torch.cuda.current_device()) if _cuda() else torch.device("cpu")
     shape = model_shape(spec.model)
-    decided = steps.memory_plan(shape, spec, device)
-    fp = footprint(shape, spec.method, spec.max_length, lora_rank=spec.lora_rank,
-                   trainable_fraction=spec.trainable_fraction, lora_targets=spec.lora_targets,
-                   eager_attention=device.type != "cuda")
+    packing = packs(spec.packing, shape.family, device_type=device.type, n_params=shape.n_params())
+    decided = steps.memory_plan(shape, spec, device, packing=packing)
+    fp = steps.trial_footprint(shape, spec, device, packing=packing)
     return {"chunk": decided.chunk_size, "checkpointing": decided.gradient_checkpointing,
             "predicted_memory_gb": fp.total(decided.chunk_size, decided.gradient_checkpointing,
                                             one_pass=decided.chunk_size >= spec.batch_size) / 2 ** 30}

@@ -36,7 +36,7 @@ import fsio as storage
 from core.flops import (NeoxShape, cost_per_token, loss_matmul_flops, planned_steps, sequence_hardware_flops,
                         tokens_for_budget)
 from core.devices import mfu
-from core.memory import MARGIN, OVERHEAD_BYTES, choose, footprint
+from core.memory import MARGIN, OVERHEAD_BYTES, Footprint, choose, footprint
 from core.models import auto_lr
 from core.spec import TrialSpec
 from workers import checkpoint
@@ -157,6 +157,17 @@ def has_bf16(device: torch.device) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def trial_footprint(shape: NeoxShape, spec: TrialSpec, device: torch.device, *, world: int = 1,
+                    zero_stage: int = 0, packing: bool = False) -> Footprint:
+    """The trial's memory on ``device`` (core/memory.py): eager attention and no CUDA overhead on a CPU; packed, a
+    pair holds the planner's tokens per pair."""
+    eager = device.type != "cuda"
+    return footprint(shape, spec.method, spec.max_length, lora_rank=spec.lora_rank,
+                     trainable_fraction=spec.trainable_fraction, lora_targets=spec.lora_targets, eager_attention=eager,
+                     shards=world, zero_stage=zero_stage, overhead=0 if eager else OVERHEAD_BYTES,
+                     tokens_per_pair=spec.planned_tokens_per_pair if packing else None)
+
+
 def memory_plan(shape: NeoxShape, spec: TrialSpec, device: torch.device, *, world: int = 1,
                 zero_stage: int = 0, packing: bool = False) -> TrialSpec:
     """The spec with gradient checkpointing and the gradient cache's chunk decided (core/memory.py), where the spec
@@ -168,11 +179,7 @@ def memory_plan(shape: NeoxShape, spec: TrialSpec, device: torch.device, *, worl
     the memory free right now. On a CPU, a quarter of the free host memory for activations, as before any planner.
     ``packing``: texts run in rows without padding, so a pair holds the planner's tokens per pair, not twice
     ``max_length`` (measured on an H200: padded peaks were ~0.6 of the worst case, the queries being short)."""
-    eager = device.type != "cuda"
-    fp = footprint(shape, spec.method, spec.max_length, lora_rank=spec.lora_rank,
-                   trainable_fraction=spec.trainable_fraction, lora_targets=spec.lora_targets, eager_attention=eager,
-                   shards=world, zero_stage=zero_stage, overhead=0 if eager else OVERHEAD_BYTES,
-                   tokens_per_pair=spec.planned_tokens_per_pair if packing else None)
+    fp = trial_footprint(shape, spec, device, world=world, zero_stage=zero_stage, packing=packing)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         budget = spec.device_share * torch.cuda.get_device_properties(device).total_memory
