@@ -278,6 +278,7 @@ def initial_row(sweep: str, t: PlannedTrial) -> dict:
         "tokens": 0, "steps": 0, "flops": 0.0, "hardware_flops": 0.0, "eval_loss": None, "train_loss": None,
         "wall_s": 0.0, "planned_tokens": t.planned_tokens, "planned_steps": t.steps, "updated_at": time.time(),
         "batching": t.spec.batching, "family": t.family, "pooling": t.spec.pooling,
+        "replicate": t.spec.replicate, "seed": t.spec.seed,
     }
 
 
