@@ -64,6 +64,7 @@ def status(args) -> int:
     store.read_grid()
     trials = store.read_trials(columns=STATUS_COLUMNS)
     summary = summarize(args.name, trials) | {"weights_bytes": sum(store.kept_weights_bytes().values())}
+    summary["noise_sd"] = measured_noise(trials)
     if args.json:
         print(json.dumps(summary))
     else:
@@ -434,7 +435,20 @@ def _duration(s: float) -> str:
 
 # --- status --------------------------------------------------------------------------------------------------
 STATUS_COLUMNS = ("trial_id", "model", "method", "lora_rank", "trainable_fraction", "budget_flops", "status",
-                  "steps", "flops", "eval_loss", "ndcg_at_10", "mfu", "reason")  # what summarize and render_status read
+                  "steps", "flops", "eval_loss", "ndcg_at_10", "mfu", "reason",  # what summarize and render_status read
+                  "replicate", "family", "pooling")  # and measured_noise
+
+
+def measured_noise(trials: dict[str, dict]) -> float | None:
+    """The sweep's relative run-to-run noise from its replicates (analysis/noise.py); None without any (no pandas
+    is loaded then: most sweeps run one seed)."""
+    if not any((r.get("replicate") or 0) > 0 for r in trials.values()):
+        return None
+    import pandas as pd
+
+    from analysis.noise import noise_sd
+
+    return noise_sd(pd.DataFrame(list(trials.values())))
 
 
 
@@ -471,9 +485,11 @@ def render_status(summary: dict, trials: dict[str, dict]) -> str:
                      str(r["steps"] or 0), f"{r['flops'] or 0.0:.2e}", loss, ndcg, mfu, (r["reason"] or "")[:60]))
     widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in [header, *rows]]
+    noise = summary.get("noise_sd")
+    noise_line = [f"run-to-run noise {noise:.1%} (relative sd between replicates of a cell)"] if noise is not None else []
     kept = summary.get("weights_bytes")
     weights = [f"kept weights: {_bytes(kept)} under {summary['sweep']}/models/"] if kept else []
-    return "\n".join([render_counts(summary), *weights, *lines])
+    return "\n".join([render_counts(summary), *noise_line, *weights, *lines])
 
 
 def _bytes(n: int) -> str:

@@ -76,3 +76,23 @@ def test_a_store_without_the_columns_reads_as_one_replicate_per_cell(tmp_path):
     trials = load_trials(str(sweep))
     assert trials["replicate"].tolist() == [0, 0]
     assert trials["seed"].tolist() == [5, 5]
+
+
+def test_status_shows_the_noise_measured_from_replicates():
+    import math
+
+    from orchestrator.driver import measured_noise, render_status, summarize
+
+    def row(tid, rep, loss):
+        return {"trial_id": tid, "model": "m", "method": "full", "lora_rank": None, "trainable_fraction": None,
+                "budget_flops": 1e15, "status": "completed", "steps": 1, "flops": 1e15, "eval_loss": loss,
+                "ndcg_at_10": None, "mfu": None, "reason": None, "replicate": rep, "family": "gpt_neox",
+                "pooling": "mean"}
+
+    one = {"a": row("a", 0, 2.0)}
+    assert measured_noise(one) is None
+    two = one | {"b": row("b", 1, 2.0 * math.exp(0.02))}
+    # log losses 0.0 and 0.02 above log 2: deviations +-0.01 over 1 dof -> sqrt(2e-4)
+    assert measured_noise(two) == pytest.approx(math.sqrt(2e-4))
+    summary = summarize("s", two) | {"noise_sd": measured_noise(two)}
+    assert "run-to-run noise 1.4 %" in render_status(summary, two).replace("1.4%", "1.4 %")
