@@ -138,7 +138,7 @@ def _run_leased(grid: Grid, store: Store, address: str | None, plan: Plan, lease
             from orchestrator.tuning import run_tuner
 
             mirrors = mirror_callbacks(grid, store, plan.trials)  # run.mirror: the rows copied to trackers
-            for rung in rungs(grid, todo, recorder, store):
+            for rung in rungs(grid, todo, recorder, store, plan.runnable):
                 if interrupt.signum or lease.lost:
                     break
                 run_tuner(rung, recorder, grid, store, progress=Progress(recorder, [t.trial_id for t in rung])
@@ -165,12 +165,13 @@ def with_token_caches(todo: list[PlannedTrial], grid: Grid, store: Store) -> lis
             if t.spec.batching == "random" else t for t in todo]
 
 
-def rungs(grid: Grid, todo: list[PlannedTrial], recorder: Recorder, store: Store):
+def rungs(grid: Grid, todo: list[PlannedTrial], recorder: Recorder, store: Store, planned=()):
     """The trials to run, in groups: ``strategy: grid`` one group; ``adaptive`` one rung per budget, ascending,
     each decided (analysis/adaptive.py ``decide``, a pure function of the completed trials) after the rungs below
     it ran: pruned cells become ``skipped`` rows with the reason, the rest run. Decisions are taken per (family,
     pooling): the policy compares methods and model sizes within one family and pooling. A resumed sweep
-    re-derives the same decisions from the same completed trials."""
+    re-derives the same decisions from the same completed trials. After a rung ran, the replicates the policy asks
+    for (close calls; every cell at the first ``noise_rungs``) run as further groups, until it asks for none."""
     if grid.strategy != "adaptive":
         yield todo
         return
@@ -199,6 +200,33 @@ def rungs(grid: Grid, todo: list[PlannedTrial], recorder: Recorder, store: Store
             print(f"rung {budget:.2g} FLOP: {len(run)} to run, {len(pruned)} pruned", file=sys.stderr)
         if run:
             yield run
+        yield from _replicates(grid, budget, [*planned, *cells], recorder, store, config)
+
+
+def _replicates(grid: Grid, budget: float, cells: list[PlannedTrial], recorder: Recorder, store: Store, config):
+    """The rung's replicates (analysis/adaptive.py ``replicate_requests``, per family and pooling), one group per
+    round, each new replicate a row of the store before it runs."""
+    import pandas as pd
+
+    from analysis.adaptive import replicate_requests
+    from orchestrator.plan import replicates
+
+    by_id = {t.trial_id: t for t in cells}
+    while True:
+        done = pd.DataFrame([r for r in recorder.trials.values() if r.get("sweep", store.sweep) == store.sweep])
+        done = done.assign(family=done.get("family"), pooling=done.get("pooling"))
+        asked = []
+        for family, pooling in {(t.family, t.spec.pooling) for t in cells if t.budget_flops == budget}:
+            mine = done[(done["family"].fillna(family) == family) & (done["pooling"].fillna("mean") == pooling)]
+            asked += [replicates(by_id[q.trial_id], grid, [q.replicate])[0]
+                      for q in replicate_requests(mine, budget, config) if q.trial_id in by_id]
+        if not asked:
+            return
+        for t in asked:
+            recorder.trials[t.trial_id] = initial_row(store.sweep, t)
+        recorder.flush()
+        print(f"rung {budget:.2g} FLOP: {len(asked)} replicate(s) of close cells", file=sys.stderr)
+        yield asked
 
 
 def _by_variant(cells: list[PlannedTrial]) -> dict[tuple[str, str], list[PlannedTrial]]:
