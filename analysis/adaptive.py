@@ -47,7 +47,7 @@ AGREEMENT_LOSS = 0.01  # the adaptive recipe's empirical loss within 1 % of the 
 # Replicates and margins from the measured noise sigma (relative sd of one run, analysis/noise.py): two cells are
 # told apart when their means differ by more than NOISE_Z standard errors of the difference; a margin between two
 # single runs is NOISE_Z * sqrt(2) * sigma, never below MIN_MARGIN (a noise-free store still has a fit's error)
-NOISE_Z = 2.0
+NOISE_Z = 1.0
 MIN_MARGIN = 0.005
 
 

@@ -111,6 +111,15 @@ def candidates(fits: SurfaceFits, budget_flops: float, max_tokens: int | None = 
     return found, np.stack(draws)
 
 
+def supported(fits: SurfaceFits, budget_flops: float) -> SurfaceFits:
+    """Only the surfaces whose trials reach ``budget_flops`` (their budget range covers it): after an adaptive
+    sweep, a slice pruned at a lower rung is an extrapolation there, and a thin one can predict anything. The
+    recipe among the cells that ran at a budget is chosen on these."""
+    keep = {k: v for k, v in fits.surfaces.items()
+            if v.budget_range[0] * (1 - 1e-9) <= budget_flops <= v.budget_range[1] * (1 + 1e-9)}
+    return SurfaceFits(keep, fits.refused, fits.n_boot)
+
+
 def confidence(fits: SurfaceFits, budget_flops: float, chosen: tuple, max_tokens: int | None = None,
                serve_tokens: float = 0.0) -> Confidence:
     """How sure the choice ``chosen`` = (method, hparam, variant, model) is at ``budget_flops``."""

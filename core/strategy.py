@@ -26,7 +26,7 @@ class AdaptiveConfig:
     # runs of one cell the strategy may ask for where its loss is within the noise of the rung's best (1: none),
     # once the noise is measured: by grid key seeds >= 2, or by the first noise_rungs rungs running every cell
     # twice (cheap; benchmarks/adaptive.py runs 1). 0 by default: a one-seed sweep decides as it always did.
-    replicates: int = 3
+    replicates: int = 2
     noise_rungs: int = 0
 
     def __post_init__(self):

@@ -30,11 +30,11 @@ RUNG1 = {("a", 1e15): [2.0, 2.0 * E ** 0.02], ("b", 1e15): [2.1, 2.1 * E ** 0.02
 
 def test_a_close_cell_gets_a_replicate_and_a_far_one_does_not():
     # rung 2 (4e15): x best, y 1 % behind, z 20 % behind; one run each. Band for one run against one run:
-    # NOISE_Z * 0.01414 * sqrt(1 + 1) = 4.0 %: x and y are inside it, z is not.
+    # NOISE_Z * 0.01414 * sqrt(1 + 1) = 2.0 %: x and y are inside it, z is not.
     done = _store(RUNG1 | {("x", 4e15): [2.0], ("y", 4e15): [2.0 * E ** 0.01], ("z", 4e15): [2.0 * E ** 0.2]})
     asked = replicate_requests(done, 4e15, AdaptiveConfig())
     assert [(q.trial_id, q.replicate) for q in asked] == [("x-4e+15-0", 1), ("y-4e+15-0", 1)]
-    assert "within the noise band 4.00%" in asked[1].reason
+    assert "within the noise band 2.00%" in asked[1].reason
     # the cap: a cell with replicates runs already stops asking
     assert replicate_requests(done, 4e15, AdaptiveConfig(replicates=1)) == []
 
@@ -67,8 +67,8 @@ def test_replay_draws_the_replicates_it_asks_for_and_counts_their_flop():
         return first | {"trial_id": f"{first['trial_id']}~{replicate}", "replicate": replicate,
                         "eval_loss": first["eval_loss"] * factor}
 
-    result = replay(full, AdaptiveConfig(full_rungs=2, replicates=2, noise_rungs=1), draw=draw)
-    # rung 1: a and b again (sigma = 0.01414 from them); rung 2: x and y within 4 %, z 26 % behind; cap 2 runs
+    result = replay(full, AdaptiveConfig(full_rungs=2, noise_rungs=1), draw=draw)
+    # rung 1: a and b again (sigma = 0.01414 from them); rung 2: x and y within 2 %, z 26 % behind; cap 2 runs
     assert drawn == [("a-1e+15-0", 1), ("b-1e+15-0", 1), ("x-4e+15-0", 1), ("y-4e+15-0", 1)]
     assert result.trials_run == 5 + 4
     one_seed = 2 * 1e15 + 3 * 4e15
