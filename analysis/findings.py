@@ -24,6 +24,8 @@ from .fit import (
     require_usable,
     slice_label,
 )
+from . import noise
+from .confidence import confidence
 from .recipe import Recipe, best_in_slice, compute_recipe, fit_doubts
 
 # The recipe table covers the grid's budgets and this many x4 steps beyond its largest (the paper's grid
@@ -92,6 +94,15 @@ def _best_slice(fits: SurfaceFits, method: str, budgets, max_tokens) -> Surface:
 # ----------------------------------------------------------------------------------------------------------
 # Tables
 
+def _runs_of(cells: pd.DataFrame, trial_id: str) -> dict:
+    """The best trial's cell over its replicates (``noise.cells``): mean loss, runs and relative spread."""
+    mine = cells[[trial_id in ids for ids in cells["trial_ids"]]]
+    if mine.empty or int(mine["runs"].iloc[0]) < 2:
+        return {"its cell: mean (runs, sd)": "1 run"}
+    cell = mine.iloc[0]
+    return {"its cell: mean (runs, sd)": f"{cell['mean_loss']:.4f} ({int(cell['runs'])}, {cell['sd']:.1%})"}
+
+
 def model_label(model: str) -> str:
     """A model as tables show it: a hub name as is, a local path or URI by its last part (the suite's
     ``/home/u/.cache/repurpose/suite/c4e28/mini-pythia-0.1m`` -> ``mini-pythia-0.1m``)."""
@@ -133,6 +144,7 @@ def recipe_table(a: Analysis) -> pd.DataFrame:
                 row.update(_empirical_answer(a, e), source="empirical")
                 row["notes"] = "; ".join([f"fit chose {c.label} {model_label(c.model)} at {c.predicted_loss:.4f}",
                                           *notes])
+            row.update(_how_sure(a, budget, row, c, e))
         if e is not None:
             row.update(empirical_method=e["method"], empirical_hparam=_hp(e["method"], e["hparam"]),
                        empirical_model=e["model"], empirical_loss=float(e["eval_loss"]),
@@ -141,6 +153,21 @@ def recipe_table(a: Analysis) -> pd.DataFrame:
                 row["agree"] = bool(e["method"] == r.best.method and e["model"] == r.best.model)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _how_sure(a: Analysis, budget: float, row: dict, c, e) -> dict:
+    """The row's p_best, runner-up and its gap (analysis/confidence.py) for the cell the row answers with."""
+    if row.get("source") == "empirical":
+        chosen = (e["method"], None if pd.isna(e["hparam"]) else float(e["hparam"]), e["variant"], e["model"])
+    else:
+        chosen = (c.method, c.hparam, c.variant, c.model)
+    sure = confidence(a.surfaces, budget, chosen, a.max_tokens)
+    runner = sure.runner_up
+    return {"p_best": np.nan if sure.p_best is None else sure.p_best,
+            "runner_up": f"{runner.label} {model_label(runner.model)}" if runner else None,
+            "runner_up_gap": np.nan if sure.gap is None else sure.gap, "decisive": sure.decisive,
+            "to_decide": "; ".join(f"{x.label} {model_label(x.model)}" for x in sure.contenders) or None,
+            "to_decide_flops": sure.decide_flops if sure.contenders else np.nan}
 
 
 def _empirical_answer(a: Analysis, e: pd.Series) -> dict:
@@ -258,6 +285,8 @@ def recipe_markdown(a: Analysis) -> str:
                                  ("extrapolated", r.get("extrapolated")),
                                  ("data-limited", r.get("data_limited"))) if on is True]
         flags += [r["notes"]] if isinstance(r.get("notes"), str) and r["notes"] else []
+        if r.get("decisive") is False and isinstance(r.get("to_decide"), str):
+            flags.append(f"not decisive: replicate {r['to_decide']} ({r['to_decide_flops']:.2g} FLOP)")
         emp = (f"{r['empirical_method']} {r['empirical_hparam']} {model_label(r['empirical_model'])} "
                f"{r['empirical_loss']:.4f}".replace("  ", " ") if isinstance(r.get("empirical_method"), str) else "—")
         varies = bool(a.usable["variant"].astype(bool).any()) if "variant" in a.usable else False
@@ -266,7 +295,8 @@ def recipe_markdown(a: Analysis) -> str:
                      "model": model_label(r["model"]), "N": f"{r['n_params']:.3g}", "tokens": f"{r['tokens']:.3g}",
                      "predicted loss": _f(r["predicted_loss"]),
                      f"{level}% CI": f"[{_f(r['predicted_loss_low'])}, {_f(r['predicted_loss_high'])}]",
-                     "wins": _f(r.get("win_fraction"), "{:.0%}"), "empirical best": emp,
+                     "wins": _f(r.get("win_fraction"), "{:.0%}"), "p_best": _f(r.get("p_best"), "{:.0%}"),
+                     "empirical best": emp,
                      "its nDCG@10": _f(r.get("empirical_ndcg_at_10"), "{:.3f}"),
                      "notes": ", ".join(flags)})
     return _md(pd.DataFrame(rows)) + "\n"
@@ -281,6 +311,7 @@ def findings_markdown(a: Analysis) -> str:
     n_ex = len(a.exclusions.table)
     out += [f"{len(a.usable)} usable trials of {len(a.trials)} ({n_ex} excluded: "
             + (", ".join(f"{n} {c}" for c, n in a.exclusions.counts.items()) or "none") + ").", ""]
+    out += [noise.describe(noise.summary(a.usable)) + ".", ""]
 
     # 1. which method at which budget
     fr = a.optimum.frontier
@@ -298,11 +329,14 @@ def findings_markdown(a: Analysis) -> str:
         out.append("Fitted surfaces (recipe): " + _ranges([(b, r.best.method) for b, r in a.recipes.items()
                                                            if b in a.grid_budgets]) + ".")
     rows = []
+    cells = noise.cells(a.usable)
+    replicated = bool(len(cells) and (cells["runs"] > 1).any())
     for r in fr.to_dict("records"):
         rec = a.recipes.get(r["budget_flops"])
         rows.append({"budget (FLOP)": f"{r['budget_flops']:.2g}",
                      "best (empirical)": f"{r['method']} {_hp(r['method'], r['hparam'])}".strip(),
                      "model": model_label(r["model"]), "loss": f"{r['eval_loss']:.4f}",
+                     **(_runs_of(cells, r["trial_id"]) if replicated else {}),
                      "runner-up": r["runner_up"] or "—", "margin": _f(r["margin"], "{:.1%}"),
                      "best (fitted)": rec.best.label if rec else "—",
                      "fitted model": model_label(rec.best.model) if rec else "—"})

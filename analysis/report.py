@@ -22,6 +22,8 @@ from .findings import (Analysis, analyze, findings_markdown, model_label, recipe
                        surfaces_table)
 from .fit import CI_LEVEL, N_BOOTSTRAP, FitError, fit_surfaces, require_usable, slice_label
 from .load import StoreError, load_data_cap, load_trials, open_uri
+from .confidence import confidence
+from .noise import noise_at
 from .recipe import Choice, compute_recipe, fit_doubts
 
 RECIPE_KEYS = ("budget_flops", "method", "model", "n_params", "tokens", "lora_rank", "trainable_fraction",
@@ -123,7 +125,43 @@ def recipe_at(sweep_uri: str, budget_flops: float, max_tokens: int | None = None
         out.update({k: emp[k] for k in ("method", "model", "n_params", "tokens", "lora_rank", "trainable_fraction",
                                         "family", "pooling")},
                    predicted_loss=pred, predicted_loss_low=low, predicted_loss_high=high, source="empirical")
+    chosen = ((c.method, c.hparam, c.variant, c.model) if out["source"] == "fit"
+              else (emp["method"], _hparam(emp), emp["variant"], emp["model"]))
+    out.update(how_sure(fits, trials, budget_flops, chosen, max_tokens, serve_tokens or 0.0))
     return out
+
+
+def how_sure(fits, trials: pd.DataFrame, budget_flops: float, chosen: tuple, max_tokens: int | None,
+             serve_tokens: float = 0.0) -> dict:
+    """``recipe --json``'s ``p_best``, ``runner_up``, ``decisive``, ``to_decide`` (analysis/confidence.py) and
+    ``noise_sd`` (analysis/noise.py: the budget's own where measured, else the sweep's; None without replicates)."""
+    sure = confidence(fits, budget_flops, chosen, max_tokens, serve_tokens)
+    return sure.to_json() | {"noise_sd": noise_at(trials, budget_flops)}
+
+
+def sure_lines(d: dict) -> list[str]:
+    """The recipe's p_best, runner-up, noise and, when not decisive, what would decide it (``how_sure``)."""
+    if "p_best" not in d:
+        return []
+    lines = []
+    if d["p_best"] is not None:
+        lines.append(f"p_best {d['p_best']:.0%} (share of bootstrap refits in which this cell is the best)")
+    r = d.get("runner_up")
+    if r:
+        hp = (f" r={r['lora_rank']}" if r.get("lora_rank") is not None else
+              f" f={r['trainable_fraction']:g}" if r.get("trainable_fraction") is not None else "")
+        gap = f" (+{r['gap']:.2%})" if r.get("gap") is not None else ""
+        lines.append(f"runner-up {r['method']}{hp} {model_label(r['model'])}{gap}")
+    noise = d.get("noise_sd")
+    lines.append(f"run-to-run noise {noise:.1%}" if noise is not None else "run-to-run noise not measured (seeds: 1)")
+    todo = d.get("to_decide")
+    if d.get("decisive") is False and todo:
+        cells = ", ".join(
+            f"{c['method']}{'' if c.get('lora_rank') is None else ' r=' + str(c['lora_rank'])}"
+            f"{'' if c.get('trainable_fraction') is None else ' f=' + format(c['trainable_fraction'], 'g')} "
+            f"{model_label(c['model'])}" for c in todo["replicate"])
+        lines.append(f"not decisive: replicate {cells} ({todo['flops']:.3g} FLOP) to decide it")
+    return lines
 
 
 def _hparam(e: dict) -> float | None:
@@ -161,6 +199,7 @@ def format_recipe(d: dict) -> str:
              f"  predicted loss  " + (f"{d['predicted_loss']:.4f}  {interval(d)} {level}% bootstrap CI"
                                       if d.get("predicted_loss") is not None else "— (no surface for this slice)")]
     lines += [f"  note            {n}" for n in notes]
+    lines += [f"  how sure        {line}" for line in sure_lines(d)]
     table = [("method", "predicted loss", f"{level}% CI", "model", "tokens", "wins")]
     for method, e in d["per_method"].items():
         if "refused" in e:

@@ -22,6 +22,7 @@ import os
 import statistics
 import sys
 import time
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -31,7 +32,9 @@ import pandas as pd
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from analysis.adaptive import AdaptiveConfig, ReplayResult, replay, size_index  # noqa: E402
-from analysis.fit import cost_per_token  # noqa: E402  (core.flops.cost_per_token once core/ lands)
+from analysis.confidence import confidence, supported  # noqa: E402
+from analysis.fit import FitError, cost_per_token, fit_surfaces, split_usable  # noqa: E402
+from analysis.recipe import compute_recipe  # noqa: E402
 
 # shared/PAPER.md: non-embedding N; hidden size and layers from the Pythia configs (core/models.py PYTHIA_SHAPES)
 PYTHIA = {
@@ -227,6 +230,153 @@ def truths_report() -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# An answer you can trust: replicates drawn on demand, regret and p_best against the truth
+
+TRUST_NOISES = (0.01, 0.02)
+TRUST_CONFIG = AdaptiveConfig(noise_rungs=1)
+REGRET_TARGET = 0.005  # the recipe's true loss within 0.5 % of the true optimum
+TRUST_N_BOOT = 40  # bootstrap refits behind p_best (the reports use fit.N_BOOTSTRAP = 100)
+
+
+def replicate_draw(truth: Truth, noise: float, seed: int, drawn: list):
+    """Replicate r of a cell: the truth times its own log-normal noise, seeded by (seed, cell, r), so every
+    replay of a store draws the same runs; each drawn row is appended to ``drawn``."""
+    def draw(first: dict, replicate: int) -> dict:
+        rng = np.random.default_rng([seed, zlib.crc32(first["trial_id"].encode()), replicate])
+        frame = pd.DataFrame([first]).assign(hparam=[first["lora_rank"] if first["method"] == "lora" else
+                                                     first["trainable_fraction"]])
+        loss = float(true_loss(truth, frame)[0]) * math.exp(noise * rng.standard_normal())
+        row = first | {"trial_id": f"{first['trial_id']}~{replicate}", "replicate": replicate, "eval_loss": loss}
+        drawn.append(row)
+        return row
+    return draw
+
+
+def recipe_choices(trials: pd.DataFrame, n_boot: int = TRUST_N_BOOT) -> dict:
+    """Budget -> (method, hparam, model, p_best) of the fitted recipe (`repurpose recipe`'s fit answer) on
+    ``trials``; budgets without a recipe are left out."""
+    usable, _ = split_usable(trials)
+    fits = fit_surfaces(usable, n_boot=n_boot)
+    out = {}
+    for budget in BUDGETS:
+        here = supported(fits, budget)  # the slices that ran at this budget (analysis/confidence.py)
+        try:
+            best = compute_recipe(here, budget).best
+        except FitError:
+            continue
+        sure = confidence(here, budget, (best.method, best.hparam, best.variant, best.model))
+        out[budget] = (best.method, best.hparam, best.model, sure.p_best)
+    return out
+
+
+def _true_at(truth: Truth, method: str, hparam, model: str, budget: float) -> float:
+    n, ntr = params(method, hparam, model)
+    tokens = int(budget // float(cost_per_token(method, n, ntr)))
+    frame = pd.DataFrame([{"method": method, "hparam": hparam, "model": model, "tokens": tokens}])
+    return float(true_loss(truth, frame)[0])
+
+
+def _judged(truth: Truth, cells: pd.DataFrame, choices: dict) -> list[dict]:
+    """Per budget: the choice's regret against the true optimum over the runnable cells, and whether it is it."""
+    runnable = cells[cells["skip"].isna()]
+    truth_loss = runnable.assign(loss=true_loss(truth, runnable))
+    rows = []
+    for budget in BUDGETS:
+        at = truth_loss[truth_loss["budget_flops"] == budget]
+        optimum = float(at["loss"].min())
+        if budget not in choices:
+            rows.append({"budget": budget, "regret": math.inf, "best": False, "p_best": None})
+            continue
+        method, h, model, p_best = choices[budget]
+        loss = _true_at(truth, method, None if h is None or pd.isna(h) else h, model, budget)
+        rows.append({"budget": budget, "regret": loss / optimum - 1, "best": loss <= optimum * (1 + 1e-12),
+                     "p_best": p_best})
+    return rows
+
+
+def trust_one(job) -> dict:
+    truth_i, noise, seed = job
+    truth, cells = TRUTHS[truth_i], grid_cells()
+    store = make_store(truth, noise, seed, cells).assign(replicate=0)
+    drawn: list = []
+    start = time.perf_counter()
+    result = replay(store, TRUST_CONFIG, draw=replicate_draw(truth, noise, seed, drawn))
+    replay_s = time.perf_counter() - start
+    ran = pd.concat([store[store["trial_id"].isin(result.trial_ids)], pd.DataFrame(drawn)], ignore_index=True)
+    adaptive = _judged(truth, cells, recipe_choices(ran))
+    grid = _judged(truth, cells, recipe_choices(store))
+    empirical = {b.budget_flops: (b.full.method, None, b.full.model, None) for b in result.per_budget if b.full}
+    for b in result.per_budget:  # the one-seed grid's best trial: its hparam from its row
+        if b.full:
+            row = store[store["trial_id"] == b.full.trial_id].iloc[0]
+            h = row["lora_rank"] if row["method"] == "lora" else row["trainable_fraction"]
+            empirical[b.budget_flops] = (row["method"], None if pd.isna(h) else float(h), row["model"], None)
+    grid_best_trial = _judged(truth, cells, empirical)
+    return {"truth": truth.name, "noise": noise, "seed": seed, "flops_fraction": result.flops_fraction,
+            "replicates": len(drawn), "replay_s": replay_s, "adaptive": adaptive, "grid_fit": grid,
+            "grid_trial": grid_best_trial}
+
+
+def trust_summary(rows: list[dict]) -> list[dict]:
+    out = []
+    for truth, noise in sorted({(r["truth"], r["noise"]) for r in rows},
+                               key=lambda k: ([t.name for t in TRUTHS].index(k[0]), k[1])):
+        group = [r for r in rows if r["truth"] == truth and r["noise"] == noise]
+
+        def within(kind):
+            return sum(all(b["regret"] <= REGRET_TARGET for b in r[kind]) for r in group) / len(group)
+
+        def worst(kind):
+            return max(b["regret"] for r in group for b in r[kind])
+
+        sure = [b for r in group for b in r["adaptive"] if b["p_best"] is not None and b["p_best"] >= 0.8]
+        out.append({"truth": truth, "noise": noise, "seeds": len(group),
+                    "adaptive_within": within("adaptive"), "adaptive_worst": worst("adaptive"),
+                    "grid_fit_within": within("grid_fit"), "grid_fit_worst": worst("grid_fit"),
+                    "grid_trial_within": within("grid_trial"), "grid_trial_worst": worst("grid_trial"),
+                    "flops_median": statistics.median(r["flops_fraction"] for r in group),
+                    "flops_worst": max(r["flops_fraction"] for r in group),
+                    "replicates_median": statistics.median(r["replicates"] for r in group),
+                    "sure_choices": len(sure), "sure_truly_best": (sum(b["best"] for b in sure) / len(sure)
+                                                                   if sure else float("nan")),
+                    "choices": sum(len(r["adaptive"]) for r in group),
+                    "replay_s_median": statistics.median(r["replay_s"] for r in group)})
+    return out
+
+
+def trust_table(summary: list[dict]) -> str:
+    lines = [f"{'truth':<24} {'noise':>5} {'seeds':>5} {'adaptive<=0.5%':>14} {'worst':>6} {'grid fit':>8} "
+             f"{'worst':>6} {'grid trial':>10} {'worst':>6} {'FLOP med':>8} {'worst':>6} {'reps':>5} "
+             f"{'p>=.8':>6} {'truly best':>10} {'replay s':>8}"]
+    for s in summary:
+        lines.append(
+            f"{s['truth']:<24} {s['noise']:>5.1%} {s['seeds']:>5} {s['adaptive_within']:>14.0%} "
+            f"{s['adaptive_worst']:>6.2%} {s['grid_fit_within']:>8.0%} {s['grid_fit_worst']:>6.2%} "
+            f"{s['grid_trial_within']:>10.0%} {s['grid_trial_worst']:>6.2%} {s['flops_median']:>8.3f} "
+            f"{s['flops_worst']:>6.3f} {s['replicates_median']:>5.0f} {s['sure_choices']:>3}/{s['choices']:<3}"
+            f"{s['sure_truly_best']:>9.0%} {s['replay_s_median']:>8.1f}")
+    return "\n".join(lines)
+
+
+def run_trust(seeds: int, jobs: int, truths, noises, as_json: bool) -> int:
+    work = [(t, noise, seed) for t in truths for noise in noises for seed in range(seeds)]
+    start = time.perf_counter()
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            rows = list(pool.map(trust_one, work, chunksize=1))
+    else:
+        rows = [trust_one(job) for job in work]
+    wall_s = time.perf_counter() - start
+    summary = trust_summary(rows)
+    if as_json:
+        print(json.dumps({"config": TRUST_CONFIG.__dict__, "wall_s": wall_s, "summary": summary}))
+    else:
+        print(f"config: {TRUST_CONFIG}\n{trust_table(summary)}\n{len(work)} stores in {wall_s:.1f} s "
+              f"({jobs} processes)")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=20)
@@ -240,10 +390,15 @@ def main(argv=None) -> int:
     parser.add_argument("--n-boot", type=int, default=AdaptiveConfig.n_boot)
     parser.add_argument("--truths", action="store_true", help="print each truth's optimum per budget and exit")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--trust", action="store_true",
+                        help="replicates on demand at 1 and 2 %% noise: regret, FLOP and p_best against the truth")
     args = parser.parse_args(argv)
     if args.truths:
         print(truths_report())
         return 0
+    if args.trust:
+        noises = [n for n in args.noise if n > 0] if args.noise != list(NOISES) else list(TRUST_NOISES)
+        return run_trust(args.seeds, args.jobs, args.truth, noises, args.json)
     config = AdaptiveConfig(margin=args.margin, neighbours=args.neighbours, full_rungs=args.full_rungs,
                             dominated_rungs=args.dominated_rungs, n_boot=args.n_boot)
     jobs = [(t, noise, seed if noise > 0 else 0, config) for t in args.truth for noise in args.noise

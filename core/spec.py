@@ -39,7 +39,7 @@ RUNTIME_FIELDS = ("chunk_size", "report_every", "report_every_s", "checkpoint_ev
                   "keep_weights", "weights_uri", "token_cache", "planned_tokens_per_pair", "planned_tokens", "planned_steps", "num_threads",
                   "prefetch_batches", "deepspeed_config", "device_share", "packing")
 # Identity fields added after sweeps existed: in the identity only when not at their default (ids stay stable).
-ADDED_FIELDS = ("batching", "pooling")
+ADDED_FIELDS = ("batching", "pooling", "replicate")
 # A DeepSpeed override may tune how the engine runs (ZeRO stage, offload, buckets, communication), not what the
 # trial computes: these keys are the trial's (its fields, or fixed by workers/distributed.py's loop).
 DEEPSPEED_TRIAL_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -70,7 +70,10 @@ class TrialSpec:
     lr: float | None = None  # None: 'auto' = Pythia pretraining lr / 10
     warmup_fraction: float = WARMUP_FRACTION
     weight_decay: float = WEIGHT_DECAY
-    seed: int = 0
+    seed: int = 0  # train.seed + replicate (``replicate_seed``): a replicate's own data order and initialisation
+    # which run of its cell this is: 0 the cell's first (the id of a sweep without replicates), 1, 2, ... further
+    # runs of the same cell with their own seed, so the run-to-run spread can be measured (grid key ``seeds``)
+    replicate: int = 0
     max_epochs: float = 1.0  # more passes over the training pairs than this: planned as skipped
     # auto: only when the memory model (core/memory.py) needs it, decided by the trial from its device; true/false
     # force it. It recomputes, it does not change results; ids hash "auto" as true, the default it replaced.
@@ -124,6 +127,8 @@ class TrialSpec:
             raise ValueError(f"keep_weights: {self.keep_weights!r} is not one of {', '.join(KEEP_WEIGHTS)}")
         if self.gradient_checkpointing not in (True, False, "auto"):
             raise ValueError(f"gradient_checkpointing: {self.gradient_checkpointing!r} is not auto, true or false")
+        if isinstance(self.replicate, bool) or not isinstance(self.replicate, int) or self.replicate < 0:
+            raise ValueError(f"replicate: a non-negative integer (got {self.replicate!r})")
         if self.batching not in BATCHING:
             raise ValueError(f"batching: {self.batching!r} is not one of {', '.join(BATCHING)}")
 
@@ -141,7 +146,8 @@ class TrialSpec:
 
     def identity(self) -> dict:
         """The fields that define the trial's result (hashed into its id). A field added after sweeps existed
-        enters only when it is not its default (``batching``), so those sweeps keep their ids."""
+        enters only when it is not its default (``batching``; ``replicate`` 0, a cell's first run), so those sweeps
+        keep their ids."""
         d = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
         for name in ADDED_FIELDS:
             if d[name] == default(name):
@@ -152,6 +158,11 @@ class TrialSpec:
 
     def trial_id(self) -> str:
         return trial_id(self.identity())
+
+
+def replicate_seed(base_seed: int, replicate: int) -> int:
+    """The seed of a cell's replicate: the grid's ``train.seed`` for the first, then one up per replicate."""
+    return int(base_seed) + int(replicate)
 
 
 def default(name: str):

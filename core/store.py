@@ -52,6 +52,10 @@ TRIAL_COLUMNS = (
     ("node_id", "string"),  # the Ray node the trial (last) ran on
     ("train_s", "float64"),  # time inside optimizer steps; wall_s - train_s is the trial's overhead
     ("batching", "string"),  # random (the paper's) | length_buckets (opt-in: train.batching)
+    # which run of its cell the trial is (0: the first; grid key seeds) and the seed it ran with, train.seed +
+    # replicate; a store written before them reads replicate 0 and seed train.seed (analysis/load.py)
+    ("replicate", "int64"),
+    ("seed", "int64"),
 )
 METRIC_COLUMNS = (
     ("sweep", "string"), ("trial_id", "string"), ("step", "int64"), ("tokens", "int64"), ("flops", "float64"),

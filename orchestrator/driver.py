@@ -64,6 +64,7 @@ def status(args) -> int:
     store.read_grid()
     trials = store.read_trials(columns=STATUS_COLUMNS)
     summary = summarize(args.name, trials) | {"weights_bytes": sum(store.kept_weights_bytes().values())}
+    summary["noise_sd"] = measured_noise(trials)
     if args.json:
         print(json.dumps(summary))
     else:
@@ -137,7 +138,7 @@ def _run_leased(grid: Grid, store: Store, address: str | None, plan: Plan, lease
             from orchestrator.tuning import run_tuner
 
             mirrors = mirror_callbacks(grid, store, plan.trials)  # run.mirror: the rows copied to trackers
-            for rung in rungs(grid, todo, recorder, store):
+            for rung in rungs(grid, todo, recorder, store, plan.runnable):
                 if interrupt.signum or lease.lost:
                     break
                 run_tuner(rung, recorder, grid, store, progress=Progress(recorder, [t.trial_id for t in rung])
@@ -164,12 +165,13 @@ def with_token_caches(todo: list[PlannedTrial], grid: Grid, store: Store) -> lis
             if t.spec.batching == "random" else t for t in todo]
 
 
-def rungs(grid: Grid, todo: list[PlannedTrial], recorder: Recorder, store: Store):
+def rungs(grid: Grid, todo: list[PlannedTrial], recorder: Recorder, store: Store, planned=()):
     """The trials to run, in groups: ``strategy: grid`` one group; ``adaptive`` one rung per budget, ascending,
     each decided (analysis/adaptive.py ``decide``, a pure function of the completed trials) after the rungs below
     it ran: pruned cells become ``skipped`` rows with the reason, the rest run. Decisions are taken per (family,
     pooling): the policy compares methods and model sizes within one family and pooling. A resumed sweep
-    re-derives the same decisions from the same completed trials."""
+    re-derives the same decisions from the same completed trials. After a rung ran, the replicates the policy asks
+    for (close calls; every cell at the first ``noise_rungs``) run as further groups, until it asks for none."""
     if grid.strategy != "adaptive":
         yield todo
         return
@@ -198,6 +200,33 @@ def rungs(grid: Grid, todo: list[PlannedTrial], recorder: Recorder, store: Store
             print(f"rung {budget:.2g} FLOP: {len(run)} to run, {len(pruned)} pruned", file=sys.stderr)
         if run:
             yield run
+        yield from _replicates(grid, budget, [*planned, *cells], recorder, store, config)
+
+
+def _replicates(grid: Grid, budget: float, cells: list[PlannedTrial], recorder: Recorder, store: Store, config):
+    """The rung's replicates (analysis/adaptive.py ``replicate_requests``, per family and pooling), one group per
+    round, each new replicate a row of the store before it runs."""
+    import pandas as pd
+
+    from analysis.adaptive import replicate_requests
+    from orchestrator.plan import replicates
+
+    by_id = {t.trial_id: t for t in cells}
+    while True:
+        done = pd.DataFrame([r for r in recorder.trials.values() if r.get("sweep", store.sweep) == store.sweep])
+        done = done.assign(family=done.get("family"), pooling=done.get("pooling"))
+        asked = []
+        for family, pooling in {(t.family, t.spec.pooling) for t in cells if t.budget_flops == budget}:
+            mine = done[(done["family"].fillna(family) == family) & (done["pooling"].fillna("mean") == pooling)]
+            asked += [replicates(by_id[q.trial_id], grid, [q.replicate])[0]
+                      for q in replicate_requests(mine, budget, config) if q.trial_id in by_id]
+        if not asked:
+            return
+        for t in asked:
+            recorder.trials[t.trial_id] = initial_row(store.sweep, t)
+        recorder.flush()
+        print(f"rung {budget:.2g} FLOP: {len(asked)} replicate(s) of close cells", file=sys.stderr)
+        yield asked
 
 
 def _by_variant(cells: list[PlannedTrial]) -> dict[tuple[str, str], list[PlannedTrial]]:
@@ -278,6 +307,7 @@ def initial_row(sweep: str, t: PlannedTrial) -> dict:
         "tokens": 0, "steps": 0, "flops": 0.0, "hardware_flops": 0.0, "eval_loss": None, "train_loss": None,
         "wall_s": 0.0, "planned_tokens": t.planned_tokens, "planned_steps": t.steps, "updated_at": time.time(),
         "batching": t.spec.batching, "family": t.family, "pooling": t.spec.pooling,
+        "replicate": t.spec.replicate, "seed": t.spec.seed,
     }
 
 
@@ -433,7 +463,20 @@ def _duration(s: float) -> str:
 
 # --- status --------------------------------------------------------------------------------------------------
 STATUS_COLUMNS = ("trial_id", "model", "method", "lora_rank", "trainable_fraction", "budget_flops", "status",
-                  "steps", "flops", "eval_loss", "ndcg_at_10", "mfu", "reason")  # what summarize and render_status read
+                  "steps", "flops", "eval_loss", "ndcg_at_10", "mfu", "reason",  # what summarize and render_status read
+                  "replicate", "family", "pooling")  # and measured_noise
+
+
+def measured_noise(trials: dict[str, dict]) -> float | None:
+    """The sweep's relative run-to-run noise from its replicates (analysis/noise.py); None without any (no pandas
+    is loaded then: most sweeps run one seed)."""
+    if not any((r.get("replicate") or 0) > 0 for r in trials.values()):
+        return None
+    import pandas as pd
+
+    from analysis.noise import noise_sd
+
+    return noise_sd(pd.DataFrame(list(trials.values())))
 
 
 
@@ -470,9 +513,11 @@ def render_status(summary: dict, trials: dict[str, dict]) -> str:
                      str(r["steps"] or 0), f"{r['flops'] or 0.0:.2e}", loss, ndcg, mfu, (r["reason"] or "")[:60]))
     widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in [header, *rows]]
+    noise = summary.get("noise_sd")
+    noise_line = [f"run-to-run noise {noise:.1%} (relative sd between replicates of a cell)"] if noise is not None else []
     kept = summary.get("weights_bytes")
     weights = [f"kept weights: {_bytes(kept)} under {summary['sweep']}/models/"] if kept else []
-    return "\n".join([render_counts(summary), *weights, *lines])
+    return "\n".join([render_counts(summary), *noise_line, *weights, *lines])
 
 
 def _bytes(n: int) -> str:

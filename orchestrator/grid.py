@@ -14,6 +14,7 @@ planner's tokens-per-pair) never change an id; LoRA's ``alpha``/``dropout``/``ta
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import glob
 import importlib.util
@@ -30,6 +31,7 @@ from pydantic_core import PydanticCustomError
 
 from core.models import ModelConfigError, auto_lr, model_shape, read_config
 from core.spec import BATCHING, KEEP_WEIGHTS, LORA_TARGETS, METHODS, PACKINGS, POOLINGS, DeepSpeedConfigError, TrialSpec, default, parse_deepspeed_override
+from core.spec import replicate_seed
 from core.spec import trial_id as trial_id
 from core.strategy import STRATEGIES, AdaptiveConfig
 from core.uris import SCHEMES as DATA_SCHEMES
@@ -336,6 +338,8 @@ class AdaptiveKnobs(_Optional):
     full_rungs: Annotated[Int, Field(ge=1)] = _knob("full_rungs")  # rungs run in full before any pruning
     dominated_rungs: Annotated[Int, Field(ge=1)] = _knob("dominated_rungs")  # before a method is pruned
     n_boot: Annotated[Int, Field(ge=0)] = _knob("n_boot")  # bootstrap refits behind each decision's interval
+    replicates: Annotated[Int, Field(ge=1)] = _knob("replicates")  # most runs of a close cell (1: no replicates)
+    noise_rungs: Annotated[Int, Field(ge=0)] = _knob("noise_rungs")  # first rungs run twice to measure the noise
 
     def config(self) -> AdaptiveConfig:
         return AdaptiveConfig(**self.model_dump())
@@ -353,6 +357,9 @@ class Grid(_Section):
     # trial's id: a later `strategy: grid` submit of the same grid runs exactly the pruned cells)
     strategy: Literal[STRATEGIES] = "grid"
     adaptive: AdaptiveKnobs = AdaptiveKnobs()
+    # runs of every cell, each with its own seed (train.seed + replicate): the spread between them is the run-to-run
+    # noise the analysis measures; a cell's first run keeps the id it has without replicates
+    seeds: Annotated[Int, Field(ge=1)] = 1
     train: TrainConfig = TrainConfig()
     plan: PlanConfig = PlanConfig()
     resources: ResourcesConfig = ResourcesConfig()
@@ -598,6 +605,13 @@ def trial_spec(grid: Grid, model: str, method: str, budget_flops: float,
         checkpoint_every_s=r.checkpoint_every_s,
         save_model=r.save_model, keep_weights=r.keep_weights, deepspeed_config=r.deepspeed_config,
     )
+
+
+def replicate_of(grid: Grid, model: str, spec: TrialSpec, replicate: int) -> tuple[str, TrialSpec]:
+    """(trial id, spec) of replicate ``replicate`` of a cell (``spec`` any run of it): its own seed, and an id that
+    is the cell's own for replicate 0."""
+    spec = dataclasses.replace(spec, replicate=replicate, seed=replicate_seed(grid.train.seed, replicate))
+    return trial_id(trial_identity(grid, model, spec)), spec
 
 
 def expand(grid: Grid) -> tuple[Trial, ...]:

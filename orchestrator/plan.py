@@ -30,7 +30,7 @@ from core.flops import (NeoxShape, cost_per_token, param_counts, planned_steps, 
                         tokens_for_budget)
 from core.models import model_shape, pythia_size
 from core.spec import TrialSpec
-from orchestrator.grid import Grid, Trial, expand
+from orchestrator.grid import Grid, Trial, expand, replicate_of
 
 # The authors planned every cell with 78 tokens per pair (14 query + 64 positive at max length 75; PAPER.md).
 # Used only when the data cannot be read here (e.g. `plan` on a laptop for an s3:// grid), with a warning.
@@ -271,6 +271,16 @@ def plan_trial(trial: Trial, shape: NeoxShape, tokens_per_pair: float, train_pai
     )
 
 
+def replicates(cell: PlannedTrial, grid: Grid, numbers) -> list[PlannedTrial]:
+    """Replicates ``numbers`` of a planned cell: the same plan, each with its own seed and id (replicate 0 is the
+    cell as planned). The adaptive driver asks for further ones where a decision is close."""
+    out = []
+    for r in numbers:
+        trial_id, spec = replicate_of(grid, cell.model, cell.spec, r)
+        out.append(dataclasses.replace(cell, trial_id=trial_id, spec=spec))
+    return out
+
+
 def hardware_flops_per_token(shape: NeoxShape, spec: TrialSpec, tokens_per_pair: float,
                              checkpointing: bool) -> float:
     """FLOP executed per real token of a trial (core.flops.sequence_hardware_flops at the mean text length, half
@@ -298,9 +308,10 @@ def plan_grid(grid: Grid, *, gpus_available: int | None = None, data: DataStats 
         gpu_memory = grid.resources.gpu_memory_gb * 1e9
     gpu_memory = gpu_memory if gpus else None
     shapes = {m: model_shape(grid.model_path(m)) for m in grid.models}
-    trials = tuple(plan_trial(t, shapes[t.model], data.tokens_per_pair[t.model], data.train_pairs, gpus, grid,
-                              gpu_memory=gpu_memory)
-                   for t in expand(grid))
+    cells = (plan_trial(t, shapes[t.model], data.tokens_per_pair[t.model], data.train_pairs, gpus, grid,
+                        gpu_memory=gpu_memory)
+             for t in expand(grid))
+    trials = tuple(r for cell in cells for r in replicates(cell, grid, range(grid.seeds)))
     return Plan(grid=grid, trials=trials, gpus_available=gpus, data=data, gpu_memory=gpu_memory)
 
 
