@@ -76,8 +76,11 @@ def check_shared_storage(storage: str, address: str | None, shared: bool) -> Non
 # --- submitting the driver as a Ray Job ---------------------------------------------------------------------
 def run_as_job(args, command: str) -> int:
     """``submit`` / ``resume`` with an http(s) address: the driver runs on the cluster as a Ray Job."""
+    import logging
+
     from ray.job_submission import JobSubmissionClient
 
+    logging.getLogger("ray").setLevel(logging.WARNING)  # Ray's INFO lines on packaging the working_dir: ours say it
     staged = tempfile.mkdtemp(prefix="repurpose-job-")
     try:
         entry, sweep = _entrypoint(args, command, staged)
