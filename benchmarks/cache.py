@@ -93,7 +93,9 @@ def run(copies: int, epochs: float, raw_s: float, batch: int, max_length: int) -
     try:
         data, tok_dir = make_data(root, copies)
         t0 = time.perf_counter()
-        uri, manifest = token_cache.ensure(os.path.join(root, "store"), train_uri=data, eval_uri=None,
+        from orchestrator import cache_build
+
+        uri, manifest = cache_build.ensure(os.path.join(root, "store"), train_uri=data, eval_uri=None,
                                            tokenizer_path=tok_dir, max_length=max_length, log=log)
         build_s = time.perf_counter() - t0
         split = manifest["splits"]["train"]

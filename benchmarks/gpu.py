@@ -268,12 +268,13 @@ def run_from_cache(name: str, model_dir: str, data: str, storage: str, *, batch:
     import torch
     from transformers import AutoModel
 
+    from orchestrator import cache_build
     from workers import token_cache
     from workers.loss import contrastive_backward
     from workers.steps import autocast_for
 
     try:
-        uri, manifest = token_cache.ensure(storage, train_uri=data, eval_uri=None, tokenizer_path=model_dir,
+        uri, manifest = cache_build.ensure(storage, train_uri=data, eval_uri=None, tokenizer_path=model_dir,
                                            max_length=max_length, log=lambda line: None)
         device = torch.device("cuda" if _cuda() else "cpu")
         model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).to(device).train()
@@ -354,11 +355,12 @@ def without_ray() -> None:
     try:
         import ray  # noqa: F401
     except ImportError:
+        from orchestrator import cache_build
         from workers import token_cache
 
         log("no Ray here: the token cache is built in this process")
-        token_cache._run_tasks = lambda tasks, kwargs, address=None: (token_cache.build_shard(t, **kwargs)
-                                                                      for t in tasks)
+        cache_build.run_tasks = lambda tasks, kwargs, address=None: (token_cache.build_shard(t, **kwargs)
+                                                                     for t in tasks)
 
 
 def run(smoke: bool, root: str, partial: str | None = None, only: tuple[str, ...] = ()) -> dict:

@@ -4,8 +4,9 @@
 runs (the driver stays light: no torch, no Ray at import). Each such function receives the parsed
 ``argparse.Namespace`` and returns an exit code (None means 0):
 
-    submit  -> orchestrator.driver.submit(args)    args: grid, name (None: the grid's), storage, address
-    resume  -> orchestrator.driver.resume(args)    args: name, storage, address
+    submit  -> orchestrator.driver.submit(args)    args: grid, name (None: the grid's), storage, address, shared_storage
+    resume  -> orchestrator.driver.resume(args)    args: name, storage, address, shared_storage
+               (with an http(s) address both go to orchestrator.jobs.run_as_job: the driver runs as a Ray Job)
     status  -> orchestrator.driver.status(args)    args: name, json, storage, address
     fit     -> orchestrator.reporting.fit_command(args)     args: name, out (None: <storage>/<name>/analysis/), storage
     recipe  -> orchestrator.reporting.recipe_command(args)  args: name, budget (float > 0), json, storage
@@ -36,13 +37,28 @@ DEFAULT_STORAGE = "./sweeps"
 
 # --- the commands' handlers: imported when the command runs (the driver stays light) ------------------------
 def _submit(args):
+    if _as_job(args, "submit"):
+        from orchestrator.jobs import run_as_job
+        return run_as_job(args, "submit")
     from orchestrator.driver import submit
     return submit(args)
 
 
 def _resume(args):
+    if _as_job(args, "resume"):
+        from orchestrator.jobs import run_as_job
+        return run_as_job(args, "resume")
     from orchestrator.driver import resume
     return resume(args)
+
+
+def _as_job(args, command: str) -> bool:
+    """The address rules (orchestrator/jobs.py: ray:// refused, a local store with a remote cluster only when
+    shared); True when the address is a job server: the driver then runs on the cluster as a Ray Job."""
+    from orchestrator.jobs import check_address, is_job_server
+
+    check_address(args, command)
+    return is_job_server(args.address)
 
 
 def _status(args):
@@ -61,6 +77,7 @@ def _recipe(args):
 
 
 def _demo(args):
+    _as_job(args, "demo")
     from orchestrator.demo import run
     return run(args)
 
@@ -76,6 +93,7 @@ def _replay(args):
 
 
 def _prepare(args):
+    _as_job(args, "prepare")
     from orchestrator.prepare import prepare_command
     return prepare_command(args)
 
@@ -162,13 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     storage = os.environ.get("REPURPOSE_STORAGE") or DEFAULT_STORAGE
     address = os.environ.get("RAY_ADDRESS") or None
 
-    def common(p: argparse.ArgumentParser, *, sweep: bool = False) -> argparse.ArgumentParser:
+    def common(p: argparse.ArgumentParser, *, sweep: bool = False, runs: bool = True) -> argparse.ArgumentParser:
         p.add_argument("--storage", default=storage, metavar="URI", type=_storage_uri,
                        help=f"the sweep store: a path, s3://… or gs://… (default: $REPURPOSE_STORAGE, "
                        f"else {DEFAULT_STORAGE})")
         if sweep:
             p.add_argument("--address", default=address,
-                           help="Ray address (default: $RAY_ADDRESS, else a local Ray started for the run)")
+                           help="Ray address (default: $RAY_ADDRESS, else a local Ray started for the run); "
+                                "http://HEAD:8265 (the cluster's job server) runs the driver there as a Ray Job; "
+                                "ray:// is refused")
+        if sweep and runs:
+            p.add_argument("--shared-storage", action="store_true",
+                           help="a local --storage path with a remote cluster is the same filesystem on every node "
+                                "(NFS, a one-machine cluster); without it such a store is refused")
         return p
 
     parser = _Parser(prog="repurpose", description="Compute-optimal recipes for repurposing LMs into embedding "
@@ -190,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("grid", metavar="GRID.yaml")
     p.add_argument("--name", type=_sweep_name, default=None, help="sweep name (default: the grid's name)")
     _takeover_flag(p)
+    _detach_flag(p)
     p.set_defaults(handler=COMMANDS["submit"])
 
     p = common(sub.add_parser("prepare", help="build (or reuse) the token caches a grid's trials read"),
@@ -201,9 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = common(sub.add_parser("resume", help="finish an interrupted sweep from its stored grid"), sweep=True)
     p.add_argument("name", type=_sweep_name, metavar="NAME")
     _takeover_flag(p)
+    _detach_flag(p)
     p.set_defaults(handler=COMMANDS["resume"])
 
-    p = common(sub.add_parser("status", help="counts, FLOP spent / planned, the trials"), sweep=True)
+    p = common(sub.add_parser("status", help="counts, FLOP spent / planned, the trials"), sweep=True, runs=False)
     p.add_argument("name", type=_sweep_name, metavar="NAME")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=COMMANDS["status"])
@@ -263,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _takeover_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--takeover", action="store_true",
                    help="take the sweep's lease even from a driver whose heartbeat is fresh (it must be gone)")
+
+
+def _detach_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--detach", action="store_true",
+                   help="with --address http://…: return once the job is submitted (prints its id and the commands "
+                        "to follow or stop it)")
 
 
 # --- commands ----------------------------------------------------------------------------------------------

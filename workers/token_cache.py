@@ -16,11 +16,12 @@ The key is a content hash (``cache_key``) of the data files' identity (path, siz
 tokenizer.json (sha256), max_length, the shard size and FORMAT_VERSION: same data and tokenizer -> the same key
 (sweeps and the Pythia models share it); a changed file, tokenizer or max_length -> a new key.
 
-Building (``build``) runs one Ray Data task per shard across the cluster's CPUs (a local Ray, its own temp dir,
-loopback only, when none is initialised). Resumable: a shard is written whole under its final name (temp +
-rename, fsio.write_bytes), a rebuild skips the shards present, the manifest comes last; shards are
+Building runs one Ray Data task (``build_shard``) per shard across the cluster's CPUs, driven from the driver's
+side (orchestrator/cache_build.py, on the driver's Ray); this module plans the shards (``shard_plans``), builds one
+(``build_shard``) and writes the manifest (``write_manifest``). Resumable: a shard is written whole under its final
+name (temp + rename, fsio.write_bytes), a rebuild skips the shards present, the manifest comes last; shards are
 deterministic, so a resumed cache is byte-identical to an uninterrupted one, and two builders of one key write
-the same bytes. No torch: the driver (``repurpose prepare``, ``submit``) builds it.
+the same bytes. No torch.
 
 Bad lines are judged by workers/records.py's own functions (``_parse``, ``_pair``) and the per-file policy
 (> 1 % unusable rejects the file, checked every CHECK_EVERY lines and at its end) is replayed on the shards'
@@ -41,7 +42,6 @@ import math
 import os
 import queue
 import random
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -384,34 +384,10 @@ def _split_summary(uri: str, tasks: list[dict], records: list[dict], max_bad: fl
             "shards": [{"name": _shard_name(r["index"]), "rows": r["rows"]} for r in records]}
 
 
-def ensure(storage_uri: str, *, train_uri: str, eval_uri: str | None, tokenizer_path: str, max_length: int,
-           shard_bytes: int = SHARD_BYTES, max_bad_fraction: float = MAX_BAD_FRACTION, log=None,
-           address: str | None = None, tokenizer=None) -> tuple[str, dict]:
-    """(cache URI, manifest): the cache of (data, tokenizer, max_length), built if it is not there yet (on the
-    initialised Ray, else the one at ``address`` or $RAY_ADDRESS, else a local one). ``tokenizer``: the one at
-    ``tokenizer_path`` if the caller has loaded it (``workers.records.load_tokenizer``)."""
-    from workers.records import load_tokenizer
-
-    tokenizer = tokenizer or load_tokenizer(tokenizer_path)
-    inputs = cache_inputs(train_uri, eval_uri, tokenizer_sha256(tokenizer_path, tokenizer), max_length, shard_bytes)
-    uri = cache_uri(storage_uri, cache_key(inputs))
-    manifest = read_manifest(uri)
-    if manifest is None:
-        manifest = build(uri, inputs, tokenizer, train_uri=train_uri, eval_uri=eval_uri,
-                         max_bad_fraction=max_bad_fraction, log=log, address=address)
-    return uri, manifest
-
-
-def build(uri: str, inputs: dict, tokenizer, *, train_uri: str, eval_uri: str | None,
-          max_bad_fraction: float = MAX_BAD_FRACTION, log=None, address: str | None = None) -> dict:
-    """Builds (or finishes) the cache at ``uri`` with Ray Data; returns its manifest. One progress line per shard
-    on ``log`` (default: stderr); Ray Data's own progress bars are off."""
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    backend = _backend(tokenizer)
-    dtype = _dtype(backend.get_vocab_size(with_added_tokens=True))
-    started = time.perf_counter()
-    splits = {"train": train_uri, **({"eval": eval_uri} if eval_uri else {})}
-    plans = {s: plan_shards(s, u, inputs["shard_bytes"]) for s, u in splits.items()}
+def shard_plans(uri: str, splits: dict[str, str], shard_bytes: int) -> tuple[dict, dict, list[dict]]:
+    """What a build of the cache at ``uri`` has to do: ({split: its shard tasks}, {(split, index): the record of a
+    shard already written}, [the tasks still to run]). A rebuild skips the shards present (written whole)."""
+    plans = {s: plan_shards(s, u, shard_bytes) for s, u in splits.items()}
     records: dict[tuple[str, int], dict] = {}
     todo = []
     for split, tasks in plans.items():
@@ -421,28 +397,28 @@ def build(uri: str, inputs: dict, tokenizer, *, train_uri: str, eval_uri: str | 
                 todo.append(t)
             else:
                 records[split, t["index"]] = r
-    total = sum(map(len, plans.values()))
-    short = uri.rstrip("/").rsplit("/", 1)[-1][:12]
-    if records:
-        log(f"token cache {short}: {len(records)} of {total} shards already built, resuming")
-    if todo:
-        kwargs = dict(cache=uri, tokenizer_json=backend.to_str(), max_length=inputs["max_length"], dtype=dtype)
-        for out in _run_tasks(todo, kwargs, address):
-            if out["error"]:
-                raise DataError(out["error"])
-            rec = records[out["split"], out["index"]] = json.loads(out["record"])
-            log(f"token cache {short}: shard {len(records)}/{total} ({out['split']} {_shard_name(out['index'])}: "
-                f"{rec['rows']:,} pairs, {rec['real_tokens']:,} tokens, {len(rec['bad'])} bad lines)")
+    return plans, records, todo
+
+
+def task_kwargs(uri: str, inputs: dict, tokenizer) -> dict:
+    """``build_shard``'s keyword arguments for the cache at ``uri``: the tokenizer travels as its JSON text."""
+    backend = _backend(tokenizer)
+    return dict(cache=uri, tokenizer_json=backend.to_str(), max_length=inputs["max_length"],
+                dtype=_dtype(backend.get_vocab_size(with_added_tokens=True)))
+
+
+def write_manifest(uri: str, inputs: dict, tokenizer, splits: dict[str, str], plans: dict,
+                   records: dict[tuple[str, int], dict], max_bad_fraction: float = MAX_BAD_FRACTION) -> dict:
+    """Once every shard is written: the per-file bad-line policy replayed, the temp files of killed writers removed,
+    the manifest written last (it is what makes the cache exist); returns it."""
     manifest = {"format": FORMAT_VERSION, "key": uri.rstrip("/").rsplit("/", 1)[-1], "inputs": inputs,
-                "dtype": dtype, "max_length": inputs["max_length"], "pad_id": pad_id_of(tokenizer),
-                "eos_id": getattr(tokenizer, "eos_token_id", None), "shuffle_buffer": SHUFFLE_BUFFER,
+                "dtype": task_kwargs(uri, inputs, tokenizer)["dtype"], "max_length": inputs["max_length"],
+                "pad_id": pad_id_of(tokenizer), "eos_id": getattr(tokenizer, "eos_token_id", None),
+                "shuffle_buffer": SHUFFLE_BUFFER,
                 "splits": {s: _split_summary(u, plans[s], [records[s, t["index"]] for t in plans[s]],
                                              max_bad_fraction) for s, u in splits.items()}}
     _remove_temps(uri, list(splits))
     storage.write_bytes(join(uri, MANIFEST), json.dumps(manifest, sort_keys=True, indent=1).encode())
-    tr = manifest["splits"]["train"]
-    log(f"token cache {short}: built in {time.perf_counter() - started:.1f} s: {tr['pairs']:,} train pairs, "
-        f"{tr['real_tokens']:,} real tokens, {tr['bad_lines']} bad lines")
     return manifest
 
 
@@ -452,73 +428,6 @@ def _remove_temps(uri: str, splits: list[str]) -> None:
         for name in storage.list_dir(join(uri, split)):
             if name.startswith(".tmp-"):
                 storage.delete(join(uri, split, name))
-
-
-def _run_tasks(tasks: list[dict], kwargs: dict, address: str | None = None) -> Iterator[dict]:
-    """One Ray Data task per shard over the cluster's CPUs; results as they finish. Starts (and stops) a local
-    Ray when none is initialised."""
-    import ray
-
-    import logging
-
-    quiet = logging.getLogger("ray.data")  # "Progress bars disabled", "execution finished": our lines say it
-    level = quiet.level
-    with _ray_connected(address):
-        import ray.data
-
-        quiet.setLevel(logging.ERROR)
-        ctx = ray.data.DataContext.get_current()
-        # our one line per shard instead of Ray Data's bars and execution banners
-        ctx.enable_progress_bars = False
-        ctx.enable_operator_progress_bars = False
-        ctx.print_on_execution_start = False
-        ctx.verbose_stats_logs = False
-        ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-        ds = ds.map(build_shard, fn_kwargs=kwargs, num_cpus=1)
-        try:
-            yield from ds.iter_rows()
-        finally:
-            quiet.setLevel(level)
-
-
-class _ray_connected:
-    """The caller's Ray if one is initialised; else the cluster at ``address`` or $RAY_ADDRESS; else a local Ray
-    for the build: its own temp dir, loopback only (as orchestrator/driver.py's embedded Ray, which workers may
-    not import).
-    What it started or connected, it stops after."""
-
-    def __init__(self, address: str | None = None):
-        self.address = address or os.environ.get("RAY_ADDRESS")
-
-    def __enter__(self):
-        import ray
-
-        self.started = not ray.is_initialized()
-        if not self.started:
-            return self
-        common = dict(include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level="WARNING")
-        if self.address:
-            ray.init(address=self.address, **common)
-            return self
-        import tempfile
-
-        from ray._private import ray_constants
-
-        saved = ray_constants.ENABLE_RAY_CLUSTER
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep 127.0.0.1 (driver.py, _loopback_node)
-        ray_constants.ENABLE_RAY_CLUSTER = False
-        try:
-            ray.init(_node_ip_address="127.0.0.1", _temp_dir=tempfile.mkdtemp(prefix="rpc", dir="/tmp"), **common)
-        finally:
-            ray_constants.ENABLE_RAY_CLUSTER = saved
-            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
-        return self
-
-    def __exit__(self, *exc):
-        if self.started:
-            import ray
-
-            ray.shutdown()
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ def fakes(monkeypatch):
         monkeypatch.setitem(sys.modules, name, module)
 
     monkeypatch.setenv("REPURPOSE_STORAGE", "s3://bucket/sweeps")
-    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")  # a cluster's GCS, as a Ray Job's driver sees it
     install("orchestrator.driver", "submit", "resume", "status")
     install("orchestrator.demo", "run")
     install("orchestrator.reporting", "fit_command", "recipe_command")
@@ -175,7 +175,7 @@ def fakes(monkeypatch):
 
 def test_dispatch_contract(fakes, monkeypatch):
     assert cli.main(["submit", "g.yaml", "--name", "ext-1"]) == 0
-    assert cli.main(["resume", "paper-grid", "--storage", "/tmp/s"]) == 0
+    assert cli.main(["resume", "paper-grid", "--storage", "/tmp/s", "--shared-storage"]) == 0
     assert cli.main(["status", "paper-grid", "--json", "--address", "auto"]) == 0
     assert cli.main(["fit", "paper-grid", "--out", "figs"]) == 0
     assert cli.main(["recipe", "paper-grid", "--budget", "1.5e18", "--json"]) == 0
@@ -185,7 +185,7 @@ def test_dispatch_contract(fakes, monkeypatch):
     seen = {(m, f): vars(a) for m, f, a in fakes}
     sub = seen[("orchestrator.driver", "submit")]
     assert (sub["grid"], sub["name"], sub["storage"], sub["address"]) == (
-        "g.yaml", "ext-1", "s3://bucket/sweeps", "ray://head:10001")
+        "g.yaml", "ext-1", "s3://bucket/sweeps", "head:6379")
     assert seen[("orchestrator.driver", "resume")]["storage"] == "/tmp/s"
     status = seen[("orchestrator.driver", "status")]
     assert (status["name"], status["json"], status["address"]) == ("paper-grid", True, "auto")

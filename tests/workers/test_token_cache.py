@@ -21,6 +21,7 @@ import torch
 from raykit import REPO, RayEnv, free_port, ray_start, wait_for
 from support import make_pairs, write_jsonl
 from workers import token_cache as tc
+from orchestrator import cache_build
 from workers.data import PairStream, collate
 from workers.pooling import with_eos
 from workers.records import (DataError, DataStats, _shuffled, count_pairs, iter_pairs, load_eval_pairs,
@@ -61,7 +62,7 @@ def built(tmp_path_factory, tiny_model, local_ray, eval_file):
     root = tmp_path_factory.mktemp("cache")
     data = _dataset(root / "data")
     lines: list[str] = []
-    uri, manifest = tc.ensure(str(root / "store"), train_uri=data, eval_uri=eval_file, tokenizer_path=tiny_model,
+    uri, manifest = cache_build.ensure(str(root / "store"), train_uri=data, eval_uri=eval_file, tokenizer_path=tiny_model,
                               max_length=24, shard_bytes=SHARD_BYTES, log=lines.append)
     return {"uri": uri, "manifest": manifest, "data": data, "log": lines, "root": root}
 
@@ -128,7 +129,7 @@ def test_manifest_counts_what_the_raw_path_reads(built, tiny_model, eval_file):
 
 def test_reuse_builds_nothing(built, tiny_model, eval_file):
     lines: list[str] = []
-    uri, manifest = tc.ensure(str(built["root"] / "store"), train_uri=built["data"], eval_uri=eval_file,
+    uri, manifest = cache_build.ensure(str(built["root"] / "store"), train_uri=built["data"], eval_uri=eval_file,
                               tokenizer_path=tiny_model, max_length=24, shard_bytes=SHARD_BYTES, log=lines.append)
     assert uri == built["uri"] and manifest == built["manifest"] and lines == []
 
@@ -200,7 +201,7 @@ def test_a_rejected_file_fails_the_build_as_the_raw_path(tmp_path, tiny_model, l
     with pytest.raises(DataError) as raw:
         count_pairs(data)
     with pytest.raises(DataError) as cached:
-        tc.ensure(str(tmp_path / "store"), train_uri=data, eval_uri=None, tokenizer_path=tiny_model, max_length=24,
+        cache_build.ensure(str(tmp_path / "store"), train_uri=data, eval_uri=None, tokenizer_path=tiny_model, max_length=24,
                   shard_bytes=SHARD_BYTES, log=lambda line: None)
     assert str(cached.value) == str(raw.value)
     tokens = tmp_path / "store" / "_cache" / "tokens"
@@ -211,7 +212,8 @@ def test_a_rejected_file_fails_the_build_as_the_raw_path(tmp_path, tiny_model, l
 _CHILD = """
 import json, sys
 from workers import token_cache as tc
-uri, manifest = tc.ensure(sys.argv[1], train_uri=sys.argv[2], eval_uri=None, tokenizer_path=sys.argv[3],
+from orchestrator import cache_build
+uri, manifest = cache_build.ensure(sys.argv[1], train_uri=sys.argv[2], eval_uri=None, tokenizer_path=sys.argv[3],
                           max_length=24, shard_bytes=int(sys.argv[4]))
 print(json.dumps({"uri": uri, "torch": "torch" in sys.modules}))
 """
