@@ -119,9 +119,9 @@ def _run_leased(grid: Grid, store: Store, address: str | None, plan: Plan, lease
     with ray_session(address) if pending else contextlib.nullcontext(0) as gpus_per_node:
         interrupt.install()  # again: Ray's core worker installs its own SIGTERM handler (it aborts the process)
         memory = cluster_gpu_memory() if gpus_per_node else None  # sizes trials (core/memory.py)
-        if gpus_per_node and (grid.resources.gpus == "auto" or memory):  # an explicit count wins (autoscaling from 0)
+        if gpus_per_node:  # an explicit count wins (autoscaling from 0); a trial no live node holds is skipped
             gpus = gpus_per_node if grid.resources.gpus == "auto" else grid.resources.gpus
-            plan = plan_grid(grid, gpus_available=gpus, data=plan.data, gpu_memory=memory)
+            plan = plan_grid(grid, gpus_available=gpus, data=plan.data, gpu_memory=memory, nodes=cluster_nodes())
         trials = merge_trials(existing, plan)
         store.write_grid(grid.model_dump(mode="json", exclude_none=True),
                          {"train_pairs": plan.data.train_pairs, "tokens_per_pair": dict(plan.data.tokens_per_pair),
@@ -417,6 +417,13 @@ def cluster_gpu_memory() -> float | None:
              for key in n.get("Resources", {}) if key.startswith("accelerator_type:")]
     sizes = [s for s in sizes if s]
     return min(sizes) if sizes else None
+
+
+def cluster_nodes() -> list[dict]:
+    """Each live node's Ray resources (the planner skips a trial that none holds)."""
+    import ray
+
+    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
 
 
 def _gpus_per_node(ray) -> int:

@@ -180,12 +180,15 @@ def size_trial(shape: NeoxShape, spec: TrialSpec, gpus_available: int, grid: Gri
     if gpus_available <= 0:
         return Sizing({"CPU": _num(cpus)}, 0)
     if n_tr >= r.deepspeed_from_params:
-        options = [(1.0, min(gpus_available, r.deepspeed_gpus or gpus_available))]
+        k, problem = deepspeed_ranks(spec.batch_size, gpus_available, r.deepspeed_gpus)
+        if problem:
+            return dataclasses.replace(_sizing(1.0, k, cpus), problem=problem)
+        options = [(1.0, k)]
     else:
         first = _num(r.gpu_fraction) if n < r.gpu_fraction_below_params else 1
         options = [(f, 0) for f in sorted({first, 0.5, 1}) if f >= first]
-        if gpu_memory is not None:  # what memory may need beyond one GPU
-            options += [(1.0, k) for k in _deepspeed_sizes(gpus_available)]
+        if gpu_memory is not None:  # what memory may need beyond one GPU: rank counts the batch splits over
+            options += [(1.0, k) for k in _deepspeed_sizes(gpus_available) if spec.batch_size % k == 0]
     if gpu_memory is None:
         share, k = options[0]
         return _sizing(share, k, cpus)
@@ -208,6 +211,31 @@ def size_trial(shape: NeoxShape, spec: TrialSpec, gpus_available: int, grid: Gri
     return dataclasses.replace(_sizing(share, k, cpus), memory=fp.total(1, True), problem=(
         f"does not fit in GPU memory: needs {fp.total(1, True) / 1e9:.1f} GB per GPU at the least ({where}, "
         f"checkpointing, 1 pair per chunk); a GPU has {gpu_memory / 1e9:.0f} GB{hint}"))
+
+
+def deepspeed_ranks(batch_size: int, gpus_available: int, asked: int | None) -> tuple[int, str | None]:
+    """(ranks, problem) of a DeepSpeed trial: each rank embeds ``batch_size / ranks`` pairs
+    (workers/distributed.py), so the ranks must divide the batch. ``resources.deepspeed_gpus`` (``asked``, capped at
+    the node's GPUs) is taken as it is or the trial is skipped with the reason; by default the most GPUs of one
+    node that divide the batch (1024 pairs on a 6-GPU node: 4)."""
+    if asked:
+        k = min(asked, gpus_available)
+        if batch_size % k:
+            return k, (f"train.batch_size {batch_size} does not split over resources.deepspeed_gpus {k} ranks "
+                       "(choose a count that divides it)")
+        return k, None
+    return max(k for k in range(1, gpus_available + 1) if batch_size % k == 0), None
+
+
+def node_problem(resources: Mapping[str, float], nodes: list[Mapping[str, float]] | None) -> str | None:
+    """Why no node of the cluster holds the trial's resources (its ranks are placed on one node: STRICT_PACK), or
+    None. ``nodes``: each live node's Ray resources (None: not known, nothing checked)."""
+    if not nodes or any(all(node.get(k, 0) >= v for k, v in resources.items()) for node in nodes):
+        return None
+    wanted = ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items()))
+    largest = max(nodes, key=lambda node: (node.get("GPU", 0), node.get("CPU", 0)))
+    has = ", ".join(f"{largest.get(k, 0):g} {k}" for k in sorted(resources))
+    return f"no node holds the trial: it needs {wanted} on one node; the largest node has {has}"
 
 
 def _sizing(share: float, k: int, cpus: float) -> Sizing:
@@ -243,7 +271,7 @@ def _zero_stage(override: str | None) -> int:
 
 def plan_trial(trial: Trial, shape: NeoxShape, tokens_per_pair: float, train_pairs: int | None,
                gpus_available: int, grid: Grid, family: str | None = None,
-               gpu_memory: float | None = None) -> PlannedTrial:
+               gpu_memory: float | None = None, nodes: list[Mapping[str, float]] | None = None) -> PlannedTrial:
     spec = trial.spec
     family = family or shape.family
     n, n_tr = param_counts(shape, spec.method, spec.lora_rank, spec.trainable_fraction, spec.lora_targets)
@@ -251,6 +279,8 @@ def plan_trial(trial: Trial, shape: NeoxShape, tokens_per_pair: float, train_pai
     tokens = tokens_for_budget(spec.budget_flops, cost)
     pairs, steps = planned_steps(tokens, tokens_per_pair, spec.batch_size)
     sizing = size_trial(shape, spec, gpus_available, grid, gpu_memory)
+    if not sizing.problem and node_problem(sizing.resources, nodes):  # else a placement group Tune waits on forever
+        sizing = dataclasses.replace(sizing, problem=node_problem(sizing.resources, nodes))
     reason = skip_reason(pairs=pairs, steps=steps, min_steps=grid.plan.min_steps, train_pairs=train_pairs,
                          max_epochs=grid.plan.max_epochs, method=spec.method, bias_params=shape.bias_params())
     if sizing.problem and reason != "model has no bias parameters":
@@ -297,11 +327,13 @@ def default_gpus(grid: Grid) -> int:
 
 
 def plan_grid(grid: Grid, *, gpus_available: int | None = None, data: DataStats | None = None,
-              strict_data: bool = False, gpu_memory: float | None = None) -> Plan:
+              strict_data: bool = False, gpu_memory: float | None = None,
+              nodes: list[Mapping[str, float]] | None = None) -> Plan:
     """Every trial of the grid with its plan. ``gpus_available``: GPUs per node (the driver asks Ray; None:
     ``default_gpus``). ``data``: known data statistics (None: measured, see ``measure_data``). ``gpu_memory``:
     bytes of one GPU (the driver: from the cluster's accelerator type; `plan`: from ``--device``); the grid's
-    ``resources.gpu_memory_gb`` wins over it."""
+    ``resources.gpu_memory_gb`` wins over it. ``nodes``: the live nodes' Ray resources (the driver's cluster), so a
+    trial that no node holds is skipped (None: not checked)."""
     gpus = default_gpus(grid) if gpus_available is None else gpus_available
     data = measure_data(grid, strict=strict_data) if data is None else data
     if grid.resources.gpu_memory_gb != "auto":
@@ -309,7 +341,7 @@ def plan_grid(grid: Grid, *, gpus_available: int | None = None, data: DataStats 
     gpu_memory = gpu_memory if gpus else None
     shapes = {m: model_shape(grid.model_path(m)) for m in grid.models}
     cells = (plan_trial(t, shapes[t.model], data.tokens_per_pair[t.model], data.train_pairs, gpus, grid,
-                        gpu_memory=gpu_memory)
+                        gpu_memory=gpu_memory, nodes=nodes)
              for t in expand(grid))
     trials = tuple(r for cell in cells for r in replicates(cell, grid, range(grid.seeds)))
     return Plan(grid=grid, trials=trials, gpus_available=gpus, data=data, gpu_memory=gpu_memory)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from core.devices import TYPICAL_MFU, device_entry, device_hours, mfu, peak_flops
+from core.devices import PEAKS, TYPICAL_MFU, device_entry, device_hours, device_memory, mfu, peak_flops
 
 
 @pytest.mark.parametrize("name,canonical,peak", [
@@ -48,6 +48,38 @@ def test_device_memory_by_name():
     assert device_memory("A100") == 40e9 and device_memory("NVIDIA A100-SXM4-80GB") == 80e9
     assert device_memory("NVIDIA L4") == 24e9 and device_memory("NVIDIA H200") == 141e9
     assert device_memory("Tesla T4") is None and device_memory("no such card") is None
+
+
+def test_every_canonical_name_finds_its_own_row():
+    """Table order: a name that contains another (GH200 / H200, L40S / L40 / L4) must reach its own row first."""
+    for _, canonical, peak, _ in PEAKS:
+        assert device_entry(f"NVIDIA {canonical}")[:2] == (canonical, peak), canonical
+
+
+@pytest.mark.parametrize("name,gb", [
+    ("NVIDIA GH200 480GB", 96),  # torch's name on the 96 GB HBM3 superchip (480 GB is its LPDDR5X + HBM3 total)
+    ("NVIDIA GH200 144G HBM3e", 144),
+    ("GH200", 96),  # Ray's accelerator_type says no size: the smaller, never the H200's 141
+    ("NVIDIA H200", 141), ("H200", 141),
+])
+def test_gh200_is_not_an_h200(name, gb):
+    assert device_entry(name)[0] == ("GH200" if "GH" in name else "H200 SXM")
+    assert device_memory(name) == gb * 1e9
+
+
+@pytest.mark.parametrize("name,canonical,peak,gb", [
+    # 989 TFLOPS x 1/7 = 141.286 TFLOPS; the profile's 10 GB
+    ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "H100 SXM MIG 1g.10gb", 141.2857142857e12, 10),
+    # 312 x 3/7 = 133.714 TFLOPS; 20 GB
+    ("NVIDIA A100-SXM4-40GB MIG 3g.20gb", "A100 MIG 3g.20gb", 133.7142857143e12, 20),
+    # 989 x 7/7: the whole GPU as one slice
+    ("NVIDIA H200 MIG 7g.141gb", "H200 SXM MIG 7g.141gb", 989e12, 141),
+    ("A100-MIG-2g.10gb", "A100 MIG 2g.10gb", 89.1428571429e12, 10),  # a custom Ray accelerator label
+])
+def test_mig_slice_gets_its_share(name, canonical, peak, gb):
+    got = device_entry(name)
+    assert got[0] == canonical and got[1] == pytest.approx(peak, rel=1e-10)
+    assert device_memory(name) == gb * 1e9
 
 
 def test_device_hours_by_hand():
