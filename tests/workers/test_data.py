@@ -9,7 +9,6 @@ import json
 import os
 import random
 import re
-import socket
 import threading
 
 import pyarrow as pa
@@ -361,32 +360,8 @@ def test_early_close_stops_the_thread(pairs_file, tokenizer):
 # ---------------------------------------------------------------------------------------------- s3 (moto)
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3_env(s3_endpoint, monkeypatch):
-    for k, v in dict(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1",
-                     AWS_ENDPOINT_URL_S3=s3_endpoint).items():
-        monkeypatch.setenv(k, v)
-    return s3_endpoint
-
-
-def test_s3_uri_reads_the_same_pairs(s3_env, pairs_file, tmp_path, tokenizer):
-    import boto3  # uploads: pyarrow's multipart upload trips on moto's CompleteMultipartUpload reply
-
-    s3 = boto3.client("s3", endpoint_url=s3_env)
-    s3.create_bucket(Bucket="bucket")
+def test_s3_uri_reads_the_same_pairs(moto_s3, pairs_file, tmp_path, tokenizer):
+    s3 = moto_s3.client()
     raw = open(pairs_file, "rb").read()
     for key, body in (("d/train-0.jsonl", raw), ("d/train-1.jsonl.gz", gzip.compress(raw)),
                       ("p/train.parquet", open(write_parquet(tmp_path / "t.parquet", make_pairs(2000)), "rb").read())):
@@ -395,11 +370,11 @@ def test_s3_uri_reads_the_same_pairs(s3_env, pairs_file, tmp_path, tokenizer):
     assert list(iter_pairs("s3://bucket/d/*.jsonl*")) == local + local  # glob, .gz, AWS_ENDPOINT_URL_S3
     assert list(iter_pairs("s3://bucket/p/train.parquet")) == local
     os.environ.pop("AWS_ENDPOINT_URL_S3")
-    uri = f"s3://bucket/d/train-0.jsonl?endpoint_override={s3_env}"  # or the endpoint in the URI
+    uri = f"s3://bucket/d/train-0.jsonl?endpoint_override={moto_s3.endpoint}"  # or the endpoint in the URI
     kw = dict(batch_size=64, max_length=16, seed=4, max_epochs=0.5)
     assert same_batches(collect(PairStream(uri, tokenizer, **kw)), collect(PairStream(pairs_file, tokenizer, **kw)))
     with pytest.raises(DataError, match=r"s3://bucket/d/none\.jsonl: no such file"):
-        count_pairs(f"s3://bucket/d/none.jsonl?endpoint_override={s3_env}")
+        count_pairs(f"s3://bucket/d/none.jsonl?endpoint_override={moto_s3.endpoint}")
 
 
 # ---------------------------------------------------------------------------------------------- random batches

@@ -551,25 +551,10 @@ def upsert(rows) -> list[dict]:
 
 
 @pytest.fixture
-def s3(monkeypatch):
-    """A moto S3 server on 127.0.0.1 (a thread of this process) with one bucket; the ranks inherit its env."""
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    from workers.distributed import free_port
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1").create_bucket(Bucket="ckpt")
-    try:
-        yield "s3://ckpt"
-    finally:
-        server.stop()
+def s3(moto_s3):
+    """``s3://ckpt`` on the session's moto server (tests/conftest.py); the ranks inherit its env."""
+    moto_s3.client().create_bucket(Bucket="ckpt")
+    return "s3://ckpt"
 
 
 @pytest.mark.slow
