@@ -340,7 +340,7 @@ def _prepare_data(root: str, token_scale: float):
         tmp = f"{seq_path}.tmp{os.getpid()}"
         torch.save({"train": train.to(torch.int16), "eval": held.to(torch.int16)}, tmp)  # vocab < 2**15
         os.replace(tmp, seq_path)
-    seqs = torch.load(seq_path)
+    seqs = torch.load(seq_path, weights_only=True)  # our own int16 tensors: no pickle runs
     return AutoTokenizer.from_pretrained(tok_path), seqs["train"].long(), seqs["eval"].long()
 
 
