@@ -155,8 +155,16 @@ class Store:
         if not self.exists():
             raise StoreError(f"{storage.redact(self.uri)}: no sweep named {self.sweep!r} in "
                              f"{storage.redact(self.storage_uri)}")
-        text = self._try(lambda: storage.read_bytes(storage.join(self.uri, GRID_FILE)).decode(), "read")
-        return yaml.load(text, Loader=_YAML_LOADER)
+        where = storage.redact(storage.join(self.uri, GRID_FILE))
+        data = self._try(lambda: storage.read_bytes(storage.join(self.uri, GRID_FILE)), "read")
+        try:
+            doc = yaml.load(data.decode(), Loader=_YAML_LOADER)
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise StoreError(f"{where}: not readable YAML ({' '.join(str(e).split())[:200]})") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("grid"), dict):
+            raise StoreError(f"{where}: grid: required (a mapping: the sweep's resolved grid)")
+        doc.setdefault("history", [])
+        return doc
 
     def write_grid(self, grid: dict, data: dict | None = None) -> None:
         """Records ``grid`` as the sweep's grid (earlier different grids stay in its history) and what the
