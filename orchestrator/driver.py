@@ -77,7 +77,10 @@ def stored_grid(store: Store, *, references: bool = True) -> Grid:
     and data where this runs (resume trains on them); without, only the grid itself is validated (replay reads
     results, and may run far from the data). A malformed one is one line naming grid.yaml and the field."""
     source = redact(storage_join(store.uri, "grid.yaml"))
-    grid = store.read_grid()["grid"]
+    grid = store.read_grid().get("grid")
+    if not isinstance(grid, dict):
+        raise GridError.at(source, "grid", "required (a mapping: the sweep's resolved grid, as `repurpose submit` "
+                           "writes it)")
     base_dir = grid.get("base_dir")
     if not isinstance(base_dir, str) or not base_dir:
         raise GridError.at(source, "grid.base_dir", "required (the directory the grid's relative paths resolve "

@@ -66,7 +66,8 @@ def load(model_dir, method):
 
 
 def make_batch(tokenizer, pairs_file, n):
-    from workers.data import collate, make_encoder, pad_id_of
+    from workers.pair_batches import collate
+    from workers.pair_files import make_encoder, pad_id_of
 
     with open(pairs_file) as f:
         pairs = [json.loads(next(f)) for _ in range(n)]

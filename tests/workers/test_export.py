@@ -27,7 +27,7 @@ from core.store import TRIAL_COLUMNS
 from orchestrator.cli import main
 from workers.export import ExportError, select_trial
 from workers.methods import select_trainable
-from workers.records import load_eval_pairs, make_encoder
+from workers.pair_files import load_eval_pairs, make_encoder
 from workers.weights import model_uri, save_trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -109,7 +109,7 @@ def test_every_family_packs():
 # --- one contrastive step: loss and gradients ---------------------------------------------------------------
 @dataclasses.dataclass
 class Pairs:
-    """A contrastive batch as workers/data.py's Batch carries it."""
+    """A contrastive batch as workers/pair_batches.py's Batch carries it."""
 
     q_ids: torch.Tensor
     q_mask: torch.Tensor

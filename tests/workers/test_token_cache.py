@@ -21,9 +21,9 @@ import torch
 from raykit import REPO, RayEnv, free_port, ray_start, wait_for
 from support import make_pairs, write_jsonl
 from workers import token_cache as tc
-from workers.data import PairStream, collate
+from workers.pair_batches import PairStream, collate
 from workers.pooling import with_eos
-from workers.records import (DataError, DataStats, _shuffled, count_pairs, iter_pairs, load_eval_pairs,
+from workers.pair_files import (DataError, DataStats, _shuffled, count_pairs, iter_pairs, load_eval_pairs,
                              load_tokenizer, make_encoder, pad_id_of)
 
 SHARD_BYTES = 20_000  # several shards per file
@@ -78,7 +78,7 @@ def _same(a, b) -> None:
                                                     (2, [1000, 0, 999], 16, 64), (3, [40000, 9000], 16384, 1 << 20),
                                                     (4, [5000], 1000, 333)])
 def test_pass_order_is_records_shuffle(seed, rows, buffer, chunk):
-    """The vectorised pass order equals records.py's shuffle (file shuffle, then the streaming buffer) on the
+    """The vectorised pass order equals pair_files.py's shuffle (file shuffle, then the streaming buffer) on the
     same seed, for any chunking."""
     rng = random.Random(seed)
     starts = np.concatenate([[0], np.cumsum(rows)])

@@ -27,7 +27,7 @@ import workers.trial as trial_mod
 from core.models import ModelConfigError
 from core.spec import TrialSpec
 from workers import checkpoint
-from workers.data import DataError, measure_tokens_per_pair
+from workers.pair_files import DataError, measure_tokens_per_pair
 from workers.steps import has_bf16, lr_factor, train_stream
 from workers.trial import run_trial
 

@@ -89,7 +89,7 @@ def test_weights_kept_once_and_served_as_the_trial_embeds(tiny_model, pairs_file
     from sentence_transformers import SentenceTransformer
 
     from workers.export import export_model
-    from workers.records import load_eval_pairs
+    from workers.pair_files import load_eval_pairs
     from workers.retrieval import retrieval_metrics
 
     out = str(tmp_path / "exported")

@@ -1,4 +1,4 @@
-"""workers/data.py (and the reading it re-exports from workers/records.py) on real files in tmp_path: formats,
+"""workers/pair_batches.py (and the reading it re-exports from workers/pair_files.py) on real files in tmp_path: formats,
 shuffling, random batches (the default) and length buckets (the opt-in), resumption, epochs, bad lines, the
 background thread and an s3:// source served by moto."""
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 from scipy.stats import spearmanr
 from support import build_tokenizer, make_pairs, write_jsonl
 
-from workers.data import (Batch, DataError, DataStats, PairStream, count_pairs, iter_pairs, load_eval_pairs,
-                          measure_tokens_per_pair)
+from workers.pair_batches import Batch, PairStream
+from workers.pair_files import DataError, DataStats, count_pairs, iter_pairs, load_eval_pairs, measure_tokens_per_pair
 
 
 class CharTokenizer:
@@ -383,7 +383,7 @@ def test_s3_uri_reads_the_same_pairs(moto_s3, pairs_file, tmp_path, tokenizer):
 
 
 def reference_sequence(files: list[str], seed: int, epochs: int, buffer: int) -> list[tuple[str, str]]:
-    """The pair sequence written again from its definition (workers/records.py, "The shuffle of one pass"), not
+    """The pair sequence written again from its definition (workers/pair_files.py, "The shuffle of one pass"), not
     by calling the code: per pass e, rng = Random(sha256("repurpose.data:{seed}:{e}")[:8]); the sorted files
     shuffled with rng; their pairs through a buffer (fill; then each new pair replaces buf[randrange(size)],
     which leaves; at the end the buffer is shuffled and leaves in order); passes back to back."""

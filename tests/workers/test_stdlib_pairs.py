@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from workers import pairs as P
+from workers.suite import stdlib_pairs as P
 
 
 @pytest.fixture(scope="module")
