@@ -266,6 +266,7 @@ def test_every_handler_names_a_function_that_exists():
         assert callable(getattr(importlib.import_module(module), func, None)), (command, module, func)
 
 
+@pytest.mark.slow  # pretrains a suite model
 def test_suite_list_and_build_for_real(tmp_path, capsys):
     """`repurpose suite list` runs (it failed with "workers.suite.list_command is missing"): an empty cache says
     so; after a build of the smallest model (as the demo's cache holds it) it lists that model."""

@@ -14,6 +14,7 @@ from orchestrator.plan import plan_grid
 from workers.suite import cache as SC, models as SM
 
 
+@pytest.mark.slow  # pretrains three suite models
 def test_demo_grid_validates_and_plans_on_the_suite(tmp_path):
     # the suite's tokenizer and shapes, pretrained for one batch each (planning reads configs and tokenizes)
     models = SC.build_suite(cache_dir=str(tmp_path), sizes=[m.name for m in SM.SUITE[:demo.DEMO_MODELS]],

@@ -74,6 +74,7 @@ def check_store(sweep_dir, runnable_ids: set[str], contract) -> tuple[dict[str, 
 
 
 # --- (a) the whole path --------------------------------------------------------------------------------------
+@pytest.mark.slow  # runs a sweep on Ray
 def test_submit_all_methods_end_to_end(make_grid, ray_env, tmp_path, contract):
     grid = make_grid("e2e", methods=ALL_METHODS, budgets=[5.0e9])
     # a relative store (as the default ./sweeps): Ray Tune runs each trial in a working directory of its own, so the
@@ -112,6 +113,7 @@ def test_submit_all_methods_end_to_end(make_grid, ray_env, tmp_path, contract):
 
 
 # --- (b) extending a sweep -----------------------------------------------------------------------------------
+@pytest.mark.slow  # runs a sweep on Ray
 def test_larger_grid_runs_only_the_new_trials(make_grid, ray_env, tmp_path, contract):
     storage = str(tmp_path / "store")
     sweep_dir = os.path.join(storage, "ext")
@@ -223,6 +225,7 @@ def load_checkpoint_state(sweep_dir, trial_id: str) -> dict:
 
 
 # --- (d) a trial that cannot train ---------------------------------------------------------------------------
+@pytest.mark.slow  # runs a sweep on Ray
 def test_failing_trial_is_a_row_and_exit_code_1(make_grid, ray_env, tmp_path, tiny_model):
     broken = tmp_path / "broken-model"
     shutil.copytree(tiny_model, broken)

@@ -289,6 +289,7 @@ def probe(uri: str, what: str, env: dict | None = None, part_bytes: int = 8 * MI
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # measures a subprocess saving and loading a large checkpoint
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 @BACKENDS
 def test_save_and_load_hold_about_one_tensor_beside_the_checkpoint(store):

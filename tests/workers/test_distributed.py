@@ -230,6 +230,7 @@ def _math_rank(rank, world, port, model_dir, pairs_file, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns gloo ranks
 @pytest.mark.timeout(300)
 def test_sharded_loss_and_gradients_equal_single_process(tiny_model, pairs_file, tmp_path):
     from safetensors.torch import load_file
@@ -385,6 +386,7 @@ def _read_rank(rank, world, port, root):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns gloo ranks
 @pytest.mark.timeout(120)
 def test_checkpoint_is_read_by_rank_0_alone_and_sent(tmp_path):
     """Rank 1 cannot reach storage; it gets rank 0's checkpoint (past the damaged newest: the one before it, and

@@ -30,7 +30,7 @@ from workers.methods import select_trainable
 from workers.pair_files import load_eval_pairs, make_encoder
 from workers.weights import model_uri, save_trained
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # every test trains (or exports) the tiny model
 
 MAX_LENGTH = 24  # short enough that some eval texts are truncated
 METHOD_KW = {"full": {}, "freeze": {"trainable_fraction": 0.5}, "bias": {}, "lora": {"lora_rank": 4}}

@@ -71,6 +71,7 @@ def built(tmp_path_factory):
     return cache, models, time.perf_counter() - t0
 
 
+@pytest.mark.slow  # pretrains suite models / extracts the stdlib pairs
 def test_tokenizer_round_trips_stdlib_docstrings(built):
     from transformers import AutoTokenizer
 
@@ -88,6 +89,7 @@ def test_tokenizer_round_trips_stdlib_docstrings(built):
 # ------------------------------------------------------------------------------------------ the build
 
 
+@pytest.mark.slow  # pretrains suite models / extracts the stdlib pairs
 def test_build_saves_loadable_pretrained_checkpoints(built):
     import torch
     from transformers import AutoModel
@@ -114,6 +116,7 @@ def test_build_saves_loadable_pretrained_checkpoints(built):
     assert not [d for d in os.listdir(SC.suite_dir(cache, TOKEN_SCALE)) if d.startswith(".")]  # no temp dirs
 
 
+@pytest.mark.slow  # pretrains suite models / extracts the stdlib pairs
 def test_second_build_is_a_no_op_and_force_rebuilds(built, monkeypatch):
     cache, models, _ = built
     weights = os.path.join(models[0].path, "model.safetensors")
@@ -133,6 +136,7 @@ def test_second_build_is_a_no_op_and_force_rebuilds(built, monkeypatch):
     assert forced[0].name == models[0].name and forced[0].pretrain_loss < forced[0].initial_loss
 
 
+@pytest.mark.slow  # pretrains suite models / extracts the stdlib pairs
 def test_demo_data_builds_pairs_once(tmp_path, monkeypatch):
     info = SC.demo_data(cache_dir=str(tmp_path))
     assert info["n_train"] > 5000 and os.path.isfile(info["train"]) and os.path.isfile(info["eval"])
@@ -184,6 +188,7 @@ def test_pythia_cache_key_is_unchanged_by_the_second_family():
         SC.build_suite(family="gemma")
 
 
+@pytest.mark.slow  # pretrains suite models / extracts the stdlib pairs
 def test_llama_build_saves_a_loadable_pretrained_llama(tmp_path):
     import torch
     from transformers import AutoModel

@@ -38,7 +38,7 @@ BUDGET = 6.5e9
 METHOD_CASES = [c for c in CASES if c[1].get("trainable_fraction") != 0.3]  # full, freeze 0.5, bias, lora r=4
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # every test trains (or exports) the tiny model
 
 
 def make_spec(tiny_model, pairs_file, eval_file, method="full", **kw) -> TrialSpec:

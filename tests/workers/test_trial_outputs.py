@@ -13,7 +13,7 @@ from core.spec import TrialSpec
 from core.store import checkpoint_uri, model_uri
 from workers.trial import run_trial
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # every test trains (or exports) the tiny model
 
 
 def spec_for(tiny_model, pairs_file, eval_file, **kw) -> TrialSpec:
