@@ -56,7 +56,7 @@ print(json.dumps([count_pairs({data!r}), len(load_eval_pairs({data!r}, 7)), tpp,
 
 
 def test_a_uri_with_credentials_is_refused_before_any_io():
-    # fsio.resolve, the project's one URI -> filesystem function (data.py's own lacked this check)
+    # fsio.resolve, the project's one URI -> filesystem function (the reader's own lacked this check once)
     from core.uris import StorageError
     from workers.pair_files import count_pairs, iter_pairs
 
