@@ -2,7 +2,7 @@
 
     python benchmarks/cache.py [--copies 14] [--epochs 2] [--json]
 
-Data: the demo's stdlib pairs (workers/suite.py ``demo_data``) in ``--copies`` files, a byte-level BPE trained on
+Data: the demo's stdlib pairs (workers/suite/cache.py ``demo_data``) in ``--copies`` files, a byte-level BPE trained on
 them (vocab 8192, as benchmarks/run.py), batch 1024, max length 75, seed 0, one torch thread (the trial process's
 core; the raw path's tokenizer runs in Rust on its background thread, the cache's gather in numpy on its own).
 Both streams run in the same process, one after the other, so their ratio is the figure (the machine is shared).
@@ -34,7 +34,8 @@ def log(msg: str) -> None:
 
 def make_data(root: str, copies: int) -> tuple[str, str]:
     """(data dir with ``copies`` copies of the demo's train pairs, tokenizer dir)."""
-    from workers.suite import demo_data, train_tokenizer
+    from workers.suite.cache import demo_data
+    from workers.suite.pretraining import train_tokenizer
 
     src = demo_data()["train"]
     data = os.path.join(root, "data")
@@ -85,8 +86,8 @@ def run(copies: int, epochs: float, raw_s: float, batch: int, max_length: int) -
     import torch
 
     from workers import token_cache
-    from workers.data import PairStream
-    from workers.records import load_tokenizer
+    from workers.pair_batches import PairStream
+    from workers.pair_files import load_tokenizer
 
     torch.set_num_threads(1)
     root = tempfile.mkdtemp(prefix="rpcache")

@@ -38,8 +38,9 @@ def log(msg: str) -> None:
 
 # --- fixtures: data, tokenizer, models -----------------------------------------------------------------------
 def prepare(root: str) -> dict:
-    """Real pairs (stdlib docstrings, workers/pairs.py) and a BPE tokenizer trained on them."""
-    from workers.suite import demo_data, train_tokenizer
+    """Real pairs (stdlib docstrings, workers/suite/stdlib_pairs.py) and a BPE tokenizer trained on them."""
+    from workers.suite.cache import demo_data
+    from workers.suite.pretraining import train_tokenizer
 
     data = demo_data()
     texts = []
@@ -100,7 +101,7 @@ def run_worker(model: str, train: str, *, batch: int, max_length: int, steps: in
     """A real trial (workers/trial.py) sized to ``steps`` optimizer steps; tokens/s over its training steps."""
     from transformers import AutoTokenizer
 
-    from workers.data import measure_tokens_per_pair
+    from workers.pair_files import measure_tokens_per_pair
     from core.flops import NeoxShape, cost_per_token, param_counts
     from core.models import read_config
     from core.spec import TrialSpec

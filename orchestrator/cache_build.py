@@ -15,7 +15,7 @@ import time
 from typing import Iterator
 
 from workers import token_cache as tc
-from workers.records import MAX_BAD_FRACTION, DataError
+from workers.pair_files import MAX_BAD_FRACTION, DataError
 
 
 def ensure(storage_uri: str, *, train_uri: str, eval_uri: str | None, tokenizer_path: str, max_length: int,
@@ -23,8 +23,8 @@ def ensure(storage_uri: str, *, train_uri: str, eval_uri: str | None, tokenizer_
            address: str | None = None, tokenizer=None) -> tuple[str, dict]:
     """(cache URI, manifest): the cache of (data, tokenizer, max_length), built if it is not there yet (on the
     initialised Ray, else ``ray_session(address)``: the cluster at ``address``, else an embedded local Ray).
-    ``tokenizer``: the one at ``tokenizer_path`` if the caller has loaded it (``workers.records.load_tokenizer``)."""
-    from workers.records import load_tokenizer
+    ``tokenizer``: the one at ``tokenizer_path`` if the caller has loaded it (``workers.pair_files.load_tokenizer``)."""
+    from workers.pair_files import load_tokenizer
 
     tokenizer = tokenizer or load_tokenizer(tokenizer_path)
     inputs = tc.cache_inputs(train_uri, eval_uri, tc.tokenizer_sha256(tokenizer_path, tokenizer), max_length,

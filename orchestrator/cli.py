@@ -13,10 +13,10 @@ runs (the driver stays light: no torch, no Ray at import). Each such function re
     demo    -> orchestrator.demo.run(args)         args: name ("demo"), storage, address
     export  -> workers.export.export_command(args)  args: name, trial | budget, out, storage
     prepare -> orchestrator.prepare.prepare_command(args)  args: grid, json, storage, address
-    suite build -> workers.suite.build_command(args)  args: out (None: the suite's default), storage
-    suite list  -> workers.suite.list_command(args)   args: json, storage
+    suite build -> orchestrator.suite_commands.build_command(args)  args: out (None: the suite's default), storage
+    suite list  -> orchestrator.suite_commands.list_command(args)   args: json, storage
 
-Errors: a ``UserError`` (or ``core.models.ModelConfigError`` / ``workers.data.DataError``) anywhere becomes
+Errors: a ``UserError`` (or ``core.models.ModelConfigError`` / ``workers.pair_files.DataError``) anywhere becomes
 one line on stderr and exit code 2, no traceback; so do argparse errors. Anything else is a bug and keeps its
 traceback.
 """
@@ -99,12 +99,12 @@ def _prepare(args):
 
 
 def _suite_build(args):
-    from workers.suite import build_command
+    from orchestrator.suite_commands import build_command
     return build_command(args)
 
 
 def _suite_list(args):
-    from workers.suite import list_command
+    from orchestrator.suite_commands import list_command
     return list_command(args)
 
 

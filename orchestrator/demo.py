@@ -1,6 +1,6 @@
 """`repurpose demo`: the whole study on a laptop, offline.
 
-Builds (or reuses, cached) the stdlib pair data and the pretrained mini Pythia suite (workers/suite.py),
+Builds (or reuses, cached) the stdlib pair data and the pretrained mini Pythia suite (workers/suite/),
 plans and runs a small grid on an embedded local Ray — every method, two LoRA ranks, three budgets ×4
 apart scaled to the suite — into the store, fits the frontier and prints the recipe table.
 """
@@ -52,7 +52,8 @@ def demo_grid(name: str, models: list[str], data: dict, *, budgets=DEMO_BUDGETS,
 
 def run(args) -> int:
     from workers.export import quiet_model_loading
-    from workers.suite import SUITES, build_suite, demo_data  # torch: the suite is built in this process, once
+    from workers.suite.cache import build_suite, demo_data  # torch: the suite is built in this process, once
+    from workers.suite.models import SUITES
 
     quiet_model_loading()
 

@@ -29,8 +29,9 @@ import tempfile
 import threading
 import time
 
+from core.uris import redact
 from orchestrator.errors import UserError
-from orchestrator.grid import Grid, check_mirrors, load_grid, parse_grid
+from orchestrator.grid import Grid, GridError, check_mirrors, load_grid, parse_grid
 from orchestrator.lease import Lease
 from orchestrator.plan import Plan, PlannedTrial, plan_grid
 from orchestrator.store import INTERRUPTED, Recorder, Store, StoreError
@@ -72,9 +73,20 @@ def status(args) -> int:
     return 0
 
 
-def stored_grid(store: Store) -> Grid:
-    doc = store.read_grid()
-    return parse_grid(doc["grid"], source=storage_join(store.uri, "grid.yaml"), base_dir=doc["grid"].get("base_dir"))
+def stored_grid(store: Store, *, references: bool = True) -> Grid:
+    """The sweep's grid as the store keeps it (resolved: ``base_dir`` absolute). ``references`` checks its models
+    and data where this runs (resume trains on them); without, only the grid itself is validated (replay reads
+    results, and may run far from the data). A malformed one is one line naming grid.yaml and the field."""
+    source = redact(storage_join(store.uri, "grid.yaml"))
+    grid = store.read_grid().get("grid")
+    if not isinstance(grid, dict):
+        raise GridError.at(source, "grid", "required (a mapping: the sweep's resolved grid, as `repurpose submit` "
+                           "writes it)")
+    base_dir = grid.get("base_dir")
+    if not isinstance(base_dir, str) or not base_dir:
+        raise GridError.at(source, "grid.base_dir", "required (the directory the grid's relative paths resolve "
+                           "against; `repurpose submit` writes it)")
+    return parse_grid(grid, source=source, base_dir=base_dir, references=references)
 
 
 def storage_join(*parts: str) -> str:

@@ -439,9 +439,10 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def parse_grid(data: Any, *, source: str = "grid.yaml", base_dir: str = ".") -> Grid:
+def parse_grid(data: Any, *, source: str = "grid.yaml", base_dir: str = ".", references: bool = True) -> Grid:
     """Validate an already-parsed grid; relative paths (and a relative ``base_dir`` key) resolve against
-    ``base_dir``. Checks the models (config readable, GPT-NeoX, lr resolvable) and that local data exists."""
+    ``base_dir``. Checks the models (config readable, GPT-NeoX, lr resolvable) and that local data exists, unless
+    ``references`` is False (a stored grid read where its models and data need not be: replay)."""
     if not isinstance(data, dict):
         raise GridError.at(source, None, "must be a YAML mapping with name, models, methods, budgets, data")
     try:
@@ -450,7 +451,8 @@ def parse_grid(data: Any, *, source: str = "grid.yaml", base_dir: str = ".") -> 
         raise GridError(f"{source}: {format_validation_error(e)}") from None
     root = os.path.join(os.path.abspath(base_dir), os.path.expanduser(grid.base_dir or "."))
     grid = grid.model_copy(update={"base_dir": os.path.normpath(root)})
-    _check_references(grid, source)
+    if references:
+        _check_references(grid, source)
     return grid
 
 

@@ -367,7 +367,7 @@ def measure_data(grid: Grid, *, strict: bool = False) -> DataStats:
     readable = True
     if train_pairs is None:
         try:
-            from workers.records import count_pairs  # torch-free (workers.data imports torch)
+            from workers.pair_files import count_pairs  # torch-free (workers.pair_batches imports torch)
 
             train_pairs = count_pairs(uri)
         except Exception as e:  # noqa: BLE001 -- classified below: bad input, or unreachable here
@@ -393,7 +393,7 @@ def measure_data(grid: Grid, *, strict: bool = False) -> DataStats:
 def _check_eval(grid: Grid, strict: bool) -> None:
     """The held-out pairs the workers will read (the first ``run.eval_pairs``): bad ones fail here, before any
     trial runs, rather than as one failed trial per cell."""
-    from workers.records import load_eval_pairs
+    from workers.pair_files import load_eval_pairs
 
     uri = grid.resolve(grid.data.eval)
     try:
@@ -412,7 +412,7 @@ def _measure(grid: Grid, model: str, uri: str, readable: bool, strict: bool, war
         warnings.append(f"warning: cannot read {uri}: {fallback}")
         return FALLBACK_TOKENS_PER_PAIR
     try:
-        from workers.records import measure_tokens_per_pair
+        from workers.pair_files import measure_tokens_per_pair
 
         tokenizer = _load_tokenizer(grid.model_path(model))
     except Exception as e:  # noqa: BLE001 -- no tokenizer here (offline hub, no tokenizer files)
@@ -430,7 +430,7 @@ def _measure(grid: Grid, model: str, uri: str, readable: bool, strict: bool, war
 
 def _load_tokenizer(path: str):
     """The model's tokenizer without torch (AutoTokenizer imports it); it counts what the trial's does."""
-    from workers.records import load_tokenizer  # lazy: the driver stays light
+    from workers.pair_files import load_tokenizer  # lazy: the driver stays light
 
     return load_tokenizer(path)
 

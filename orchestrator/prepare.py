@@ -5,7 +5,7 @@ per distinct tokenizer.json among its models (the eight Pythia models share one)
 ``caches_for_grid`` inside its Ray session before the trials start and gives each trial its model's cache URI.
 
 The driver stays light: the cache's modules (orchestrator/cache_build.py, workers/token_cache.py) are imported only
-here, inside functions, and building a cache imports no torch (its tokenizer is ``workers.records.load_tokenizer``'s, torch-free).
+here, inside functions, and building a cache imports no torch (its tokenizer is ``workers.pair_files.load_tokenizer``'s, torch-free).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def caches_for_grid(grid, storage_uri: str, *, address: str | None = None, log=N
     """model (as the grid names it) -> {"uri", "key", "pairs", "real_tokens", "bad_lines", "built"}, each cache
     built on the initialised Ray (else ``address`` / $RAY_ADDRESS / a local one) when it is not there yet."""
     from orchestrator import cache_build
-    from workers.records import load_tokenizer
+    from workers.pair_files import load_tokenizer
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     train = grid.resolve(grid.data.train)

@@ -156,15 +156,23 @@ class Store:
         if not self.exists():
             raise StoreError(f"{storage.redact(self.uri)}: no sweep named {self.sweep!r} in "
                              f"{storage.redact(self.storage_uri)}")
-        text = self._try(lambda: storage.read_bytes(storage.join(self.uri, GRID_FILE)).decode(), "read")
-        return yaml.load(text, Loader=_YAML_LOADER)
+        where = storage.redact(storage.join(self.uri, GRID_FILE))
+        data = self._try(lambda: storage.read_bytes(storage.join(self.uri, GRID_FILE)), "read")
+        try:
+            doc = yaml.load(data.decode(), Loader=_YAML_LOADER)
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise StoreError(f"{where}: not readable YAML ({' '.join(str(e).split())[:200]})") from None
+        if not isinstance(doc, dict):
+            raise StoreError(f"{where}: must be a YAML mapping (grid, history, data)")
+        doc.setdefault("history", [])
+        return doc
 
     def write_grid(self, grid: dict, data: dict | None = None) -> None:
         """Records ``grid`` as the sweep's grid (earlier different grids stay in its history) and what the
         planner measured of its data (``train_pairs``, ``tokens_per_pair``: the recipe's data limit)."""
         doc = self.read_grid() if self.exists() else {"grid": None, "history": []}
-        if doc["grid"] != grid or doc.get("data") != data:
-            if doc["grid"] != grid:
+        if doc.get("grid") != grid or doc.get("data") != data:
+            if doc.get("grid") != grid:
                 doc["history"].append({"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "grid": grid})
             doc["grid"], doc["data"] = grid, data
             self._write(storage.join(self.uri, GRID_FILE), yaml.safe_dump(doc, sort_keys=False).encode())

@@ -3,7 +3,7 @@
 A CPU has no datasheet figure that this code reaches (AVX512-BF16 without AMX here: 0.94 TFLOP/s bf16 against
 0.21 fp32, benchmarks/README.md), so the peak is the best bf16 square-matmul rate over n = 512..4096 (the best
 of several sizes: the peak must not be undersold), measured once per (CPU model, torch threads, torch version)
-and cached as JSON in the user cache dir (``$REPURPOSE_CACHE`` or platformdirs', as workers/suite.py).
+and cached as JSON in the user cache dir (``$REPURPOSE_CACHE`` or platformdirs', as workers/suite/cache.py).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def matmul_rate(n: int, dtype: torch.dtype = torch.bfloat16, seconds: float = SE
 
 
 def _cache_path(cache_dir: str | None) -> str:
-    from workers.suite import cache_root
+    from workers.suite.cache import cache_root
 
     return os.path.join(cache_root(cache_dir), CACHE_FILE)
 

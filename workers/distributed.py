@@ -52,7 +52,7 @@ import fsio as storage
 from core.flops import NeoxShape
 from core.spec import DeepSpeedConfigError, TrialSpec, parse_deepspeed_override  # noqa: F401 (re-exported)
 from workers import steps, zero_checkpoint
-from workers.data import Batch
+from workers.pair_batches import Batch
 from workers.loss import contrastive_backward
 from workers.packing import packs
 

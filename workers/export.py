@@ -210,11 +210,11 @@ def trial_tokenizer(base_model: str, pooling: str, max_length: int):
 
 
 def trial_ids(base_model: str, pooling: str, max_length: int, texts) -> list[list[int]]:
-    """The token ids the trial embeds for ``texts`` (workers/records.make_encoder; for last the text cut to
+    """The token ids the trial embeds for ``texts`` (workers/pair_files.make_encoder; for last the text cut to
     max_length - 1 and the EOS appended, workers/pooling.append_eos)."""
     from transformers import AutoTokenizer
 
-    from workers.records import make_encoder
+    from workers.pair_files import make_encoder
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     if pooling != "last":

@@ -16,7 +16,7 @@ Ties are counted against the query (pessimistic): rank = 1 + #documents scoring 
 positive's score is read from the same matmul block as the others' (never recomputed another way), so rounding
 cannot put a document "above" an identical one.
 
-``embed_pairs`` embeds the eval batches (workers/data.py's ``Batch``: q_ids, q_mask, d_ids, d_mask) with any
+``embed_pairs`` embeds the eval batches (workers/pair_batches.py's ``Batch``: q_ids, q_mask, d_ids, d_mask) with any
 pooling: the caller passes ``embed(model, ids, mask) -> (B, D)`` unit-norm embeddings.
 """
 from __future__ import annotations

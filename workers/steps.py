@@ -40,8 +40,8 @@ from core.memory import MARGIN, OVERHEAD_BYTES, Footprint, choose, footprint
 from core.models import auto_lr
 from core.spec import TrialSpec
 from workers import checkpoint
-from workers.data import (PairStream, collate, load_eval_pairs, make_encoder, measure_tokens_per_pair,
-                          pad_id_of)
+from workers.pair_batches import PairStream, collate
+from workers.pair_files import load_eval_pairs, make_encoder, measure_tokens_per_pair, pad_id_of
 from workers.loss import eval_embeddings, mean_info_nce, step_shapes
 from workers.methods import count_params, select_trainable
 from workers.pooling import eos_id_of, with_eos
@@ -279,7 +279,7 @@ def train_stream(spec: TrialSpec, tokenizer, skip_batches: int = 0):
     """The trial's training batches from batch ``skip_batches`` on: the same seeded sequence on every rank and
     after every resume, batched as ``spec.batching`` says. From the token cache when the trial has one (random
     batches: the same pairs, padded the same, as the raw path's; O(1) resume), else the raw data
-    (workers/data.py PairStream)."""
+    (workers/pair_batches.py PairStream)."""
     if spec.token_cache and spec.batching == "random":
         from workers.token_cache import CachedPairs
 

@@ -1,6 +1,6 @@
 """The token cache: a trial's train and eval pairs tokenised once, read back as the very batches of the raw path.
 
-Why (issue 16): the raw path (workers/data.py) parses JSON and tokenises on one background thread, ~1M real
+Why (issue 16): the raw path (workers/pair_batches.py) parses JSON and tokenises on one background thread, ~1M real
 tokens/s here, while an H100 at 40 % MFU eats 400e12 / (6·N) tokens/s (56M for pythia-14m); and the ~50 trials
 of a model, and the eight Pythia models (one tokenizer), would each tokenise the same pairs again.
 
@@ -23,12 +23,12 @@ name (temp + rename, fsio.write_bytes), a rebuild skips the shards present, the 
 deterministic, so a resumed cache is byte-identical to an uninterrupted one, and two builders of one key write
 the same bytes. No torch.
 
-Bad lines are judged by workers/records.py's own functions (``_parse``, ``_pair``) and the per-file policy
+Bad lines are judged by workers/pair_files.py's own functions (``_parse``, ``query_and_positive``) and the per-file policy
 (> 1 % unusable rejects the file, checked every CHECK_EVERY lines and at its end) is replayed on the shards'
 records, so the cache fails where the raw path fails, with the same message, and counts the same bad lines.
 
 Reading (``CachedPairs``) yields the raw path's batches (``PairStream``, batching="random") for the same seed
-and batch size: pass e is the same permutation of the pairs (records.py, "The shuffle of one pass"), computed
+and batch size: pass e is the same permutation of the pairs (pair_files.py, "The shuffle of one pass"), computed
 from the seed and the per-file row counts alone (``pass_order``: Python's Mersenne Twister replayed in numpy),
 so resuming at batch k reads no shard before it. No tokenizer on the training thread's path.
 """
@@ -53,9 +53,9 @@ import numpy as np
 import fsio as storage
 from core.store import CACHE_DIR
 from core.uris import join
-from workers.records import (CHECK_EVERY, MAX_BAD_FRACTION, SHUFFLE_BUFFER, BackgroundBatches, DataError, DataStats,
-                             Stopped, _Bad, _one_line, _pair, _shown, _Source, epoch_seed, jsonl_lines,
-                             make_encoder, pad_id_of, resolve_files)
+from workers.pair_files import (CHECK_EVERY, MAX_BAD_FRACTION, SHUFFLE_BUFFER, BackgroundBatches, BadLine, DataError,
+                                DataStats, PairFile, Stopped, epoch_seed, jsonl_lines, make_encoder, one_line,
+                                pad_id_of, query_and_positive, resolve_files, shown_uri)
 
 FORMAT_VERSION = 1
 SHARD_BYTES = 64 << 20  # JSONL bytes per shard (a compressed file is one shard)
@@ -145,7 +145,7 @@ def _dtype(vocab: int) -> str:
     return "uint16" if vocab <= 1 << 16 else "uint32"
 
 
-def _jsonl_ranges(src: _Source, size: int, shard_bytes: int) -> list[tuple[int, int]]:
+def _jsonl_ranges(src: PairFile, size: int, shard_bytes: int) -> list[tuple[int, int]]:
     """Byte ranges of about shard_bytes, each starting at a line's start (a compressed file: one range)."""
     if src.compressed or size <= shard_bytes:
         return [(0, size)]
@@ -172,7 +172,7 @@ def _jsonl_ranges(src: _Source, size: int, shard_bytes: int) -> list[tuple[int, 
     return list(zip(bounds, bounds[1:] + [size]))
 
 
-def _parquet_ranges(src: _Source) -> list[tuple[int, int, int]]:
+def _parquet_ranges(src: PairFile) -> list[tuple[int, int, int]]:
     """(first row group, stop row group, rows before) of about SHARD_ROWS rows each."""
     import pyarrow.parquet as pq
 
@@ -202,14 +202,14 @@ def plan_shards(split: str, uri: str, shard_bytes: int) -> list[dict]:
         except DataError:
             raise
         except Exception as e:  # noqa: BLE001 -- pyarrow / OS errors on listing or reading a footer
-            raise DataError(f"{src.name}: cannot read: {_one_line(e)}") from None
+            raise DataError(f"{src.name}: cannot read: {one_line(e)}") from None
         for a, b, before in ranges:
             tasks.append({**common, "index": len(tasks), "start": a, "stop": b, "rows_before": before})
     return tasks
 
 
 def _records(task: dict) -> Iterator[tuple[int, object]]:
-    """(line or row number within the shard, parsed object or _Bad) of the shard's range, as records.py reads."""
+    """(line or row number within the shard, parsed object or BadLine) of the shard's range, as pair_files.py reads."""
     fs, _ = storage.resolve(task["uri"])
     if task["kind"] == "parquet":
         import pyarrow.parquet as pq
@@ -251,8 +251,8 @@ def build_shard(task: dict, *, cache: str, tokenizer_json: str, max_length: int,
         return {"split": task["split"], "index": task["index"], "record": json.dumps(record), "error": ""}
     except DataError as e:
         error = str(e)
-    except Exception as e:  # noqa: BLE001 -- pyarrow / OS errors: the same words as records.py's
-        error = f"{task['name']}: cannot read: {_one_line(e)}"
+    except Exception as e:  # noqa: BLE001 -- pyarrow / OS errors: the same words as pair_files.py's
+        error = f"{task['name']}: cannot read: {one_line(e)}"
     return {"split": task["split"], "index": task["index"], "record": "", "error": error}
 
 
@@ -286,7 +286,7 @@ def _build_shard(task: dict, cache: str, tokenizer_json: str, max_length: int, d
 
     for number, obj in _records(task):
         lines += 1
-        pair = obj if isinstance(obj, _Bad) else _pair(obj)
+        pair = obj if isinstance(obj, BadLine) else query_and_positive(obj)
         if isinstance(pair, str):
             bad_count += 1
             bad.append(lines)
@@ -342,9 +342,9 @@ def _present_record(cache: str, split: str, index: int) -> dict | None:
 
 
 def _check_file(name: str, kind: str, records: list[dict], max_bad: float) -> str | None:
-    """records.py's per-file policy replayed on the file's shards: > max_bad unusable lines at any
-    CHECK_EVERY-th line, or at the end, rejects the file with records.py's message. Returns the first unusable
-    line as records.py names it (``line N: reason``), or None."""
+    """pair_files.py's per-file policy replayed on the file's shards: > max_bad unusable lines at any
+    CHECK_EVERY-th line, or at the end, rejects the file with pair_files.py's message. Returns the first unusable
+    line as pair_files.py names it (``line N: reason``), or None."""
     bad, lines, phys, first = [], 0, 0, None
     for r in records:
         bad += [lines + b for b in r["bad"]]
@@ -377,7 +377,7 @@ def _split_summary(uri: str, tasks: list[dict], records: list[dict], max_bad: fl
     lines, bad = sum(r["lines"] for r in records), sum(len(r["bad"]) for r in records)
     if pairs == 0:
         detail = f"{bad} of {lines} lines unusable, first: {first_bad}" if lines else "empty"
-        raise DataError(f"{_shown(uri)}: no usable pairs ({detail})")
+        raise DataError(f"{shown_uri(uri)}: no usable pairs ({detail})")
     file_rows = [sum(r["rows"] for r in f["records"]) for f in files]
     return {"pairs": pairs, "real_tokens": sum(r["real_tokens"] for r in records), "bad_lines": bad,
             "lines": lines, "first_bad": first_bad, "file_rows": file_rows, "files": [f["name"] for f in files],
@@ -431,7 +431,7 @@ def _remove_temps(uri: str, splits: list[str]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
-# The shuffle of one pass, from the seed and the row counts (records.py, "The shuffle of one pass")
+# The shuffle of one pass, from the seed and the row counts (pair_files.py, "The shuffle of one pass")
 
 
 class _Randbelow:
@@ -483,7 +483,7 @@ class _Randbelow:
 def pass_order(seed: int, file_rows: list[int], buffer: int = SHUFFLE_BUFFER,
                chunk: int = ORDER_CHUNK) -> Iterator[np.ndarray]:
     """The row indices (into the split's rows, files in sorted order) of one shuffled pass, in chunks, exactly as
-    ``records.iter_pairs(seed=seed)`` orders the pairs: files shuffled, then the streaming buffer. Vectorised:
+    ``pair_files.iter_pairs(seed=seed)`` orders the pairs: files shuffled, then the streaming buffer. Vectorised:
     an item leaving at stream position t is the one that entered its slot last before t."""
     rng = random.Random(seed)
     files = list(range(len(file_rows)))
@@ -593,7 +593,7 @@ def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
 
 
 def _padded(parts, count: int, pad_id: int, eos: int | None, max_length: int):
-    """(ids, mask) int64 (count, T), right-padded to the longest, as workers/data.py's ``_pad``; with ``eos``,
+    """(ids, mask) int64 (count, T), right-padded to the longest, as workers/pair_batches.py's ``_pad``; with ``eos``,
     each text cut to max_length - 1 tokens and the EOS appended (workers/pooling.py ``append_eos``: an EOS
     already last is not doubled)."""
     keep = np.zeros(count, np.int64)  # tokens of each text kept
@@ -638,7 +638,7 @@ class CachedPairs(BackgroundBatches):
     ``max_epochs`` passes; batch k is pairs [k·B, (k+1)·B). ``skip_batches=k`` starts there: the order before it
     is computed (seed and row counts), no shard before it is read. ``pooling_eos``: the EOS id to append to
     every text (``pooling="last"``), None for none; ``pad_id`` None: the tokenizer's, from the manifest;
-    ``shuffle_buffer`` None: records.SHUFFLE_BUFFER, as the raw path's default. ``prefetch=0``: batches are made
+    ``shuffle_buffer`` None: pair_files.SHUFFLE_BUFFER, as the raw path's default. ``prefetch=0``: batches are made
     on the consumer's thread when asked for (no thread; ~3 ms per batch of 1024, benchmarks/cache.py)."""
 
     def __init__(self, cache_uri: str, batch_size: int, seed: int = 0, max_epochs: float = 1.0,
@@ -674,7 +674,7 @@ class CachedPairs(BackgroundBatches):
         return n, whole, whole * n + (math.floor(frac * n) if frac > 0 else 0)
 
     def _count_read(self, passes: int, pairs_read: int) -> None:
-        """records.py's reading counters once ``passes`` passes have been (begun to be) read: the raw path reads
+        """pair_files.py's reading counters once ``passes`` passes have been (begun to be) read: the raw path reads
         every pass it touches, skipped batches included, and a fraction-only run reads one more to size it."""
         s, sp = self.stats, self.split
         s.bad_lines, s.lines_read, s.pairs_read = passes * sp["bad_lines"], passes * sp["lines"], pairs_read

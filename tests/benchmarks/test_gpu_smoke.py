@@ -11,6 +11,7 @@ import sys
 import pytest
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+pytestmark = pytest.mark.slow  # runs every path of the GPU check (trainings, ZeRO ranks) on CPU
 
 
 @pytest.mark.timeout(600)

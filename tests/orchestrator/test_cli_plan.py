@@ -104,14 +104,14 @@ def test_help_exits_0(capsys):
 
 def test_paper_grid_plans_offline(capsys, monkeypatch):
     """The shipped paper grid: data on a placeholder bucket, unreadable here -> 78 tokens per pair, warned."""
-    fake = types.ModuleType("workers.records")  # planning reads the data through workers.records
+    fake = types.ModuleType("workers.pair_files")  # planning reads the data through workers.pair_files
     fake.DataError = type("DataError", (ValueError,), {})
 
     def unreachable(uri, *a, **k):
         raise fake.DataError(f"{uri}: cannot open: no network")
 
     fake.count_pairs = fake.measure_tokens_per_pair = unreachable
-    monkeypatch.setitem(sys.modules, "workers.records", fake)
+    monkeypatch.setitem(sys.modules, "workers.pair_files", fake)
     assert cli.main(["plan", PAPER, "--json"]) == 0
     out, err = capsys.readouterr()
     doc = json.loads(out)
@@ -169,7 +169,7 @@ def fakes(monkeypatch):
     install("orchestrator.driver", "submit", "resume", "status")
     install("orchestrator.demo", "run")
     install("orchestrator.reporting", "fit_command", "recipe_command")
-    install("workers.suite", "build_command", "list_command")
+    install("orchestrator.suite_commands", "build_command", "list_command")
     return calls
 
 
@@ -193,8 +193,8 @@ def test_dispatch_contract(fakes, monkeypatch):
     recipe = seen[("orchestrator.reporting", "recipe_command")]
     assert (recipe["name"], recipe["budget"], recipe["json"]) == ("paper-grid", 1.5e18, True)
     assert seen[("orchestrator.demo", "run")]["name"] == "demo"
-    assert seen[("workers.suite", "build_command")]["out"] == "suite"
-    assert seen[("workers.suite", "list_command")]["json"] is True
+    assert seen[("orchestrator.suite_commands", "build_command")]["out"] == "suite"
+    assert seen[("orchestrator.suite_commands", "list_command")]["json"] is True
     monkeypatch.delenv("REPURPOSE_STORAGE")
     monkeypatch.delenv("RAY_ADDRESS")
     assert cli.main(["resume", "x"]) == 0
@@ -238,8 +238,8 @@ def test_lower_layer_errors_are_user_errors(monkeypatch, capsys):
     from core.spec import DeepSpeedConfigError
     from core.store import StoreError
     from core.uris import StorageError
-    from workers.data import DataError
-    from workers.suite import SuiteError
+    from workers.pair_files import DataError
+    from workers.suite.models import SuiteError
 
     for cls in (FitError, ModelConfigError, DeepSpeedConfigError, StoreError, StorageError, DataError, SuiteError):
         assert issubclass(cls, UserError), cls
@@ -266,16 +266,17 @@ def test_every_handler_names_a_function_that_exists():
         assert callable(getattr(importlib.import_module(module), func, None)), (command, module, func)
 
 
+@pytest.mark.slow  # pretrains a suite model
 def test_suite_list_and_build_for_real(tmp_path, capsys):
     """`repurpose suite list` runs (it failed with "workers.suite.list_command is missing"): an empty cache says
     so; after a build of the smallest model (as the demo's cache holds it) it lists that model."""
-    from workers import suite as S
+    from workers.suite import cache as SC
 
     assert cli.main(["suite", "list", "--out", str(tmp_path)]) == 0
     assert "no suite models built" in capsys.readouterr().out
     assert cli.main(["suite", "list", "--out", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
-    built = S.build_suite(str(tmp_path), sizes=["0.1m"], token_scale=1.0, progress=False)
+    built = SC.build_suite(str(tmp_path), sizes=["0.1m"], token_scale=1.0, progress=False)
     capsys.readouterr()
     assert cli.main(["suite", "list", "--out", str(tmp_path), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
@@ -290,11 +291,11 @@ def test_plan_estimates_device_hours(capsys, monkeypatch, tmp_path):
     every trial without it too; forced on, 1.3x to 1.5x. Halving the MFU doubles the hours."""
     import re
 
-    fake = types.ModuleType("workers.records")
+    fake = types.ModuleType("workers.pair_files")
     fake.DataError = type("DataError", (ValueError,), {})
     fake.count_pairs = fake.measure_tokens_per_pair = lambda uri, *a, **k: (_ for _ in ()).throw(
         fake.DataError(f"{uri}: no network"))
-    monkeypatch.setitem(sys.modules, "workers.records", fake)
+    monkeypatch.setitem(sys.modules, "workers.pair_files", fake)
 
     def total(*extra) -> float:
         assert cli.main(["plan", PAPER, *extra]) == 0

@@ -136,6 +136,7 @@ def test_a_failing_tracker_warns_once_and_is_dropped(capsys):
 
 
 # --- end to end ----------------------------------------------------------------------------------------------
+@pytest.mark.slow  # runs a sweep on Ray
 def test_sweep_mirrors_its_rows_to_mlflow_and_wandb(make_grid, ray_env, tmp_path, tiny_model, monkeypatch):
     grid = make_grid("mirror", budgets=[4.0e9, 5.0e9], run={"mirror": ["mlflow", "wandb"], "token_cache": False})
     storage = tmp_path / "store"
@@ -201,6 +202,7 @@ def test_sweep_mirrors_its_rows_to_mlflow_and_wandb(make_grid, ray_env, tmp_path
                     assert logged[column] == row[column], (row.step, column)
 
 
+@pytest.mark.slow  # runs a sweep on Ray
 def test_a_broken_mlflow_server_does_not_fail_the_sweep(make_grid, ray_env, tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens
     grid = make_grid("down", run={"mirror": ["mlflow"], "mlflow_tracking_uri": uri, "token_cache": False})

@@ -250,15 +250,15 @@ def test_paper_grid_resources_on_a_gpu_cluster():
     assert first[("2.8b", "lora", 2048, None)].deepspeed_gpus == 8
 
 
-# --- measuring the data (a stand-in workers.records: no network) ------------------------------------
+# --- measuring the data (a stand-in workers.pair_files: no network) ------------------------------------
 class FakeDataError(ValueError):
     pass
 
 
 @pytest.fixture
 def fake_data(monkeypatch):
-    """workers.records with call counters; ``fake.fail = "..."`` makes every read raise DataError."""
-    fake = types.ModuleType("workers.records")
+    """workers.pair_files with call counters; ``fake.fail = "..."`` makes every read raise DataError."""
+    fake = types.ModuleType("workers.pair_files")
     fake.DataError, fake.calls, fake.fail = FakeDataError, [], None
 
     def count_pairs(uri):
@@ -274,7 +274,7 @@ def fake_data(monkeypatch):
         return 40.0
 
     fake.count_pairs, fake.measure_tokens_per_pair = count_pairs, measure_tokens_per_pair
-    monkeypatch.setitem(sys.modules, "workers.records", fake)
+    monkeypatch.setitem(sys.modules, "workers.pair_files", fake)
     monkeypatch.setattr("orchestrator.plan._load_tokenizer", lambda path: f"tok:{path}")
     return fake
 
@@ -332,7 +332,7 @@ def test_missing_tokenizer_falls_back(fake_data, tmp_path, monkeypatch):
 
 
 def test_measures_real_data_with_the_models_tokenizer(tiny_model, pairs_file, tmp_path):
-    """The real workers.records and tokenizer: one measurement on a sample, one count."""
+    """The real workers.pair_files and tokenizer: one measurement on a sample, one count."""
     from transformers import AutoTokenizer
 
     g = {"name": "t", "models": [tiny_model], "methods": {"full": {}}, "budgets": [1e10],

@@ -66,7 +66,8 @@ def load(model_dir, method):
 
 
 def make_batch(tokenizer, pairs_file, n):
-    from workers.data import collate, make_encoder, pad_id_of
+    from workers.pair_batches import collate
+    from workers.pair_files import make_encoder, pad_id_of
 
     with open(pairs_file) as f:
         pairs = [json.loads(next(f)) for _ in range(n)]
@@ -229,6 +230,7 @@ def _math_rank(rank, world, port, model_dir, pairs_file, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns gloo ranks
 @pytest.mark.timeout(300)
 def test_sharded_loss_and_gradients_equal_single_process(tiny_model, pairs_file, tmp_path):
     from safetensors.torch import load_file
@@ -384,6 +386,7 @@ def _read_rank(rank, world, port, root):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns gloo ranks
 @pytest.mark.timeout(120)
 def test_checkpoint_is_read_by_rank_0_alone_and_sent(tmp_path):
     """Rank 1 cannot reach storage; it gets rank 0's checkpoint (past the damaged newest: the one before it, and
@@ -551,25 +554,10 @@ def upsert(rows) -> list[dict]:
 
 
 @pytest.fixture
-def s3(monkeypatch):
-    """A moto S3 server on 127.0.0.1 (a thread of this process) with one bucket; the ranks inherit its env."""
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    from workers.distributed import free_port
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1").create_bucket(Bucket="ckpt")
-    try:
-        yield "s3://ckpt"
-    finally:
-        server.stop()
+def s3(moto_s3):
+    """``s3://ckpt`` on the session's moto server (tests/conftest.py); the ranks inherit its env."""
+    moto_s3.client().create_bucket(Bucket="ckpt")
+    return "s3://ckpt"
 
 
 @pytest.mark.slow

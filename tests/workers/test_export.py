@@ -27,7 +27,7 @@ from core.store import TRIAL_COLUMNS
 from orchestrator.cli import main
 from workers.export import ExportError, select_trial
 from workers.methods import select_trainable
-from workers.records import load_eval_pairs, make_encoder
+from workers.pair_files import load_eval_pairs, make_encoder
 from workers.weights import model_uri, save_trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -95,6 +95,7 @@ CASES = [(m, "mean") for m in METHOD_KW] + [("full", "last"), ("lora", "last"), 
                                             ("lora", "weighted_mean")]
 
 
+@pytest.mark.slow  # trains and exports the tiny model
 @pytest.mark.parametrize("method,pooling", CASES)
 def test_export_embeds_as_the_trial(tiny_model, tmp_path, eval_texts, method, pooling):
     from sentence_transformers import SentenceTransformer
@@ -117,6 +118,7 @@ def test_export_embeds_as_the_trial(tiny_model, tmp_path, eval_texts, method, po
     assert torch.allclose(got.norm(dim=1), torch.ones(len(eval_texts)), atol=1e-5)  # Normalize
 
 
+@pytest.mark.slow  # trains and exports the tiny model
 def test_folder_loads_in_a_fresh_offline_interpreter(tiny_model, tmp_path, eval_texts):
     from transformers import AutoTokenizer
 
@@ -171,6 +173,7 @@ def bad_store(tiny_model, tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow  # trains and exports the tiny model
 @pytest.mark.parametrize("argv,message", [
     (["--trial", "nope"], "no trial 'nope'"),
     (["--trial", "nokept"], "kept no weights"),
@@ -189,6 +192,7 @@ def test_bad_exports_exit_2_and_write_nothing(bad_store, capsys, argv, message):
     assert not out.exists() and not [p for p in os.listdir(bad_store) if p.startswith(".out")]
 
 
+@pytest.mark.slow  # trains and exports the tiny model
 def test_an_existing_non_empty_out_is_refused(bad_store, capsys):
     out = bad_store / "out"
     out.mkdir()

@@ -109,7 +109,7 @@ def test_every_family_packs():
 # --- one contrastive step: loss and gradients ---------------------------------------------------------------
 @dataclasses.dataclass
 class Pairs:
-    """A contrastive batch as workers/data.py's Batch carries it."""
+    """A contrastive batch as workers/pair_batches.py's Batch carries it."""
 
     q_ids: torch.Tensor
     q_mask: torch.Tensor
@@ -212,6 +212,7 @@ def test_the_switch_is_a_runtime_knob_and_validated(tmp_path):
         TrialSpec(model="m", method="full", budget_flops=1.0, train_data="x", packing="yes")
 
 
+@pytest.mark.slow  # trains the tiny model twice
 def test_a_trial_trains_the_same_packed(tiny_model, pairs_file, eval_file):
     """Packing on and off: the same losses step by step (float rounding apart), fewer hardware FLOP packed."""
     from core.spec import TrialSpec

@@ -27,7 +27,7 @@ import workers.trial as trial_mod
 from core.models import ModelConfigError
 from core.spec import TrialSpec
 from workers import checkpoint
-from workers.data import DataError, measure_tokens_per_pair
+from workers.pair_files import DataError, measure_tokens_per_pair
 from workers.steps import has_bf16, lr_factor, train_stream
 from workers.trial import run_trial
 
@@ -96,6 +96,7 @@ def spy_on_model(monkeypatch) -> dict:
 # Every method
 
 
+@pytest.mark.slow  # trains the tiny model
 @pytest.mark.parametrize("method,kw,n,n_tr,cost", METHOD_CASES, ids=[c[0] for c in METHOD_CASES])
 def test_every_method_trains_to_its_budget(tiny_model, pairs_file, eval_file, tmp_path, monkeypatch,
                                            method, kw, n, n_tr, cost):
@@ -194,6 +195,7 @@ FIXED = dict(max_length=8, eval_data=None)
 STEP_TOKENS = 16 * 16
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_rows_follow_the_lr_schedule_by_hand(tiny_model, eval_file, tmp_path):
     """Five equal steps, warmup 40 %, peak 2e-3. Step i spends the budget fraction (i-1)/5 -> i/5: warmup
     i/5 / 0.4 (0.5, 1.0), then the cosine at the step's start, 0.5 (1 + cos(pi (start - 0.4) / 0.6)):
@@ -227,6 +229,7 @@ def pair_tokens(batch) -> list[int]:
     return (batch.q_mask.sum(1) + batch.d_mask.sum(1)).tolist()
 
 
+@pytest.mark.slow  # trains the tiny model
 @pytest.mark.parametrize("margin", ["mid-pair", "one FLOP short"])
 def test_final_partial_step_ends_within_one_pair(tiny_model, pairs_file, eval_file, margin):
     cost = CASES[0][4]  # full: 6 x 200,064
@@ -248,6 +251,7 @@ def test_final_partial_step_ends_within_one_pair(tiny_model, pairs_file, eval_fi
     assert row["reason"] is None
 
 
+@pytest.mark.slow  # trains the tiny model
 @pytest.mark.parametrize("pairs_left", [1, 2])
 def test_one_pair_left_in_the_budget_ends_without_a_step(tiny_model, eval_file, tmp_path, pairs_left):
     """After 3 whole steps the budget holds 1.5 pairs (a contrastive batch needs 2): the trial ends there, no
@@ -263,6 +267,7 @@ def test_one_pair_left_in_the_budget_ends_without_a_step(tiny_model, eval_file, 
     assert [r["step"] for r in upsert(all_rows(events))] == list(range(1, row["steps"] + 1))
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_padding_heavy_last_batch_is_cut_by_real_tokens(tiny_model, eval_file, tmp_path):
     """The 4th batch's real tokens fit the remaining budget, its padded tokens do not: it trains whole (the
     paper counts real tokens), and the budget then holds less than a pair: flops end <= budget, within two pairs.
@@ -362,6 +367,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tiny_model, pairs_file, eva
 # Data: bad lines, exhaustion
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_a_few_bad_lines_are_skipped(tiny_model, eval_file, tmp_path):
     lines = make_pairs(200, seed=5)
     lines[77] = '{"query": "no closing brace"'  # 1 of 200: 0.5 %, under the 1 % limit
@@ -370,6 +376,7 @@ def test_a_few_bad_lines_are_skipped(tiny_model, eval_file, tmp_path):
     assert row["bad_lines"] == 1 and row["steps"] >= 2 and math.isfinite(row["eval_loss"])
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_too_many_bad_lines_fail_naming_the_file(tiny_model, eval_file, tmp_path):
     lines = make_pairs(200, seed=5)
     for i in range(0, 200, 20):  # 10 of 200: 5 %
@@ -380,6 +387,7 @@ def test_too_many_bad_lines_fail_naming_the_file(tiny_model, eval_file, tmp_path
     assert str(tmp_path) in str(e.value) and "10 of 200" in str(e.value)
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_data_exhausted_before_the_budget(tiny_model, eval_file, tmp_path):
     train = write_jsonl(tmp_path / "small.jsonl", make_pairs(200, seed=6))
     events = []
@@ -399,6 +407,7 @@ def test_data_exhausted_before_the_budget(tiny_model, eval_file, tmp_path):
 # lr 'auto', precisions
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_lr_auto_needs_a_known_pretraining_lr(tiny_model, pairs_file, eval_file, tmp_path):
     mystery = tmp_path / "mystery-neox"
     shutil.copytree(tiny_model, mystery)
@@ -412,6 +421,7 @@ def test_lr_auto_needs_a_known_pretraining_lr(tiny_model, pairs_file, eval_file,
     assert row["steps"] >= 2
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_precisions_train(tiny_model, pairs_file, eval_file):
     rows, losses = {}, {}
     for precision in ("fp32", "bf16", "auto"):
@@ -430,6 +440,7 @@ def test_precisions_train(tiny_model, pairs_file, eval_file):
 # Half-precision checkpoints, the planner's plan
 
 
+@pytest.mark.slow  # trains the tiny model
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_checkpoints_load_in_fp32(tiny_model, tmp_path, dtype):
     """Pythia's config says float16, Qwen's and Llama's bfloat16; transformers 5 loads with dtype='auto'. The
@@ -451,6 +462,7 @@ def test_half_precision_checkpoints_load_in_fp32(tiny_model, tmp_path, dtype):
     assert {p.dtype for p in loaded.parameters()} == {torch.float32}
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_the_plan_is_the_planners_when_it_set_one(tiny_model, pairs_file, eval_file, monkeypatch):
     """planned_tokens / planned_steps from the spec (the planner's, core.flops) go to the trial row as they are;
     the worker neither recounts them nor measures the data's tokens per pair for them."""

@@ -23,6 +23,7 @@ def spec_for(tiny_model, pairs_file, eval_file, **kw) -> TrialSpec:
     return TrialSpec(**(args | kw))
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_retrieval_metrics_on_every_evaluation(tiny_model, pairs_file, eval_file):
     events = []
     row = run_trial(spec_for(tiny_model, pairs_file, eval_file), report=events.append)
@@ -39,6 +40,7 @@ def test_retrieval_metrics_on_every_evaluation(tiny_model, pairs_file, eval_file
     assert rows[row["steps"]]["ndcg_at_10"] == row["ndcg_at_10"]
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_last_token_pooling_appends_the_eos(tiny_model, pairs_file, eval_file):
     """`last`: every training and eval text ends in the tokenizer's EOS (truncated text, kept EOS), and the
     trial trains and evaluates with it."""
@@ -62,6 +64,7 @@ def test_last_token_pooling_appends_the_eos(tiny_model, pairs_file, eval_file):
     assert row["eval_loss"] is not None and 0 <= row["ndcg_at_10"] <= 1
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_weights_kept_once_and_served_as_the_trial_embeds(tiny_model, pairs_file, eval_file, tmp_path,
                                                           monkeypatch):
     """The trial keeps its adapter under <sweep>/models/<trial_id>; a crash after that save (before the done marker)
@@ -89,7 +92,7 @@ def test_weights_kept_once_and_served_as_the_trial_embeds(tiny_model, pairs_file
     from sentence_transformers import SentenceTransformer
 
     from workers.export import export_model
-    from workers.records import load_eval_pairs
+    from workers.pair_files import load_eval_pairs
     from workers.retrieval import retrieval_metrics
 
     out = str(tmp_path / "exported")
@@ -103,6 +106,7 @@ def test_weights_kept_once_and_served_as_the_trial_embeds(tiny_model, pairs_file
         assert value == pytest.approx(row[key], abs=1e-6), key
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_mfu_by_hand_on_a_cpu_trial(tiny_model, pairs_file, eval_file):
     """mfu = hardware FLOP / (seconds in optimizer steps x the device's peak); on CPU the peak is the best bf16
     matmul rate measured once per machine (workers/device_peak.py), the same one the trial read."""

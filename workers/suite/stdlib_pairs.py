@@ -36,7 +36,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
-PAIRS_VERSION = 1  # bump when the extraction rules change (it keys the cache in workers/suite.py)
+PAIRS_VERSION = 1  # bump when the extraction rules change (it keys the cache in workers/suite/cache.py)
 
 # Split out of CPython by distributions (Debian: libpython3-testsuite, python3-tk, idle, python3-lib2to3,
 # python3-distutils, python3-venv), GUI/demo code, or generated per platform: not "in every Python".

@@ -3,7 +3,7 @@
 The driver plans with these (``count_pairs``, ``load_eval_pairs``, ``measure_tokens_per_pair``) and must not
 import torch or deepspeed to do so (issue 12; tests/orchestrator/test_plan_imports.py): this module imports
 pyarrow, ``core`` and the standard library, and, when it encodes, ``tokenizers`` (and
-``transformers.PreTrainedTokenizerFast`` to load one), neither of which imports torch. The torch side (padding into tensors, batching, the background thread) is workers/data.py.
+``transformers.PreTrainedTokenizerFast`` to load one), neither of which imports torch. The torch side (padding into tensors, batching, the background thread) is workers/pair_batches.py.
 
 Data: BAAI BGE JSONL lines ``{"query": str, "pos": [str, ...], "neg": [...]}``; only ``pos[0]`` is used,
 no hard negatives (PAPER.md, "Training recipe"). Parquet files with the same columns work too. A source is a
@@ -13,7 +13,7 @@ project's one URI -> filesystem function: it refuses credentials in a URI, and t
 ``?endpoint_override=...``). Files are streamed: JSONL line by line, Parquet by ``iter_batches``; ``.gz`` /
 ``.bz2`` / ``.zst`` / ``.lz4`` JSONL is decompressed on the fly.
 
-The shuffle of one pass (``iter_pairs(seed=s)``), which random batches are cut from (workers/data.py):
+The shuffle of one pass (``iter_pairs(seed=s)``), which random batches are cut from (workers/pair_batches.py):
 1. ``rng = random.Random(s)``; the files, in sorted order, are shuffled with ``rng.shuffle``;
 2. their pairs, read file after file, go through a buffer of ``shuffle_buffer`` pairs: the first fill it;
    each later pair replaces ``buf[j]``, ``j = rng.randrange(shuffle_buffer)``, which leaves; at the end the
@@ -87,7 +87,7 @@ class DataStats:
 
 
 @dataclass(frozen=True)
-class _Source:
+class PairFile:
     fs: pafs.FileSystem
     path: str  # as the filesystem names it
     name: str  # as the user should read it in an error
@@ -124,7 +124,7 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str, Callable[[str], str]]:
     return fs, path, (lambda p: os.path.relpath(p)) if relative else (lambda p: p)
 
 
-def resolve_files(uri) -> list[_Source]:
+def resolve_files(uri) -> list[PairFile]:
     """The files a URI names, in sorted order: a file, a directory (its data files) or a glob."""
     uri = str(uri)
     fs, path, show = _filesystem(uri)
@@ -150,23 +150,23 @@ def resolve_files(uri) -> list[_Source]:
             else:
                 paths = [path]
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{show(path)}: cannot list: {_one_line(e)}") from None
+        raise DataError(f"{show(path)}: cannot list: {one_line(e)}") from None
     sources = []
     for p in paths:
         kind, compressed = _kind(p)
         if kind is None:
             raise DataError(f"{show(p)}: unsupported file type (expected .jsonl[.gz] or .parquet)")
-        sources.append(_Source(fs, p, show(p), kind, compressed))
+        sources.append(PairFile(fs, p, show(p), kind, compressed))
     return sources
 
 
-def _shown(uri) -> str:
+def shown_uri(uri) -> str:
     """A URI as errors show it: without its query string (an endpoint override is noise there)."""
     uri = str(uri)
     return uri.split("?", 1)[0] if "://" in uri else uri
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
@@ -174,7 +174,7 @@ def _one_line(e: BaseException) -> str:
 # Reading pairs
 
 
-def _pair(obj) -> tuple[str, str] | str:
+def query_and_positive(obj) -> tuple[str, str] | str:
     """(query, pos[0]) or the reason the record is unusable."""
     if not isinstance(obj, dict):
         return "not a JSON object"
@@ -202,7 +202,7 @@ class _FileCheck:
     """Per-file bad-line policy: above max_bad of the lines read (checked every CHECK_EVERY lines and at the
     end of the file) the file is rejected."""
 
-    def __init__(self, src: _Source, stats: DataStats, max_bad: float):
+    def __init__(self, src: PairFile, stats: DataStats, max_bad: float):
         self.src, self.stats, self.max_bad = src, stats, max_bad
         self.lines = self.bad = 0
         self.first: str | None = None
@@ -229,18 +229,18 @@ class _FileCheck:
                             f"(> {self.max_bad * 100:g}%), first at {self.first}")
 
 
-class _Bad(str):
+class BadLine(str):
     """A reason a line is unusable (distinguished from a parsed JSON string)."""
 
 
-def _jsonl_records(src: _Source) -> Iterator[tuple[int, object]]:
-    """(line number, parsed object or _Bad reason) per non-blank line, streamed."""
+def _jsonl_records(src: PairFile) -> Iterator[tuple[int, object]]:
+    """(line number, parsed object or BadLine reason) per non-blank line, streamed."""
     with src.fs.open_input_stream(src.path, compression="detect" if src.compressed else None) as f:
         yield from jsonl_lines(f)
 
 
 def jsonl_lines(f, limit: int | None = None, tally: dict | None = None) -> Iterator[tuple[int, object]]:
-    """(line number, parsed object or _Bad reason) per non-blank line of an open file, read in chunks; ``limit``:
+    """(line number, parsed object or BadLine reason) per non-blank line of an open file, read in chunks; ``limit``:
     bytes to read at most (a shard's range: workers/token_cache.py); ``tally["lines"]``: the newline-ended lines
     read, set once the file is exhausted."""
     rest, line_no = b"", 0
@@ -266,10 +266,10 @@ def _parse(line: bytes):
     try:
         return json.loads(line)
     except ValueError:  # JSONDecodeError and UnicodeDecodeError
-        return _Bad("invalid JSON")
+        return BadLine("invalid JSON")
 
 
-def _parquet_records(src: _Source) -> Iterator[tuple[int, object]]:
+def _parquet_records(src: PairFile) -> Iterator[tuple[int, object]]:
     with src.fs.open_input_file(src.path) as f:
         pf = pq.ParquetFile(f)
         missing = [c for c in ("query", "pos") if c not in pf.schema_arrow.names]
@@ -282,12 +282,12 @@ def _parquet_records(src: _Source) -> Iterator[tuple[int, object]]:
                 yield row, {"query": q, "pos": pos}
 
 
-def _file_pairs(src: _Source, stats: DataStats, max_bad: float) -> Iterator[tuple[str, str]]:
+def _file_pairs(src: PairFile, stats: DataStats, max_bad: float) -> Iterator[tuple[str, str]]:
     check = _FileCheck(src, stats, max_bad)
     records = _parquet_records(src) if src.kind == "parquet" else _jsonl_records(src)
     try:
         for line_no, obj in records:
-            pair = obj if isinstance(obj, _Bad) else _pair(obj)
+            pair = obj if isinstance(obj, BadLine) else query_and_positive(obj)
             if isinstance(pair, str):
                 check.reject(line_no, pair)
                 continue
@@ -297,7 +297,7 @@ def _file_pairs(src: _Source, stats: DataStats, max_bad: float) -> Iterator[tupl
     except DataError:
         raise
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{src.name}: cannot read: {_one_line(e)}") from None
+        raise DataError(f"{src.name}: cannot read: {one_line(e)}") from None
     finally:
         records.close()
     check.check()
@@ -344,7 +344,7 @@ def iter_pairs(uri, *, seed: int | None = None, stats: DataStats | None = None,
     if n == 0:
         lines, bad = stats.lines_read - lines_before, stats.bad_lines - bad_before
         detail = f"{bad} of {lines} lines unusable, first: {stats.first_bad}" if lines else "empty"
-        raise DataError(f"{_shown(uri)}: no usable pairs ({detail})")
+        raise DataError(f"{shown_uri(uri)}: no usable pairs ({detail})")
 
 
 def load_eval_pairs(uri, limit: int, *, max_bad_fraction: float = MAX_BAD_FRACTION) -> list[tuple[str, str]]:
@@ -403,7 +403,7 @@ def load_tokenizer(name_or_path: str):
     """A model's fast tokenizer without torch (``AutoTokenizer`` imports it): ``PreTrainedTokenizerFast`` reads
     ``tokenizer.json`` and ``tokenizer_config.json`` (added tokens, EOS) from a directory or the hub. Its backend
     is the Rust tokenizer the trial's ``AutoTokenizer`` wraps, and ``make_encoder`` encodes with that backend and
-    no special tokens in both, so the planner's counts equal the trial's (tests/workers/test_records.py)."""
+    no special tokens in both, so the planner's counts equal the trial's (tests/workers/test_pair_files.py)."""
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast.from_pretrained(name_or_path)
@@ -422,7 +422,7 @@ class Stopped(Exception):
 
 
 class BackgroundBatches:
-    """A batch iterator fed by a producer thread, shared by PairStream (workers/data.py) and workers/token_cache.py's
+    """A batch iterator fed by a producer thread, shared by PairStream (workers/pair_batches.py) and workers/token_cache.py's
     CachedPairs: the producer runs the subclass's ``_batches()`` (``(batch, passes done)`` pairs) into a bounded
     queue, the consumer yields them and counts them in ``self.stats``; an error in the producer is re-raised in the
     consumer. ``close`` stops the producer and waits for it (it checks at every pair and every queue put); a
