@@ -618,10 +618,10 @@ def _padded(parts, count: int, pad_id: int, eos: int | None, max_length: int):
 
 
 def collate_rows(rows_reader: _Rows, rows: np.ndarray, index: int, pad_id: int, eos: int | None, max_length: int):
-    """The Batch of the given global rows, in that order (workers.data.collate's tensors)."""
+    """The Batch of the given global rows, in that order (workers.pair_batches.collate's tensors)."""
     import torch
 
-    from workers.data import Batch
+    from workers.pair_batches import Batch
 
     q_ids, q_mask = _padded(rows_reader.gather(rows, "q"), len(rows), pad_id, eos, max_length)
     d_ids, d_mask = _padded(rows_reader.gather(rows, "d"), len(rows), pad_id, eos, max_length)
