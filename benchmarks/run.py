@@ -26,8 +26,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-PYTHIA_14M = (128, 6, 4)  # hidden, layers, heads (workers/models.py PYTHIA_SHAPES)
-PYTHIA_70M = (512, 6, 8)
+from core.models import PYTHIA_SHAPES  # noqa: E402
+
+PYTHIA_14M, PYTHIA_70M = PYTHIA_SHAPES["14m"], PYTHIA_SHAPES["70m"]  # hidden, layers, heads
 VOCAB = 50304  # Pythia's padded vocabulary: the embedding is as big as the real model's
 TAU = 0.025
 
@@ -101,13 +102,14 @@ def run_worker(model: str, train: str, *, batch: int, max_length: int, steps: in
     from transformers import AutoTokenizer
 
     from workers.data import measure_tokens_per_pair
-    from core.flops import NeoxShape, cost_per_token, param_counts
-    from core.models import read_config
+    from core.flops import cost_per_token
+    from core.methods import param_counts
+    from core.models import ModelShape, read_config
     from core.spec import TrialSpec
     from workers.trial import run_trial
 
     tpp = measure_tokens_per_pair(train, AutoTokenizer.from_pretrained(model), max_length)
-    n, n_tr = param_counts(NeoxShape.from_config(read_config(model)), method)
+    n, n_tr = param_counts(ModelShape.from_config(read_config(model)), method)
     budget = cost_per_token(method, n, n_tr) * tpp * batch * steps
     spec = TrialSpec(model=model, method=method, budget_flops=budget, train_data=train, batch_size=batch,
                      max_length=max_length, planned_tokens_per_pair=tpp, checkpoint_every_s=1e9)

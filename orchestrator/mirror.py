@@ -13,6 +13,7 @@ import time
 from ray import tune
 
 import fsio as storage
+from core import methods
 from core.store import METRIC_NAMES
 from core.uris import redact
 from orchestrator.grid import Grid, mlflow_tracking_uri, trial_identity
@@ -60,7 +61,7 @@ def mirror_params(grid: Grid, t: PlannedTrial) -> dict:
               "pooling": spec.pooling, "batching": spec.batching, "lr": "auto" if spec.lr is None else spec.lr,
               "family": t.family, "n_params": t.n_params, "n_trainable": t.n_trainable,
               "planned_tokens": t.planned_tokens, "planned_steps": t.steps}
-    if t.method != "lora":
+    if not methods.get(t.method).adapters:
         params = {k: v for k, v in params.items() if not k.startswith("lora_")}
     return {k: v for k, v in params.items() if v is not None}
 

@@ -16,7 +16,7 @@ Three parts, top to bottom:
    runs the same forwards, which ZeRO-3 needs (its parameter gathers are collectives).
 
 2. The DeepSpeed recipe, ``run_deepspeed_trial``: workers/trial.py's steps (workers/steps.py's public functions:
-   load, plan, budget cut, lr schedule, rows, trial row) around a DeepSpeed engine (STYLE.md: one recipe per
+   load, plan, budget cut, lr schedule, rows, trial row) around a DeepSpeed engine (one recipe per
    path, no shared base class). Config: ZeRO 2 by default; stage 3 or CPU optimizer offload through
    ``TrialSpec.deepspeed_config`` (a JSON object merged over the default). That field is a runtime knob, not
    part of the trial's identity: stage, offload and buckets move tensors, not results (ZeRO 2 and 3 with and
@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 import fsio as storage
-from core.flops import NeoxShape
+from core.models import ModelShape
 from core.spec import DeepSpeedConfigError, TrialSpec, parse_deepspeed_override  # noqa: F401 (re-exported)
 from workers import steps, zero_checkpoint
 from workers.data import Batch
@@ -226,7 +226,7 @@ def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | N
 
     # 1. load; 2. choose trainable parameters and plan (counted before ZeRO-3 partitions them)
     tokenizer, model = steps.load(spec.model, device)
-    shape = NeoxShape.from_config(model.config.to_dict())
+    shape = ModelShape.from_config(model.config.to_dict())
     if spec.batch_size % ranks.world:
         raise ValueError(f"batch_size: {spec.batch_size} does not split over {ranks.world} ranks")
     micro = spec.batch_size // ranks.world

@@ -1,7 +1,7 @@
 """Mini model suites, pretrained here: small GPT-NeoX (Pythia) and Llama LMs and their data for an offline
 `repurpose demo`.
 
-The study repurposes *pretrained* LMs (PAPER.md: the Pythia suite). Without a network there is no hub, so
+The study repurposes *pretrained* LMs (docs/study.md: the Pythia suite). Without a network there is no hub, so
 this module makes a suite on the spot, from text every Python carries (workers/pairs.py):
 
 1. a byte-level BPE tokenizer (GPT-NeoX's special tokens: ``<|endoftext|>`` = 0, ``<|padding|>`` = 1),
@@ -18,8 +18,8 @@ this module makes a suite on the spot, from text every Python carries (workers/p
    ``lr: auto`` works, plus the pretraining loss and tokens.
 
 Everything lives in the user cache dir (``$REPURPOSE_CACHE`` or ``platformdirs.user_cache_dir("repurpose")``)
-under ``suite/<key>``, one key per family, a hash of that family's definition and the code/data versions (marin's
-executor habit, STYLE.md): a second ``build_suite`` finds the models and returns at once. Each model is
+under ``suite/<key>``, one key per family, a hash of that family's definition and the code/data versions (a
+content-addressed cache): a second ``build_suite`` finds the models and returns at once. Each model is
 written to a temporary directory and renamed into place, so a half-built model is never listed.
 """
 from __future__ import annotations
@@ -36,7 +36,6 @@ from dataclasses import asdict, dataclass
 from typing import Iterable
 
 from core.errors import UserError
-from core.flops import NeoxShape
 from core.models import PRETRAIN_LR_KEY, ModelShape
 from workers.pairs import PAIRS_VERSION, build_pairs, iter_corpus_texts
 
@@ -78,13 +77,13 @@ class MiniPythia:
     heads: int
     pretrain_lr: float
 
-    def shape(self, vocab: int = VOCAB_SIZE) -> NeoxShape:
-        return NeoxShape(hidden=self.hidden, layers=self.layers, heads=self.heads,
+    def shape(self, vocab: int = VOCAB_SIZE) -> ModelShape:
+        return ModelShape(hidden=self.hidden, layers=self.layers, heads=self.heads,
                          intermediate=4 * self.hidden, vocab=vocab, parallel_residual=True)
 
     @property
     def n_params(self) -> int:
-        """Non-embedding parameters (PAPER.md's N; no embedding enters it, so the vocab does not matter)."""
+        """Non-embedding parameters (docs/study.md's N; no embedding enters it, so the vocab does not matter)."""
         return self.shape().n_params()
 
     @property

@@ -1,4 +1,4 @@
-"""A completed trial's trained weights, kept pickle-free under ``<sweep>/models/<trial_id>/`` (CONTRACTS.md).
+"""A completed trial's trained weights, kept pickle-free under ``<sweep>/models/<trial_id>/`` (docs/reference.md).
 
 What is kept is what trained, nothing of the base checkpoint that did not change:
 - lora: peft's adapter weights (``get_peft_model_state_dict``) and the adapter's config as JSON;
@@ -28,7 +28,7 @@ import time
 
 import fsio as storage
 from core.errors import UserError
-from core.spec import METHODS
+from core import methods
 from core.store import MODEL_MANIFEST, model_uri, model_uri_for_checkpoint  # noqa: F401
 
 MANIFEST = MODEL_MANIFEST
@@ -42,13 +42,11 @@ class WeightsError(UserError):
 # --- save ---------------------------------------------------------------------------------------------------
 def trained_tensors(model, method: str) -> tuple[dict, dict | None]:
     """({name: tensor} of what trained, peft config as a JSON-able dict for lora else None). CPU, contiguous."""
-    if method not in METHODS:
-        raise ValueError(f"method: {method!r} is not one of {', '.join(METHODS)}")
-    if method == "lora":
+    if methods.get(method).adapters:
         from peft import get_peft_model_state_dict
 
         if not hasattr(model, "peft_config"):
-            raise ValueError("method lora: expected the peft model the trial trained (get_peft_model's wrapper)")
+            raise ValueError(f"method {method}: expected the peft model the trial trained (get_peft_model's wrapper)")
         tensors = get_peft_model_state_dict(model)  # adapter weights only, adapter name stripped from the keys
         config = _jsonable(model.peft_config["default"].to_dict())
     else:
@@ -139,7 +137,7 @@ def load_trained(base_model_path: str, uri: str, *, attn_implementation: str = "
     manifest = _required_manifest(uri)
     tensors = read_tensors(uri, manifest)
     model = AutoModel.from_pretrained(base_model_path, attn_implementation=attn_implementation, dtype=torch.float32)
-    if manifest["method"] == "lora":
+    if methods.get(manifest["method"]).adapters:
         return _merge_lora(model, tensors, manifest["peft_config"], uri)
     names = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(names))

@@ -162,7 +162,7 @@ def test_packed_hardware_flops_match_torch_flop_counter(method, kw, checkpointin
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModel, GPTNeoXConfig
 
-    from core.flops import NeoxShape
+    from core.models import ModelShape
     from core.models import PYTHIA_SHAPES
     from core.spec import TrialSpec
     from workers.methods import select_trainable
@@ -181,7 +181,7 @@ def test_packed_hardware_flops_match_torch_flop_counter(method, kw, checkpointin
                      gradient_checkpointing=checkpointing, chunk_size=chunk)
     with FlopCounterMode(display=False) as counter:
         contrastive_backward(model, batch, 0.025, chunk, FP32, packing=True)
-    shape = NeoxShape.from_config(cfg.to_dict())
+    shape = ModelShape.from_config(cfg.to_dict())
     ours = HardwareFlops(shape, spec, chunk or 8, packing=True)(batch, 8)
     padded = HardwareFlops(shape, spec, chunk or 8)(batch, 8)
     assert sum(r for r, _ in step_shapes(batch, chunk, True)) < 16  # fewer rows than texts
