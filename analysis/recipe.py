@@ -71,7 +71,7 @@ def serving_params(method: str, n_params, n_trainable):
 
 
 def serve_flops(method: str, n_params, n_trainable, serve_tokens: float):
-    """Embedding ``serve_tokens`` tokens costs a forward pass, 2 N FLOP per token (docs/study.md, "Serving")."""
+    """Embedding ``serve_tokens`` tokens costs a forward pass, 2 N FLOP per token (docs/study.md, "Where this project departs")."""
     return 2.0 * serving_params(method, n_params, n_trainable) * serve_tokens
 
 

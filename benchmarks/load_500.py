@@ -1,4 +1,4 @@
-"""Load: N trivial trials (default 500) through our driver on the embedded Ray (issue #7).
+"""Load: N trivial trials (default 500) through our driver on the embedded Ray.
 
     python benchmarks/load_500.py [--trials 500] [--rows 3] [--json]
 

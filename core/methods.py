@@ -1,7 +1,7 @@
 """Fine-tuning methods, one record each: what the planner, the FLOP and memory arithmetic, the trial's identity, the
 grid and the analysis know about a method. Nothing else compares a method's name; they read its record.
 
-A method is defined by which parameters train (docs/study.md, "Methods"):
+A method is defined by which parameters train (docs/study.md, "Grid"):
 
 - full: every parameter;
 - freeze: the last ceil(f * L) decoder blocks and the final norm (``f``: the trainable fraction);

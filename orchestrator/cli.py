@@ -1,4 +1,4 @@
-"""`repurpose`: the command line (shared/CONTRACTS.md "Command line").
+"""`repurpose`: the command line (docs/reference.md "Command line").
 
 ``plan`` lives here; every other command is a function of another module, imported only when that command
 runs (the driver stays light: no torch, no Ray at import). Each such function receives the parsed
@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if code is None else int(code)
 
 
-# Exit codes of a run stopped by a signal (CONTRACTS.md): 128 + the signal's number, as a shell reports it.
+# Exit codes of a run stopped by a signal (docs/reference.md): 128 + the signal's number, as a shell reports it.
 EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
 
 

@@ -4,7 +4,7 @@ Pure functions (``planned_steps``, ``skip_reason``, ``size_trial``, ``plan_trial
 ``plan_grid(grid) -> Plan``, which adds the only I/O: the models' configs (never their weights) and, once per
 (tokenizer, data), a measurement of the tokens a pair really has; once per data file, a count of its pairs.
 
-Per trial (docs/study.md "FLOP accounting"): N, N_tr from the config (``core.flops.param_counts``), planned tokens
+Per trial (docs/study.md "FLOP convention"): N, N_tr from the config (``core.flops.param_counts``), planned tokens
 = ``tokens_for_budget(budget, cost_per_token)``, planned pairs = tokens / tokens per pair, steps =
 pairs // batch_size. Infeasible cells are kept, marked with ``skip_reason``: too few optimizer steps to be a
 training run, more pairs than ``max_epochs`` passes over the data hold, or (where the GPUs' memory is known) no

@@ -1,4 +1,4 @@
-"""The sweep store (shared/CONTRACTS.md "The store"): ``<storage>/<sweep>/`` with ``grid.yaml``,
+"""The sweep store (docs/reference.md "The store"): ``<storage>/<sweep>/`` with ``grid.yaml``,
 ``trials.parquet`` and ``metrics/`` (one Parquet file per trial), plus ``checkpoints/`` (the trials' own,
 safetensors + JSON). No pickle anywhere.
 

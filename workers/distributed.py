@@ -50,7 +50,7 @@ import torch.distributed as dist
 
 import fsio as storage
 from core.models import ModelShape
-from core.spec import DeepSpeedConfigError, TrialSpec, parse_deepspeed_override  # noqa: F401 (re-exported)
+from core.spec import TrialSpec, parse_deepspeed_override
 from workers import steps, zero_checkpoint
 from workers.data import Batch
 from workers.loss import contrastive_backward

@@ -35,7 +35,8 @@ import fsio as storage
 from core.errors import UserError
 from core.spec import default
 from core.store import COMPLETED, GRID_FILE, TRIALS_FILE, StoreError, sweep_uri
-from workers.weights import model_uri, read_manifest
+from core.store import model_uri
+from workers.weights import read_manifest
 
 # the trial's pooling -> sentence-transformers' Pooling mode
 ST_POOLING = {"mean": "mean", "last": "lasttoken", "weighted_mean": "weightedmean"}

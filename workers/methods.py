@@ -3,7 +3,7 @@ record's name in core/methods.py, which holds everything else about a method), f
 
 - full: everything.
 - freeze: the input embedding and the first L - ceil(f*L) decoder blocks frozen; the last blocks and the final
-  norm train (docs/study.md, "Methods"). The blocks are found from the model (``decoder_blocks``: its ModuleList of
+  norm train (docs/study.md, "Grid"). The blocks are found from the model (``decoder_blocks``: its ModuleList of
   ``num_hidden_layers`` blocks), not by a name pattern.
 - bias: every parameter named ``*bias*`` (GPT-NeoX's LayerNorm biases included). A model without any (Llama,
   Qwen3, Gemma, OLMo 2, Phi-3) cannot use it: the planner skips those cells (orchestrator/plan.py), and here it

@@ -1,12 +1,12 @@
 """Reading the data of a trial, without torch: BGE query/positive pairs, streamed and shuffled; their token counts.
 
 The driver plans with these (``count_pairs``, ``load_eval_pairs``, ``measure_tokens_per_pair``) and must not
-import torch or deepspeed to do so (issue 12; tests/orchestrator/test_plan_imports.py): this module imports
+import torch or deepspeed to do so (tests/orchestrator/test_plan_imports.py): this module imports
 pyarrow, ``core`` and the standard library, and, when it encodes, ``tokenizers`` (and
 ``transformers.PreTrainedTokenizerFast`` to load one), neither of which imports torch. The torch side (padding into tensors, batching, the background thread) is workers/data.py.
 
 Data: BAAI BGE JSONL lines ``{"query": str, "pos": [str, ...], "neg": [...]}``; only ``pos[0]`` is used,
-no hard negatives (PAPER.md, "Training recipe"). Parquet files with the same columns work too. A source is a
+no hard negatives (docs/study.md, "Training recipe"). Parquet files with the same columns work too. A source is a
 local path, a directory, a glob or an ``s3://`` / ``gs://`` URI, opened with ``fsio.resolve`` (the
 project's one URI -> filesystem function: it refuses credentials in a URI, and through
 ``pyarrow.fs.FileSystem.from_uri`` honours ``AWS_ENDPOINT_URL_S3`` -- pyarrow 26, apache/arrow#49643 -- and

@@ -14,7 +14,7 @@ In the order a recipe calls them:
 - the end: ``finish`` (final eval loss on the last row, the done marker, the done event,
   the trial row ``trial_row``).
 
-The budget (docs/study.md, "FLOP accounting"): cost per real token by method x real tokens. Before a step the
+The budget (docs/study.md, "FLOP convention"): cost per real token by method x real tokens. Before a step the
 worker knows its batch's real tokens; a batch that would overshoot is cut to the pairs that still fit (a last,
 smaller contrastive batch), so ``flops`` ends within two pairs of the budget (a contrastive batch needs two),
 never above. The lr schedule (linear warmup over ``warmup_fraction``, cosine to 0) runs on the fraction of the

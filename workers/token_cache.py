@@ -1,6 +1,6 @@
 """The token cache: a trial's train and eval pairs tokenised once, read back as the very batches of the raw path.
 
-Why (issue 16): the raw path (workers/data.py) parses JSON and tokenises on one background thread, ~1M real
+Why: the raw path (workers/data.py) parses JSON and tokenises on one background thread, ~1M real
 tokens/s here, while an H100 at 40 % MFU eats 400e12 / (6·N) tokens/s (56M for pythia-14m); and the ~50 trials
 of a model, and the eight Pythia models (one tokenizer), would each tokenise the same pairs again.
 

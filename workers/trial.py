@@ -12,7 +12,7 @@ Events (dicts) passed to ``report``:
   stored and stay exactly-once), and a snapshot: ``step, tokens, flops, budget_flops, train_loss, eval_loss``.
 - the last one also has ``done: True`` and ``trial``: the trial row (docs/reference.md trial columns it owns).
 
-The budget (docs/study.md, "FLOP accounting"; workers/steps.py): cost per real token by method x real tokens; the
+The budget (docs/study.md, "FLOP convention"; workers/steps.py): cost per real token by method x real tokens; the
 last batch is cut to the pairs that still fit, so ``flops`` ends within two pairs of the budget, never above.
 The lr schedule (linear warmup, cosine to 0) runs on the fraction of the budget spent.
 """

@@ -29,7 +29,7 @@ import time
 import fsio as storage
 from core.errors import UserError
 from core import methods
-from core.store import MODEL_MANIFEST, model_uri, model_uri_for_checkpoint  # noqa: F401
+from core.store import MODEL_MANIFEST
 
 MANIFEST = MODEL_MANIFEST
 FORMAT = "repurpose-trained-weights/1"

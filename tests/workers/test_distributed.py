@@ -150,7 +150,8 @@ def test_shard_splits_even_batches_and_keeps_uneven_ones_whole(tiny_model, pairs
 
 
 def test_deepspeed_config_default_and_override(tmp_path):
-    from workers.distributed import DeepSpeedConfigError, deepspeed_config, read_override
+    from core.spec import DeepSpeedConfigError
+    from workers.distributed import deepspeed_config, read_override
 
     config = deepspeed_config(world=4, micro_batch=256, bf16=True)
     assert config["zero_optimization"] == {"stage": 2}

@@ -28,7 +28,8 @@ from orchestrator.cli import main
 from workers.export import ExportError, select_trial
 from workers.methods import select_trainable
 from workers.records import load_eval_pairs, make_encoder
-from workers.weights import model_uri, save_trained
+from core.store import model_uri
+from workers.weights import save_trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
