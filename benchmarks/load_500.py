@@ -30,18 +30,22 @@ def trivial_trainable(config: dict) -> None:
     """A trial that trains nothing: ``rows`` metric rows, one event each, the last one final (as the worker)."""
     from ray import tune
 
+    from core.events import TrialEvent
+
     trial, rows = config["trial"], ROWS
     for step in range(1, rows + 1):
         row = {"step": step, "tokens": 100 * step, "flops": 1.0 * step, "hardware_flops": 1.0 * step,
                "train_loss": 1.0 / step, "lr": 1e-4, "wall_s": 0.01 * step, "eval_loss": None, "tokens_per_s": 1e4}
-        event = {"rows": [row], "restart": False, "final": step == rows, "step": step, "tokens": row["tokens"],
-                 "flops": row["flops"], "budget_flops": trial["spec"]["budget_flops"], "train_loss": row["train_loss"]}
-        if step == rows:
+        done = step == rows
+        if done:
             row["eval_loss"] = 0.5
-            event["trial"] = {"tokens": row["tokens"], "steps": step, "flops": row["flops"],
-                              "hardware_flops": row["flops"], "eval_loss": 0.5, "train_loss": row["train_loss"],
-                              "wall_s": row["wall_s"], "reason": None, "n_params": 1, "n_trainable": 1}
-        tune.report(event)
+        event = TrialEvent(rows=(row,), done=done, step=step, tokens=row["tokens"], flops=row["flops"],
+                           budget_flops=trial["spec"]["budget_flops"], train_loss=row["train_loss"],
+                           trial={"tokens": row["tokens"], "steps": step, "flops": row["flops"],
+                                  "hardware_flops": row["flops"], "eval_loss": 0.5, "train_loss": row["train_loss"],
+                                  "wall_s": row["wall_s"], "reason": None, "n_params": 1, "n_trainable": 1}
+                           if done else None)
+        tune.report(event.to_dict())
 
 
 def rss_bytes() -> int:

@@ -26,6 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from core.events import TrialEvent  # noqa: E402
 from core.models import PYTHIA_SHAPES  # noqa: E402
 
 PYTHIA_14M, PYTHIA_70M = PYTHIA_SHAPES["14m"], PYTHIA_SHAPES["70m"]  # hidden, layers, heads
@@ -168,8 +169,7 @@ def trivial_trainable(config: dict) -> None:
            "eval_loss": 1.0, "tokens_per_s": 0.0}
     trial = {"tokens": 1, "steps": 1, "flops": 1.0, "hardware_flops": 1.0, "eval_loss": 1.0, "train_loss": 1.0,
              "wall_s": 0.0, "train_s": 0.0}
-    tune.report({"rows": [row], "restart": False, "final": True, "trial": trial, "step": 1, "tokens": 1,
-                 "flops": 1.0, "budget_flops": 2.0})
+    tune.report(TrialEvent(rows=(row,), done=True, trial=trial, step=1, tokens=1, flops=1.0, budget_flops=2.0).to_dict())
 
 
 def plain_trivial(config: dict) -> None:
@@ -247,9 +247,9 @@ def store_rows(root: str, trials: int, steps: int) -> dict:
     t0 = time.perf_counter()
     for tid in rows:
         for s in range(1, steps + 1, 100):
-            rec.on_event(tid, {"rows": [{"step": k, "tokens": k, "flops": 1.0 * k, "train_loss": 1.0, "lr": 1e-4,
-                                         "wall_s": 0.1 * k, "eval_loss": None, "tokens_per_s": 1.0,
-                                         "hardware_flops": 1.0} for k in range(s, s + 100)], "step": s + 99})
+            rec.on_event(tid, TrialEvent(rows=[{"step": k, "tokens": k, "flops": 1.0 * k, "train_loss": 1.0, "lr": 1e-4,
+                                                "wall_s": 0.1 * k, "eval_loss": None, "tokens_per_s": 1.0,
+                                                "hardware_flops": 1.0} for k in range(s, s + 100)], step=s + 99))
         rec.flush()
     write_s = time.perf_counter() - t0
     t0 = time.perf_counter()

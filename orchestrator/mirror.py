@@ -14,6 +14,7 @@ from ray import tune
 
 import fsio as storage
 from core import methods
+from core.events import TrialEvent
 from core.store import METRIC_NAMES
 from core.uris import redact
 from orchestrator.grid import Grid, mlflow_tracking_uri, trial_identity
@@ -174,7 +175,7 @@ def _mlflow_logger(tracking_uri: str, experiment: str, params: dict[str, dict]):
         def log_trial_result(self, iteration, trial, result):
             now_ms = int(time.time() * 1000)
             metrics = [Metric(k, float(v), now_ms, step)
-                       for step, row in fresh_metrics(self.sent, _trial_id(trial), result.get("rows") or [])
+                       for step, row in fresh_metrics(self.sent, _trial_id(trial), TrialEvent.from_dict(result).rows)
                        for k, v in row.items()]
             for i in range(0, len(metrics), 1000):  # MLflow's limit per batch
                 self.client().log_batch(self._trial_runs[trial], metrics=metrics[i:i + 1000])
@@ -242,7 +243,7 @@ def _wandb_logger(project: str, group: str, params: dict[str, dict], **init):
             if trial not in self._trial_logging_actors:
                 self.log_trial_start(trial)
             items = [(_QueueItem.RESULT, {**row, TRAINING_ITERATION: step})
-                     for step, row in fresh_metrics(self.sent, _trial_id(trial), result.get("rows") or [])]
+                     for step, row in fresh_metrics(self.sent, _trial_id(trial), TrialEvent.from_dict(result).rows)]
             if items:  # one call per event, not waited for (Ray's is a round trip per row): Tune's loop goes on
                 self._trial_queues[trial].actor.put_nowait_batch.remote(items)
 

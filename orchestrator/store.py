@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import yaml
 
 import fsio as storage
+from core.events import TrialEvent
 from core.store import (GRID_FILE, LEASE_FILE, METRIC_COLUMNS, METRICS_DIR, TRIAL_COLUMNS, TRIALS_FILE,
                         StoreError, checkpoint_uri, metrics_uri, model_uri, sweep_uri)
 from orchestrator.lease import LeaseLost
@@ -242,14 +243,14 @@ class Recorder:
         row = self.trials[trial_id]
         row.update(fields, status=status, reason=reason, updated_at=time.time())
 
-    def on_event(self, trial_id: str, event: dict) -> None:
-        """A worker event (workers/trial.py): its rows, then the trial row's live values."""
+    def on_event(self, trial_id: str, event: TrialEvent) -> None:
+        """A worker event (core/events.py): its rows, then the trial row's live values."""
         fault_point("report")
-        rows = event.get("rows") or []
-        if event.get("restart") or trial_id not in self._metrics:
+        rows = event.rows
+        if event.restart or trial_id not in self._metrics:
             # The stored rows are needed only if this event's rows do not supersede them all (a restart's history,
             # or a run from step 1, does): so a trial starting while the store is unreachable costs nothing.
-            supersedes_all = event.get("restart") or (rows and min(r["step"] for r in rows) <= 1)
+            supersedes_all = event.restart or (rows and min(r["step"] for r in rows) <= 1)
             stored = {} if supersedes_all else {r["step"]: r for r in self.store.read_metrics(trial_id)}
             self._metrics[trial_id] = stored
             self._finished.discard(trial_id)
@@ -262,15 +263,15 @@ class Recorder:
                 live[r["step"]] = {**r, "sweep": self.store.sweep, "trial_id": trial_id}
             self._dirty_metrics.add(trial_id)
         row = self.trials[trial_id]
-        if event.get("done"):
-            row.update(event["trial"], status="completed", updated_at=time.time())
+        if event.done:
+            row.update(event.trial, status="completed", updated_at=time.time())
             self._finished.add(trial_id)
             if self.flush(tolerate=True):
                 fault_point("after_complete")
         else:
             live_keys = ("tokens", "flops", "train_loss", "node_id")
-            fields = {k: event[k] for k in live_keys if event.get(k) is not None}
-            row.update(fields, steps=event.get("step"))
+            fields = {k: getattr(event, k) for k in live_keys if getattr(event, k) is not None}
+            row.update(fields, steps=event.step)
             if row["status"] != "running":
                 self.set_status(trial_id, "running")
             self.maybe_flush()

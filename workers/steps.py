@@ -37,6 +37,7 @@ from core.models import ModelShape
 from core.flops import (cost_per_token, loss_matmul_flops, planned_steps, sequence_hardware_flops,
                         tokens_for_budget)
 from core.devices import mfu
+from core.events import TrialEvent
 from core.memory import MARGIN, OVERHEAD_BYTES, Footprint, choose, footprint
 from core.models import auto_lr
 from core.spec import TrialSpec
@@ -564,14 +565,12 @@ def metric_row(p: Progress, lr: float, wall_s: float, tokens_per_s: float, evalu
             "mfu": mfu(p.hardware_flops, p.train_s, peak_flops), **evaluation}
 
 
-def event(p: Progress, plan: Plan, rows: list, *, restart: bool, done: bool = False, trial: dict | None = None):
-    """What ``report`` gets: the rows since the last event and a snapshot (workers/trial.py's docstring)."""
-    out = {"rows": [dict(r) for r in rows], "restart": restart, "done": done, "step": p.step, "tokens": p.tokens,
-           "flops": p.flops, "budget_flops": plan.budget_flops, "train_loss": p.train_loss,
-           "eval_loss": p.eval_loss}
-    if done:
-        out["trial"] = trial or trial_row(p, plan)
-    return out
+def event(p: Progress, plan: Plan, rows: list, *, restart: bool, done: bool = False,
+          trial: dict | None = None) -> TrialEvent:
+    """What ``report`` gets: the rows since the last event and a snapshot (core/events.py)."""
+    return TrialEvent(rows=tuple(dict(r) for r in rows), restart=restart, done=done, step=p.step, tokens=p.tokens,
+                      flops=p.flops, budget_flops=plan.budget_flops, train_loss=p.train_loss,
+                      eval_loss=p.eval_loss, trial=(trial or trial_row(p, plan)) if done else None)
 
 
 def trial_row(p: Progress, plan: Plan) -> dict:

@@ -5,12 +5,8 @@ adapter (orchestrator/trainable.py). It knows nothing of the driver: it emits ev
 and keeps its own checkpoint at ``checkpoint_uri``. The steps it shares with the DeepSpeed recipe
 (workers/distributed.py) are workers/steps.py's public functions: the budget cut, the lr schedule, the rows.
 
-Events (dicts) passed to ``report``:
-- progress (at most every ``report_every_s`` seconds, and at once for an evaluation or a restart):
-  ``rows`` (metric rows since the last event), ``restart`` (True on the first event after a
-  resume: ``rows`` then holds the whole history up to the checkpoint, so the consumer can replace what it
-  stored and stay exactly-once), and a snapshot: ``step, tokens, flops, budget_flops, train_loss, eval_loss``.
-- the last one also has ``done: True`` and ``trial``: the trial row (docs/reference.md trial columns it owns).
+``report`` gets core.events.TrialEvent values: progress (the metric rows since the last event and a snapshot), and
+last the done event with the trial row.
 
 The budget (docs/study.md, "FLOP convention"; workers/steps.py): cost per real token by method x real tokens; the
 last batch is cut to the pairs that still fit, so ``flops`` ends within two pairs of the budget, never above.

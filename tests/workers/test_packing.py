@@ -224,7 +224,7 @@ def test_a_trial_trains_the_same_packed(tiny_model, pairs_file, eval_file):
     for packing in ("off", "on"):
         events = []
         row = run_trial(dataclasses.replace(base, packing=packing), report=events.append)
-        runs[packing] = (row, [r["train_loss"] for e in events for r in e["rows"]])
+        runs[packing] = (row, [r["train_loss"] for e in events for r in e.rows])
     (off, losses_off), (on, losses_on) = runs["off"], runs["on"]
     assert on["steps"] == off["steps"] >= 4 and on["tokens"] == off["tokens"]
     assert losses_on == pytest.approx(losses_off, rel=1e-4)
