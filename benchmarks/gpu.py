@@ -36,6 +36,8 @@ import traceback
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, REPO)
 
+from core.errors import one_line  # noqa: E402
+
 WORDS = ("river stone cloud lamp garden window forest engine silver paper candle bridge harbor violin mountain "
          "thunder copper meadow lantern orchard desert glacier compass falcon marble velvet canyon ember prism").split()
 
@@ -170,7 +172,7 @@ def trial_row(name: str, row: dict, wall: float, peak: float | None) -> dict:
 def failed(name: str, e: BaseException) -> dict:
     oom = "out of memory" in str(e).lower()
     log(traceback.format_exc(limit=3))
-    return {"path": name, "status": "oom" if oom else "failed", "reason": " ".join(str(e).split())[:300]}
+    return {"path": name, "status": "oom" if oom else "failed", "reason": one_line(e, 300)}
 
 
 def predicted_memory(spec) -> dict:

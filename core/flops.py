@@ -10,7 +10,6 @@ Two numbers per trial:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from core import methods
@@ -32,6 +31,12 @@ def planned_steps(tokens: int, tokens_per_pair: float, batch_size: int) -> tuple
     """(pairs, optimizer steps) that ``tokens`` real tokens buy at ``tokens_per_pair`` (the planner's measure)."""
     pairs = tokens / tokens_per_pair
     return pairs, int(pairs // batch_size)
+
+
+def padding_fraction(real_tokens: int, padded_tokens: int) -> float | None:
+    """Padding's share of the tokens processed: 1 - real / padded. None when nothing was processed (a fraction of
+    nothing is undefined, and the store's column is null for such a trial, not a claim of no padding)."""
+    return 1.0 - real_tokens / padded_tokens if padded_tokens else None
 
 
 def flops_for_tokens(tokens: int, cost: float) -> float:

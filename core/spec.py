@@ -9,12 +9,12 @@ defaults (orchestrator/grid.py reads them with ``default``); values are validate
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass
 
 from core import methods
 from core.errors import UserError
+from core.hashing import json_hash
 from core.models import LORA_TARGETS
 
 BATCHING = ("random", "length_buckets")
@@ -159,8 +159,7 @@ def default(name: str):
 
 def trial_id(identity: dict) -> str:
     """Short sha256 of the canonical JSON of a trial's identity (sorted keys, no spaces, repr floats)."""
-    blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(blob.encode()).hexdigest()[:TRIAL_ID_HEX]
+    return json_hash(identity, hex_chars=TRIAL_ID_HEX)
 
 
 class DeepSpeedConfigError(UserError):

@@ -15,6 +15,7 @@ from ray import tune
 import fsio as storage
 from core import methods
 from core.events import TrialEvent
+from core.errors import one_line
 from core.store import METRIC_NAMES
 from core.uris import redact
 from orchestrator.grid import Grid, mlflow_tracking_uri, trial_identity
@@ -112,7 +113,7 @@ class _Guarded(tune.Callback):
             fn()
         except Exception as e:  # noqa: BLE001 - whatever a tracker raises, the sweep goes on
             self.off = True
-            problem = redact(" ".join(str(e).split()) or type(e).__name__)
+            problem = redact(one_line(e))
             problem = problem if len(problem) <= 200 else problem[:199] + "…"
             print(f"warning: run.mirror: {self.name}: {problem}; no more rows go to {self.name} (the store has them "
                   "all)", file=sys.stderr, flush=True)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from core import memory as mem
-from core.errors import UserError
+from core.errors import UserError, one_line
 from core import methods
 from core.flops import cost_per_token, planned_steps, sequence_hardware_flops, tokens_for_budget
 from core.methods import param_counts
@@ -332,7 +332,7 @@ def measure_data(grid: Grid, *, strict: bool = False) -> DataStats:
         except Exception as e:  # noqa: BLE001 -- classified below: bad input, or unreachable here
             _unreachable(e, uri, strict, "data.train")
             readable = False
-            warnings.append(f"warning: cannot count the pairs in {uri} ({_one_line(e)}); max_epochs not "
+            warnings.append(f"warning: cannot count the pairs in {uri} ({one_line(e)}); max_epochs not "
                             "checked (set plan.train_pairs)")
     tokens_per_pair: dict[str, float] = {}
     measured: dict[str, float] = {}
@@ -376,14 +376,14 @@ def _measure(grid: Grid, model: str, uri: str, readable: bool, strict: bool, war
         tokenizer = _load_tokenizer(grid.model_path(model))
     except Exception as e:  # noqa: BLE001 -- no tokenizer here (offline hub, no tokenizer files)
         if strict:
-            raise UserError(f"{model}: cannot load its tokenizer ({_one_line(e)})") from None
-        warnings.append(f"warning: cannot load the tokenizer of {model} ({_one_line(e)}): {fallback}")
+            raise UserError(f"{model}: cannot load its tokenizer ({one_line(e)})") from None
+        warnings.append(f"warning: cannot load the tokenizer of {model} ({one_line(e)}): {fallback}")
         return FALLBACK_TOKENS_PER_PAIR
     try:
         return measure_tokens_per_pair(uri, tokenizer, grid.train.max_length, sample=grid.plan.sample_pairs)
     except Exception as e:  # noqa: BLE001
         _unreachable(e, uri, strict, "data.train")
-        warnings.append(f"warning: cannot read {uri} ({_one_line(e)}): {fallback}")
+        warnings.append(f"warning: cannot read {uri} ({one_line(e)}): {fallback}")
         return FALLBACK_TOKENS_PER_PAIR
 
 
@@ -399,7 +399,7 @@ def _unreachable(e: Exception, uri: str, strict: bool, field: str) -> None:
     file's problem names the grid field too (``data.train: /d/x.jsonl: no usable pairs``); a remote one stays
     ``<uri>: <problem>``."""
     if strict or "://" not in uri:
-        problem = _one_line(e) if uri in str(e) else f"{uri}: {_one_line(e)}"
+        problem = one_line(e) if uri in str(e) else f"{uri}: {one_line(e)}"
         raise UserError(problem if "://" in uri else f"{field}: {problem}") from None
 
 
@@ -416,5 +416,3 @@ def _num(x: float) -> float | int:
     return int(x) if float(x).is_integer() else float(x)
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import yaml
 
 import fsio as storage
+from core.errors import one_line
 from core.events import TrialEvent
 from core.store import (GRID_FILE, LEASE_FILE, METRIC_COLUMNS, METRICS_DIR, TRIAL_COLUMNS, TRIALS_FILE,
                         StoreError, checkpoint_uri, metrics_uri, model_uri, sweep_uri)
@@ -211,7 +212,7 @@ class Store:
         except StoreError:
             raise
         except (OSError, storage.StorageError, pa.ArrowException) as e:
-            problem = storage.redact(" ".join(str(e).split())[:200])
+            problem = storage.redact(one_line(e, 200))
             raise StoreError(f"{storage.redact(self.uri)}: cannot {verb} the store ({problem})") from None
 
 

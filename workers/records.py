@@ -38,7 +38,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 import fsio as storage
-from core.errors import UserError
+from core.errors import UserError, one_line
+from core.flops import padding_fraction
 
 SHUFFLE_BUFFER = 16384  # pairs held for the streaming shuffle
 MAX_BAD_FRACTION = 0.01  # above 1 % unusable lines a file is rejected
@@ -73,9 +74,9 @@ class DataStats:
     batches: int = 0  # batches yielded (skipped ones excluded)
 
     @property
-    def padding_fraction(self) -> float:
-        """Padded-but-not-real tokens / padded tokens, over the batches yielded."""
-        return 1.0 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
+    def padding_fraction(self) -> float | None:
+        """Padded-but-not-real tokens / padded tokens, over the batches yielded (None before any)."""
+        return padding_fraction(self.real_tokens, self.padded_tokens)
 
     def reset(self) -> None:
         for name, value in DataStats().__dict__.items():
@@ -150,7 +151,7 @@ def resolve_files(uri) -> list[_Source]:
             else:
                 paths = [path]
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{show(path)}: cannot list: {_one_line(e)}") from None
+        raise DataError(f"{show(path)}: cannot list: {one_line(e)}") from None
     sources = []
     for p in paths:
         kind, compressed = _kind(p)
@@ -164,10 +165,6 @@ def _shown(uri) -> str:
     """A URI as errors show it: without its query string (an endpoint override is noise there)."""
     uri = str(uri)
     return uri.split("?", 1)[0] if "://" in uri else uri
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -297,7 +294,7 @@ def _file_pairs(src: _Source, stats: DataStats, max_bad: float) -> Iterator[tupl
     except DataError:
         raise
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{src.name}: cannot read: {_one_line(e)}") from None
+        raise DataError(f"{src.name}: cannot read: {one_line(e)}") from None
     finally:
         records.close()
     check.check()

@@ -33,11 +33,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import fsio as storage
+from core.errors import one_line
 from core.models import ModelShape
-from core.flops import (cost_per_token, loss_matmul_flops, planned_steps, sequence_hardware_flops,
+from core.flops import (cost_per_token, loss_matmul_flops, padding_fraction, planned_steps, sequence_hardware_flops,
                         tokens_for_budget)
 from core.devices import mfu
 from core.events import TrialEvent
+from core.schedule import warmup_cosine
 from core.memory import MARGIN, OVERHEAD_BYTES, Footprint, choose, footprint
 from core.models import auto_lr
 from core.spec import TrialSpec
@@ -447,9 +449,7 @@ def lr_factor(before: float, after: float, warmup_fraction: float) -> float:
     end of the warmup steps (never an lr of 0 on step 1); the cosine is taken at the step's start (never 0 on
     the last one), as a step-indexed schedule does.
     """
-    warm = after / warmup_fraction if warmup_fraction > 0 else 1.0
-    cos = 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, before - warmup_fraction) / (1.0 - warmup_fraction))))
-    return min(warm, cos)
+    return warmup_cosine(before, after, warmup_fraction)
 
 
 def exhausted_reason(spec: TrialSpec, progress: Progress) -> str:
@@ -536,7 +536,7 @@ def keep_weights(model, spec: TrialSpec, progress: Progress) -> None:
     try:
         save_trained(model, spec.method, spec.weights_uri, base_model=spec.model)
     except (OSError, storage.StorageError) as e:
-        problem = " ".join(str(e).split())[:200]
+        problem = one_line(e, 200)
         print(f"warning: trained weights not kept ({problem})", file=sys.stderr, flush=True)
         progress.reason = "; ".join(filter(None, [progress.reason, f"weights not kept: {problem}"]))
 
@@ -581,4 +581,4 @@ def trial_row(p: Progress, plan: Plan) -> dict:
             "planned_tokens": plan.planned_tokens, "planned_steps": plan.planned_steps, "batching": plan.batching,
             "mfu": mfu(p.hardware_flops, p.train_s, plan.peak_flops),
             "bad_lines": p.bad_lines,
-            "padding_fraction": 1 - p.tokens / p.padded_tokens if p.padded_tokens else None}
+            "padding_fraction": padding_fraction(p.tokens, p.padded_tokens)}

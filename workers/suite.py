@@ -24,7 +24,6 @@ written to a temporary directory and renamed into place, so a half-built model i
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -36,7 +35,9 @@ from dataclasses import asdict, dataclass
 from typing import Iterable
 
 from core.errors import UserError
+from core.hashing import json_hash
 from core.models import PRETRAIN_LR_KEY, ModelShape
+from core.schedule import warmup_cosine
 from workers.pairs import PAIRS_VERSION, build_pairs, iter_corpus_texts
 
 SUITE_VERSION = 1  # bump when training or saving changes: it is part of the cache key
@@ -228,7 +229,7 @@ def suite_key(token_scale: float = 1.0, family: str = "pythia") -> str:
     }
     if family != "pythia":
         definition["family"] = family
-    return hashlib.sha1(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:12]
+    return json_hash(definition, algorithm="sha1", hex_chars=12, compact=False)
 
 
 def suite_dir(cache_dir: str | None = None, token_scale: float = 1.0, family: str = "pythia") -> str:
@@ -348,11 +349,7 @@ def _prepare_data(root: str, token_scale: float):
 
 def _lr_factor(step: int, total: int) -> float:
     """Linear warmup over the first WARMUP_FRACTION of the steps, then cosine to FINAL_LR_FRACTION."""
-    warmup = max(1, round(WARMUP_FRACTION * total))
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
+    return warmup_cosine(step, step + 1, max(1, round(WARMUP_FRACTION * total)), total, FINAL_LR_FRACTION)
 
 
 def heldout_loss(model, seqs) -> float:
@@ -503,7 +500,7 @@ def demo_data(cache_dir: str | None = None, eval_fraction: float = 0.05) -> dict
 
     Returns build_pairs' dict: {"train": path, "eval": path, "n_train", "n_eval", "kinds", ...}.
     """
-    key = hashlib.sha1(json.dumps([PAIRS_VERSION, _python_version(), eval_fraction]).encode()).hexdigest()[:12]
+    key = json_hash([PAIRS_VERSION, _python_version(), eval_fraction], algorithm="sha1", hex_chars=12, compact=False)
     root = os.path.join(cache_root(cache_dir), "pairs")
     path = os.path.join(root, key)
     if not os.path.isfile(os.path.join(path, "pairs.json")):

@@ -34,7 +34,6 @@ so resuming at batch k reads no shard before it. No tokenizer on the training th
 from __future__ import annotations
 
 import bisect
-import hashlib
 import itertools
 import json
 import math
@@ -51,10 +50,12 @@ from typing import Iterator
 import numpy as np
 
 import fsio as storage
+from core.errors import one_line
+from core.hashing import content_hash, json_hash
 from core.store import CACHE_DIR
 from core.uris import join
 from workers.records import (CHECK_EVERY, MAX_BAD_FRACTION, SHUFFLE_BUFFER, BackgroundBatches, DataError, DataStats,
-                             Stopped, _Bad, _one_line, _pair, _shown, _Source, epoch_seed, jsonl_lines,
+                             Stopped, _Bad, _pair, _shown, _Source, epoch_seed, jsonl_lines,
                              make_encoder, pad_id_of, resolve_files)
 
 FORMAT_VERSION = 1
@@ -103,8 +104,8 @@ def tokenizer_sha256(name_or_path: str, tokenizer) -> str:
             path = None
     if path is not None:
         with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    return hashlib.sha256(_backend(tokenizer).to_str().encode()).hexdigest()
+            return content_hash(f.read())
+    return content_hash(_backend(tokenizer).to_str())
 
 
 def cache_inputs(train_uri, eval_uri, tokenizer_hash: str, max_length: int, shard_bytes: int = SHARD_BYTES) -> dict:
@@ -115,8 +116,7 @@ def cache_inputs(train_uri, eval_uri, tokenizer_hash: str, max_length: int, shar
 
 
 def cache_key(inputs: dict) -> str:
-    blob = json.dumps(inputs, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+    return json_hash(inputs, hex_chars=24)
 
 
 def cache_uri(storage_uri: str, key: str) -> str:
@@ -202,7 +202,7 @@ def plan_shards(split: str, uri: str, shard_bytes: int) -> list[dict]:
         except DataError:
             raise
         except Exception as e:  # noqa: BLE001 -- pyarrow / OS errors on listing or reading a footer
-            raise DataError(f"{src.name}: cannot read: {_one_line(e)}") from None
+            raise DataError(f"{src.name}: cannot read: {one_line(e)}") from None
         for a, b, before in ranges:
             tasks.append({**common, "index": len(tasks), "start": a, "stop": b, "rows_before": before})
     return tasks
@@ -252,7 +252,7 @@ def build_shard(task: dict, *, cache: str, tokenizer_json: str, max_length: int,
     except DataError as e:
         error = str(e)
     except Exception as e:  # noqa: BLE001 -- pyarrow / OS errors: the same words as records.py's
-        error = f"{task['name']}: cannot read: {_one_line(e)}"
+        error = f"{task['name']}: cannot read: {one_line(e)}"
     return {"split": task["split"], "index": task["index"], "record": "", "error": error}
 
 
@@ -261,7 +261,7 @@ def _build_shard(task: dict, cache: str, tokenizer_json: str, max_length: int, d
     import pyarrow.parquet as pq
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one task per CPU: no Rayon pool on top
-    key = hashlib.sha256(tokenizer_json.encode()).hexdigest()
+    key = content_hash(tokenizer_json)
     if key not in _TOKENIZERS:
         from tokenizers import Tokenizer
 

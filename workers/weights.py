@@ -22,13 +22,13 @@ the manifest's name) are core/store.py's, the byte count `status` shows is fsio.
 from __future__ import annotations
 
 import enum
-import hashlib
 import json
 import time
 
 import fsio as storage
 from core.errors import UserError
 from core import methods
+from core.hashing import content_hash
 from core.store import MODEL_MANIFEST
 
 MANIFEST = MODEL_MANIFEST
@@ -65,7 +65,7 @@ def save_trained(model, method: str, uri: str, *, base_model: str | None = None)
 
     tensors, peft_config = trained_tensors(model, method)
     blob = save(tensors, metadata={"format": FORMAT, "method": method})
-    sha = hashlib.sha256(blob).hexdigest()
+    sha = content_hash(blob)
     name = f"weights-{sha[:16]}.safetensors"
     manifest = {"format": FORMAT, "method": method, "base_model": base_model, "file": name, "bytes": len(blob),
                 "sha256": sha, "tensors": len(tensors), "parameters": sum(t.numel() for t in tensors.values()),
@@ -116,7 +116,7 @@ def read_tensors(uri: str, manifest: dict | None = None) -> dict:
     if not storage.exists(path):
         raise WeightsError(f"{storage.redact(path)}: missing (the manifest names it)")
     blob = storage.read_bytes(path)
-    if len(blob) != manifest["bytes"] or hashlib.sha256(blob).hexdigest() != manifest["sha256"]:
+    if len(blob) != manifest["bytes"] or content_hash(blob) != manifest["sha256"]:
         raise WeightsError(f"{storage.redact(path)}: does not match its manifest (size or sha256)")
     return load(blob)
 

@@ -112,3 +112,10 @@ def test_hardware_flops_match_torch_flop_counter(method, kw, checkpointing, chun
     ratio = ours / counter.get_total_flops()
     print(f"{method} checkpointing={checkpointing} chunk={chunk}: ours/torch = {ratio:.4f}")
     assert abs(ratio - 1) < 1e-3  # exact up to float rounding: the lora_B recompute error was 0.4 %
+
+
+def test_padding_fraction_by_hand():
+    from core.flops import padding_fraction
+
+    assert padding_fraction(60, 80) == 0.25 and padding_fraction(80, 80) == 0.0
+    assert padding_fraction(0, 0) is None  # nothing processed: no fraction, not "no padding"
