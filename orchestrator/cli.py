@@ -10,7 +10,7 @@ runs (the driver stays light: no torch, no Ray at import). Each such function re
     fit     -> orchestrator.reporting.fit_command(args)     args: name, out (None: <storage>/<name>/analysis/), storage
     recipe  -> orchestrator.reporting.recipe_command(args)  args: name, budget (float > 0), json, storage
     demo    -> orchestrator.demo.run(args)         args: name ("demo"), storage, address
-    export  -> workers.export.export_command(args)  args: name, trial | budget, out, storage
+    export  -> analysis.trial_choice.trial_to_export, then workers.export.export_command(args, row, grid)
     prepare -> orchestrator.prepare.prepare_command(args)  args: grid, json, storage, address
     suite build -> workers.suite.build_command(args)  args: out (None: the suite's default), storage
     suite list  -> workers.suite.list_command(args)   args: json, storage
@@ -22,6 +22,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -35,64 +36,39 @@ DEFAULT_STORAGE = "./sweeps"
 
 
 # --- the commands' handlers: imported when the command runs (the driver stays light) ------------------------
-def _submit(args):
-    from orchestrator.driver import submit
-    return submit(args)
-
-
-def _resume(args):
-    from orchestrator.driver import resume
-    return resume(args)
-
-
-def _status(args):
-    from orchestrator.driver import status
-    return status(args)
-
-
-def _fit(args):
-    from orchestrator.reporting import fit_command
-    return fit_command(args)
-
-
-def _recipe(args):
-    from orchestrator.reporting import recipe_command
-    return recipe_command(args)
-
-
-def _demo(args):
-    from orchestrator.demo import run
-    return run(args)
+def _handler(module: str, function: str):
+    """``module.function(args)``, its module imported only when the command runs."""
+    def run(args):
+        return getattr(importlib.import_module(module), function)(args)
+    return run
 
 
 def _export(args):
-    from workers.export import export_command
-    return export_command(args)
+    """analysis picks the trial (the one named, or the best at a budget); workers/export.py builds the folder."""
+    from analysis.trial_choice import trial_to_export
+    from core.store import sweep_uri
+    from workers.export import export_command, read_grid
+
+    sweep = sweep_uri(args.storage, args.name)
+    grid = read_grid(sweep, args.name)
+    row = trial_to_export(sweep, args.name, trial_id=args.trial, budget=args.budget,
+                          budgets=grid.get("budgets") or [])
+    return export_command(args, row, grid)
 
 
-def _replay(args):
-    from orchestrator.reporting import replay_command
-    return replay_command(args)
-
-
-def _prepare(args):
-    from orchestrator.prepare import prepare_command
-    return prepare_command(args)
-
-
-def _suite_build(args):
-    from workers.suite import build_command
-    return build_command(args)
-
-
-def _suite_list(args):
-    from workers.suite import list_command
-    return list_command(args)
-
-
-COMMANDS = {"submit": _submit, "resume": _resume, "status": _status, "fit": _fit, "recipe": _recipe,
-            "demo": _demo, "suite build": _suite_build, "suite list": _suite_list, "export": _export,
-            "replay": _replay, "prepare": _prepare}
+COMMANDS = {
+    "submit": _handler("orchestrator.driver", "submit"),
+    "resume": _handler("orchestrator.driver", "resume"),
+    "status": _handler("orchestrator.driver", "status"),
+    "fit": _handler("orchestrator.reporting", "fit_command"),
+    "recipe": _handler("orchestrator.reporting", "recipe_command"),
+    "demo": _handler("orchestrator.demo", "run"),
+    "suite build": _handler("workers.suite", "build_command"),
+    "suite list": _handler("workers.suite", "list_command"),
+    "export": _export,
+    "replay": _handler("orchestrator.reporting", "replay_command"),
+    "prepare": _handler("orchestrator.prepare", "prepare_command"),
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -103,34 +79,22 @@ class _Parser(argparse.ArgumentParser):
 
 
 # --- argument types ----------------------------------------------------------------------------------------
-def _positive_float(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        x = float("nan")
-    if not x > 0 or x == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
-    return x
+def _number_arg(ok, what: str):
+    """An argparse type: a number that ``ok`` accepts (NaN and infinity never), else "must be a number <what>"."""
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            x = float("nan")
+        if not ok(x) or x == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a number {what}, got {text!r}")
+        return x
+    return parse
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        x = float("nan")
-    if not x >= 0 or x == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    return x
-
-
-def _fraction(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        x = float("nan")
-    if not 0 < x <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
-    return x
+_positive_float = _number_arg(lambda x: x > 0, "> 0")
+_non_negative_float = _number_arg(lambda x: x >= 0, ">= 0")
+_fraction = _number_arg(lambda x: 0 < x <= 1, "in (0, 1]")
 
 
 def _gpu_count(text: str) -> int:
