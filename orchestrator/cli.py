@@ -22,7 +22,6 @@ traceback.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import re
@@ -36,11 +35,34 @@ DEFAULT_STORAGE = "./sweeps"
 
 
 # --- the commands' handlers: imported when the command runs (the driver stays light) ------------------------
-def _handler(module: str, function: str):
-    """``module.function(args)``, its module imported only when the command runs."""
-    def run(args):
-        return getattr(importlib.import_module(module), function)(args)
-    return run
+def _submit(args):
+    from orchestrator.driver import submit
+    return submit(args)
+
+
+def _resume(args):
+    from orchestrator.driver import resume
+    return resume(args)
+
+
+def _status(args):
+    from orchestrator.driver import status
+    return status(args)
+
+
+def _fit(args):
+    from orchestrator.reporting import fit_command
+    return fit_command(args)
+
+
+def _recipe(args):
+    from orchestrator.reporting import recipe_command
+    return recipe_command(args)
+
+
+def _demo(args):
+    from orchestrator.demo import run
+    return run(args)
 
 
 def _export(args):
@@ -56,19 +78,29 @@ def _export(args):
     return export_command(args, row, grid)
 
 
-COMMANDS = {
-    "submit": _handler("orchestrator.driver", "submit"),
-    "resume": _handler("orchestrator.driver", "resume"),
-    "status": _handler("orchestrator.driver", "status"),
-    "fit": _handler("orchestrator.reporting", "fit_command"),
-    "recipe": _handler("orchestrator.reporting", "recipe_command"),
-    "demo": _handler("orchestrator.demo", "run"),
-    "suite build": _handler("workers.suite", "build_command"),
-    "suite list": _handler("workers.suite", "list_command"),
-    "export": _export,
-    "replay": _handler("orchestrator.reporting", "replay_command"),
-    "prepare": _handler("orchestrator.prepare", "prepare_command"),
-}
+def _replay(args):
+    from orchestrator.reporting import replay_command
+    return replay_command(args)
+
+
+def _prepare(args):
+    from orchestrator.prepare import prepare_command
+    return prepare_command(args)
+
+
+def _suite_build(args):
+    from workers.suite import build_command
+    return build_command(args)
+
+
+def _suite_list(args):
+    from workers.suite import list_command
+    return list_command(args)
+
+
+COMMANDS = {"submit": _submit, "resume": _resume, "status": _status, "fit": _fit, "recipe": _recipe,
+            "demo": _demo, "suite build": _suite_build, "suite list": _suite_list, "export": _export,
+            "replay": _replay, "prepare": _prepare}
 
 
 class _Parser(argparse.ArgumentParser):
