@@ -89,41 +89,35 @@ def _unique(values: tuple) -> tuple:
     return values
 
 
-def _auto_or_positive(what: str):
-    """A validator: 'auto', or a number > 0 (``what`` names it in the error: "a number", "a number of GB")."""
-    def check(v: Any) -> float | str:
+def _auto_or(parse, ok, what: str):
+    """A validator: 'auto', or a value ``parse`` reads and ``ok`` accepts; ``what`` names the value in the error
+    ("a number > 0", "an integer >= 0")."""
+    def check(v: Any):
         if v == "auto":
             return v
         try:
-            x = _number(v)
+            x = parse(v)
         except PydanticCustomError:
-            x = math.nan
-        if not x > 0:
-            raise PydanticCustomError("auto_or_positive", "must be 'auto' or {what} > 0, got {got}",
-                                      {"what": what, **_got(v)})
+            x = None
+        if x is None or not ok(x):
+            raise PydanticCustomError("auto_or", "must be 'auto' or {what}, got {got}", {"what": what, **_got(v)})
         return x
     return check
 
 
+def _auto_or_positive(what: str):
+    """'auto', or a number > 0 (``what`` names it in the error: "a number", "a number of GB")."""
+    return _auto_or(_number, lambda x: x > 0, f"{what} > 0")
+
+
 _lr = _auto_or_positive("a number")
+_gpus = _auto_or(_int, lambda n: n >= 0, "an integer >= 0")
 
 
 def _auto_bool(v: Any) -> bool | str:
     if v == "auto" or isinstance(v, bool):
         return v
     raise PydanticCustomError("auto_bool", "must be auto, true or false, got {got}", _got(v))
-
-
-def _gpus(v: Any) -> int | str:
-    if v == "auto":
-        return v
-    try:
-        n = _int(v)
-    except PydanticCustomError:
-        n = -1
-    if n < 0:
-        raise PydanticCustomError("gpus", "must be 'auto' or an integer >= 0, got {got}", _got(v))
-    return n
 
 
 Number = Annotated[float, BeforeValidator(_number)]
