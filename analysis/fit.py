@@ -396,6 +396,21 @@ def _surface(p, n, d):
     return E + A / n ** alpha + B / d ** beta
 
 
+@dataclass(frozen=True)
+class Law:
+    """A loss surface's parameters, L(N, D) = E + A/N^alpha + B/D^beta: the ground truths synthetic stores are drawn
+    from (benchmarks/adaptive.py, the analysis tests)."""
+
+    E: float
+    A: float
+    alpha: float
+    B: float
+    beta: float
+
+    def loss(self, n, d):
+        return _surface((self.E, self.A, self.alpha, self.B, self.beta), np.asarray(n, float), np.asarray(d, float))
+
+
 @dataclass(frozen=True, eq=False)
 class SurfaceFits:
     """All slices of a sweep: fitted ``surfaces`` and ``refused`` (reason) keyed by (method, hparam, variant)

@@ -31,7 +31,7 @@ import pandas as pd
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from analysis.adaptive import AdaptiveConfig, ReplayResult, replay, size_index  # noqa: E402
-from analysis.fit import cost_per_token  # noqa: E402
+from analysis.fit import Law, cost_per_token  # noqa: E402
 from core import methods  # noqa: E402
 from core.models import PYTHIA_SHAPES, model_shape  # noqa: E402
 
@@ -45,15 +45,6 @@ MIN_STEPS = 10  # grids/paper.yaml plan.min_steps
 # runnable cells of 432 (the paper-shaped grid's count); this grid skips the same 41.
 DATA_TOKENS = None
 NOISES = (0.0, 0.002, 0.005, 0.01, 0.02)  # sigma of the log-normal noise on the loss; 0 = the noise-free store
-
-
-@dataclass(frozen=True)
-class Law:
-    E: float
-    A: float
-    alpha: float
-    B: float
-    beta: float
 
 
 @dataclass(frozen=True)
@@ -134,7 +125,7 @@ def true_loss(truth: Truth, cells: pd.DataFrame) -> np.ndarray:
     for i, (method, h, model, tokens) in enumerate(zip(cells["method"], cells["hparam"], cells["model"],
                                                         cells["tokens"])):
         law = truth.law(method, None if pd.isna(h) else h)
-        out[i] = law.E + law.A / PYTHIA[model].n_params() ** law.alpha + law.B / max(tokens, 1) ** law.beta
+        out[i] = law.loss(PYTHIA[model].n_params(), max(tokens, 1))
     return out
 
 
