@@ -31,7 +31,7 @@ from pydantic_core import PydanticCustomError
 from core import methods
 from core.models import ModelConfigError, auto_lr, model_shape, read_config
 from core.spec import BATCHING, KEEP_WEIGHTS, LORA_TARGETS, PACKINGS, POOLINGS, DeepSpeedConfigError, TrialSpec, default, parse_deepspeed_override
-from core.spec import trial_id as trial_id
+from core.spec import trial_id
 from core.strategy import STRATEGIES, AdaptiveConfig
 from core.uris import SCHEMES as DATA_SCHEMES
 from core.uris import StorageError, check_no_credentials, is_remote, local_path, redact
