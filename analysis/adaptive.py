@@ -1,4 +1,4 @@
-"""The adaptive sweep (issue #15): budgets run as rungs, cells that cannot be on the frontier are pruned.
+"""The adaptive sweep: budgets run as rungs, cells that cannot be on the frontier are pruned.
 
 Pure functions, no Ray and no torch: the driver calls ``decide`` before each rung, ``repurpose replay`` calls
 ``replay`` on a sweep that ran every cell; both reach the same decisions through ``_decide``.
@@ -36,7 +36,7 @@ import pandas as pd
 from core.strategy import AdaptiveConfig
 
 from . import noise
-from .fit import FitError, fit_surface, slice_label, split_usable
+from .fit import FitError, fit_surface, hparam_of, slice_label, split_usable
 from .recipe import best_in_slice
 
 SKIPPED = "skipped"
@@ -120,7 +120,7 @@ class BudgetComparison:
     adaptive: Pick | None
 
     def agrees(self, size_index: dict, loss_tolerance: float = AGREEMENT_LOSS) -> bool:
-        """Issue #15's test: same method, a model within one size step, empirical loss within 1 %."""
+        """The agreement test: same method, a model within one size step, empirical loss within 1 %."""
         if self.full is None or self.adaptive is None:
             return self.full is None and self.adaptive is None
         return (self.full.method == self.adaptive.method
@@ -137,7 +137,7 @@ class ReplayResult:
     decisions: tuple[Decision, ...] = field(default_factory=tuple)  # every runnable cell, rung by rung
 
     def to_json(self) -> dict:
-        """shared/CONTRACTS.md, ``replay --json``."""
+        """docs/reference.md, ``replay --json``."""
         return {
             "flops_fraction": self.flops_fraction,
             "trials_run": self.trials_run,
@@ -150,11 +150,6 @@ class ReplayResult:
 
 # ----------------------------------------------------------------------------------------------------------
 # Helpers on trial tables
-
-def _hparam(row_method: str, lora_rank, trainable_fraction) -> float | None:
-    value = lora_rank if row_method == "lora" else trainable_fraction if row_method == "freeze" else None
-    return None if value is None or pd.isna(value) else float(value)
-
 
 def _hkey(h: float | None) -> float:
     return -1.0 if h is None else float(h)
@@ -341,7 +336,7 @@ def _cell_decision(row, rung: int, current: Assessment, history: list, sizes: di
                         f"pruned at rung {rung}: predicted {view.predicted_loss:.3f} "
                         f"[{view.predicted_low:.3f}, {view.predicted_high:.3f}] > frontier "
                         f"{current.frontier_loss:.3f} + margin")
-    h = _hparam(method, row.lora_rank, row.trainable_fraction)
+    h = hparam_of(row)
     label, best_label = slice_label(method, h), slice_label(method, view.best_slice)
     latest_rung = rungs[view.latest_budget_flops]
     if h not in view.kept_slices:

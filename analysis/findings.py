@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from core import methods
+
 from .fit import (
     CI_LEVEL,
-    METHODS,
     N_BOOTSTRAP,
     EmpiricalOptimum,
     Exclusions,
@@ -21,6 +22,7 @@ from .fit import (
     empirical_optimum,
     fit_surfaces,
     fit_trends,
+    hparam_of,
     require_usable,
     slice_label,
 )
@@ -112,9 +114,8 @@ def model_label(model: str) -> str:
 
 
 def _hp(method: str, h) -> str:
-    if h is None or (isinstance(h, float) and np.isnan(h)):
-        return ""
-    return f"r={int(h)}" if method == "lora" else f"f={h:g}"
+    """``r=8``, ``f=0.25``; "" without a hyperparameter."""
+    return methods.get(method).show(h)
 
 
 def recipe_table(a: Analysis) -> pd.DataFrame:
@@ -181,8 +182,7 @@ def _empirical_answer(a: Analysis, e: pd.Series) -> dict:
         pred = float(surface.predict(n, tokens))
         low, high = (float(x) for x in surface.interval(n, tokens))
     return dict(method=e["method"], family=None if e["family"] == "?" else e["family"], pooling=e["pooling"],
-                lora_rank=int(h) if e["method"] == "lora" and h is not None else None,
-                trainable_fraction=h if e["method"] == "freeze" else None, model=e["model"], n_params=int(n),
+                **methods.get(e["method"]).hparam_fields(h), model=e["model"], n_params=int(n),
                 tokens=int(tokens), flops=float(e["flops"]), predicted_loss=pred, predicted_loss_low=low,
                 predicted_loss_high=high, win_fraction=np.nan, data_limited=False, extrapolated=False)
 
@@ -218,7 +218,8 @@ def bias_comparison(a: Analysis) -> pd.DataFrame:
     best = a.optimum.best
     rows = []
     for budget, cell in best.groupby("budget_flops", sort=True):
-        bias, other = cell[cell["method"] == "bias"], cell[cell["method"] != "bias"]
+        is_bias = cell["method"] == methods.BIAS.name
+        bias, other = cell[is_bias], cell[~is_bias]
         if bias.empty or other.empty:
             continue
         o = other.loc[other["eval_loss"].idxmin()]
@@ -280,7 +281,7 @@ def recipe_markdown(a: Analysis) -> str:
     for r in t.to_dict("records"):
         if not isinstance(r.get("method"), str):
             continue
-        hp = _hp(r["method"], r["lora_rank"] if r["method"] == "lora" else r["trainable_fraction"])
+        hp = _hp(r["method"], hparam_of(r))
         flags = [s for s, on in (("grid", r["on_grid"]), ("empirical", r.get("source") == "empirical"),
                                  ("extrapolated", r.get("extrapolated")),
                                  ("data-limited", r.get("data_limited"))) if on is True]
@@ -343,7 +344,7 @@ def findings_markdown(a: Analysis) -> str:
     out += ["", _md(pd.DataFrame(rows)), ""]
 
     # 2./3. method hyperparameters
-    for method, name, what in (("lora", "LoRA rank", "rank"), ("freeze", "trainable fraction", "fraction")):
+    for method, name, what in _hparam_methods():
         sens = hparam_sensitivity(a, method)
         if sens.empty:
             continue
@@ -442,6 +443,14 @@ def serving_table(a: Analysis) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _hparam_methods() -> list[tuple[str, str, str]]:
+    """(method, its hyperparameter's title, its unit) of every method with a hyperparameter, adapters first (the
+    order the findings have always had: LoRA rank, then trainable fraction)."""
+    records = [methods.get(m) for m in methods.names() if methods.get(m).hparam]
+    records.sort(key=lambda r: not r.adapters)
+    return [(r.name, r.hparam_title, r.hparam_unit) for r in records]
+
+
 def methods_in(a: Analysis) -> list[str]:
     present = set(a.usable["method"])
-    return [m for m in METHODS if m in present]
+    return [m for m in methods.names() if m in present]

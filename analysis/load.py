@@ -1,4 +1,4 @@
-"""Read a sweep's store (shared/CONTRACTS.md): ``trials.parquet`` and the ``metrics/`` directory.
+"""Read a sweep's store (docs/reference.md): ``trials.parquet`` and the ``metrics/`` directory.
 
 Local paths, ``file://``, ``s3://`` and ``gs://`` URIs all go through ``pyarrow.fs`` (credentials and endpoints
 come from the environment, e.g. ``AWS_ENDPOINT_URL_S3``). Only pyarrow and pandas: no Ray, no torch.

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from core import methods
 from core.flops import tokens_for_budget
 
-from .fit import CI_LEVEL, FORM_ND, FitError, SurfaceFits, cost_per_token, slice_label
+from .fit import CI_LEVEL, FORM_ND, FitError, Slice, SurfaceFits, cost_per_token
 
 @dataclass(frozen=True)
-class Choice:
+class Choice(Slice):
     """One method's best (slice, model, tokens) at a budget. ``data_limited``: D was capped by max_tokens (the
     recipe spends less than the budget). ``extrapolated``: the budget or D lies outside what the slice's
     trials covered."""
@@ -44,20 +45,12 @@ class Choice:
     variant: str = ""
 
     @property
-    def key(self) -> tuple[str, float | None, str]:
-        return self.method, self.hparam, self.variant
-
-    @property
-    def label(self) -> str:
-        return slice_label(self.method, self.hparam, self.variant)
-
-    @property
     def lora_rank(self) -> int | None:
-        return int(self.hparam) if self.method == "lora" and self.hparam is not None else None
+        return methods.get(self.method).hparam_fields(self.hparam)["lora_rank"]
 
     @property
     def trainable_fraction(self) -> float | None:
-        return float(self.hparam) if self.method == "freeze" and self.hparam is not None else None
+        return methods.get(self.method).hparam_fields(self.hparam)["trainable_fraction"]
 
 
 @dataclass(frozen=True)
@@ -73,12 +66,12 @@ class Recipe:
 
 
 def serving_params(method: str, n_params, n_trainable):
-    """N of the model that serves: LoRA merged into its base (the adapters' parameters are gone), else N."""
-    return n_params - n_trainable if method == "lora" else n_params
+    """N of the model that serves: adapters merged into their base (their parameters are gone), else N."""
+    return methods.get(method).serving_params(n_params, n_trainable)
 
 
 def serve_flops(method: str, n_params, n_trainable, serve_tokens: float):
-    """Embedding ``serve_tokens`` tokens costs a forward pass, 2 N FLOP per token (PAPER.md "Serving cost")."""
+    """Embedding ``serve_tokens`` tokens costs a forward pass, 2 N FLOP per token (docs/study.md, "Where this project departs")."""
     return 2.0 * serving_params(method, n_params, n_trainable) * serve_tokens
 
 

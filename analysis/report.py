@@ -3,7 +3,7 @@ recipe (``repurpose recipe``). The only module of ``analysis`` that writes.
 
 - ``write_fit_outputs(sweep_uri, out_dir)``: figures (PNG + CSV of the plotted points), the recipe table
   (Markdown + CSV), findings (Markdown), surfaces.csv, excluded.csv, summary.json; returns the summary.
-- ``recipe_at(sweep_uri, budget_flops)``: the CONTRACTS.md ``recipe --json`` document (+ ``per_method``,
+- ``recipe_at(sweep_uri, budget_flops)``: the docs/reference.md ``recipe --json`` document (+ ``per_method``,
   ``empirical``); ``format_recipe`` renders it for humans.
 """
 from __future__ import annotations
@@ -18,16 +18,18 @@ import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 
+from core import methods
+
 from .findings import (Analysis, analyze, findings_markdown, model_label, recipe_markdown, recipe_table,
                        surfaces_table)
-from .fit import CI_LEVEL, N_BOOTSTRAP, FitError, fit_surfaces, require_usable, slice_label
+from .fit import CI_LEVEL, N_BOOTSTRAP, FitError, fit_surfaces, hparam_of, require_usable, slice_label
 from .load import StoreError, load_data_cap, load_trials, open_uri
 from .confidence import confidence
 from .noise import noise_at
 from .recipe import Choice, compute_recipe, fit_doubts
 
 RECIPE_KEYS = ("budget_flops", "method", "model", "n_params", "tokens", "lora_rank", "trainable_fraction",
-               "predicted_loss", "predicted_loss_low", "predicted_loss_high")  # shared/CONTRACTS.md
+               "predicted_loss", "predicted_loss_low", "predicted_loss_high")  # docs/reference.md
 SAME_BUDGET_RTOL = 1e-6  # a requested budget this close to a grid budget is that budget
 
 
@@ -75,7 +77,7 @@ def _empirical_at(usable: pd.DataFrame, budget_flops: float) -> dict | None:
 
 def recipe_at(sweep_uri: str, budget_flops: float, max_tokens: int | None = None, *, n_boot: int = N_BOOTSTRAP,
               seed: int = 0, serve_tokens: float | None = None) -> dict:
-    """The compute-optimal recipe at ``budget_flops`` (CONTRACTS.md ``recipe --json`` keys) plus
+    """The compute-optimal recipe at ``budget_flops`` (docs/reference.md ``recipe --json`` keys) plus
     ``per_method`` ({method: choice, or {"refused": why}}, with each method's bootstrap ``win_fraction`` and
     excluded-trial counts) and ``empirical`` (the best completed trial at that budget if it is a grid budget,
     else None). ``max_tokens``: the training data's token count; default: the sweep's data cap as the planner
@@ -117,7 +119,7 @@ def recipe_at(sweep_uri: str, budget_flops: float, max_tokens: int | None = None
     out["source"] = "fit"
     if out["notes"] and emp:  # at a grid budget the fit is in doubt: the best trial answers (notes say why)
         out["notes"].insert(0, f"fit chose {c.label} {model_label(c.model)} at {c.predicted_loss:.4f}")
-        surface = fits.surfaces.get((emp["method"], _hparam(emp), emp["variant"]))
+        surface = fits.surfaces.get((emp["method"], hparam_of(emp), emp["variant"]))
         pred = low = high = None
         if surface is not None:
             pred = _num(float(surface.predict(emp["n_params"], emp["tokens"])))
@@ -126,7 +128,7 @@ def recipe_at(sweep_uri: str, budget_flops: float, max_tokens: int | None = None
                                         "family", "pooling")},
                    predicted_loss=pred, predicted_loss_low=low, predicted_loss_high=high, source="empirical")
     chosen = ((c.method, c.hparam, c.variant, c.model) if out["source"] == "fit"
-              else (emp["method"], _hparam(emp), emp["variant"], emp["model"]))
+              else (emp["method"], hparam_of(emp), emp["variant"], emp["model"]))
     out.update(how_sure(fits, trials, budget_flops, chosen, max_tokens, serve_tokens or 0.0))
     return out
 
@@ -162,11 +164,6 @@ def sure_lines(d: dict) -> list[str]:
             f"{model_label(c['model'])}" for c in todo["replicate"])
         lines.append(f"not decisive: replicate {cells} ({todo['flops']:.3g} FLOP) to decide it")
     return lines
-
-
-def _hparam(e: dict) -> float | None:
-    h = e["lora_rank"] if e["method"] == "lora" else e["trainable_fraction"] if e["method"] == "freeze" else None
-    return None if h is None else float(h)
 
 
 def format_recipe(d: dict) -> str:
@@ -253,7 +250,7 @@ def _write_outputs(a: Analysis, out: str) -> tuple[dict[str, str], list[str]]:
 
     save_figure("figure1_frontier", figures.frontier_figure(a))
     save_figure("isoflop", figures.isoflop_figure(a))
-    for method, name in (("lora", "lora_rank"), ("freeze", "trainable_fraction")):
+    for method, name in ((m, methods.get(m).hparam) for m in methods.names() if methods.get(m).hparam):
         made = figures.hparam_figure(a, method)
         if made is None:
             notes.append(f"no {name} figure: the sweep has fewer than 2 {method} hyperparameter values")

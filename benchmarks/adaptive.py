@@ -1,8 +1,8 @@
-"""The adaptive sweep on synthetic full stores (issue #15): FLOP fraction and recipe agreement. No Ray.
+"""The adaptive sweep on synthetic full stores: FLOP fraction and recipe agreement. No Ray.
 
     python benchmarks/adaptive.py [--seeds 20] [--jobs 2] [--json] [--margin .. --neighbours .. --full-rungs ..]
 
-A paper-shaped grid (shared/PAPER.md): 8 Pythia sizes x {full, freeze f=0.25/0.5, bias, LoRA r=8..2048}
+A paper-shaped grid (docs/study.md): 8 Pythia sizes x {full, freeze f=0.25/0.5, bias, LoRA r=8..2048}
 x 6 budgets 1.5e15..1.5e18 (x4). Each cell's true loss comes from a ground-truth surface per method slice,
 L = E + A/N^alpha + B/D^beta (N = the base model's non-embedding parameters, D = budget / cost per token with the
 cell's own N, N_tr as the store counts them, LoRA adapters included), times log-normal noise. Cells the planner
@@ -10,7 +10,7 @@ skips (fewer than 10 optimizer steps of 1024 pairs x 78 tokens, or more tokens t
 rows. ``analysis.adaptive.replay`` then runs the policy on each store; per (truth, noise) the script reports
 the median and worst FLOP fraction, how often the adaptive recipe equals the full grid's at every budget (same
 method, a model within one size step, empirical loss within 1 %), and whether the noise-free store ever has
-its top-budget optimum pruned. Targets (issue #15): FLOP fraction <= 0.25, agreement >= 95 % of seeds at 0.5 %
+its top-budget optimum pruned. Targets: FLOP fraction <= 0.25, agreement >= 95 % of seeds at 0.5 %
 noise, the noise-free top-budget optimum never pruned.
 """
 from __future__ import annotations
@@ -33,37 +33,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from analysis.adaptive import AdaptiveConfig, ReplayResult, replay, size_index  # noqa: E402
 from analysis.confidence import confidence, supported  # noqa: E402
-from analysis.fit import FitError, cost_per_token, fit_surfaces, split_usable  # noqa: E402
+from analysis.fit import FitError, Law, cost_per_token, fit_surfaces, split_usable  # noqa: E402
 from analysis.recipe import compute_recipe  # noqa: E402
+from core import methods  # noqa: E402
+from core.models import PYTHIA_SHAPES, model_shape  # noqa: E402
 
-# shared/PAPER.md: non-embedding N; hidden size and layers from the Pythia configs (core/models.py PYTHIA_SHAPES)
-PYTHIA = {
-    "EleutherAI/pythia-14m": (1_189_888, 128, 6),
-    "EleutherAI/pythia-31m": (4_739_072, 256, 6),
-    "EleutherAI/pythia-70m": (18_915_328, 512, 6),
-    "EleutherAI/pythia-160m": (85_056_000, 768, 12),
-    "EleutherAI/pythia-410m": (302_311_424, 1024, 24),
-    "EleutherAI/pythia-1b": (805_736_448, 2048, 16),
-    "EleutherAI/pythia-1.4b": (1_208_602_624, 2048, 24),
-    "EleutherAI/pythia-2.8b": (2_517_652_480, 2560, 32),
-}
-BUDGETS = (1.5e15, 6e15, 2.4e16, 9.6e16, 3.8e17, 1.5e18)  # PAPER.md, x4 steps
+# The study's Pythia suite, shaped by core.models (its table), N and N_tr as the store counts them (core.methods).
+PYTHIA = {f"EleutherAI/pythia-{size}": model_shape(f"EleutherAI/pythia-{size}") for size in PYTHIA_SHAPES}
+BUDGETS = (1.5e15, 6e15, 2.4e16, 9.6e16, 3.8e17, 1.5e18)  # docs/study.md, x4 steps
 SLICES = {"full": (None,), "freeze": (0.25, 0.5), "bias": (None,), "lora": (8, 32, 128, 512, 2048)}  # grids/paper.yaml
-TOKENS_PER_STEP = 1024 * 78  # a batch of 1024 pairs at the authors' 78 tokens per pair (PAPER.md)
+TOKENS_PER_STEP = 1024 * 78  # a batch of 1024 pairs at the authors' 78 tokens per pair (docs/study.md)
 MIN_STEPS = 10  # grids/paper.yaml plan.min_steps
 # No data limit: `repurpose plan grids/paper.yaml` without the data at hand checks min_steps only and finds 391
-# runnable cells of 432 (the count issue #15 quotes); this grid skips the same 41.
+# runnable cells of 432 (the paper-shaped grid's count); this grid skips the same 41.
 DATA_TOKENS = None
 NOISES = (0.0, 0.002, 0.005, 0.01, 0.02)  # sigma of the log-normal noise on the loss; 0 = the noise-free store
-
-
-@dataclass(frozen=True)
-class Law:
-    E: float
-    A: float
-    alpha: float
-    B: float
-    beta: float
 
 
 @dataclass(frozen=True)
@@ -78,14 +62,17 @@ class Truth:
 
     def law(self, method: str, hparam) -> Law:
         law = self.laws[method]
-        if method == "lora":
-            return replace(law, B=law.B * (1 + self.rank_slope * abs(math.log2(hparam / 128))))
-        if method == "freeze":
-            return replace(law, B=law.B * (0.5 / hparam) ** self.freeze_power)
-        return law
+        effect = {"lora": self._rank_effect, "freeze": self._fraction_effect}.get(method)
+        return law if effect is None else replace(law, B=law.B * effect(hparam))
+
+    def _rank_effect(self, rank) -> float:
+        return 1 + self.rank_slope * abs(math.log2(rank / 128))
+
+    def _fraction_effect(self, fraction) -> float:
+        return (0.5 / fraction) ** self.freeze_power
 
 
-# Three shapes the issue asks for (`--truths` prints each one's optimum per budget). Bias-only is 20-30 % worse
+# Three shapes of ground truth (`--truths` prints each one's optimum per budget). Bias-only is 20-30 % worse
 # everywhere; the optimum model grows from 70m at 1.5e15 to 1b at 1.5e18.
 BIAS_A = Law(0.56, 150.0, 0.32, 110.0, 0.28)
 TRUTHS = (
@@ -111,18 +98,9 @@ TRUTHS = (
 # The synthetic full store
 
 def params(method: str, hparam, model: str) -> tuple[int, int]:
-    """(N, N_tr) as the store counts them: LoRA adapters (16 d r per block: qkv d->3d, dense d->d, h_to_4h
-    d->4d, 4h_to_h 4d->d) join N; freeze trains the last ceil(f L) blocks; bias-only trains 11 d per block (the
-    4 Linears' 9 d and the 2 LayerNorms' 2 d)."""
-    n, d, layers = PYTHIA[model]
-    if method == "full":
-        return n, n
-    if method == "freeze":
-        return n, int(round(n * math.ceil(hparam * layers - 1e-9) / layers))
-    if method == "lora":
-        adapters = 16 * d * int(hparam) * layers
-        return n + adapters, adapters
-    return n, 11 * d * layers  # bias
+    """(N, N_tr) as the store counts them (core.methods.param_counts on the model's shape)."""
+    fields = methods.get(method).hparam_fields(hparam)
+    return methods.param_counts(PYTHIA[model], method, fields["lora_rank"], fields["trainable_fraction"])
 
 
 def grid_cells() -> pd.DataFrame:
@@ -140,8 +118,7 @@ def grid_cells() -> pd.DataFrame:
                             else None)
                     rows.append(dict(
                         trial_id=f"{method}-{'' if h is None else h}-{model.split('-')[-1]}-{budget:.2g}",
-                        model=model, method=method, lora_rank=int(h) if method == "lora" else None,
-                        trainable_fraction=h if method == "freeze" else None, budget_flops=budget, n_params=n,
+                        model=model, method=method, **methods.get(method).hparam_fields(h), budget_flops=budget, n_params=n,
                         n_trainable=ntr, tokens=tokens, flops=tokens * cost, hparam=h, skip=skip))
     return pd.DataFrame(rows)
 
@@ -151,7 +128,7 @@ def true_loss(truth: Truth, cells: pd.DataFrame) -> np.ndarray:
     for i, (method, h, model, tokens) in enumerate(zip(cells["method"], cells["hparam"], cells["model"],
                                                         cells["tokens"])):
         law = truth.law(method, None if pd.isna(h) else h)
-        out[i] = law.E + law.A / PYTHIA[model][0] ** law.alpha + law.B / max(tokens, 1) ** law.beta
+        out[i] = law.loss(PYTHIA[model].n_params(), max(tokens, 1))
     return out
 
 
@@ -223,7 +200,7 @@ def truths_report() -> str:
             per_method = group.groupby("method")["loss"].min().sort_values()
             best = group.loc[group["loss"].idxmin()]
             gap = per_method.iloc[1] / per_method.iloc[0] - 1
-            lora = group[group["method"] == "lora"].groupby("lora_rank")["loss"].min()
+            lora = group[group["method"] == methods.LORA.name].groupby("lora_rank")["loss"].min()
             picks.append(f"{budget:.1e}: {best['trial_id']} {best['loss']:.3f} (2nd {per_method.index[1]} "
                          f"+{gap:.1%}; LoRA ranks span {lora.max() / lora.min() - 1:.1%})")
         lines.append(f"{truth.name}:\n  " + "\n  ".join(picks))

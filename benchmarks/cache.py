@@ -33,25 +33,15 @@ def log(msg: str) -> None:
 
 
 def make_data(root: str, copies: int) -> tuple[str, str]:
-    """(data dir with ``copies`` copies of the demo's train pairs, tokenizer dir)."""
-    from workers.suite.cache import demo_data
-    from workers.suite.pretraining import train_tokenizer
+    """(data dir with ``copies`` copies of the demo's train pairs, tokenizer dir: benchmarks/run.py's fixture)."""
+    from benchmarks.run import prepare
 
-    src = demo_data()["train"]
+    fixture = prepare(root)
     data = os.path.join(root, "data")
     os.makedirs(data)
     for i in range(copies):
-        shutil.copy(src, os.path.join(data, f"part-{i:03d}.jsonl"))
-    texts = []
-    with open(src) as f:
-        for i, line in enumerate(f):
-            if i >= 20000:
-                break
-            p = json.loads(line)
-            texts += [p["query"], p["pos"][0]]
-    tok = os.path.join(root, "tokenizer")
-    train_tokenizer(texts, vocab_size=8192).save_pretrained(tok)
-    return data, tok
+        shutil.copy(fixture["train"], os.path.join(data, f"part-{i:03d}.jsonl"))
+    return data, fixture["tokenizer"]
 
 
 def consume(stream, max_s: float) -> dict:

@@ -1,4 +1,4 @@
-"""The GPU check (issue 16): every training path on real Pythia shapes, one command, no network.
+"""The GPU check: every training path on real Pythia shapes, one command, no network.
 
     python benchmarks/gpu.py            full: one H100/H200-class GPU, <= 8 minutes; JSON + a dated README table
     python benchmarks/gpu.py --smoke    the same paths with tiny shapes on CPU in seconds (CI: tests/benchmarks)
@@ -35,6 +35,8 @@ import traceback
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, REPO)
+
+from core.errors import one_line  # noqa: E402
 
 WORDS = ("river stone cloud lamp garden window forest engine silver paper candle bridge harbor violin mountain "
          "thunder copper meadow lantern orchard desert glacier compass falcon marble velvet canyon ember prism").split()
@@ -117,7 +119,8 @@ def budget_for(size: str, method: str, steps: int, batch: int, tokens_per_pair: 
                lora_rank: int | None = None) -> float:
     """A FLOP budget for about ``steps`` optimizer steps (core/flops.py's paper convention)."""
     from core.flops import cost_per_token
-    from core.models import ModelShape, param_counts, read_config
+    from core.methods import param_counts
+    from core.models import ModelShape, read_config
 
     cfg = dict(read_config(f"EleutherAI/pythia-{size}"))
     if smoke:
@@ -169,7 +172,7 @@ def trial_row(name: str, row: dict, wall: float, peak: float | None) -> dict:
 def failed(name: str, e: BaseException) -> dict:
     oom = "out of memory" in str(e).lower()
     log(traceback.format_exc(limit=3))
-    return {"path": name, "status": "oom" if oom else "failed", "reason": " ".join(str(e).split())[:300]}
+    return {"path": name, "status": "oom" if oom else "failed", "reason": one_line(e, 300)}
 
 
 def predicted_memory(spec) -> dict:
@@ -459,7 +462,7 @@ def readme_table(out: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="the GPU check (issue 16)")
+    ap = argparse.ArgumentParser(description="the GPU check")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, every path, in seconds (CI)")
     ap.add_argument("--out", default=None, help="JSON file (default: $OUT/gpu.json or ./gpu-<date>.json)")
     ap.add_argument("--no-readme", action="store_true", help="full mode: do not append to benchmarks/README.md")

@@ -1,4 +1,4 @@
-"""Peak RSS of a trial process running demo trials back to back, as a reused Ray actor does (issue 12: demo actors
+"""Peak RSS of a trial process running demo trials back to back, as a reused Ray actor does (demo actors
 reached 4-6 GB for models of <= 1.2M parameters).
 
     python benchmarks/memory.py [--trials 6] [--budget 3e11] [--variants default,malloc,malloc+onednn] [--json]

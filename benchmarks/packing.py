@@ -1,4 +1,4 @@
-"""Packing (issue #16): real tokens/s of the contrastive step, packed rows against padded random batches, same run.
+"""Packing: real tokens/s of the contrastive step, packed rows against padded random batches, same run.
 
     python benchmarks/packing.py [--quick] [--models mini-1.2m,70m] [--batches 128,256] [--factors 1,2,4]
                                  [--rounds 5] [--steps 2] [--threads 1] [--json]

@@ -3,7 +3,7 @@
 MFU = hardware FLOP executed / (time in optimizer steps x the device's peak) (PaLM, Chowdhery et al. 2022,
 appendix B, counts model FLOP; we count the FLOP actually executed, recomputation included, core/flops.py
 ``sequence_hardware_flops``, so ours is their "hardware FLOPs utilization"; the store's column keeps the name
-``mfu``, CONTRACTS.md). A trial on CPU has no datasheet: workers/device_peak.py measures the machine's best bf16
+``mfu``, docs/reference.md). A trial on CPU has no datasheet: workers/device_peak.py measures the machine's best bf16
 matmul once and caches it.
 
 Peaks are dense (no 2:4 sparsity: NVIDIA's datasheets print the sparse figure with an asterisk, twice the dense
@@ -52,15 +52,15 @@ MIG_SLICES = 7
 MIG_PROFILE = re.compile(r"mig[\s_-]*(\d)g\.(\d+)gb")
 
 # No bf16 units (V100, T4): bf16 is emulated there, so there is no bf16 peak to divide by; the trial falls back to
-# fp16/fp32 (issue 16) and its mfu is left null rather than measured against the wrong unit.
+# fp16/fp32 and its mfu is left null rather than measured against the wrong unit.
 NO_BF16 = (r"v100", r"\bt4\b", r"p100")
 
-# For plan estimates (device-hours at an assumed MFU): 0.40, the issue's working figure. For scale: PaLM 540B
+# For plan estimates (device-hours at an assumed MFU): 0.40, a working figure. For scale: PaLM 540B
 # reached 46.2 % MFU, Megatron-Turing NLG 530B 30.2 % and GPT-3 21.3 % (Chowdhery et al. 2022, "PaLM", Table 3);
 # models below ~1B at batch 1024 x 75 tokens are smaller per kernel and will sit lower -- benchmarks/gpu.py
 # measures what this code reaches.
 TYPICAL_MFU = 0.40
-TYPICAL_MFU_SOURCE = "issue 16's working figure; PaLM (Chowdhery et al. 2022, Table 3): 46.2 % at 540B"
+TYPICAL_MFU_SOURCE = "a working figure; PaLM (Chowdhery et al. 2022, Table 3): 46.2 % at 540B"
 
 
 # Device memory, GB as the datasheets print it (10^9 bytes: a little under what torch reports, e.g. an H100 80GB has

@@ -30,7 +30,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from core.models import ModelShape, param_counts, trained_blocks
+from core import methods
+from core.models import ModelShape
 
 GIB = 1 << 30
 OVERHEAD_BYTES = 1 * GIB
@@ -77,11 +78,11 @@ def footprint(shape: ModelShape, method: str, max_length: int, *, lora_rank: int
     which ``chunk`` counts). Activations: padded, every text at ``max_length`` (the worst case: a random batch's
     documents are padded to about that); packed (workers/packing.py), ``tokens_per_pair`` real tokens a pair (the
     planner's measure; rows carry no padding but their tails, ~1 %)."""
-    n, n_tr = param_counts(shape, method, lora_rank, trainable_fraction, lora_targets)
+    n, n_tr = methods.param_counts(shape, method, lora_rank, trainable_fraction, lora_targets)
     n_all = n + shape.vocab * shape.hidden  # the input embedding (AutoModel loads no LM head)
     weight_shards = shards if zero_stage >= 3 else 1
     state_shards = shards if zero_stage >= 2 else 1
-    reached = trained_blocks(shape.layers, trainable_fraction) if method == "freeze" else shape.layers
+    reached = shape.layers - methods.get(method).first_trained_block(shape.layers, trainable_fraction)
     per_token = activation_bytes_per_token(shape, max_length, eager_attention)
     # outside the blocks: the final norm's input (LayerNorm) or input and output (RMSNorm), fp32
     outside = (4 if shape.family == "gpt_neox" else 8) * shape.hidden

@@ -9,15 +9,14 @@ defaults (orchestrator/grid.py reads them with ``default``); values are validate
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass
 
+from core import methods
 from core.errors import UserError
+from core.hashing import json_hash
+from core.models import LORA_TARGETS
 
-METHODS = ("full", "freeze", "bias", "lora")  # the contract's methods, in the grid's and the reports' order
-# GPT-NeoX's Linears, the authors' LoRA targets (PAPER.md; they also adapted embed_in, left out here)
-LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 BATCHING = ("random", "length_buckets")
 KEEP_WEIGHTS = ("trainable", "none")
 # mean over real tokens (the study's); last: the EOS appended to every text, its hidden state (Qwen3-Embedding,
@@ -27,7 +26,7 @@ POOLINGS = ("mean", "last", "weighted_mean")
 PACKINGS = ("auto", "on", "off")
 TRIAL_ID_HEX = 16
 
-# Defaults are the paper's (PAPER.md, "Training recipe").
+# Defaults are the paper's (docs/study.md, "Training recipe").
 BATCH_SIZE = 1024
 TEMPERATURE = 0.025  # InfoNCE tau; logits scaled by 40
 MAX_LENGTH = 75
@@ -50,7 +49,7 @@ DEEPSPEED_TRIAL_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "g
 @dataclass(frozen=True)
 class TrialSpec:
     model: str  # HF name or local path of a GPT-NeoX checkpoint
-    method: str  # full | freeze | bias | lora
+    method: str  # a core.methods record's name: full | freeze | bias | lora
     budget_flops: float  # paper convention
     train_data: str  # BGE JSONL or Parquet: path, glob or s3:// / gs:// URI
     eval_data: str | None = None
@@ -113,12 +112,11 @@ class TrialSpec:
 
     def __post_init__(self):
         # invariants only (values are validated at the grid's edge): what makes the method's fields meaningful
-        if self.method not in METHODS:
-            raise ValueError(f"method: {self.method!r} is not one of {', '.join(METHODS)}")
-        if (self.method == "lora") != (self.lora_rank is not None):
-            raise ValueError("lora_rank: required for method lora and only for it")
-        if (self.method == "freeze") != (self.trainable_fraction is not None):
-            raise ValueError("trainable_fraction: required for method freeze and only for it")
+        record = methods.get(self.method)
+        for name in methods.HPARAM_FIELDS:
+            if (record.hparam == name) != (getattr(self, name) is not None):
+                owners = " and ".join(m for m in methods.names() if methods.get(m).hparam == name)
+                raise ValueError(f"{name}: required for method {owners} and only for it")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling: {self.pooling!r} is not one of {', '.join(POOLINGS)}")
         if self.packing not in PACKINGS:
@@ -172,8 +170,7 @@ def default(name: str):
 
 def trial_id(identity: dict) -> str:
     """Short sha256 of the canonical JSON of a trial's identity (sorted keys, no spaces, repr floats)."""
-    blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(blob.encode()).hexdigest()[:TRIAL_ID_HEX]
+    return json_hash(identity, hex_chars=TRIAL_ID_HEX)
 
 
 class DeepSpeedConfigError(UserError):

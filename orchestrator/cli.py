@@ -1,4 +1,4 @@
-"""`repurpose`: the command line (shared/CONTRACTS.md "Command line").
+"""`repurpose`: the command line (docs/reference.md "Command line").
 
 ``plan`` lives here; every other command is a function of another module, imported only when that command
 runs (the driver stays light: no torch, no Ray at import). Each such function receives the parsed
@@ -11,7 +11,7 @@ runs (the driver stays light: no torch, no Ray at import). Each such function re
     fit     -> orchestrator.reporting.fit_command(args)     args: name, out (None: <storage>/<name>/analysis/), storage
     recipe  -> orchestrator.reporting.recipe_command(args)  args: name, budget (float > 0), json, storage
     demo    -> orchestrator.demo.run(args)         args: name ("demo"), storage, address
-    export  -> workers.export.export_command(args)  args: name, trial | budget, out, storage
+    export  -> analysis.trial_choice.trial_to_export, then workers.export.export_command(args, row, grid)
     prepare -> orchestrator.prepare.prepare_command(args)  args: grid, json, storage, address
     suite build -> orchestrator.suite_commands.build_command(args)  args: out (None: the suite's default), storage
     suite list  -> orchestrator.suite_commands.list_command(args)   args: json, storage
@@ -83,8 +83,16 @@ def _demo(args):
 
 
 def _export(args):
-    from workers.export import export_command
-    return export_command(args)
+    """analysis picks the trial (the one named, or the best at a budget); workers/export.py builds the folder."""
+    from analysis.trial_choice import trial_to_export
+    from core.store import sweep_uri
+    from workers.export import export_command, read_grid
+
+    sweep = sweep_uri(args.storage, args.name)
+    grid = read_grid(sweep, args.name)
+    row = trial_to_export(sweep, args.name, trial_id=args.trial, budget=args.budget,
+                          budgets=grid.get("budgets") or [])
+    return export_command(args, row, grid)
 
 
 def _replay(args):
@@ -121,34 +129,22 @@ class _Parser(argparse.ArgumentParser):
 
 
 # --- argument types ----------------------------------------------------------------------------------------
-def _positive_float(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        x = float("nan")
-    if not x > 0 or x == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
-    return x
+def _number_arg(ok, what: str):
+    """An argparse type: a number that ``ok`` accepts (NaN and infinity never), else "must be a number <what>"."""
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            x = float("nan")
+        if not ok(x) or x == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a number {what}, got {text!r}")
+        return x
+    return parse
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        x = float("nan")
-    if not x >= 0 or x == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    return x
-
-
-def _fraction(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        x = float("nan")
-    if not 0 < x <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
-    return x
+_positive_float = _number_arg(lambda x: x > 0, "> 0")
+_non_negative_float = _number_arg(lambda x: x >= 0, ">= 0")
+_fraction = _number_arg(lambda x: 0 < x <= 1, "in (0, 1]")
 
 
 def _gpu_count(text: str) -> int:
@@ -394,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if code is None else int(code)
 
 
-# Exit codes of a run stopped by a signal (CONTRACTS.md): 128 + the signal's number, as a shell reports it.
+# Exit codes of a run stopped by a signal (docs/reference.md): 128 + the signal's number, as a shell reports it.
 EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
 
 

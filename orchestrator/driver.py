@@ -1,4 +1,4 @@
-"""The sweep driver: plan -> Ray Tune -> the store. ``submit``, ``resume`` and ``status`` (CONTRACTS.md).
+"""The sweep driver: plan -> Ray Tune -> the store. ``submit``, ``resume`` and ``status`` (docs/reference.md).
 
 The store is the source of truth for what is done: a submit runs every runnable trial of the grid that
 is not ``completed`` there (so re-submitting finishes a sweep, and a larger grid extends it), and
@@ -356,7 +356,7 @@ def ray_session(address: str | None):
         if address:
             # Ray's C++ client logs every failed connection attempt straight to fd 2 (a line a second for
             # ~20 s): held back, and shown only if the connection succeeds, so that a bad --address or a
-            # rejected token stays one line (CONTRACTS.md, exit code 2).
+            # rejected token stays one line (docs/reference.md, exit code 2).
             with _fd2_captured() as captured:
                 ray.init(address=address, **common)
             sys.stderr.write(captured[0])
@@ -500,7 +500,7 @@ def measured_noise(trials: dict[str, dict]) -> float | None:
 
 
 def summarize(sweep: str, trials: dict[str, dict]) -> dict:
-    """`status --json` (CONTRACTS.md): counts by status, FLOP spent (all trials) and planned (non-skipped)."""
+    """`status --json` (docs/reference.md): counts by status, FLOP spent (all trials) and planned (non-skipped)."""
     counts = {s: 0 for s in ("completed", "running", "pending", "failed", "skipped")}
     for r in trials.values():
         counts[r["status"]] = counts.get(r["status"], 0) + 1

@@ -1,4 +1,4 @@
-"""The grid file (shared/CONTRACTS.md "Grid file"): YAML -> a frozen, typed ``Grid`` -> trials.
+"""The grid file (docs/reference.md "Grid file"): YAML -> a frozen, typed ``Grid`` -> trials.
 
 Validated at the edge: unknown keys, wrong types, out-of-range values and a hyperparameter given to the wrong
 method raise ``GridError`` with one line ``<file>: <dotted.path>: <problem>``; nothing downstream re-validates.
@@ -25,14 +25,15 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model,
+                      field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
+from core import methods
 from core.models import ModelConfigError, auto_lr, model_shape, read_config
-from core.spec import BATCHING, KEEP_WEIGHTS, LORA_TARGETS, METHODS, PACKINGS, POOLINGS, DeepSpeedConfigError, TrialSpec, default, parse_deepspeed_override
+from core.spec import BATCHING, KEEP_WEIGHTS, PACKINGS, POOLINGS, DeepSpeedConfigError, TrialSpec, default, parse_deepspeed_override
 from core.spec import replicate_seed
-from core.spec import trial_id as trial_id
+from core.spec import trial_id
 from core.strategy import STRATEGIES, AdaptiveConfig
 from core.uris import SCHEMES as DATA_SCHEMES
 from core.uris import StorageError, check_no_credentials, is_remote, local_path, redact
@@ -90,41 +91,35 @@ def _unique(values: tuple) -> tuple:
     return values
 
 
-def _auto_or_positive(what: str):
-    """A validator: 'auto', or a number > 0 (``what`` names it in the error: "a number", "a number of GB")."""
-    def check(v: Any) -> float | str:
+def _auto_or(parse, ok, what: str):
+    """A validator: 'auto', or a value ``parse`` reads and ``ok`` accepts; ``what`` names the value in the error
+    ("a number > 0", "an integer >= 0")."""
+    def check(v: Any):
         if v == "auto":
             return v
         try:
-            x = _number(v)
+            x = parse(v)
         except PydanticCustomError:
-            x = math.nan
-        if not x > 0:
-            raise PydanticCustomError("auto_or_positive", "must be 'auto' or {what} > 0, got {got}",
-                                      {"what": what, **_got(v)})
+            x = None
+        if x is None or not ok(x):
+            raise PydanticCustomError("auto_or", "must be 'auto' or {what}, got {got}", {"what": what, **_got(v)})
         return x
     return check
 
 
+def _auto_or_positive(what: str):
+    """'auto', or a number > 0 (``what`` names it in the error: "a number", "a number of GB")."""
+    return _auto_or(_number, lambda x: x > 0, f"{what} > 0")
+
+
 _lr = _auto_or_positive("a number")
+_gpus = _auto_or(_int, lambda n: n >= 0, "an integer >= 0")
 
 
 def _auto_bool(v: Any) -> bool | str:
     if v == "auto" or isinstance(v, bool):
         return v
     raise PydanticCustomError("auto_bool", "must be auto, true or false, got {got}", _got(v))
-
-
-def _gpus(v: Any) -> int | str:
-    if v == "auto":
-        return v
-    try:
-        n = _int(v)
-    except PydanticCustomError:
-        n = -1
-    if n < 0:
-        raise PydanticCustomError("gpus", "must be 'auto' or an integer >= 0, got {got}", _got(v))
-    return n
 
 
 Number = Annotated[float, BeforeValidator(_number)]
@@ -157,33 +152,31 @@ class _Optional(_Section):
         return {} if data is None else data
 
 
-class FullConfig(_Optional):
-    """Full fine-tuning: no hyperparameter."""
-
-
-class BiasConfig(_Optional):
-    """Bias-only tuning: every parameter named *bias* trains; no hyperparameter."""
-
-
-class FreezeConfig(_Optional):
-    # last ceil(f * L) blocks train (core.flops.trained_blocks)
-    trainable_fraction: _list_of(Annotated[Number, Field(gt=0, le=1)])
-
-
-class LoraConfig(_Optional):
-    rank: _list_of(Annotated[Int, Field(ge=1)])
-    alpha: Annotated[Number, Field(gt=0)] | None = None  # None: peft's default, as the authors' code
-    dropout: Annotated[Number, Field(ge=0, lt=1)] = 0.0
+# LoRA's knobs, taken by every method that trains adapters (core.methods.Method.adapters): (type, default)
+_ADAPTER_KNOBS = {
+    "alpha": (Annotated[Number, Field(gt=0)] | None, None),  # None: peft's default, as the authors' code
+    "dropout": (Annotated[Number, Field(ge=0, lt=1)], 0.0),
     # Linears adapted, by module name; default: every Linear of the family's blocks (for GPT-NeoX exactly the
-    # authors' four, core.spec.LORA_TARGETS; embed_in left out). Checked against each model's family.
-    targets: _list_of(Text) | None = None
+    # authors' four, core.models.LORA_TARGETS; embed_in left out). Checked against each model's family.
+    "targets": (_list_of(Text) | None, None),
+}
 
 
-class Methods(_Section):
-    full: FullConfig | None = None
-    freeze: FreezeConfig | None = None
-    bias: BiasConfig | None = None
-    lora: LoraConfig | None = None
+def _method_config(record: methods.Method) -> type[_Optional]:
+    """A method's section, from its record: its hyperparameter's list (a count >= 1, or a fraction in (0, 1]),
+    then the adapter knobs where it trains adapters."""
+    fields: dict[str, Any] = {}
+    if record.grid_key:
+        value = Annotated[Int, Field(ge=1)] if record.hparam_integer else Annotated[Number, Field(gt=0, le=1)]
+        fields[record.grid_key] = (_list_of(value), ...)
+    if record.adapters:
+        fields.update(_ADAPTER_KNOBS)
+    name = "".join(part.capitalize() for part in record.name.replace("-", "_").split("_")) + "Config"
+    return create_model(name, __base__=_Optional, **fields)
+
+
+class _Methods(_Section):
+    """``methods:``, one optional section per registered method (``methods_model`` adds them)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -194,25 +187,36 @@ class Methods(_Section):
         return data
 
     @model_validator(mode="after")
-    def _at_least_one(self) -> "Methods":
+    def _at_least_one(self) -> "_Methods":
         if not self.selected():
-            raise PydanticCustomError("no_method", "must name at least one of " + ", ".join(METHODS))
+            raise PydanticCustomError("no_method", "must name at least one of " + ", ".join(methods.names()))
         return self
 
     def selected(self) -> tuple[str, ...]:
-        return tuple(m for m in METHODS if getattr(self, m) is not None)
+        return tuple(m for m in type(self).model_fields if getattr(self, m) is not None)
+
+    def config(self, method: str):
+        """The section of ``method`` (None: not in the grid)."""
+        return getattr(self, method, None)
 
     def cells(self) -> tuple[tuple[str, int | None, float | None], ...]:
-        """(method, lora_rank, trainable_fraction) per method hyperparameter setting, in METHODS order."""
+        """(method, lora_rank, trainable_fraction) per method hyperparameter setting, in the methods' order."""
         out = []
         for m in self.selected():
-            if m == "lora":
-                out += [(m, r, None) for r in self.lora.rank]
-            elif m == "freeze":
-                out += [(m, None, f) for f in self.freeze.trainable_fraction]
-            else:
-                out.append((m, None, None))
+            record = methods.get(m)
+            values = getattr(self.config(m), record.grid_key) if record.grid_key else (None,)
+            out += [(m, *record.hparam_fields(v).values()) for v in values]
         return tuple(out)
+
+
+def methods_model() -> tuple[type[_Methods], dict[str, type[_Optional]]]:
+    """The ``methods:`` section and each method's section, built from the registered records (core.methods)."""
+    configs = {m: _method_config(methods.get(m)) for m in methods.names()}
+    model = create_model("Methods", __base__=_Methods, **{m: (c | None, None) for m, c in configs.items()})
+    return model, configs
+
+
+Methods, METHOD_CONFIGS = methods_model()
 
 
 def _data_uri(uri: str) -> str:
@@ -238,7 +242,7 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Optional):
-    """Defaults are the paper's (PAPER.md "Training recipe"), read from core.spec.TrialSpec's fields."""
+    """Defaults are the paper's (docs/study.md "Training recipe"), read from core.spec.TrialSpec's fields."""
 
     batch_size: Annotated[Int, Field(ge=2)] = default("batch_size")  # in-batch negatives need 2
     temperature: Annotated[Number, Field(gt=0)] = default("temperature")
@@ -469,11 +473,12 @@ def _check_references(grid: Grid, source: str) -> None:
             model_shape(path)
         except ModelConfigError as e:
             raise GridError.at(source, f"models[{i}]", str(e)) from None
-        if grid.methods.lora is not None:
-            try:
-                model_shape(path).check_lora_targets(grid.methods.lora.targets, model)
-            except ModelConfigError as e:
-                raise GridError.at(source, "methods.lora.targets", str(e)) from None
+        for m in grid.methods.selected():
+            if methods.get(m).adapters:
+                try:
+                    model_shape(path).check_lora_targets(grid.methods.config(m).targets, model)
+                except ModelConfigError as e:
+                    raise GridError.at(source, f"methods.{m}.targets", str(e)) from None
         if grid.train.lr == "auto":
             try:
                 auto_lr(path, config)
@@ -490,8 +495,7 @@ def _check_references(grid: Grid, source: str) -> None:
 
 # --- pydantic errors -> one line ---------------------------------------------------------------------------
 _SECTIONS: dict[tuple, type[BaseModel]] = {
-    (): Grid, ("methods",): Methods, ("methods", "full"): FullConfig, ("methods", "freeze"): FreezeConfig,
-    ("methods", "bias"): BiasConfig, ("methods", "lora"): LoraConfig, ("data",): DataConfig,
+    (): Grid, ("methods",): Methods, **{("methods", m): c for m, c in METHOD_CONFIGS.items()}, ("data",): DataConfig,
     ("train",): TrainConfig, ("plan",): PlanConfig, ("adaptive",): AdaptiveKnobs, ("resources",): ResourcesConfig,
     ("run",): RunConfig,
 }
@@ -549,9 +553,9 @@ def _unknown_key(loc: tuple) -> str:
     *parent, key = loc
     parent = tuple(parent)
     if parent == ("methods",):
-        return "unknown method (expected one of " + ", ".join(METHODS) + ")"
+        return "unknown method (expected one of " + ", ".join(methods.names()) + ")"
     if len(parent) == 2 and parent[0] == "methods":
-        owners = [m for m in METHODS if key in _SECTIONS[("methods", m)].model_fields]
+        owners = [m for m in METHOD_CONFIGS if key in METHOD_CONFIGS[m].model_fields]
         if owners:
             return f"{key} is a hyperparameter of {' and '.join(owners)}, not {parent[1]}"
         allowed = list(_SECTIONS[parent].model_fields)
@@ -588,11 +592,12 @@ def trial_identity(grid: Grid, model: str, spec: TrialSpec) -> dict:
 def trial_spec(grid: Grid, model: str, method: str, budget_flops: float,
                lora_rank: int | None = None, trainable_fraction: float | None = None,
                pooling: str = "mean") -> TrialSpec:
-    t, r, lora = grid.train, grid.run, grid.methods.lora
+    t, r = grid.train, grid.run
     lora_fields = {}
-    if method == "lora":  # LoRA's knobs define LoRA trials only
-        targets = model_shape(grid.model_path(model)).check_lora_targets(lora.targets, model)
-        lora_fields = {"lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "lora_targets": targets}
+    if methods.get(method).adapters:  # the adapters' knobs define adapter trials only
+        knobs = grid.methods.config(method)
+        targets = model_shape(grid.model_path(model)).check_lora_targets(knobs.targets, model)
+        lora_fields = {"lora_alpha": knobs.alpha, "lora_dropout": knobs.dropout, "lora_targets": targets}
     return TrialSpec(
         model=grid.model_path(model), method=method, budget_flops=float(budget_flops),
         train_data=grid.resolve(grid.data.train),

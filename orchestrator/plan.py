@@ -4,7 +4,7 @@ Pure functions (``planned_steps``, ``skip_reason``, ``size_trial``, ``plan_trial
 ``plan_grid(grid) -> Plan``, which adds the only I/O: the models' configs (never their weights) and, once per
 (tokenizer, data), a measurement of the tokens a pair really has; once per data file, a count of its pairs.
 
-Per trial (PAPER.md "FLOP accounting"): N, N_tr from the config (``core.flops.param_counts``), planned tokens
+Per trial (docs/study.md "FLOP convention"): N, N_tr from the config (``core.flops.param_counts``), planned tokens
 = ``tokens_for_budget(budget, cost_per_token)``, planned pairs = tokens / tokens per pair, steps =
 pairs // batch_size. Infeasible cells are kept, marked with ``skip_reason``: too few optimizer steps to be a
 training run, more pairs than ``max_epochs`` passes over the data hold, or (where the GPUs' memory is known) no
@@ -25,14 +25,15 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from core import memory as mem
-from core.errors import UserError
-from core.flops import (NeoxShape, cost_per_token, param_counts, planned_steps, sequence_hardware_flops,
-                        tokens_for_budget)
-from core.models import model_shape, pythia_size
+from core.errors import UserError, one_line
+from core import methods
+from core.flops import cost_per_token, planned_steps, sequence_hardware_flops, tokens_for_budget
+from core.methods import param_counts
+from core.models import ModelShape, model_shape, pythia_size
 from core.spec import TrialSpec
 from orchestrator.grid import Grid, Trial, expand, replicate_of
 
-# The authors planned every cell with 78 tokens per pair (14 query + 64 positive at max length 75; PAPER.md).
+# The authors planned every cell with 78 tokens per pair (14 query + 64 positive at max length 75; docs/study.md).
 # Used only when the data cannot be read here (e.g. `plan` on a laptop for an s3:// grid), with a warning.
 FALLBACK_TOKENS_PER_PAIR = 78.0
 
@@ -82,7 +83,7 @@ class PlannedTrial:
         return {**self.resources, "deepspeed": self.deepspeed_gpus} if self.deepspeed_gpus else dict(self.resources)
 
     def to_json(self) -> dict:
-        """One row of `plan --json` (shared/CONTRACTS.md): exactly these keys."""
+        """One row of `plan --json` (docs/reference.md): exactly these keys."""
         return {
             "trial_id": self.trial_id, "model": self.model, "method": self.method, "lora_rank": self.lora_rank,
             "trainable_fraction": self.trainable_fraction, "budget_flops": self.budget_flops,
@@ -129,19 +130,19 @@ class Plan:
         return float(sum(t.planned_flops for t in self.runnable))
 
     def to_json(self) -> dict:
-        """`plan --json` (shared/CONTRACTS.md)."""
+        """`plan --json` (docs/reference.md)."""
         return {"trials": [t.to_json() for t in self.trials], "total_flops": self.total_flops,
                 "gpu_memory_gb": None if self.gpu_memory is None else self.gpu_memory / 1e9}
 
 
 # --- pure policy -------------------------------------------------------------------------------------------
 def skip_reason(*, pairs: float, steps: int, min_steps: int, train_pairs: int | None,
-                max_epochs: float, method: str | None = None, bias_params: int | None = None) -> str | None:
-    """Why a cell is infeasible, or None. Both ends of PAPER.md's degenerate cells: 2.8B full at 1.5e15 is
-    ~one batch; 14M at 1.5e18 needs ~2.7e9 pairs. And method bias on a family without biases (Llama, Qwen3,
-    Gemma, OLMo 2, Phi-3: ``bias_params`` 0, core.models.ModelShape.bias_params) has nothing to train."""
-    if method == "bias" and bias_params == 0:
-        return "model has no bias parameters"  # the one reason that matters: nothing to train
+                max_epochs: float, nothing_to_train: str | None = None) -> str | None:
+    """Why a cell is infeasible, or None. Both ends of the study's degenerate cells (docs/study.md): 2.8B full at
+    1.5e15 is ~one batch; 14M at 1.5e18 needs ~2.7e9 pairs. ``nothing_to_train``: the method's reason when it has
+    no parameter to train on this model (bias on a family without biases: Llama, Qwen3, Gemma, OLMo 2, Phi-3)."""
+    if nothing_to_train:
+        return nothing_to_train  # the one reason that matters
     reasons = []
     if train_pairs is not None and pairs > max_epochs * train_pairs:
         reasons.append(f"needs {short(pairs)} pairs, data has {short(train_pairs)} (max_epochs {max_epochs:g})")
@@ -164,7 +165,7 @@ class Sizing:
     problem: str | None = None
 
 
-def size_trial(shape: NeoxShape, spec: TrialSpec, gpus_available: int, grid: Grid,
+def size_trial(shape: ModelShape, spec: TrialSpec, gpus_available: int, grid: Grid,
                gpu_memory: float | None = None) -> Sizing:
     """The trial's resources. ``gpus_available``: GPUs on one node, 0 = CPU-only; ``gpu_memory``: bytes of one GPU
     (None: unknown, the knobs alone decide).
@@ -269,7 +270,7 @@ def _zero_stage(override: str | None) -> int:
         return 2
 
 
-def plan_trial(trial: Trial, shape: NeoxShape, tokens_per_pair: float, train_pairs: int | None,
+def plan_trial(trial: Trial, shape: ModelShape, tokens_per_pair: float, train_pairs: int | None,
                gpus_available: int, grid: Grid, family: str | None = None,
                gpu_memory: float | None = None, nodes: list[Mapping[str, float]] | None = None) -> PlannedTrial:
     spec = trial.spec
@@ -281,9 +282,10 @@ def plan_trial(trial: Trial, shape: NeoxShape, tokens_per_pair: float, train_pai
     sizing = size_trial(shape, spec, gpus_available, grid, gpu_memory)
     if not sizing.problem and node_problem(sizing.resources, nodes):  # else a placement group Tune waits on forever
         sizing = dataclasses.replace(sizing, problem=node_problem(sizing.resources, nodes))
+    nothing_to_train = methods.get(spec.method).empty_reason if n_tr == 0 else None
     reason = skip_reason(pairs=pairs, steps=steps, min_steps=grid.plan.min_steps, train_pairs=train_pairs,
-                         max_epochs=grid.plan.max_epochs, method=spec.method, bias_params=shape.bias_params())
-    if sizing.problem and reason != "model has no bias parameters":
+                         max_epochs=grid.plan.max_epochs, nothing_to_train=nothing_to_train)
+    if sizing.problem and not nothing_to_train:
         reason = "; ".join(filter(None, (reason, sizing.problem)))
     spec = dataclasses.replace(
         spec, planned_tokens_per_pair=tokens_per_pair, planned_tokens=tokens, planned_steps=steps,
@@ -311,7 +313,7 @@ def replicates(cell: PlannedTrial, grid: Grid, numbers) -> list[PlannedTrial]:
     return out
 
 
-def hardware_flops_per_token(shape: NeoxShape, spec: TrialSpec, tokens_per_pair: float,
+def hardware_flops_per_token(shape: ModelShape, spec: TrialSpec, tokens_per_pair: float,
                              checkpointing: bool) -> float:
     """FLOP executed per real token of a trial (core.flops.sequence_hardware_flops at the mean text length, half
     a pair; padding and the gradient cache's extra forward left out): what device-hours are estimated from."""
@@ -373,7 +375,7 @@ def measure_data(grid: Grid, *, strict: bool = False) -> DataStats:
         except Exception as e:  # noqa: BLE001 -- classified below: bad input, or unreachable here
             _unreachable(e, uri, strict, "data.train")
             readable = False
-            warnings.append(f"warning: cannot count the pairs in {uri} ({_one_line(e)}); max_epochs not "
+            warnings.append(f"warning: cannot count the pairs in {uri} ({one_line(e)}); max_epochs not "
                             "checked (set plan.train_pairs)")
     tokens_per_pair: dict[str, float] = {}
     measured: dict[str, float] = {}
@@ -417,14 +419,14 @@ def _measure(grid: Grid, model: str, uri: str, readable: bool, strict: bool, war
         tokenizer = _load_tokenizer(grid.model_path(model))
     except Exception as e:  # noqa: BLE001 -- no tokenizer here (offline hub, no tokenizer files)
         if strict:
-            raise UserError(f"{model}: cannot load its tokenizer ({_one_line(e)})") from None
-        warnings.append(f"warning: cannot load the tokenizer of {model} ({_one_line(e)}): {fallback}")
+            raise UserError(f"{model}: cannot load its tokenizer ({one_line(e)})") from None
+        warnings.append(f"warning: cannot load the tokenizer of {model} ({one_line(e)}): {fallback}")
         return FALLBACK_TOKENS_PER_PAIR
     try:
         return measure_tokens_per_pair(uri, tokenizer, grid.train.max_length, sample=grid.plan.sample_pairs)
     except Exception as e:  # noqa: BLE001
         _unreachable(e, uri, strict, "data.train")
-        warnings.append(f"warning: cannot read {uri} ({_one_line(e)}): {fallback}")
+        warnings.append(f"warning: cannot read {uri} ({one_line(e)}): {fallback}")
         return FALLBACK_TOKENS_PER_PAIR
 
 
@@ -440,7 +442,7 @@ def _unreachable(e: Exception, uri: str, strict: bool, field: str) -> None:
     file's problem names the grid field too (``data.train: /d/x.jsonl: no usable pairs``); a remote one stays
     ``<uri>: <problem>``."""
     if strict or "://" not in uri:
-        problem = _one_line(e) if uri in str(e) else f"{uri}: {_one_line(e)}"
+        problem = one_line(e) if uri in str(e) else f"{uri}: {one_line(e)}"
         raise UserError(problem if "://" in uri else f"{field}: {problem}") from None
 
 
@@ -457,5 +459,3 @@ def _num(x: float) -> float | int:
     return int(x) if float(x).is_integer() else float(x)
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__

@@ -1,4 +1,4 @@
-"""The sweep store (shared/CONTRACTS.md "The store"): ``<storage>/<sweep>/`` with ``grid.yaml``,
+"""The sweep store (docs/reference.md "The store"): ``<storage>/<sweep>/`` with ``grid.yaml``,
 ``trials.parquet`` and ``metrics/`` (one Parquet file per trial), plus ``checkpoints/`` (the trials' own,
 safetensors + JSON). No pickle anywhere.
 
@@ -30,6 +30,8 @@ import pyarrow.parquet as pq
 import yaml
 
 import fsio as storage
+from core.errors import one_line
+from core.events import TrialEvent
 from core.store import (GRID_FILE, LEASE_FILE, METRIC_COLUMNS, METRICS_DIR, TRIAL_COLUMNS, TRIALS_FILE,
                         StoreError, checkpoint_uri, metrics_uri, model_uri, sweep_uri)
 from orchestrator.lease import LeaseLost
@@ -219,7 +221,7 @@ class Store:
         except StoreError:
             raise
         except (OSError, storage.StorageError, pa.ArrowException) as e:
-            problem = storage.redact(" ".join(str(e).split())[:200])
+            problem = storage.redact(one_line(e, 200))
             raise StoreError(f"{storage.redact(self.uri)}: cannot {verb} the store ({problem})") from None
 
 
@@ -270,15 +272,15 @@ class Recorder:
             row = self.trials[trial_id]
             row.update(fields, status=status, reason=reason, updated_at=time.time())
 
-    def on_event(self, trial_id: str, event: dict) -> None:
-        """A worker event (workers/trial.py): its rows, then the trial row's live values."""
+    def on_event(self, trial_id: str, event: TrialEvent) -> None:
+        """A worker event (core/events.py): its rows, then the trial row's live values."""
         fault_point("report")
-        rows = event.get("rows") or []
+        rows = event.rows
         stored = None
-        if event.get("restart") or trial_id not in self._metrics:
+        if event.restart or trial_id not in self._metrics:
             # The stored rows are needed only if this event's rows do not supersede them all (a restart's history,
             # or a run from step 1, does): so a trial starting while the store is unreachable costs nothing.
-            supersedes_all = event.get("restart") or (rows and min(r["step"] for r in rows) <= 1)
+            supersedes_all = event.restart or (rows and min(r["step"] for r in rows) <= 1)
             stored = {} if supersedes_all else {r["step"]: r for r in self.store.read_metrics(trial_id)}
         with self._lock:
             if stored is not None:
@@ -294,18 +296,17 @@ class Recorder:
                 self._version += 1
                 self._dirty_metrics[trial_id] = self._version
             row = self.trials[trial_id]
-            done = bool(event.get("done"))
-            if done:
-                row.update(event["trial"], status="completed", updated_at=time.time())
+            if event.done:
+                row.update(event.trial, status="completed", updated_at=time.time())
                 self._finished.add(trial_id)
                 self._completions.add(trial_id)
             else:
                 live_keys = ("tokens", "flops", "train_loss", "node_id")
-                fields = {k: event[k] for k in live_keys if event.get(k) is not None}
-                row.update(fields, steps=event.get("step"))
+                fields = {k: getattr(event, k) for k in live_keys if getattr(event, k) is not None}
+                row.update(fields, steps=event.step)
                 if row["status"] != "running":
                     self.set_status(trial_id, "running")
-        if done:
+        if event.done:
             self.flush_soon()
         else:
             self.maybe_flush()

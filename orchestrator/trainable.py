@@ -23,18 +23,15 @@ def run_tune_trial(config: dict) -> None:
     import ray
     from ray import tune
 
+    from core.events import TrialEvent
     from core.spec import TrialSpec
     from workers.trial import run_trial
 
     trial = config["trial"]
     node_id = ray.get_runtime_context().get_node_id()  # recorded in the trial row: where the trial ran
 
-    def report(event: dict) -> None:
-        event = dict(event, node_id=node_id)
-        event["final"] = event.pop("done")  # Tune gives `done` its own meaning
-        if "trial" in event:
-            event["trial"] = dict(event["trial"], node_id=node_id)
-        tune.report(event)
+    def report(event: TrialEvent) -> None:
+        tune.report(event.on_node(node_id).to_dict())  # Tune takes a dict: the one place the event becomes one
 
     ranks = trial_ranks(trial)
     if ranks:  # rank 0 here (it reports), the others as actors in this trial's placement group

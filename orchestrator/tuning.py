@@ -9,6 +9,7 @@ import tempfile
 
 from ray import tune
 
+from core.events import TrialEvent
 from core.uris import absolute
 from orchestrator.grid import Grid
 from orchestrator.lease import LeaseLost
@@ -117,7 +118,8 @@ class _FlopGuard(tune.Stopper):
         self.callback = callback
 
     def __call__(self, trial_id, result):
-        return result.get("flops", 0.0) >= result.get("budget_flops", math.inf)
+        event = TrialEvent.from_dict(result)
+        return event.flops >= (event.budget_flops if event.budget_flops is not None else math.inf)
 
     def stop_all(self):
         return self.callback.error is not None or self.callback.interrupted() or self.callback.lease_lost()
@@ -192,10 +194,7 @@ class _StoreCallback(tune.Callback):
         self.recorder.set_status(self._id(trial), "running")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        keys = ("rows", "restart", "step", "tokens", "flops", "train_loss", "trial", "node_id")
-        event = {k: result.get(k) for k in keys}
-        event["done"] = bool(result.get("final"))
-        self._record(self.recorder.on_event, self._id(trial), event)
+        self._record(self.recorder.on_event, self._id(trial), TrialEvent.from_dict(result))
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self.recorder.set_status(self._id(trial), "running", f"retrying after: {_error_line(trial)}")

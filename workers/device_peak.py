@@ -7,7 +7,6 @@ and cached as JSON in the user cache dir (``$REPURPOSE_CACHE`` or platformdirs',
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -16,6 +15,7 @@ import time
 import torch
 
 from core.devices import device_entry
+from core.hashing import content_hash
 
 SIZES = (512, 1024, 2048, 4096)
 SECONDS_PER_SIZE = 0.5  # timed matmuls per size (after one warm-up)
@@ -54,7 +54,7 @@ def _cache_path(cache_dir: str | None) -> str:
 def cpu_peak_flops(*, cache_dir: str | None = None, sizes=SIZES, seconds: float = SECONDS_PER_SIZE) -> float:
     """The best bf16 matmul FLOP/s of this CPU at the current torch thread count; measured on the first call per
     (CPU model, threads, torch version), read from the cache after."""
-    key = hashlib.sha256(f"{cpu_model()}|{torch.get_num_threads()}|{torch.__version__}|{sizes}".encode()).hexdigest()
+    key = content_hash(f"{cpu_model()}|{torch.get_num_threads()}|{torch.__version__}|{sizes}")
     path = _cache_path(cache_dir)
     try:
         with open(path) as f:

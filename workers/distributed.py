@@ -16,7 +16,7 @@ Three parts, top to bottom:
    runs the same forwards, which ZeRO-3 needs (its parameter gathers are collectives).
 
 2. The DeepSpeed recipe, ``run_deepspeed_trial``: workers/trial.py's steps (workers/steps.py's public functions:
-   load, plan, budget cut, lr schedule, rows, trial row) around a DeepSpeed engine (STYLE.md: one recipe per
+   load, plan, budget cut, lr schedule, rows, trial row) around a DeepSpeed engine (one recipe per
    path, no shared base class). Config: ZeRO 2 by default; stage 3 or CPU optimizer offload through
    ``TrialSpec.deepspeed_config`` (a JSON object merged over the default). That field is a runtime knob, not
    part of the trial's identity: stage, offload and buckets move tensors, not results (ZeRO 2 and 3 with and
@@ -38,6 +38,7 @@ Three parts, top to bottom:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue
 import socket
@@ -49,8 +50,9 @@ import torch
 import torch.distributed as dist
 
 import fsio as storage
-from core.flops import NeoxShape
-from core.spec import DeepSpeedConfigError, TrialSpec, parse_deepspeed_override  # noqa: F401 (re-exported)
+from core.events import TrialEvent
+from core.models import ModelShape
+from core.spec import TrialSpec, parse_deepspeed_override
 from workers import steps, zero_checkpoint
 from workers.pair_batches import Batch
 from workers.loss import contrastive_backward
@@ -226,7 +228,7 @@ def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | N
 
     # 1. load; 2. choose trainable parameters and plan (counted before ZeRO-3 partitions them)
     tokenizer, model = steps.load(spec.model, device)
-    shape = NeoxShape.from_config(model.config.to_dict())
+    shape = ModelShape.from_config(model.config.to_dict())
     if spec.batch_size % ranks.world:
         raise ValueError(f"batch_size: {spec.batch_size} does not split over {ranks.world} ranks")
     micro = spec.batch_size // ranks.world
@@ -327,9 +329,9 @@ def _sum_over_ranks(batch: Batch, owned: int, rank_flops: float, due: bool, devi
 
 def _rank0_report(report, ranks: Ranks):
     """Metrics come from rank 0 only; its events say how many ranks made them (the store ignores the key)."""
-    def send(event: dict) -> None:
+    def send(event: TrialEvent) -> None:
         if report is not None and ranks.rank == 0:
-            report(dict(event, ranks=ranks.world))
+            report(dataclasses.replace(event, ranks=ranks.world))
     return send
 
 
@@ -413,12 +415,12 @@ def run_local(spec: TrialSpec, world: int, *, checkpoint_uri: str | None = None,
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"trial not done after {timeout_s:g} s") from None
                 continue
-            if "error" in event:
+            if not isinstance(event, TrialEvent):  # a rank's error
                 raise RuntimeError(_rank_errors(event, events, procs, world))
             if report:
                 report(event)
-            if event.get("done"):
-                row = event["trial"]
+            if event.done:
+                row = event.trial
         while not procs.join(timeout=max(1.0, deadline - time.monotonic())):
             pass
         return row
@@ -440,7 +442,7 @@ def _rank_errors(first: dict, events, procs, world: int) -> str:
             if not any(p.is_alive() for p in procs.processes):
                 break
             continue
-        if "error" in event:
+        if not isinstance(event, TrialEvent):
             errors[event["rank"]] = event["error"]
     for rank, p in enumerate(procs.processes):
         if rank not in errors and p.exitcode not in (None, 0):

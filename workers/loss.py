@@ -1,6 +1,6 @@
 """Embeddings and the contrastive loss, with an exact gradient cache for batches larger than memory.
 
-Pooling and loss follow PAPER.md ("Training recipe"): the last hidden layer pooled over real tokens
+Pooling and loss follow docs/study.md ("Training recipe"): the last hidden layer pooled over real tokens
 (workers/pooling.py: the study's mean by default, or the grid's ``pooling``: last token, SGPT's weighted mean),
 L2-normalised; symmetric InfoNCE over in-batch negatives with temperature tau. Batches are right-padded.
 

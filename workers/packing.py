@@ -1,4 +1,4 @@
-"""Packing: a forward's texts laid end to end in rows, instead of each padded to the longest (issue #16).
+"""Packing: a forward's texts laid end to end in rows, instead of each padded to the longest.
 
 Random batches are the default (length buckets bias the in-batch negatives: benchmarks/README.md "Data"), and at
 batch 128 / max length 75 about 64 % of a padded batch is padding. Packed, a forward runs the real tokens only:

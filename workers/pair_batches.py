@@ -11,7 +11,7 @@ Batching (``PairStream(batching=...)``, the trial's ``TrialSpec.batching``):
 - ``"length_buckets"`` (opt-in): pools of ``bucket_batches`` batches' worth of pairs sorted by length, cut into
   batches whose order is shuffled. Less padding (stdlib pairs, batch 128: 32 % against 64 %), but each batch
   holds pairs of similar length, so the negatives are no longer a random sample: ~0.1 nats worse eval loss on
-  the mini suite (issue 12; benchmarks/README.md "Data").
+  the mini suite (benchmarks/README.md "Data").
 
 Reading, counting and token counts need no torch and live in workers/pair_files.py (the driver plans with them);
 the names are re-exported here for the modules that imported them from workers.pair_batches.

@@ -1,12 +1,12 @@
 """Reading the data of a trial, without torch: BGE query/positive pairs, streamed and shuffled; their token counts.
 
 The driver plans with these (``count_pairs``, ``load_eval_pairs``, ``measure_tokens_per_pair``) and must not
-import torch or deepspeed to do so (issue 12; tests/orchestrator/test_plan_imports.py): this module imports
+import torch or deepspeed to do so (tests/orchestrator/test_plan_imports.py): this module imports
 pyarrow, ``core`` and the standard library, and, when it encodes, ``tokenizers`` (and
 ``transformers.PreTrainedTokenizerFast`` to load one), neither of which imports torch. The torch side (padding into tensors, batching, the background thread) is workers/pair_batches.py.
 
 Data: BAAI BGE JSONL lines ``{"query": str, "pos": [str, ...], "neg": [...]}``; only ``pos[0]`` is used,
-no hard negatives (PAPER.md, "Training recipe"). Parquet files with the same columns work too. A source is a
+no hard negatives (docs/study.md, "Training recipe"). Parquet files with the same columns work too. A source is a
 local path, a directory, a glob or an ``s3://`` / ``gs://`` URI, opened with ``fsio.resolve`` (the
 project's one URI -> filesystem function: it refuses credentials in a URI, and through
 ``pyarrow.fs.FileSystem.from_uri`` honours ``AWS_ENDPOINT_URL_S3`` -- pyarrow 26, apache/arrow#49643 -- and
@@ -38,7 +38,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 import fsio as storage
-from core.errors import UserError
+from core.errors import UserError, one_line
+from core.flops import padding_fraction
 
 SHUFFLE_BUFFER = 16384  # pairs held for the streaming shuffle
 MAX_BAD_FRACTION = 0.01  # above 1 % unusable lines a file is rejected
@@ -73,9 +74,9 @@ class DataStats:
     batches: int = 0  # batches yielded (skipped ones excluded)
 
     @property
-    def padding_fraction(self) -> float:
-        """Padded-but-not-real tokens / padded tokens, over the batches yielded."""
-        return 1.0 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
+    def padding_fraction(self) -> float | None:
+        """Padded-but-not-real tokens / padded tokens, over the batches yielded (None before any)."""
+        return padding_fraction(self.real_tokens, self.padded_tokens)
 
     def reset(self) -> None:
         for name, value in DataStats().__dict__.items():
@@ -164,10 +165,6 @@ def shown_uri(uri) -> str:
     """A URI as errors show it: without its query string (an endpoint override is noise there)."""
     uri = str(uri)
     return uri.split("?", 1)[0] if "://" in uri else uri
-
-
-def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Pooling: a sequence's hidden states -> one vector, three ways (the grid's ``pooling`` axis; PAPER.md "Beyond
-the study").
+"""Pooling: a sequence's hidden states -> one vector, three ways (the grid's ``pooling`` axis; docs/study.md,
+"Where this project departs").
 
 - ``mean``: the mean over real tokens (the study's; the authors divided by the padded length, we by the real one).
 - ``last``: the hidden state of the last real token, which is the EOS the data path appends to every text

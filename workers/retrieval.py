@@ -1,7 +1,7 @@
 """Exact retrieval metrics on the held-out eval pairs: every query against *all* eval positives.
 
 Query i's one relevant document is document i (its own positive); the corpus is every eval pair's positive, not
-only its batch's. With one relevant document per query (PAPER.md, "Retrieval metrics"):
+only its batch's. With one relevant document per query (docs/study.md, "Where this project departs"):
 
     recall@k = share of queries whose positive ranks in the top k         (k = 1, 10)
     MRR@10   = mean of 1/rank, 0 past rank 10

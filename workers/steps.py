@@ -14,7 +14,7 @@ In the order a recipe calls them:
 - the end: ``finish`` (final eval loss on the last row, the done marker, the done event,
   the trial row ``trial_row``).
 
-The budget (PAPER.md, "FLOP accounting"): cost per real token by method x real tokens. Before a step the
+The budget (docs/study.md, "FLOP convention"): cost per real token by method x real tokens. Before a step the
 worker knows its batch's real tokens; a batch that would overshoot is cut to the pairs that still fit (a last,
 smaller contrastive batch), so ``flops`` ends within two pairs of the budget (a contrastive batch needs two),
 never above. The lr schedule (linear warmup over ``warmup_fraction``, cosine to 0) runs on the fraction of the
@@ -33,9 +33,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import fsio as storage
-from core.flops import (NeoxShape, cost_per_token, loss_matmul_flops, planned_steps, sequence_hardware_flops,
+from core.errors import one_line
+from core.models import ModelShape
+from core.flops import (cost_per_token, loss_matmul_flops, padding_fraction, planned_steps, sequence_hardware_flops,
                         tokens_for_budget)
 from core.devices import mfu
+from core.events import TrialEvent
+from core.schedule import warmup_cosine
 from core.memory import MARGIN, OVERHEAD_BYTES, Footprint, choose, footprint
 from core.models import auto_lr
 from core.spec import TrialSpec
@@ -157,7 +161,7 @@ def has_bf16(device: torch.device) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def trial_footprint(shape: NeoxShape, spec: TrialSpec, device: torch.device, *, world: int = 1,
+def trial_footprint(shape: ModelShape, spec: TrialSpec, device: torch.device, *, world: int = 1,
                     zero_stage: int = 0, packing: bool = False) -> Footprint:
     """The trial's memory on ``device`` (core/memory.py): eager attention and no CUDA overhead on a CPU; packed, a
     pair holds the planner's tokens per pair."""
@@ -168,7 +172,7 @@ def trial_footprint(shape: NeoxShape, spec: TrialSpec, device: torch.device, *, 
                      tokens_per_pair=spec.planned_tokens_per_pair if packing else None)
 
 
-def memory_plan(shape: NeoxShape, spec: TrialSpec, device: torch.device, *, world: int = 1,
+def memory_plan(shape: ModelShape, spec: TrialSpec, device: torch.device, *, world: int = 1,
                 zero_stage: int = 0, packing: bool = False) -> TrialSpec:
     """The spec with gradient checkpointing and the gradient cache's chunk decided (core/memory.py), where the spec
     leaves them to the trial ("auto" and None): the largest chunk of this rank's ``batch_size // world`` pairs that
@@ -209,7 +213,7 @@ class HardwareFlops:
     (the real ones and the row's tail), its attention L^2, as eager and SDPA attention compute it under the
     block-diagonal mask (flash-attention 2's varlen path would compute only each text's own square: unused)."""
 
-    def __init__(self, shape: NeoxShape, spec: TrialSpec, chunk: int, packing: bool = False):
+    def __init__(self, shape: ModelShape, spec: TrialSpec, chunk: int, packing: bool = False):
         self.shape, self.spec, self.chunk, self.packing, self.per_sequence = shape, spec, chunk, packing, {}
 
     def __call__(self, part, pairs: int) -> float:
@@ -439,15 +443,13 @@ def fit_budget(batch, cost: float, remaining: float):
 
 
 def lr_factor(before: float, after: float, warmup_fraction: float) -> float:
-    """Linear warmup over the first ``warmup_fraction`` of training, then cosine to 0 (PAPER.md).
+    """Linear warmup over the first ``warmup_fraction`` of training, then cosine to 0 (docs/study.md).
 
     ``before``/``after``: the budget fraction spent before and after this step. Warmup reaches its top at the
     end of the warmup steps (never an lr of 0 on step 1); the cosine is taken at the step's start (never 0 on
     the last one), as a step-indexed schedule does.
     """
-    warm = after / warmup_fraction if warmup_fraction > 0 else 1.0
-    cos = 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, before - warmup_fraction) / (1.0 - warmup_fraction))))
-    return min(warm, cos)
+    return warmup_cosine(before, after, warmup_fraction)
 
 
 def exhausted_reason(spec: TrialSpec, progress: Progress) -> str:
@@ -534,7 +536,7 @@ def keep_weights(model, spec: TrialSpec, progress: Progress) -> None:
     try:
         save_trained(model, spec.method, spec.weights_uri, base_model=spec.model)
     except (OSError, storage.StorageError) as e:
-        problem = " ".join(str(e).split())[:200]
+        problem = one_line(e, 200)
         print(f"warning: trained weights not kept ({problem})", file=sys.stderr, flush=True)
         progress.reason = "; ".join(filter(None, [progress.reason, f"weights not kept: {problem}"]))
 
@@ -563,14 +565,12 @@ def metric_row(p: Progress, lr: float, wall_s: float, tokens_per_s: float, evalu
             "mfu": mfu(p.hardware_flops, p.train_s, peak_flops), **evaluation}
 
 
-def event(p: Progress, plan: Plan, rows: list, *, restart: bool, done: bool = False, trial: dict | None = None):
-    """What ``report`` gets: the rows since the last event and a snapshot (workers/trial.py's docstring)."""
-    out = {"rows": [dict(r) for r in rows], "restart": restart, "done": done, "step": p.step, "tokens": p.tokens,
-           "flops": p.flops, "budget_flops": plan.budget_flops, "train_loss": p.train_loss,
-           "eval_loss": p.eval_loss}
-    if done:
-        out["trial"] = trial or trial_row(p, plan)
-    return out
+def event(p: Progress, plan: Plan, rows: list, *, restart: bool, done: bool = False,
+          trial: dict | None = None) -> TrialEvent:
+    """What ``report`` gets: the rows since the last event and a snapshot (core/events.py)."""
+    return TrialEvent(rows=tuple(dict(r) for r in rows), restart=restart, done=done, step=p.step, tokens=p.tokens,
+                      flops=p.flops, budget_flops=plan.budget_flops, train_loss=p.train_loss,
+                      eval_loss=p.eval_loss, trial=(trial or trial_row(p, plan)) if done else None)
 
 
 def trial_row(p: Progress, plan: Plan) -> dict:
@@ -581,4 +581,4 @@ def trial_row(p: Progress, plan: Plan) -> dict:
             "planned_tokens": plan.planned_tokens, "planned_steps": plan.planned_steps, "batching": plan.batching,
             "mfu": mfu(p.hardware_flops, p.train_s, plan.peak_flops),
             "bad_lines": p.bad_lines,
-            "padding_fraction": 1 - p.tokens / p.padded_tokens if p.padded_tokens else None}
+            "padding_fraction": padding_fraction(p.tokens, p.padded_tokens)}

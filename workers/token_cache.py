@@ -1,6 +1,6 @@
 """The token cache: a trial's train and eval pairs tokenised once, read back as the very batches of the raw path.
 
-Why (issue 16): the raw path (workers/pair_batches.py) parses JSON and tokenises on one background thread, ~1M real
+Why: the raw path (workers/pair_batches.py) parses JSON and tokenises on one background thread, ~1M real
 tokens/s here, while an H100 at 40 % MFU eats 400e12 / (6·N) tokens/s (56M for pythia-14m); and the ~50 trials
 of a model, and the eight Pythia models (one tokenizer), would each tokenise the same pairs again.
 
@@ -35,7 +35,6 @@ so resuming at batch k reads no shard before it. No tokenizer on the training th
 from __future__ import annotations
 
 import bisect
-import hashlib
 import itertools
 import json
 import math
@@ -51,11 +50,13 @@ from typing import Iterator
 import numpy as np
 
 import fsio as storage
+from core.errors import one_line
+from core.hashing import content_hash, json_hash
 from core.store import CACHE_DIR
 from core.uris import join
 from workers.pair_files import (CHECK_EVERY, MAX_BAD_FRACTION, SHUFFLE_BUFFER, BackgroundBatches, BadLine, DataError,
-                                DataStats, PairFile, Stopped, epoch_seed, jsonl_lines, make_encoder, one_line,
-                                pad_id_of, query_and_positive, resolve_files, shown_uri)
+                                DataStats, PairFile, Stopped, epoch_seed, jsonl_lines, make_encoder, pad_id_of,
+                                query_and_positive, resolve_files, shown_uri)
 
 FORMAT_VERSION = 1
 SHARD_BYTES = 64 << 20  # JSONL bytes per shard (a compressed file is one shard)
@@ -103,8 +104,8 @@ def tokenizer_sha256(name_or_path: str, tokenizer) -> str:
             path = None
     if path is not None:
         with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    return hashlib.sha256(_backend(tokenizer).to_str().encode()).hexdigest()
+            return content_hash(f.read())
+    return content_hash(_backend(tokenizer).to_str())
 
 
 def cache_inputs(train_uri, eval_uri, tokenizer_hash: str, max_length: int, shard_bytes: int = SHARD_BYTES) -> dict:
@@ -115,8 +116,7 @@ def cache_inputs(train_uri, eval_uri, tokenizer_hash: str, max_length: int, shar
 
 
 def cache_key(inputs: dict) -> str:
-    blob = json.dumps(inputs, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+    return json_hash(inputs, hex_chars=24)
 
 
 def cache_uri(storage_uri: str, key: str) -> str:
@@ -261,7 +261,7 @@ def _build_shard(task: dict, cache: str, tokenizer_json: str, max_length: int, d
     import pyarrow.parquet as pq
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one task per CPU: no Rayon pool on top
-    key = hashlib.sha256(tokenizer_json.encode()).hexdigest()
+    key = content_hash(tokenizer_json)
     if key not in _TOKENIZERS:
         from tokenizers import Tokenizer
 

@@ -5,14 +5,10 @@ adapter (orchestrator/trainable.py). It knows nothing of the driver: it emits ev
 and keeps its own checkpoint at ``checkpoint_uri``. The steps it shares with the DeepSpeed recipe
 (workers/distributed.py) are workers/steps.py's public functions: the budget cut, the lr schedule, the rows.
 
-Events (dicts) passed to ``report``:
-- progress (at most every ``report_every_s`` seconds, and at once for an evaluation or a restart):
-  ``rows`` (metric rows since the last event), ``restart`` (True on the first event after a
-  resume: ``rows`` then holds the whole history up to the checkpoint, so the consumer can replace what it
-  stored and stay exactly-once), and a snapshot: ``step, tokens, flops, budget_flops, train_loss, eval_loss``.
-- the last one also has ``done: True`` and ``trial``: the trial row (CONTRACTS.md trial columns it owns).
+``report`` gets core.events.TrialEvent values: progress (the metric rows since the last event and a snapshot), and
+last the done event with the trial row.
 
-The budget (PAPER.md, "FLOP accounting"; workers/steps.py): cost per real token by method x real tokens; the
+The budget (docs/study.md, "FLOP convention"; workers/steps.py): cost per real token by method x real tokens; the
 last batch is cut to the pairs that still fit, so ``flops`` ends within two pairs of the budget, never above.
 The lr schedule (linear warmup, cosine to 0) runs on the fraction of the budget spent.
 """
@@ -23,7 +19,7 @@ import time
 
 import torch
 
-from core.flops import NeoxShape
+from core.models import ModelShape
 from core.spec import TrialSpec
 from workers import checkpoint, steps
 from workers.loss import contrastive_backward
@@ -42,7 +38,7 @@ def run_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | None = None
 
     # 1. load
     tokenizer, model = steps.load(spec.model, device)
-    shape = NeoxShape.from_config(model.config.to_dict())
+    shape = ModelShape.from_config(model.config.to_dict())
     # texts in rows without padding (workers/packing.py); checkpointing and the gradient cache's chunk, where "auto"
     packing = packs(spec.packing, shape.family, device_type=device.type, n_params=shape.n_params())
     spec = steps.memory_plan(shape, spec, device, packing=packing)

@@ -205,7 +205,7 @@ def test_deepspeed_trials_keep_no_pickle_in_the_store(tiny_model, pairs_file, tm
     uri = str(tmp_path / "ckpt")
 
     def kill_at_step_2(event):
-        if event["step"] >= 2:
+        if event.step >= 2:
             raise Stop  # run_local kills the ranks: what a running trial keeps in the store stays there
 
     with pytest.raises(Stop):

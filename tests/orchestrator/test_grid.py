@@ -11,7 +11,8 @@ from pydantic import ValidationError
 import yaml
 
 from orchestrator.errors import GridError, UserError
-from orchestrator.grid import expand, load_grid, parse_grid, trial_id
+from core.spec import trial_id
+from orchestrator.grid import expand, load_grid, parse_grid
 from core import spec as spec_defaults
 
 # config.json of a 4-layer, 64-wide GPT-NeoX (the shape of tests/conftest.py's tiny_model): no weights needed

@@ -25,10 +25,11 @@ from core.spec import LORA_TARGETS
 from fsio import arrow_schema
 from core.store import TRIAL_COLUMNS
 from orchestrator.cli import main
-from workers.export import ExportError, select_trial
+from analysis.trial_choice import TrialChoiceError, select_trial
 from workers.methods import select_trainable
 from workers.pair_files import load_eval_pairs, make_encoder
-from workers.weights import model_uri, save_trained
+from core.store import model_uri
+from workers.weights import save_trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -155,9 +156,9 @@ def test_budget_picks_the_lowest_eval_loss_at_that_budget():
     pick = lambda c: select_trial(ROWS, trial_id=None, budget=c, budgets=[1e9, 4e9, 1.6e10], sweep="sw")
     assert pick(1e9)["trial_id"] == "b"  # b and e tie at 1.5: the smaller id, deterministic
     assert pick(4e9)["trial_id"] == "d"
-    with pytest.raises(ExportError, match="no completed trial"):
+    with pytest.raises(TrialChoiceError, match="no completed trial"):
         pick(1.6e10)
-    with pytest.raises(ExportError, match="not a budget of the grid"):
+    with pytest.raises(TrialChoiceError, match="not a budget of the grid"):
         pick(2e9)
 
 

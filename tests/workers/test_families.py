@@ -15,7 +15,8 @@ import pytest
 import torch
 from support import VOCAB, build_tokenizer, make_pairs, tiny_config
 
-from core.flops import cost_per_token, loss_matmul_flops, param_counts, sequence_hardware_flops
+from core.flops import cost_per_token, loss_matmul_flops, sequence_hardware_flops
+from core.methods import param_counts
 from core.models import FAMILIES, ModelConfigError, auto_lr, model_shape, read_config, trained_blocks
 from workers.loss import contrastive_backward, step_shapes
 from workers.methods import count_params, decoder_blocks, select_trainable

@@ -5,8 +5,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from core.flops import (NeoxShape, cost_per_token, flops_for_tokens, loss_matmul_flops, param_counts,
-                           sequence_hardware_flops, tokens_for_budget, trained_blocks)
+from core.flops import (cost_per_token, flops_for_tokens, loss_matmul_flops, sequence_hardware_flops,
+                        tokens_for_budget)
+from core.methods import param_counts
+from core.models import ModelShape, trained_blocks
 from core.models import PYTHIA_SHAPES, auto_lr, model_shape, pretrain_lr
 
 # PAPER.md's non-embedding parameter counts
@@ -21,7 +23,7 @@ def test_pythia_n_matches_the_paper(size):
 
 # tiny: hidden 64, 4 layers, intermediate 256. Block = qkv 64*192+192 + dense 64*64+64 + h_to_4h 64*256+256
 # + 4h_to_h 256*64+64 + two LayerNorms 4*64 = 49,984; N = 4 * 49,984 + final LayerNorm 128 = 200,064.
-TINY = NeoxShape(hidden=64, layers=4, heads=4, intermediate=256, vocab=512)
+TINY = ModelShape(hidden=64, layers=4, heads=4, intermediate=256, vocab=512)
 CASES = [
     # method, kwargs, N, N_tr, cost per token
     ("full", {}, 200_064, 200_064, 6 * 200_064),
@@ -86,7 +88,7 @@ def test_hardware_flops_match_torch_flop_counter(method, kw, checkpointing, chun
     d, layers, heads = PYTHIA_SHAPES["14m"]
     cfg = GPTNeoXConfig(vocab_size=512, hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
                         intermediate_size=4 * d, rotary_pct=0.25, use_cache=False)
-    shape = NeoxShape.from_config(cfg.to_dict())
+    shape = ModelShape.from_config(cfg.to_dict())
     torch.manual_seed(0)
     model = select_trainable(AutoModel.from_config(cfg, attn_implementation="eager"), method, **kw,
                              lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"))
@@ -110,3 +112,10 @@ def test_hardware_flops_match_torch_flop_counter(method, kw, checkpointing, chun
     ratio = ours / counter.get_total_flops()
     print(f"{method} checkpointing={checkpointing} chunk={chunk}: ours/torch = {ratio:.4f}")
     assert abs(ratio - 1) < 1e-3  # exact up to float rounding: the lora_B recompute error was 0.4 %
+
+
+def test_padding_fraction_by_hand():
+    from core.flops import padding_fraction
+
+    assert padding_fraction(60, 80) == 0.25 and padding_fraction(80, 80) == 0.0
+    assert padding_fraction(0, 0) is None  # nothing processed: no fraction, not "no padding"

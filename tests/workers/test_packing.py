@@ -162,7 +162,7 @@ def test_packed_hardware_flops_match_torch_flop_counter(method, kw, checkpointin
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModel, GPTNeoXConfig
 
-    from core.flops import NeoxShape
+    from core.models import ModelShape
     from core.models import PYTHIA_SHAPES
     from core.spec import TrialSpec
     from workers.methods import select_trainable
@@ -181,7 +181,7 @@ def test_packed_hardware_flops_match_torch_flop_counter(method, kw, checkpointin
                      gradient_checkpointing=checkpointing, chunk_size=chunk)
     with FlopCounterMode(display=False) as counter:
         contrastive_backward(model, batch, 0.025, chunk, FP32, packing=True)
-    shape = NeoxShape.from_config(cfg.to_dict())
+    shape = ModelShape.from_config(cfg.to_dict())
     ours = HardwareFlops(shape, spec, chunk or 8, packing=True)(batch, 8)
     padded = HardwareFlops(shape, spec, chunk or 8)(batch, 8)
     assert sum(r for r, _ in step_shapes(batch, chunk, True)) < 16  # fewer rows than texts
@@ -225,7 +225,7 @@ def test_a_trial_trains_the_same_packed(tiny_model, pairs_file, eval_file):
     for packing in ("off", "on"):
         events = []
         row = run_trial(dataclasses.replace(base, packing=packing), report=events.append)
-        runs[packing] = (row, [r["train_loss"] for e in events for r in e["rows"]])
+        runs[packing] = (row, [r["train_loss"] for e in events for r in e.rows])
     (off, losses_off), (on, losses_on) = runs["off"], runs["on"]
     assert on["steps"] == off["steps"] >= 4 and on["tokens"] == off["tokens"]
     assert losses_on == pytest.approx(losses_off, rel=1e-4)

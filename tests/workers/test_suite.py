@@ -11,7 +11,7 @@ import time
 import pytest
 
 from workers.suite import cache as SC, models as SM, pretraining as SP, stdlib_pairs as SD
-from core.flops import NeoxShape
+from core.models import ModelShape
 from core.models import PRETRAIN_LR_KEY, auto_lr
 
 TOKEN_SCALE = 0.12  # 9 and 17 steps of 2,048 tokens for the two smallest models
@@ -103,7 +103,7 @@ def test_build_saves_loadable_pretrained_checkpoints(built):
         with open(os.path.join(m.path, "config.json")) as f:
             cfg = json.load(f)
         n_model = sum(p.numel() for name, p in model.named_parameters() if "emb" not in name)
-        assert m.n_params == NeoxShape.from_config(cfg).n_params() == n_model
+        assert m.n_params == ModelShape.from_config(cfg).n_params() == n_model
         assert cfg[PRETRAIN_LR_KEY] == m.pretrain_lr and auto_lr(m.path) == pytest.approx(m.pretrain_lr / 10)
         assert m.pretrain_tokens == SP.pretrain_tokens(m.n_params, TOKEN_SCALE)
         # it learned: ~ln(4096) = 8.3 at initialisation, clearly lower after a few hundred thousand tokens

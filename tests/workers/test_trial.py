@@ -48,7 +48,7 @@ def make_spec(tiny_model, pairs_file, eval_file, method="full", **kw) -> TrialSp
 
 
 def all_rows(events) -> list[dict]:
-    return [r for e in events for r in e["rows"]]
+    return [r for e in events for r in e.rows]
 
 
 def upsert(rows) -> list[dict]:
@@ -128,7 +128,7 @@ def test_every_method_trains_to_its_budget(tiny_model, pairs_file, eval_file, tm
     last = upsert(rows)[-1]
     assert last["eval_loss"] == row["eval_loss"] and last["flops"] == row["flops"]
     assert all(r["eval_loss"] is None for r in upsert(rows)[:-1])  # eval_every=0: at the end only
-    assert events[-1]["done"] and events[-1]["trial"] == row and not any(e["done"] for e in events[:-1])
+    assert events[-1].done and events[-1].trial == row and not any(e.done for e in events[:-1])
     # lr 'auto': the tiny model's config says pretraining lr 1e-3, so 1e-4 at the warmup's top; the first step is
     # on the warmup's line (the budget fraction it reaches / 0.1), capped at the top: 9-13 steps, so a step is
     # 8-11 % of the budget
@@ -307,7 +307,7 @@ KILL_AT = int(sys.argv[4])
 
 def report(event):
     # the event of step KILL_AT goes out before that step's checkpoint: step KILL_AT - 1's is the newest
-    if event["step"] == KILL_AT:
+    if event.step == KILL_AT:
         with open(os.path.join(sys.argv[2], "LATEST")) as f:
             assert f.read().strip() == f"step-{KILL_AT - 1:08d}", "not the checkpoint of the step before"
         os.kill(os.getpid(), signal.SIGKILL)
@@ -344,8 +344,8 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tiny_model, pairs_file, eva
     assert row["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-6)
     assert row["train_loss"] == pytest.approx(ref["train_loss"], abs=1e-6)
     # the first event after the resume: restart, and the history up to the checkpoint plus the new step
-    assert events[0]["restart"] and not any(e["restart"] for e in events[1:])
-    assert [r["step"] for r in events[0]["rows"]] == list(range(1, k + 2))
+    assert events[0].restart and not any(e.restart for e in events[1:])
+    assert [r["step"] for r in events[0].rows] == list(range(1, k + 2))
     rows, ref_rows = upsert(all_rows(events)), upsert(all_rows(ref_events))
     assert [r["step"] for r in rows] == list(range(1, ref["steps"] + 1))
     for r, q in zip(rows, ref_rows):
@@ -359,8 +359,8 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tiny_model, pairs_file, eva
     monkeypatch.setattr(trial_mod, "contrastive_backward", no_training)
     again = []
     assert run_trial(spec, report=again.append, checkpoint_uri=ckpt) == row
-    assert len(again) == 1 and again[0]["done"] and again[0]["restart"]
-    assert [r["step"] for r in again[0]["rows"]] == list(range(1, row["steps"] + 1))
+    assert len(again) == 1 and again[0].done and again[0].restart
+    assert [r["step"] for r in again[0].rows] == list(range(1, row["steps"] + 1))
 
 
 # --------------------------------------------------------------------------------------------------------

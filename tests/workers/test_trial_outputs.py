@@ -32,7 +32,7 @@ def test_retrieval_metrics_on_every_evaluation(tiny_model, pairs_file, eval_file
     # with one relevant document: recall@1 <= MRR@10 <= nDCG@10 <= recall@10 (each positive's rank weighs
     # 1[r=1] <= 1/r <= 1/log2(r+1) <= 1[r<=10])
     assert row["recall_at_1"] <= row["mrr_at_10"] <= row["ndcg_at_10"] <= row["recall_at_10"]
-    rows = {r["step"]: r for e in events for r in e["rows"]}
+    rows = {r["step"]: r for e in events for r in e.rows}
     evaluated = [s for s, r in rows.items() if r["eval_loss"] is not None]
     assert evaluated and all(s % 4 == 0 for s in evaluated[:-1]) and evaluated[-1] == row["steps"]
     for step, r in rows.items():
@@ -117,7 +117,7 @@ def test_mfu_by_hand_on_a_cpu_trial(tiny_model, pairs_file, eval_file):
     peak, source = device_peak(torch.device("cpu"))
     assert peak > 1e9 and "matmul" in source
     assert row["mfu"] == pytest.approx(row["hardware_flops"] / (row["train_s"] * peak), rel=1e-12)
-    last = [r for e in events for r in e["rows"]][-1]
+    last = [r for e in events for r in e.rows][-1]
     assert 0 < last["mfu"] < 1 and 0 < row["mfu"] < 1
 
 

@@ -1,7 +1,7 @@
 """The offline mini suite, pretrained here: small GPT-NeoX (Pythia) and Llama LMs and their data for an offline
 `repurpose demo`.
 
-The study repurposes *pretrained* LMs (PAPER.md: the Pythia suite). Without a network there is no hub, so
+The study repurposes *pretrained* LMs (docs/study.md: the Pythia suite). Without a network there is no hub, so
 this module makes a suite on the spot, from text every Python carries (stdlib_pairs.py):
 
 1. a byte-level BPE tokenizer (GPT-NeoX's special tokens: ``<|endoftext|>`` = 0, ``<|padding|>`` = 1),
@@ -18,8 +18,8 @@ this module makes a suite on the spot, from text every Python carries (stdlib_pa
    ``lr: auto`` works, plus the pretraining loss and tokens.
 
 Everything lives in the user cache dir (``$REPURPOSE_CACHE`` or ``platformdirs.user_cache_dir("repurpose")``)
-under ``suite/<key>``, one key per family, a hash of that family's definition and the code/data versions (marin's
-executor habit): a second ``build_suite`` finds the models and returns at once. Each model is
+under ``suite/<key>``, one key per family, a hash of that family's definition and the code/data versions (a
+content-addressed cache): a second ``build_suite`` finds the models and returns at once. Each model is
 written to a temporary directory and renamed into place, so a half-built model is never listed.
 
 The modules: ``models`` (the two series' shapes and configs, what a built model records), ``stdlib_pairs``

@@ -3,7 +3,6 @@ model written to a temporary directory and renamed into place (a half-built mode
 stdlib pairs beside it."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -13,6 +12,7 @@ import time
 from dataclasses import asdict
 from typing import Iterable
 
+from core.hashing import json_hash
 from core.models import PRETRAIN_LR_KEY, ModelShape
 from workers.suite.models import SUITES, VOCAB_SIZE, SuiteError, SuiteModel
 from workers.suite.pretraining import (BATCH_SEQS, BETAS, CHARS_PER_TOKEN, EPS, EVAL_SEQS, FINAL_LR_FRACTION,
@@ -58,7 +58,7 @@ def suite_key(token_scale: float = 1.0, family: str = "pythia") -> str:
     }
     if family != "pythia":
         definition["family"] = family
-    return hashlib.sha1(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:12]
+    return json_hash(definition, algorithm="sha1", hex_chars=12, compact=False)
 
 
 def suite_dir(cache_dir: str | None = None, token_scale: float = 1.0, family: str = "pythia") -> str:
@@ -216,7 +216,7 @@ def demo_data(cache_dir: str | None = None, eval_fraction: float = 0.05) -> dict
 
     Returns build_pairs' dict: {"train": path, "eval": path, "n_train", "n_eval", "kinds", ...}.
     """
-    key = hashlib.sha1(json.dumps([PAIRS_VERSION, _python_version(), eval_fraction]).encode()).hexdigest()[:12]
+    key = json_hash([PAIRS_VERSION, _python_version(), eval_fraction], algorithm="sha1", hex_chars=12, compact=False)
     root = os.path.join(cache_root(cache_dir), "pairs")
     path = os.path.join(root, key)
     if not os.path.isfile(os.path.join(path, "pairs.json")):

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from core.errors import UserError
-from core.flops import NeoxShape
 from core.models import ModelShape
 
 VOCAB_SIZE = 4096  # Pythia pads a 50k BPE to 50304; a 10 MB corpus supports far fewer merges
@@ -22,13 +21,13 @@ class MiniPythia:
     heads: int
     pretrain_lr: float
 
-    def shape(self, vocab: int = VOCAB_SIZE) -> NeoxShape:
-        return NeoxShape(hidden=self.hidden, layers=self.layers, heads=self.heads,
+    def shape(self, vocab: int = VOCAB_SIZE) -> ModelShape:
+        return ModelShape(hidden=self.hidden, layers=self.layers, heads=self.heads,
                          intermediate=4 * self.hidden, vocab=vocab, parallel_residual=True)
 
     @property
     def n_params(self) -> int:
-        """Non-embedding parameters (PAPER.md's N; no embedding enters it, so the vocab does not matter)."""
+        """Non-embedding parameters (docs/study.md's N; no embedding enters it, so the vocab does not matter)."""
         return self.shape().n_params()
 
     @property

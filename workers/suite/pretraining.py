@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
+from core.schedule import warmup_cosine
 from workers.suite.models import MAX_POSITIONS, SPECIAL_TOKENS, SUITE, VOCAB_SIZE
 from workers.suite.stdlib_pairs import iter_corpus_texts
 
@@ -91,11 +92,7 @@ def token_sequences(tokenizer, texts: list[str]):
 
 def _lr_factor(step: int, total: int) -> float:
     """Linear warmup over the first WARMUP_FRACTION of the steps, then cosine to FINAL_LR_FRACTION."""
-    warmup = max(1, round(WARMUP_FRACTION * total))
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
+    return warmup_cosine(step, step + 1, max(1, round(WARMUP_FRACTION * total)), total, FINAL_LR_FRACTION)
 
 
 def heldout_loss(model, seqs) -> float:

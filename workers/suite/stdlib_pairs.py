@@ -1,6 +1,6 @@
 """Contrastive pairs from text every CPython install carries: the standard library, offline.
 
-`repurpose demo` needs BGE-format pairs (PAPER.md: JSONL ``{"query", "pos", "neg"}``) without a network.
+`repurpose demo` needs BGE-format pairs (docs/study.md: JSONL ``{"query", "pos", "neg"}``) without a network.
 Every Python ships real, semantically related text pairs:
 
 - ``doc``:     a docstring's summary  -> the rest of that docstring (stdlib sources, C modules)
