@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from core import methods
+
 from .fit import SurfaceFits, slice_label
 from .recipe import _candidates
 
@@ -53,8 +55,7 @@ class Candidate:
 
     def to_json(self) -> dict:
         return {"method": self.method, "model": self.model,
-                "lora_rank": int(self.hparam) if self.method == "lora" and self.hparam is not None else None,
-                "trainable_fraction": self.hparam if self.method == "freeze" else None,
+                **methods.get(self.method).hparam_fields(self.hparam),
                 "family": self.family, "pooling": self.pooling, "tokens": int(self.tokens),
                 "flops": float(self.flops), "predicted_loss": _finite(self.predicted_loss)}
 

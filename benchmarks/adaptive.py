@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from analysis.adaptive import AdaptiveConfig, ReplayResult, replay, size_index  # noqa: E402
 from analysis.confidence import confidence, supported  # noqa: E402
-from analysis.fit import FitError, Law, cost_per_token, fit_surfaces, split_usable  # noqa: E402
+from analysis.fit import FitError, Law, cost_per_token, fit_surfaces, hparam_of, split_usable  # noqa: E402
 from analysis.recipe import compute_recipe  # noqa: E402
 from core import methods  # noqa: E402
 from core.models import PYTHIA_SHAPES, model_shape  # noqa: E402
@@ -221,8 +221,7 @@ def replicate_draw(truth: Truth, noise: float, seed: int, drawn: list):
     replay of a store draws the same runs; each drawn row is appended to ``drawn``."""
     def draw(first: dict, replicate: int) -> dict:
         rng = np.random.default_rng([seed, zlib.crc32(first["trial_id"].encode()), replicate])
-        frame = pd.DataFrame([first]).assign(hparam=[first["lora_rank"] if first["method"] == "lora" else
-                                                     first["trainable_fraction"]])
+        frame = pd.DataFrame([first]).assign(hparam=[hparam_of(first)])
         loss = float(true_loss(truth, frame)[0]) * math.exp(noise * rng.standard_normal())
         row = first | {"trial_id": f"{first['trial_id']}~{replicate}", "replicate": replicate, "eval_loss": loss}
         drawn.append(row)
@@ -287,8 +286,7 @@ def trust_one(job) -> dict:
     for b in result.per_budget:  # the one-seed grid's best trial: its hparam from its row
         if b.full:
             row = store[store["trial_id"] == b.full.trial_id].iloc[0]
-            h = row["lora_rank"] if row["method"] == "lora" else row["trainable_fraction"]
-            empirical[b.budget_flops] = (row["method"], None if pd.isna(h) else float(h), row["model"], None)
+            empirical[b.budget_flops] = (row["method"], hparam_of(row), row["model"], None)
     grid_best_trial = _judged(truth, cells, empirical)
     return {"truth": truth.name, "noise": noise, "seed": seed, "flops_fraction": result.flops_fraction,
             "replicates": len(drawn), "replay_s": replay_s, "adaptive": adaptive, "grid_fit": grid,
