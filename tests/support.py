@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import socket
 
@@ -112,6 +113,28 @@ def clean_run(grid_path: str, trial_id: str) -> dict:
         return run_trial(dataclasses.replace(planned.spec, num_threads=1))
     finally:
         torch.set_num_threads(threads)
+
+
+# --- the packages the project installs
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def package_files() -> list[str]:
+    """Every Python file of every package the project installs (pyproject.toml's ``packages.find`` include), found
+    by walking them: a file added later is covered without a test changing."""
+    import tomllib
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        include = tomllib.load(f)["tool"]["setuptools"]["packages"]["find"]["include"]
+    roots = sorted({pattern.rstrip("*").rstrip(".") for pattern in include})
+    return [os.path.join(root, name) for top in roots for root, _, names in os.walk(os.path.join(REPO, top))
+            for name in sorted(names) if name.endswith(".py")]
+
+
+def package_modules() -> list[str]:
+    """The dotted names of ``package_files``."""
+    names = [os.path.relpath(f, REPO)[:-3].replace(os.sep, ".") for f in package_files()]
+    return sorted(n.removesuffix(".__init__") for n in names)
 
 
 # --- time that passes without waiting

@@ -21,6 +21,7 @@ import socket
 import pytest
 
 from faultkit import REPO, cmdline_of, environ_of, wait_for
+from support import package_files
 
 PICKLE_MAGIC = tuple(bytes([0x80, proto]) for proto in (2, 3, 4, 5))  # pickle protocols 2-5 start with PROTO
 
@@ -114,18 +115,6 @@ def test_s3_sweep_keeps_no_pickle_no_secret_and_ray_on_loopback(make_grid, ray_e
 
 
 # --- the code that reads the store unpickles nothing -------------------------------------------------------------
-def package_files() -> list[str]:
-    """Every Python file of every package the project installs (pyproject.toml's ``packages.find`` include), found
-    by walking them: a file added later is scanned without this test changing."""
-    import tomllib
-
-    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
-        include = tomllib.load(f)["tool"]["setuptools"]["packages"]["find"]["include"]
-    roots = sorted({pattern.rstrip("*").rstrip(".") for pattern in include})
-    return [os.path.join(root, name) for top in roots for root, _, names in os.walk(os.path.join(REPO, top))
-            for name in sorted(names) if name.endswith(".py")]
-
-
 UNPICKLING = {("pickle", "load"), ("pickle", "loads"), ("cloudpickle", "load"), ("cloudpickle", "loads"),
               ("dill", "load"), ("dill", "loads"), ("torch", "load"), ("pd", "read_pickle"),
               ("pandas", "read_pickle"), ("joblib", "load"), ("yaml", "unsafe_load"), ("yaml", "full_load")}
