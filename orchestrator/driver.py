@@ -47,11 +47,12 @@ def submit(args) -> int:
     grid = load_grid(args.grid)
     if args.name and args.name != grid.name:
         grid = grid.model_copy(update={"name": args.name})
-    return run_sweep(grid, Store(args.storage, grid.name), args.address, takeover=getattr(args, "takeover", False))
+    storage = leave_job_working_dir(args.storage)
+    return run_sweep(grid, Store(storage, grid.name), args.address, takeover=getattr(args, "takeover", False))
 
 
 def resume(args) -> int:
-    store = Store(args.storage, args.name)
+    store = Store(leave_job_working_dir(args.storage), args.name)
     grid = stored_grid(store)
     return run_sweep(grid, store, args.address, takeover=getattr(args, "takeover", False))
 
@@ -71,6 +72,20 @@ def status(args) -> int:
     else:
         print(render_status(summary, trials))
     return 0
+
+
+def leave_job_working_dir(storage: str) -> str:
+    """The store's URI as this driver keeps using it. Inside a Ray Job (Ray sets RAY_JOB_CONFIG_JSON_ENV_VAR) the
+    driver starts in the job's ``working_dir``, which Ray deletes once the job's workers stop using it (the trials'
+    workers exit) while the driver still runs there; Tune then fails on ``os.getcwd()``. So, the grid read, the
+    driver moves to the temp dir, its local store made absolute first."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+        return storage
+    from core.uris import absolute
+
+    storage = absolute(storage)
+    os.chdir(tempfile.gettempdir())
+    return storage
 
 
 def stored_grid(store: Store, *, references: bool = True) -> Grid:

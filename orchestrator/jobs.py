@@ -80,7 +80,10 @@ def run_as_job(args, command: str) -> int:
 
     from ray.job_submission import JobSubmissionClient
 
-    logging.getLogger("ray").setLevel(logging.WARNING)  # Ray's INFO lines on packaging the working_dir: ours say it
+    # Ray's INFO lines (uploading the working_dir, the log stream closing): our own lines say what happens
+    for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
+                 "ray._private.runtime_env.packaging"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     staged = tempfile.mkdtemp(prefix="repurpose-job-")
     try:
         entry, sweep = _entrypoint(args, command, staged)
