@@ -96,6 +96,16 @@ def _best_slice(fits: SurfaceFits, method: str, budgets, max_tokens) -> Surface:
 # ----------------------------------------------------------------------------------------------------------
 # Tables
 
+def _how_sure_cell(how) -> str:
+    """findings.md's verdict on one budget's recipe (a ``recipe_table`` row): decisive, or what would decide it."""
+    decisive = how.get("decisive") if how is not None else None
+    if not isinstance(decisive, (bool, np.bool_)):
+        return "—"
+    if decisive:
+        return "decisive"
+    return f"not decisive: replicate {how['to_decide']} ({how['to_decide_flops']:.2g} FLOP)"
+
+
 def _runs_of(cells: pd.DataFrame, trial_id: str) -> dict:
     """The best trial's cell over its replicates (``noise.cells``): mean loss, runs and relative spread."""
     mine = cells[[trial_id in ids for ids in cells["trial_ids"]]]
@@ -332,15 +342,20 @@ def findings_markdown(a: Analysis) -> str:
     rows = []
     cells = noise.cells(a.usable)
     replicated = bool(len(cells) and (cells["runs"] > 1).any())
+    table = recipe_table(a)
+    sure = table.set_index("budget_flops") if "p_best" in table else None
     for r in fr.to_dict("records"):
         rec = a.recipes.get(r["budget_flops"])
+        how = sure.loc[r["budget_flops"]] if sure is not None and r["budget_flops"] in sure.index else None
         rows.append({"budget (FLOP)": f"{r['budget_flops']:.2g}",
                      "best (empirical)": f"{r['method']} {_hp(r['method'], r['hparam'])}".strip(),
                      "model": model_label(r["model"]), "loss": f"{r['eval_loss']:.4f}",
                      **(_runs_of(cells, r["trial_id"]) if replicated else {}),
                      "runner-up": r["runner_up"] or "—", "margin": _f(r["margin"], "{:.1%}"),
                      "best (fitted)": rec.best.label if rec else "—",
-                     "fitted model": model_label(rec.best.model) if rec else "—"})
+                     "fitted model": model_label(rec.best.model) if rec else "—",
+                     "p_best": _f(how["p_best"], "{:.0%}") if how is not None else "—",
+                     "how sure": _how_sure_cell(how)})
     out += ["", _md(pd.DataFrame(rows)), ""]
 
     # 2./3. method hyperparameters

@@ -293,6 +293,13 @@ def trust_one(job) -> dict:
             "grid_trial": grid_best_trial}
 
 
+def summarise_rows(path: str) -> str:
+    """The table of the JSON lines ``--rows`` wrote (a run stopped early still reports what it finished)."""
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return trust_table(trust_summary(rows))
+
+
 def trust_summary(rows: list[dict]) -> list[dict]:
     out = []
     for truth, noise in sorted({(r["truth"], r["noise"]) for r in rows},
@@ -334,14 +341,17 @@ def trust_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_trust(seeds: int, jobs: int, truths, noises, as_json: bool) -> int:
-    work = [(t, noise, seed) for t in truths for noise in noises for seed in range(seeds)]
+def run_trust(seeds: int, jobs: int, truths, noises, as_json: bool, rows_path: str | None = None) -> int:
+    # seed by seed over every setting: a run stopped early has every setting at fewer seeds
+    work = [(t, noise, seed) for seed in range(seeds) for t in truths for noise in noises]
     start = time.perf_counter()
-    if jobs > 1:
-        with ProcessPoolExecutor(jobs) as pool:
-            rows = list(pool.map(trust_one, work, chunksize=1))
-    else:
-        rows = [trust_one(job) for job in work]
+    rows = []
+    with ProcessPoolExecutor(jobs) as pool:
+        for row in pool.map(trust_one, work, chunksize=1):
+            rows.append(row)
+            if rows_path:  # one JSON line per store as it finishes
+                with open(rows_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
     wall_s = time.perf_counter() - start
     summary = trust_summary(rows)
     if as_json:
@@ -365,6 +375,7 @@ def main(argv=None) -> int:
     parser.add_argument("--n-boot", type=int, default=AdaptiveConfig.n_boot)
     parser.add_argument("--truths", action="store_true", help="print each truth's optimum per budget and exit")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--rows", help="--trust: append each store's result to this file as a JSON line")
     parser.add_argument("--trust", action="store_true",
                         help="replicates on demand at 1 and 2 %% noise: regret, FLOP and p_best against the truth")
     args = parser.parse_args(argv)
@@ -373,7 +384,7 @@ def main(argv=None) -> int:
         return 0
     if args.trust:
         noises = [n for n in args.noise if n > 0] if args.noise != list(NOISES) else list(TRUST_NOISES)
-        return run_trust(args.seeds, args.jobs, args.truth, noises, args.json)
+        return run_trust(args.seeds, args.jobs, args.truth, noises, args.json, args.rows)
     config = AdaptiveConfig(margin=args.margin, neighbours=args.neighbours, full_rungs=args.full_rungs,
                             dominated_rungs=args.dominated_rungs, n_boot=args.n_boot)
     jobs = [(t, noise, seed if noise > 0 else 0, config) for t in args.truth for noise in args.noise

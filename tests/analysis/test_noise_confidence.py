@@ -87,3 +87,35 @@ def test_without_a_bootstrap_there_is_no_p_best():
     found = [_cand("a", 2.0), _cand("b", 2.1)]
     sure = judge(found, None, found[0].key, 1e15)
     assert sure.p_best is None and sure.decisive is None and sure.runner_up.model == "b"
+
+
+def test_a_sweep_with_two_seeds_reports_its_noise_p_best_and_cell_means(tmp_path):
+    """Two runs of every cell (the second with ids '~1'): recipe --json's noise_sd is the pooled spread of the
+    budget's pairs, sqrt(sum over cells of (log a - log b)^2 / 2 / cells); findings.md shows the sweep's, and each
+    best cell's mean."""
+    import storegen
+
+    from analysis.report import recipe_at, write_fit_outputs
+
+    kw = dict(slices={"full": (None,), "lora": (8,)}, models=tuple(storegen.PYTHIA)[:4], noise=0.01,
+              budgets=storegen.BUDGETS[:4])
+    first = storegen.make_trials(seed=0, **kw).assign(replicate=0, seed=0)
+    second = storegen.make_trials(seed=1, **kw)
+    second = second.assign(trial_id=second["trial_id"] + "~1", replicate=1, seed=1)
+    sweep = storegen.write_store(tmp_path, pd.concat([first, second], ignore_index=True), metrics=False)
+    def pooled(ok):
+        diff = np.log(first["eval_loss"][ok].to_numpy(float)) - np.log(second["eval_loss"][ok].to_numpy(float))
+        return math.sqrt(float((diff ** 2 / 2).sum()) / ok.sum())
+
+    ok = (first["status"] == "completed").to_numpy()
+    expected = pooled(ok)  # the sweep's
+    at_budget = pooled(ok & (first["budget_flops"] == 2.4e16).to_numpy())  # 8 cells there: the budget's own
+    d = recipe_at(sweep, 2.4e16, n_boot=5)
+    assert d["noise_sd"] == pytest.approx(at_budget, rel=1e-9)
+    assert 0 <= d["p_best"] <= 1 and d["runner_up"]["gap"] >= 0
+    out = tmp_path / "out"
+    write_fit_outputs(sweep, str(out), n_boot=5)
+    findings = (out / "findings.md").read_text()
+    assert f"run-to-run noise {expected:.1%}" in findings
+    assert "its cell: mean (runs, sd)" in findings and "p_best" in findings
+    assert "p_best" in (out / "recipe.md").read_text()
