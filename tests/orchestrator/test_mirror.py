@@ -1,6 +1,6 @@
 """`run.mirror`: the store's metric rows copied to MLflow and Weights & Biases through Ray Tune's logger callbacks.
 
-End to end, offline: a real tiny sweep through the CLI, then MLflow read back from its local file store and W&B from
+End to end, offline: a real tiny sweep through the CLI, then MLflow read back from its SQLite database and W&B from
 its offline run files, each compared value for value with the Parquet store (the source of truth). Around it: the
 grid key's validation, a tracker that is not installed (one line, exit 2, nothing written), and a tracker that
 fails (one warning, the sweep unaffected).
@@ -39,6 +39,19 @@ def quiet_env(tmp_path) -> dict:
     """The trackers offline and in tmp, whatever this machine's environment says."""
     return {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb-dir"), "WANDB_PROJECT": "",
             "MLFLOW_TRACKING_URI": "", "WANDB_API_KEY": ""}
+
+
+def test_mlflow_default_is_a_sqlite_database_in_the_sweep(tmp_path, monkeypatch):
+    """What `mlflow ui --backend-store-uri` and `MlflowClient` open as they are (docs/reference.md "Mirroring"):
+    MLflow 3 opens its file store only when MLFLOW_ALLOW_FILE_STORE says so."""
+    from orchestrator.grid import RunConfig, mlflow_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert mlflow_tracking_uri(RunConfig(), "sweeps/s") == f"sqlite:///{tmp_path}/sweeps/s/mlflow.db"
+    assert mlflow_tracking_uri(RunConfig(), "s3://bucket/sweeps/s") is None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert mlflow_tracking_uri(RunConfig(), "sweeps/s") == "http://mlflow.example:5000"
 
 
 # --- the grid key --------------------------------------------------------------------------------------------
@@ -140,6 +153,9 @@ def test_sweep_mirrors_its_rows_to_mlflow_and_wandb(make_grid, ray_env, tmp_path
     grid = make_grid("mirror", budgets=[4.0e9, 5.0e9], run={"mirror": ["mlflow", "wandb"], "token_cache": False})
     storage = tmp_path / "store"
     env = quiet_env(tmp_path)
+    # as a user has it: MLflow told nothing about file stores, here or in the driver
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    ray_env.env.pop("MLFLOW_ALLOW_FILE_STORE", None)
     proc = ray_env.run(["submit", grid, "--storage", str(storage)], **env)
     assert proc.returncode == 0, proc.stderr
     # no tracker's banner, log or warning among the driver's lines (Ray Tune's own "may be a performance bottleneck"
@@ -154,11 +170,11 @@ def test_sweep_mirrors_its_rows_to_mlflow_and_wandb(make_grid, ray_env, tmp_path
     metrics = pd.read_parquet(sweep / "metrics")
     assert len(trials) == 2 and (trials.status == "completed").all()
 
-    # MLflow: the default file store beside the store's files, experiment = the sweep, one run per trial
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    # MLflow: the default SQLite database beside the store's files, experiment = the sweep, one run per trial
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"file://{sweep / 'mlflow'}")
+    assert (sweep / "mlflow.db").is_file() and not (sweep / "mlflow").exists()
+    client = MlflowClient(f"sqlite:///{sweep / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("mirror")
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.info.run_name for r in runs) == sorted(trials.trial_id)
