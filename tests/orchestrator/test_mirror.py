@@ -148,6 +148,40 @@ def test_a_failing_tracker_warns_once_and_is_dropped(capsys):
     assert capsys.readouterr().err.count("warning: run.mirror: wandb: No WandB API key found") == 1
 
 
+@pytest.mark.slow  # MLflow creates its database's tables (Alembic migrations): seconds
+def test_mlflow_logger_writes_its_default_database_and_mlflow_reads_it_as_is(tmp_path, monkeypatch, capsys):
+    """The driver's MLflow logger on the default SQLite database, read back as the docs say, with MLflow told
+    nothing about file stores; and nothing printed (MLflow's and Alembic's table-creation lines stay out)."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.mirror import _mlflow_logger
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+
+    class Trial:  # what the logger reads of Tune's trial
+        def __init__(self, trial_id):
+            self.trial_id, self.config = trial_id, {"trial": {"trial_id": trial_id}}
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    logger = _mlflow_logger(uri, "sweep-a", {"t1": {"sweep": "sweep-a", "method": "bias", "budget_flops": 4e9}})
+    logger.setup()
+    trial = Trial("t1")
+    logger.log_trial_start(trial)
+    logger.log_trial_result(1, trial, {"rows": [{"step": 1, "train_loss": 2.5},
+                                                {"step": 2, "train_loss": 2.0, "eval_loss": 1.5}]})
+    logger.log_trial_end(trial)
+    assert "MLFLOW_ALLOW_FILE_STORE" not in os.environ
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("sweep-a").experiment_id])
+    assert (run.info.run_name, run.info.status) == ("t1", "FINISHED")
+    assert run.data.params == {"sweep": "sweep-a", "method": "bias", "budget_flops": "4000000000.0"}
+    history = {k: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k))
+               for k in ("train_loss", "eval_loss")}
+    assert history == {"train_loss": [(1, 2.5), (2, 2.0)], "eval_loss": [(2, 1.5)]}
+    out, err = capsys.readouterr()
+    assert out == "" and err == ""
+
+
 # --- end to end ----------------------------------------------------------------------------------------------
 def test_sweep_mirrors_its_rows_to_mlflow_and_wandb(make_grid, ray_env, tmp_path, tiny_model, monkeypatch):
     grid = make_grid("mirror", budgets=[4.0e9, 5.0e9], run={"mirror": ["mlflow", "wandb"], "token_cache": False})
