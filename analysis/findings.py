@@ -28,7 +28,7 @@ from .fit import (
 )
 from . import noise
 from .confidence import confidence
-from .recipe import Recipe, best_in_slice, compute_recipe, fit_doubts
+from .recipe import Recipe, best_in_slice, compute_recipe, fit_doubts, no_fit_reason
 
 # The recipe table covers the grid's budgets and this many x4 steps beyond its largest (the paper's grid
 # steps by 4; extrapolation is marked).
@@ -132,7 +132,8 @@ def recipe_table(a: Analysis) -> pd.DataFrame:
     """One row per table budget: the recipe (with interval and bootstrap win share) beside the empirical best
     trial at grid budgets. ``source``: ``fit``, or ``empirical`` at a grid budget where the fit is in doubt
     (``notes`` say why: a thin surface, a fitted best worse than a trial, a trial outside the interval) — the
-    row's method, model, N and tokens are then the best trial's, and ``predicted_loss`` the fit's value for it."""
+    row's method, model, N and tokens are then the best trial's, and ``predicted_loss`` the fit's value for it. At a
+    grid budget no surface answers, the best trial is the row (``_no_fit_answer``)."""
     rows = []
     frontier = a.optimum.frontier.set_index("budget_flops")
     ndcg = (a.trials.set_index("trial_id")["ndcg_at_10"].astype(float).to_dict()
@@ -156,6 +157,8 @@ def recipe_table(a: Analysis) -> pd.DataFrame:
                 row["notes"] = "; ".join([f"fit chose {c.label} {model_label(c.model)} at {c.predicted_loss:.4f}",
                                           *notes])
             row.update(_how_sure(a, budget, row, c, e))
+        if r is None and e is not None:  # a grid budget no surface answers: its best trial does
+            row.update(_no_fit_answer(a, e))
         if e is not None:
             row.update(empirical_method=e["method"], empirical_hparam=_hp(e["method"], e["hparam"]),
                        empirical_model=e["model"], empirical_loss=float(e["eval_loss"]),
@@ -195,6 +198,14 @@ def _empirical_answer(a: Analysis, e: pd.Series) -> dict:
                 **methods.get(e["method"]).hparam_fields(h), model=e["model"], n_params=int(n),
                 tokens=int(tokens), flops=float(e["flops"]), predicted_loss=pred, predicted_loss_low=low,
                 predicted_loss_high=high, win_fraction=np.nan, data_limited=False, extrapolated=False)
+
+
+def _no_fit_answer(a: Analysis, e: pd.Series) -> dict:
+    """The recipe row at a grid budget where no surface can be fitted (too few trials or budgets): the best trial
+    ``e`` answers, its measured loss as ``predicted_loss`` and no interval (one run has none), ``source``
+    empirical and ``notes`` saying why there is no fit (as `recipe` does: analysis/report.py)."""
+    return {**_empirical_answer(a, e), "predicted_loss": float(e["eval_loss"]), "predicted_loss_low": np.nan,
+            "predicted_loss_high": np.nan, "source": "empirical", "notes": f"no fit: {no_fit_reason(a.surfaces)}"}
 
 
 def hparam_sensitivity(a: Analysis, method: str) -> pd.DataFrame:

@@ -26,7 +26,7 @@ from .fit import CI_LEVEL, N_BOOTSTRAP, FitError, fit_surfaces, hparam_of, requi
 from .load import StoreError, load_data_cap, load_trials, open_uri
 from .confidence import confidence
 from .noise import noise_at
-from .recipe import Choice, compute_recipe, fit_doubts
+from .recipe import Choice, NoSurface, compute_recipe, empirical_budget, fit_doubts, serve_flops
 
 RECIPE_KEYS = ("budget_flops", "method", "model", "n_params", "tokens", "lora_rank", "trainable_fraction",
                "predicted_loss", "predicted_loss_low", "predicted_loss_high")  # docs/reference.md
@@ -93,7 +93,11 @@ def recipe_at(sweep_uri: str, budget_flops: float, max_tokens: int | None = None
     if max_tokens is None:
         max_tokens = load_data_cap(sweep_uri)
     fits = fit_surfaces(usable, n_boot=n_boot, seed=seed)
-    r = compute_recipe(fits, budget_flops, max_tokens, serve_tokens or 0.0)
+    try:
+        r = compute_recipe(fits, budget_flops, max_tokens, serve_tokens or 0.0)
+    except NoSurface as e:  # one run per answer, nothing to bootstrap: p_best and the runner-up are unknown
+        return _no_fit_recipe(usable, budget_flops, e.why, serve_tokens) | {
+            "p_best": None, "runner_up": None, "noise_sd": noise_at(trials, budget_flops)}
     c = r.best
     out = {"budget_flops": budget_flops, "method": c.method, "model": c.model, "n_params": int(c.n_params),
            "tokens": int(c.tokens), "lora_rank": c.lora_rank, "trainable_fraction": c.trainable_fraction,
@@ -166,6 +170,29 @@ def sure_lines(d: dict) -> list[str]:
     return lines
 
 
+def _no_fit_recipe(usable: pd.DataFrame, budget_flops: float, why: str, serve_tokens: float | None) -> dict:
+    """`recipe` where no surface can be fitted: the best completed trial at the nearest budget at or below C
+    (analysis.recipe.empirical_budget), with ``source`` "empirical" and ``no_fit`` saying why. The contract's keys
+    stay: ``predicted_loss`` is the trial's measured eval_loss, and ``predicted_loss_low`` / ``_high`` are null
+    (one run has no interval)."""
+    budget, at = empirical_budget(usable, budget_flops, serve_tokens or 0.0)
+    emp = _empirical_at(at, budget)
+    out = {"budget_flops": budget_flops, **{k: emp[k] for k in ("method", "model", "n_params", "tokens", "lora_rank",
+                                                                 "trainable_fraction")},
+           "predicted_loss": emp["eval_loss"], "predicted_loss_low": None, "predicted_loss_high": None,
+           "per_method": {}, "empirical": emp, "family": emp["family"], "pooling": emp["pooling"]}
+    if serve_tokens is not None:
+        row = at.set_index("trial_id").loc[emp["trial_id"]]
+        out.update(serve_tokens=float(serve_tokens), train_flops=_num(float(row["flops"])),
+                   serve_flops=_num(float(serve_flops(row["method"], float(row["n_params"]),
+                                                      float(row["n_trainable"]), serve_tokens))))
+    below = not np.isclose(budget, budget_flops, rtol=SAME_BUDGET_RTOL, atol=0)
+    out["notes"] = [f"the best trial at {budget:.3g} FLOP, the largest budget at or below {budget_flops:.3g} with "
+                    "trials"] if below else []
+    out.update(source="empirical", no_fit=why)
+    return out
+
+
 def format_recipe(d: dict) -> str:
     """A ``recipe_at`` document for humans."""
     def hp(e):
@@ -179,6 +206,8 @@ def format_recipe(d: dict) -> str:
         lo, hi = e.get("predicted_loss_low"), e.get("predicted_loss_high")
         return f"[{lo:.4f}, {hi:.4f}]" if lo is not None and hi is not None else "[no bootstrap]"
 
+    if d.get("no_fit"):
+        return _format_no_fit(d, hp)
     best = d["per_method"].get(d["method"], {})
     notes = [n for n, on in (("data-limited: spends less than the budget", best.get("data_limited")),
                              ("extrapolated beyond the sweep's trials", best.get("extrapolated"))) if on]
@@ -213,6 +242,21 @@ def format_recipe(d: dict) -> str:
         lines += ["", f"  empirical best trial at this budget: {emp['method']}{hp(emp)} {model_label(emp['model'])} "
                       f"tokens {emp['tokens']:,} loss {emp['eval_loss']:.4f} ({emp['trial_id']})"]
     return "\n".join(lines)
+
+
+def _format_no_fit(d: dict, hp) -> str:
+    """A ``recipe_at`` answer without a fitted surface (``_no_fit_recipe``): the best trial, said to be one."""
+    emp = d["empirical"]
+    lines = [f"Recipe at {d['budget_flops']:.3g} FLOP",
+             f"  source          empirical (no fit: {d['no_fit']})",
+             f"  method          {d['method']}{hp(d)}",
+             f"  model           {model_label(d['model'])}  (N = {d['n_params']:,} non-embedding parameters)",
+             f"  tokens          {d['tokens']:,}",
+             *([f"  serving         {d['serve_tokens']:.3g} tokens embedded: {d['serve_flops']:.3g} FLOP "
+                f"(training {d['train_flops']:.3g} FLOP)"] if d.get("serve_tokens") is not None else []),
+             f"  eval loss       {emp['eval_loss']:.4f}  (measured: trial {emp['trial_id']} at "
+             f"{emp['budget_flops']:.3g} FLOP; no interval without a fit)"]
+    return "\n".join(lines + [f"  note            {n}" for n in d.get("notes", [])])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -140,6 +140,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-length", type=int, default=75)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    from workers.export import quiet_model_loading
+
+    quiet_model_loading()  # as the CLI: no library noise the user did not ask for
     out = run(args.copies, args.epochs, args.raw_s, args.batch, args.max_length)
     if args.json:
         print(json.dumps(out, indent=1))

@@ -469,6 +469,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", metavar="A,B", help="only the paths whose names start with these")
     args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from workers.export import quiet_model_loading
+
+    quiet_model_loading()  # as the CLI: no library noise the user did not ask for
     root = tempfile.mkdtemp(prefix="rpgpu")
     t0 = time.perf_counter()
     date = datetime.date.today().isoformat()

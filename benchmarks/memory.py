@@ -103,6 +103,9 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    from workers.export import quiet_model_loading
+
+    quiet_model_loading()  # as the CLI (children inherit the environment): no library noise
     if args.child:
         child(json.loads(args.child), args.trials, args.budget)
         return

@@ -271,6 +271,9 @@ def main(argv=None) -> int:
     q = args.quick
     parts = set(args.only or ("worker", "hardware", "driver", "store"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from workers.export import quiet_model_loading
+
+    quiet_model_loading()  # as the CLI: no DeepSpeed accelerator line, no per-load progress bars
     import torch
 
     threads = torch.get_num_threads()

@@ -310,63 +310,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(plan.to_json()))
     else:
+        from orchestrator.plan_view import render_plan
+
         print(render_plan(plan, entry, args.mfu or TYPICAL_MFU))
     return 0
-
-
-def render_plan(plan, device=("H100 SXM", 989e12, ""), mfu: float = 0.40) -> str:
-    """The dry run as an aligned text table (deterministic; no terminal width games), then the totals."""
-    from orchestrator.plan import short
-
-    header = ("trial_id", "model", "method", "rank/frac", "budget", "tokens", "steps", "hours", "resources",
-              "memory", "status")
-    name, peak, _ = device
-    hours = {t.trial_id: t.hardware_flops / (peak * mfu) / 3600 for t in plan.trials}
-    rows = []
-    g = plan.grid
-    adaptive = g.strategy == "adaptive"
-    rung_of = {b: i + 1 for i, b in enumerate(sorted(g.budgets))} if adaptive else {}
-    full_rungs = g.adaptive.full_rungs if adaptive else 0
-    for t in plan.trials:
-        hyper = f"r={t.lora_rank}" if t.lora_rank is not None else (
-            f"f={t.trainable_fraction:g}" if t.trainable_fraction is not None else "-")
-        resources = " ".join(f"{k}={v:g}" for k, v in t.display_resources().items())
-        status = "ok" if t.runnable else f"SKIP {t.skip_reason}"
-        if t.runnable and rung_of.get(t.budget_flops, 0) > full_rungs:
-            status = f"rung {rung_of[t.budget_flops]}: decided after rung {rung_of[t.budget_flops] - 1}"
-        memory = "-" if t.memory_bytes is None else f"{t.memory_bytes / 1e9:.1f}GB" + ("+ckpt" if t.checkpointing else "")
-        rows.append((t.trial_id, t.model, t.method, hyper, sci(t.budget_flops), short(t.planned_tokens),
-                     str(t.steps), f"{hours[t.trial_id]:.2g}" if t.runnable else "-", resources, memory, status))
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    lines.insert(0, f"sweep {g.name}: {len(g.models)} models x {len(g.methods.cells())} method settings x "
-                    f"{len(g.budgets)} budgets; resources for "
-                    + (f"{plan.gpus_available} GPUs per node" if plan.gpus_available else "a CPU-only cluster")
-                    + (f" of {plan.gpu_memory / 1e9:.0f} GB each (memory: estimated peak per GPU, core/memory.py; "
-                       "+ckpt: with gradient checkpointing)" if plan.gpu_memory else ""))
-    lines.append(f"{len(plan.trials)} trials: {len(plan.runnable)} runnable, {len(plan.skipped)} skipped; "
-                 f"{sci(plan.total_flops)} FLOP planned (runnable trials); about "
-                 f"{sum(hours[t.trial_id] for t in plan.runnable):.3g} {name}-hours at {mfu:.0%} MFU "
-                 f"({peak / 1e12:.0f} TFLOP/s bf16 peak; hours: per trial, recomputation included)")
-    per_pair = plan.data.tokens_per_pair  # measured once per tokenizer: the same text costs each family its own tokens
-    lines.append("tokens per pair (measured per tokenizer): " + ", ".join(
-        f"{model} {per_pair[model]:.1f}" for model in g.models if model in per_pair))
-    if adaptive:
-        from core.strategy import TYPICAL_FLOP_FRACTION
-
-        first = sum(t.planned_flops for t in plan.runnable if rung_of[t.budget_flops] <= full_rungs)
-        lines.append(f"strategy adaptive: rungs 1-{min(full_rungs, len(rung_of))} run in full ({sci(first)} FLOP); "
-                     f"later rungs run only the cells that can still be on the frontier, decided after the rung "
-                     f"below. Worst case {sci(plan.total_flops)} FLOP (every cell); expected about "
-                     f"{sci(TYPICAL_FLOP_FRACTION * plan.total_flops)} ({TYPICAL_FLOP_FRACTION:.0%}, the simulation's "
-                     "typical fraction: benchmarks/adaptive.py)")
-    return "\n".join(lines)
-
-
-def sci(x: float) -> str:
-    """1.5e15 -> '1.5e15'."""
-    mantissa, exp = f"{x:.1e}".split("e")
-    return f"{mantissa}e{int(exp)}"
 
 
 # --- entry point -------------------------------------------------------------------------------------------

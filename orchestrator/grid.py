@@ -308,7 +308,7 @@ class RunConfig(_Optional):
     # experiment trackers that get a copy of every metric row (orchestrator/tuning.py, Ray Tune's logger callbacks);
     # the store stays the source of truth, a tracker that fails is warned about once and dropped. Never in an id.
     mirror: Annotated[tuple[Literal[MIRRORS], ...], BeforeValidator(_listify_or_none), AfterValidator(_unique)] = ()
-    mlflow_tracking_uri: Text | None = None  # None: $MLFLOW_TRACKING_URI, else <sweep>/mlflow on a local store
+    mlflow_tracking_uri: Text | None = None  # None: $MLFLOW_TRACKING_URI, else <sweep>/mlflow.db on a local store
     wandb_project: Text | None = None  # None: $WANDB_PROJECT, else the sweep's name
 
     @field_validator("mlflow_tracking_uri")
@@ -430,13 +430,14 @@ def check_mirrors(grid: Grid, source: str, sweep_uri: str | None = None) -> None
 
 def mlflow_tracking_uri(run: RunConfig, sweep_uri: str) -> str | None:
     """Where the MLflow mirror writes: ``run.mlflow_tracking_uri``, else the user's ``$MLFLOW_TRACKING_URI``, else a
-    local file store ``<sweep>/mlflow`` beside the store's files when the store is local (None: a remote store)."""
+    SQLite database ``<sweep>/mlflow.db`` beside the store's files when the store is local (None: a remote store).
+    SQLite, not MLflow's file store: MLflow 3 keeps that in maintenance mode and opens it only when told to."""
     uri = run.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
     if is_remote(sweep_uri):
         return None
-    return "file://" + os.path.join(local_path(sweep_uri), "mlflow")
+    return "sqlite:///" + os.path.join(local_path(sweep_uri), "mlflow.db")
 
 
 def _installed(module: str) -> bool:

@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 
-from core.errors import UserError
+from core.errors import UserError, one_line
 from core.uris import absolute, is_remote, redact
 
 JOB_SERVER_SCHEMES = ("http://", "https://")
@@ -231,4 +231,4 @@ def _signal_code(e: KeyboardInterrupt) -> int:
 
 
 def _one_line(e) -> str:
-    return redact(" ".join(str(e).split()))[:300]
+    return redact(one_line(e))[:300]

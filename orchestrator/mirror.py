@@ -156,10 +156,10 @@ def _mlflow_logger(tracking_uri: str, experiment: str, params: dict[str, dict]):
             self.ended: set = set()  # trials whose run ended
 
         def setup(self, *args, **kwargs):
-            # MLflow 3 refuses its file store (maintenance mode) unless told: the local default is one
-            if self.tracking_uri.startswith("file:") or "://" not in self.tracking_uri:
-                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-            logging.getLogger("mlflow").setLevel(logging.ERROR)
+            # The local default is a SQLite database (orchestrator/grid.py mlflow_tracking_uri): creating its tables
+            # logs MLflow's and Alembic's INFO lines, which are not the user's business
+            for name in ("mlflow", "alembic"):
+                logging.getLogger(name).setLevel(logging.ERROR)
             super().setup(*args, **kwargs)
 
         def client(self):

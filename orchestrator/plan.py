@@ -378,15 +378,19 @@ def measure_data(grid: Grid, *, strict: bool = False) -> DataStats:
             warnings.append(f"warning: cannot count the pairs in {uri} ({one_line(e)}); max_epochs not "
                             "checked (set plan.train_pairs)")
     tokens_per_pair: dict[str, float] = {}
-    measured: dict[str, float] = {}
+    measured: dict[str, tuple[float, str | None]] = {}  # tokenizer -> (tokens per pair, its warning)
+    concerns: dict[str, list[str]] = {}  # a warning -> the models it concerns: each is said once, naming them
     for model in grid.models:
         if grid.plan.tokens_per_pair is not None:
             tokens_per_pair[model] = grid.plan.tokens_per_pair
             continue
         key = tokenizer_key(grid, model)
         if key not in measured:
-            measured[key] = _measure(grid, model, uri, readable, strict, warnings)
-        tokens_per_pair[model] = measured[key]
+            measured[key] = _measure(grid, model, uri, readable, strict)
+        tokens_per_pair[model], warning = measured[key]
+        if warning is not None:
+            concerns.setdefault(warning, []).append(model)
+    warnings += [warning.replace("{models}", ", ".join(models), 1) for warning, models in concerns.items()]
     if grid.data.eval is not None and (strict or "://" not in grid.data.eval):
         _check_eval(grid, strict)
     return DataStats(tokens_per_pair, train_pairs, tuple(warnings))
@@ -407,12 +411,14 @@ def _check_eval(grid: Grid, strict: bool) -> None:
         raise UserError(f"data.eval: {uri}: {len(pairs)} usable pair(s); evaluation needs at least 2")
 
 
-def _measure(grid: Grid, model: str, uri: str, readable: bool, strict: bool, warnings: list[str]) -> float:
-    fallback = (f"planning with {FALLBACK_TOKENS_PER_PAIR:g} tokens per pair (the authors' constant; "
+def _measure(grid: Grid, model: str, uri: str, readable: bool, strict: bool) -> tuple[float, str | None]:
+    """Tokens per pair with ``model``'s tokenizer, and the warning when it fell back to the authors' constant, with
+    ``{models}`` where the caller names every model it concerns (unreadable data is one problem, not one per model;
+    a tokenizer's is its models')."""
+    fallback = (f"with {FALLBACK_TOKENS_PER_PAIR:g} tokens per pair (the authors' constant; "
                 "set plan.tokens_per_pair)")
     if not readable:
-        warnings.append(f"warning: cannot read {uri}: {fallback}")
-        return FALLBACK_TOKENS_PER_PAIR
+        return FALLBACK_TOKENS_PER_PAIR, f"warning: cannot read {uri}: planning {{models}} {fallback}"
     try:
         from workers.pair_files import measure_tokens_per_pair
 
@@ -420,14 +426,13 @@ def _measure(grid: Grid, model: str, uri: str, readable: bool, strict: bool, war
     except Exception as e:  # noqa: BLE001 -- no tokenizer here (offline hub, no tokenizer files)
         if strict:
             raise UserError(f"{model}: cannot load its tokenizer ({one_line(e)})") from None
-        warnings.append(f"warning: cannot load the tokenizer of {model} ({one_line(e)}): {fallback}")
-        return FALLBACK_TOKENS_PER_PAIR
+        return FALLBACK_TOKENS_PER_PAIR, (f"warning: cannot load the tokenizer of {{models}} ({one_line(e)}): "
+                                          f"planning {fallback}")
     try:
-        return measure_tokens_per_pair(uri, tokenizer, grid.train.max_length, sample=grid.plan.sample_pairs)
+        return measure_tokens_per_pair(uri, tokenizer, grid.train.max_length, sample=grid.plan.sample_pairs), None
     except Exception as e:  # noqa: BLE001
         _unreachable(e, uri, strict, "data.train")
-        warnings.append(f"warning: cannot read {uri} ({one_line(e)}): {fallback}")
-        return FALLBACK_TOKENS_PER_PAIR
+        return FALLBACK_TOKENS_PER_PAIR, f"warning: cannot read {uri} ({one_line(e)}): planning {{models}} {fallback}"
 
 
 def _load_tokenizer(path: str):

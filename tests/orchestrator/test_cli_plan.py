@@ -118,9 +118,94 @@ def test_paper_grid_plans_offline(capsys, monkeypatch):
     assert len(doc["trials"]) == 432
     big = next(t for t in doc["trials"] if t["model"].endswith("2.8b") and t["method"] == "full")
     assert big["budget_flops"] == 1.5e15 and big["skip_reason"] == "1 optimizer steps < min_steps 10"
+    # one tokenizer for all eight Pythia models: the unreadable data is said once, naming them
     assert [line.split(" (")[0] for line in err.splitlines()] == [
         "warning: cannot count the pairs in s3://your-bucket/bge/train/*.jsonl",
-        "warning: cannot read s3://your-bucket/bge/train/*.jsonl: planning with 78 tokens per pair"]
+        "warning: cannot read s3://your-bucket/bge/train/*.jsonl: planning EleutherAI/pythia-14m, "
+        "EleutherAI/pythia-31m, EleutherAI/pythia-70m, EleutherAI/pythia-160m, EleutherAI/pythia-410m, "
+        "EleutherAI/pythia-1b, EleutherAI/pythia-1.4b, EleutherAI/pythia-2.8b with 78 tokens per pair"]
+
+
+LLAMA_CONFIG = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 512}
+
+
+def unreadable_records(monkeypatch):
+    """Planning reads the data through workers.records: here it cannot (a bucket without network)."""
+    fake = types.ModuleType("workers.records")
+    fake.DataError = type("DataError", (ValueError,), {})
+
+    def unreachable(uri, *a, **k):
+        raise fake.DataError(f"{uri}: cannot open: no network")
+
+    fake.count_pairs = fake.measure_tokens_per_pair = unreachable
+    monkeypatch.setitem(sys.modules, "workers.records", fake)
+
+
+def two_family_grid(tmp_path, **extra) -> str:
+    """Two models of two families (GPT-NeoX, Llama) x full x mean/last pooling x one budget: four trials that the
+    model, method, rank and budget columns alone cannot tell apart in pairs."""
+    for name, config in (("neox", TINY_CONFIG), ("llama", LLAMA_CONFIG)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    grid = {"name": "axes", "models": ["./neox", "./llama"], "methods": {"full": {}}, "pooling": ["mean", "last"],
+            "budgets": [1.2e10], "data": {"train": "s3://no-bucket/train.jsonl"},
+            "train": {"batch_size": 4, "lr": 1.0e-4}, **extra}
+    path = tmp_path / "axes.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return str(path)
+
+
+def test_plan_shows_every_swept_axis(tmp_path, capsys, monkeypatch):
+    """`plan` on a grid that sweeps family and pooling: a family and a pooling column, and no two rows alike once
+    the trial id is left out (the pairs of identical rows a grid sweeping pooling printed before)."""
+    unreadable_records(monkeypatch)
+    path = two_family_grid(tmp_path, plan={"tokens_per_pair": 30, "train_pairs": 1000})
+    assert cli.main(["plan", path]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[0] == ("sweep axes: 2 models x 1 method settings x 2 pooling values x 1 budgets; resources for a "
+                        "CPU-only cluster")
+    assert lines[1].split() == ["trial_id", "model", "family", "method", "rank/frac", "pooling", "budget", "tokens",
+                                "steps", "hours", "resources", "memory", "status"]
+    rows = [line.split()[1:6] for line in lines[2:6]]  # model .. budget, the trial id left out
+    assert rows == [["./neox", "gpt_neox", "full", "-", "mean"], ["./neox", "gpt_neox", "full", "-", "last"],
+                    ["./llama", "llama", "full", "-", "mean"], ["./llama", "llama", "full", "-", "last"]]
+    assert len({tuple(line.split()[1:]) for line in lines[2:6]}) == 4
+    assert err == ""
+
+
+def test_plan_columns_follow_the_trials_not_a_list(grid_file):
+    """An axis this module has never heard of (here: the seed, as replicates will sweep it) gets its column from the
+    trials themselves; an axis with one value gets none."""
+    import dataclasses
+
+    from orchestrator.grid import load_grid
+    from orchestrator.plan import plan_grid
+    from orchestrator.plan_view import render_plan
+
+    plan = plan_grid(load_grid(grid_file))
+    seeded = tuple(dataclasses.replace(t, trial_id=t.trial_id[:-1] + "x", spec=dataclasses.replace(t.spec, seed=7))
+                   for t in plan.trials)
+    lines = render_plan(dataclasses.replace(plan, trials=plan.trials + seeded)).splitlines()
+    assert "x 2 seed values" in lines[0]
+    assert lines[1].split()[:6] == ["trial_id", "model", "method", "rank/frac", "seed", "budget"]
+    assert [line.split()[4] for line in lines[2:10]] == ["0"] * 4 + ["7"] * 4
+    assert "seed" not in render_plan(plan).splitlines()[1]  # one seed: no column
+
+
+def test_plan_says_each_warning_once_naming_its_models(tmp_path, capsys, monkeypatch):
+    """Unreadable data concerns every model: one line naming them, not one per model (each has its own
+    tokenizer, so each was measured, and warned about, on its own)."""
+    unreadable_records(monkeypatch)
+    path = two_family_grid(tmp_path)
+    assert cli.main(["plan", path]) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "warning: cannot count the pairs in s3://no-bucket/train.jsonl (s3://no-bucket/train.jsonl: cannot open: no "
+        "network); max_epochs not checked (set plan.train_pairs)",
+        "warning: cannot read s3://no-bucket/train.jsonl: planning ./neox, ./llama with 78 tokens per pair (the "
+        "authors' constant; set plan.tokens_per_pair)"]
 
 
 # --- the console script, in a subprocess -------------------------------------------------------------------
