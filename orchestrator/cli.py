@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="H100 SXM", metavar="NAME",
                    help="the accelerator device-hours are estimated for (core/devices.py's table; default H100 SXM)")
     p.add_argument("--mfu", type=_fraction, default=None, metavar="F",
-                   help="assumed model FLOP utilisation for the estimate (default 0.40, core/devices.py TYPICAL_MFU)")
+                   help="assumed FLOP utilisation for the estimate (default: per model size, the measured table in "
+                        "core/throughput.py)")
     p.set_defaults(handler=cmd_plan)
 
     p = common(sub.add_parser("submit", help="run (or extend, or finish) a sweep"), sweep=True)
@@ -270,7 +271,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from orchestrator.grid import load_grid
     from orchestrator.plan import plan_grid
 
-    from core.devices import TYPICAL_MFU, device_entry, device_memory
+    from core.devices import device_entry, device_memory
 
     device = getattr(args, "device", "H100 SXM")
     entry = device_entry(device)
@@ -282,18 +283,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(plan.to_json()))
     else:
-        print(render_plan(plan, entry, args.mfu or TYPICAL_MFU))
+        print(render_plan(plan, entry, args.mfu))
     return 0
 
 
-def render_plan(plan, device=("H100 SXM", 989e12, ""), mfu: float = 0.40) -> str:
+def render_plan(plan, device=("H100 SXM", 989e12, ""), mfu: float | None = None) -> str:
     """The dry run as an aligned text table (deterministic; no terminal width games), then the totals."""
     from orchestrator.plan import short
 
     header = ("trial_id", "model", "method", "rank/frac", "budget", "tokens", "steps", "hours", "resources",
               "memory", "status")
     name, peak, _ = device
-    hours = {t.trial_id: t.hardware_flops / (peak * mfu) / 3600 for t in plan.trials}
+    from orchestrator.plan import utilisation_note, utilisation_of
+
+    hours = {t.trial_id: t.hardware_flops / (peak * utilisation_of(t, mfu)) / 3600 for t in plan.trials}
     rows = []
     g = plan.grid
     adaptive = g.strategy == "adaptive"
@@ -316,9 +319,10 @@ def render_plan(plan, device=("H100 SXM", 989e12, ""), mfu: float = 0.40) -> str
                     + (f"{plan.gpus_available} GPUs per node" if plan.gpus_available else "a CPU-only cluster")
                     + (f" of {plan.gpu_memory / 1e9:.0f} GB each (memory: estimated peak per GPU, core/memory.py; "
                        "+ckpt: with gradient checkpointing)" if plan.gpu_memory else ""))
+    lines += utilisation_note(plan, mfu)
     lines.append(f"{len(plan.trials)} trials: {len(plan.runnable)} runnable, {len(plan.skipped)} skipped; "
                  f"{sci(plan.total_flops)} FLOP planned (runnable trials); about "
-                 f"{sum(hours[t.trial_id] for t in plan.runnable):.3g} {name}-hours at {mfu:.0%} MFU "
+                 f"{sum(hours[t.trial_id] for t in plan.runnable):.3g} {name}-hours "
                  f"({peak / 1e12:.0f} TFLOP/s bf16 peak; hours: per trial, recomputation included)")
     per_pair = plan.data.tokens_per_pair  # measured once per tokenizer: the same text costs each family its own tokens
     lines.append("tokens per pair (measured per tokenizer): " + ", ".join(
