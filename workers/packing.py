@@ -1,4 +1,4 @@
-"""Packing: a forward's texts laid end to end in rows, instead of each padded to the longest (issue #16).
+"""Packing: a forward's texts laid end to end in rows, instead of each padded to the longest.
 
 Random batches are the default (length buckets bias the in-batch negatives: benchmarks/README.md "Data"), and at
 batch 128 / max length 75 about 64 % of a padded batch is padding. Packed, a forward runs the real tokens only:
@@ -17,6 +17,11 @@ the rows' tails (~1 % of the tokens run). Longer rows would save only those tail
 measured on this CPU, rows of 2x the longest text were slower than 1x (median, 4 cases), 4x slower still
 (benchmarks/packing.py, benchmarks/README.md "Packing"; GPU unmeasured). Only the pairs of one sub-batch (the
 gradient cache's ``chunk``) share rows, queries and documents together, so one forward serves both sides.
+
+Flat rows (``pack_flat``): for the attention kernels that take cumulative sequence lengths (workers/attention.py:
+varlen FlashAttention on CUDA, the per-text reference in tests) every text of the forward goes into one row, in
+order, with ``cu_seqlens``; attention then costs each text its own square, so there is no capacity to choose and no
+tail but the one a compiled model's bucket length adds (``bucket_length``). ``Packer`` says which way a trial packs.
 
 Dropout (LoRA's ``lora_dropout``) draws other masks packed than padded: the same distribution, not the same
 numbers; without dropout packed and padded steps agree to float rounding.

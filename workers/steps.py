@@ -223,11 +223,15 @@ def use_packer(model, packer) -> None:
         use(model, packer.kernel)
 
 
-def compiles(shape: NeoxShape, spec: TrialSpec, plan: Plan, device: torch.device) -> bool:
-    """``spec.compile`` decided (core/throughput.py ``compile_decision``): auto compiles on CUDA where the planned
+def compiles(shape: NeoxShape, spec: TrialSpec, plan: Plan, device: torch.device, packing: bool) -> bool:
+    """``spec.compile`` decided (core/throughput.py ``compile_decision``): auto compiles on CUDA, for packed trials
+    (whose flat rows come in a few bucket lengths; padded batches would recompile per length), where the planned
     steps' saving passes the compiles' cost; the eager step's seconds estimated from its hardware FLOP (the planner's
     per-token count at the mean text length) at the utilisation measured for the model's size."""
     from core.throughput import assumed_utilisation, compile_decision
+
+    if spec.compile == "auto" and not packing:
+        return False
 
     eager_step_s = 0.0
     if plan.peak_flops:

@@ -52,7 +52,7 @@ def run_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | None = None
     model.to(device).train()
     plan = steps.make_plan(spec, model, tokenizer, device)
     # packed rows' attention kernel by device (workers/attention.py); torch.compile where it pays (core/throughput.py)
-    compiled = steps.compiles(shape, spec, plan, device)
+    compiled = steps.compiles(shape, spec, plan, device, packing)
     packer = steps.packer_for(shape, spec, device, packing, compiled)
     steps.use_packer(model, packer)
     if compiled:

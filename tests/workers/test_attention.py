@@ -183,3 +183,20 @@ def test_varlen_kernel_equals_padded_on_cuda(family):
         p = pack_flat(ids, mask, bucket=True, max_text=ids.shape[1])
         rows = model(**p.model_kwargs()).last_hidden_state.float()
     torch.testing.assert_close(unpack(rows, p)[mask.bool()], padded[mask.bool()], atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_give_the_eager_forward():
+    """torch.compile of the decoder blocks (workers/steps.py compile_blocks) over bucketed flat rows: the eager
+    forward's hidden states. Slow: inductor compiles each block for minutes on this shared CPU."""
+    from workers.steps import compile_blocks
+
+    model = tiny("gpt_neox", "eager").eval()
+    ids, mask = texts([6, 1, 9, 4, 7, 2, 9, 3])
+    attention.use(model, SEGMENTS)
+    p = pack_flat(ids, mask, bucket=True, max_text=ids.shape[1])
+    with torch.no_grad():
+        eager = model(**p.model_kwargs()).last_hidden_state
+        compile_blocks(model)
+        compiled = model(**p.model_kwargs()).last_hidden_state
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
