@@ -78,17 +78,17 @@ def build(hidden: int, layers: int, heads: int, vocab: int):
 def row_factor(factor: int | None):
     """Packs rows of ``factor`` x the longest text for the duration (the benchmark's only knob; the step packs
     at 1x)."""
-    from workers import loss, packing
+    from workers import packing
 
     if factor in (None, 1):
         yield
         return
-    original = loss.pack
-    loss.pack = lambda ids, mask: packing.pack(ids, mask, capacity=factor * int(mask.sum(1).max()))
+    original = packing.pack  # what the mask kernel's Packer calls (workers/packing.py pack_for)
+    packing.pack = lambda ids, mask: original(ids, mask, capacity=factor * int(mask.sum(1).max()))
     try:
         yield
     finally:
-        loss.pack = original
+        packing.pack = original
 
 
 def timed_steps(model, optimizer, bs, packing: bool, factor: int | None) -> tuple[float, int]:

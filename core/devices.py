@@ -1,10 +1,12 @@
-"""Accelerators' dense bf16 peak FLOP/s by name, and MFU: pure (no torch), so the planner and the store share them.
+"""Accelerators' dense bf16 peak FLOP/s by name, and MFU / HFU: pure (no torch), so the planner and the store share
+them.
 
-MFU = hardware FLOP executed / (time in optimizer steps x the device's peak) (PaLM, Chowdhery et al. 2022,
-appendix B, counts model FLOP; we count the FLOP actually executed, recomputation included, core/flops.py
-``sequence_hardware_flops``, so ours is their "hardware FLOPs utilization"; the store's column keeps the name
-``mfu``, docs/reference.md). A trial on CPU has no datasheet: workers/device_peak.py measures the machine's best bf16
-matmul once and caches it.
+Two utilisations (PaLM, Chowdhery et al. 2022, appendix B), both FLOP / (time in optimizer steps x the device's
+peak): ``mfu`` from the paper's FLOP (core/flops.py ``cost_per_token`` x real tokens: 6·N per token for full
+fine-tuning, the method's cost otherwise -- what trains), ``hfu`` from the hardware FLOP actually executed
+(``sequence_hardware_flops``: padding, attention and recomputation included). Recomputation raises hfu, never mfu,
+so it cannot pass for efficiency. A trial on CPU has no datasheet: workers/device_peak.py measures the machine's
+best bf16 matmul once and caches it.
 
 Peaks are dense (no 2:4 sparsity: NVIDIA's datasheets print the sparse figure with an asterisk, twice the dense
 one) bf16 tensor-core rates with fp32 accumulation, at boost clock, per GPU.
@@ -122,11 +124,15 @@ def peak_flops(device_name: str) -> float | None:
     return entry[1] if entry else None
 
 
-def mfu(hardware_flops: float, train_s: float, peak: float | None) -> float | None:
-    """hardware FLOP / (seconds in optimizer steps x peak FLOP/s); None without a peak or without time."""
+def mfu(flops: float, train_s: float, peak: float | None) -> float | None:
+    """FLOP / (seconds in optimizer steps x peak FLOP/s); None without a peak or without time. The paper's FLOP give
+    the model FLOPs utilisation (``mfu``), the hardware FLOP the hardware FLOPs utilisation (``hfu``)."""
     if not peak or not train_s or train_s <= 0:
         return None
-    return hardware_flops / (train_s * peak)
+    return flops / (train_s * peak)
+
+
+hfu = mfu  # the same ratio over the hardware FLOP
 
 
 def device_hours(hardware_flops: float, peak: float, mfu_assumed: float = TYPICAL_MFU) -> float:

@@ -36,7 +36,7 @@ WEIGHT_DECAY = 0.1
 # Knobs that change how a trial runs but not what it computes.
 RUNTIME_FIELDS = ("chunk_size", "report_every", "report_every_s", "checkpoint_every_s", "save_model",
                   "keep_weights", "weights_uri", "token_cache", "planned_tokens_per_pair", "planned_tokens", "planned_steps", "num_threads",
-                  "prefetch_batches", "deepspeed_config", "device_share", "packing")
+                  "prefetch_batches", "deepspeed_config", "device_share", "packing", "compile")
 # Identity fields added after sweeps existed: in the identity only when not at their default (ids stay stable).
 ADDED_FIELDS = ("batching", "pooling", "replicate")
 # A DeepSpeed override may tune how the engine runs (ZeRO stage, offload, buckets, communication), not what the
@@ -80,6 +80,9 @@ class TrialSpec:
     precision: str = "auto"  # auto (bf16 autocast where the hardware has it) | bf16 | fp32
     eval_every: int = 0  # optimizer steps between evaluations; 0: at the end only
     eval_pairs: int = 4096  # held-out pairs used (the first ones of the eval file)
+    # torch.compile of the decoder blocks (core/throughput.py compile_decision): auto = on CUDA where the trial's
+    # planned steps pass the break-even, true / false force it; how it runs, not what it computes
+    compile: bool | str = "auto"
     # runtime knobs
     chunk_size: int | None = None  # gradient-cache sub-batch (pairs); None: automatic from memory
     # a sub-batch's texts packed in rows, no padding (workers/packing.py): the padded step's results up to float
@@ -127,6 +130,8 @@ class TrialSpec:
             raise ValueError(f"gradient_checkpointing: {self.gradient_checkpointing!r} is not auto, true or false")
         if isinstance(self.replicate, bool) or not isinstance(self.replicate, int) or self.replicate < 0:
             raise ValueError(f"replicate: a non-negative integer (got {self.replicate!r})")
+        if self.compile not in (True, False, "auto"):
+            raise ValueError(f"compile: {self.compile!r} is not auto, true or false")
         if self.batching not in BATCHING:
             raise ValueError(f"batching: {self.batching!r} is not one of {', '.join(BATCHING)}")
 

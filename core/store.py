@@ -42,7 +42,7 @@ TRIAL_COLUMNS = (
     ("family", "string"),  # the model's model_type: gpt_neox, llama, qwen3, ...
     ("pooling", "string"),  # mean | last | weighted_mean
     *RETRIEVAL,
-    ("mfu", "float64"),  # hardware_flops / (train_s x the device's bf16 peak)
+    ("mfu", "float64"),  # flops (the paper's) / (train_s x the device's bf16 peak): what trains
     # extensions (the contract allows new columns; docs/reference.md documents each)
     ("planned_tokens", "int64"),  # the planner's tokens for the budget (core.flops.tokens_for_budget)
     ("planned_steps", "int64"),  # the planner's optimizer steps (core.flops.planned_steps)
@@ -56,6 +56,7 @@ TRIAL_COLUMNS = (
     # replicate; a store written before them reads replicate 0 and seed train.seed (analysis/load.py)
     ("replicate", "int64"),
     ("seed", "int64"),
+    ("hfu", "float64"),  # hardware_flops / (train_s x the peak): recompute included, so hfu >= mfu
 )
 METRIC_COLUMNS = (
     ("sweep", "string"), ("trial_id", "string"), ("step", "int64"), ("tokens", "int64"), ("flops", "float64"),
@@ -64,6 +65,7 @@ METRIC_COLUMNS = (
     *RETRIEVAL,  # where evaluated (null elsewhere)
     ("mfu", "float64"),
     ("hardware_flops", "float64"),  # extension: FLOP executed up to the step, recomputation included
+    ("hfu", "float64"),  # hardware_flops / (train_s so far x the peak); mfu is the paper's flops over the same
 )
 CONTRACT_TRIAL_COLUMNS = tuple(n for n, _ in TRIAL_COLUMNS[:25])
 CONTRACT_METRIC_COLUMNS = tuple(n for n, _ in METRIC_COLUMNS[:15])

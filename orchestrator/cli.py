@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="H100 SXM", metavar="NAME",
                    help="the accelerator device-hours are estimated for (core/devices.py's table; default H100 SXM)")
     p.add_argument("--mfu", type=_fraction, default=None, metavar="F",
-                   help="assumed model FLOP utilisation for the estimate (default 0.40, core/devices.py TYPICAL_MFU)")
+                   help="assumed FLOP utilisation for the estimate (default: per model size, the measured table in "
+                        "core/throughput.py)")
     p.set_defaults(handler=cmd_plan)
 
     p = common(sub.add_parser("submit", help="run (or extend, or finish) a sweep"), sweep=True)
@@ -298,7 +299,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from orchestrator.grid import load_grid
     from orchestrator.plan import plan_grid
 
-    from core.devices import TYPICAL_MFU, device_entry, device_memory
+    from core.devices import device_entry, device_memory
 
     device = getattr(args, "device", "H100 SXM")
     entry = device_entry(device)
@@ -312,7 +313,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         from orchestrator.plan_view import render_plan
 
-        print(render_plan(plan, entry, args.mfu or TYPICAL_MFU))
+        print(render_plan(plan, entry, args.mfu))
     return 0
 
 

@@ -256,6 +256,8 @@ class TrainConfig(_Optional):
     gradient_checkpointing: Annotated[bool | Literal["auto"], BeforeValidator(_auto_bool)] = default(
         "gradient_checkpointing")
     batching: Literal[BATCHING] = default("batching")  # random (the paper's) | length_buckets (opt-in)
+    # torch.compile of the blocks: auto = on CUDA past the break-even (core/throughput.py); not in the trial id
+    compile: Annotated[bool | Literal["auto"], BeforeValidator(_auto_bool)] = default("compile")
 
 
 class PlanConfig(_Optional):
@@ -607,7 +609,7 @@ def trial_spec(grid: Grid, model: str, method: str, budget_flops: float,
         batch_size=t.batch_size, temperature=t.temperature, max_length=t.max_length,
         lr=None if t.lr == "auto" else float(t.lr), warmup_fraction=t.warmup_fraction,
         weight_decay=t.weight_decay, seed=t.seed, max_epochs=grid.plan.max_epochs, batching=t.batching,
-        gradient_checkpointing=t.gradient_checkpointing, precision=t.precision,
+        gradient_checkpointing=t.gradient_checkpointing, precision=t.precision, compile=t.compile,
         eval_every=r.eval_every, eval_pairs=r.eval_pairs,
         chunk_size=r.chunk_size, packing=r.packing, report_every=r.report_every, report_every_s=r.report_every_s,
         checkpoint_every_s=r.checkpoint_every_s,

@@ -31,6 +31,7 @@ from core.flops import cost_per_token, planned_steps, sequence_hardware_flops, t
 from core.methods import param_counts
 from core.models import ModelShape, model_shape, pythia_size
 from core.spec import TrialSpec
+from core.throughput import assumed_utilisation, share_for
 from orchestrator.grid import Grid, Trial, expand, replicate_of
 
 # The authors planned every cell with 78 tokens per pair (14 query + 64 positive at max length 75; docs/study.md).
@@ -186,7 +187,7 @@ def size_trial(shape: ModelShape, spec: TrialSpec, gpus_available: int, grid: Gr
             return dataclasses.replace(_sizing(1.0, k, cpus), problem=problem)
         options = [(1.0, k)]
     else:
-        first = _num(r.gpu_fraction) if n < r.gpu_fraction_below_params else 1
+        first = _num(share_for(n, r.gpu_fraction, r.gpu_fraction_below_params)[0])  # a measured table, or the knobs
         options = [(f, 0) for f in sorted({first, 0.5, 1}) if f >= first]
         if gpu_memory is not None:  # what memory may need beyond one GPU: rank counts the batch splits over
             options += [(1.0, k) for k in _deepspeed_sizes(gpus_available) if spec.batch_size % k == 0]
@@ -464,3 +465,26 @@ def _num(x: float) -> float | int:
     return int(x) if float(x).is_integer() else float(x)
 
 
+def utilisation_of(trial: PlannedTrial, mfu: float | None) -> float:
+    """The fraction of the device's peak a trial's hardware FLOP are assumed to run at: ``plan --mfu`` where given,
+    else the figure measured for its size (core/throughput.py ``assumed_utilisation``)."""
+    return mfu if mfu else assumed_utilisation(trial.n_params)[0]
+
+
+def utilisation_note(plan: Plan, mfu: float | None) -> list[str]:
+    """The plan's lines saying which utilisation its hours assume, and which GPU fraction small trials share."""
+    if mfu:
+        lines = [f"hours at {mfu:.0%} MFU (--mfu) of the hardware FLOP"]
+    else:
+        sizes = {}
+        for t in plan.runnable:
+            sizes.setdefault(t.model, assumed_utilisation(t.n_params))
+        lines = ["hours at the utilisation measured per model size (core/throughput.py; plan --mfu F overrides): "
+                 + "; ".join(f"{model} {value:.2f} ({source})" for model, (value, source) in sizes.items())]
+    r = plan.grid.resources
+    if plan.gpus_available:
+        fraction, why = share_for(0, r.gpu_fraction, r.gpu_fraction_below_params)  # the smallest model's share
+        lines.append(f"GPU sharing: trials with N < {r.gpu_fraction_below_params:.3g} take {fraction:g} of a GPU "
+                     f"({why}; the rule: "
+                     "the fraction with the most real tokens/s per GPU in the measured table, core/throughput.py)")
+    return lines

@@ -54,16 +54,16 @@ def _cell(value) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
 
 
-def render_plan(plan, device=("H100 SXM", 989e12, ""), mfu: float = 0.40) -> str:
+def render_plan(plan, device=("H100 SXM", 989e12, ""), mfu: float | None = None) -> str:
     """The dry run as an aligned text table (deterministic; no terminal width games), then the totals."""
-    from orchestrator.plan import short
+    from orchestrator.plan import short, utilisation_note, utilisation_of
 
     axes = swept_axes(plan.trials)
     families = len({t.family for t in plan.trials}) > 1
     header = ("trial_id", "model", *(["family"] if families else []), "method", "rank/frac", *axes, "budget",
               "tokens", "steps", "hours", "resources", "memory", "status")
     name, peak, _ = device
-    hours = {t.trial_id: t.hardware_flops / (peak * mfu) / 3600 for t in plan.trials}
+    hours = {t.trial_id: t.hardware_flops / (peak * utilisation_of(t, mfu)) / 3600 for t in plan.trials}
     rows = []
     g = plan.grid
     adaptive = g.strategy == "adaptive"
@@ -89,9 +89,10 @@ def render_plan(plan, device=("H100 SXM", 989e12, ""), mfu: float = 0.40) -> str
                     + (f"{plan.gpus_available} GPUs per node" if plan.gpus_available else "a CPU-only cluster")
                     + (f" of {plan.gpu_memory / 1e9:.0f} GB each (memory: estimated peak per GPU, core/memory.py; "
                        "+ckpt: with gradient checkpointing)" if plan.gpu_memory else ""))
+    lines += utilisation_note(plan, mfu)
     lines.append(f"{len(plan.trials)} trials: {len(plan.runnable)} runnable, {len(plan.skipped)} skipped; "
                  f"{sci(plan.total_flops)} FLOP planned (runnable trials); about "
-                 f"{sum(hours[t.trial_id] for t in plan.runnable):.3g} {name}-hours at {mfu:.0%} MFU "
+                 f"{sum(hours[t.trial_id] for t in plan.runnable):.3g} {name}-hours "
                  f"({peak / 1e12:.0f} TFLOP/s bf16 peak; hours: per trial, recomputation included)")
     per_pair = plan.data.tokens_per_pair  # measured once per tokenizer: the same text costs each family its own tokens
     lines.append("tokens per pair (measured per tokenizer): " + ", ".join(

@@ -37,7 +37,7 @@ from core.errors import one_line
 from core.models import ModelShape
 from core.flops import (cost_per_token, loss_matmul_flops, padding_fraction, planned_steps, sequence_hardware_flops,
                         tokens_for_budget)
-from core.devices import mfu
+from core.devices import hfu, mfu
 from core.events import TrialEvent
 from core.schedule import warmup_cosine
 from core.memory import MARGIN, OVERHEAD_BYTES, Footprint, choose, footprint
@@ -206,14 +206,68 @@ def memory_plan(shape: ModelShape, spec: TrialSpec, device: torch.device, *, wor
     return dataclasses.replace(spec, gradient_checkpointing=bool(ckpt), chunk_size=chunk)
 
 
+def packer_for(shape: ModelShape, spec: TrialSpec, device: torch.device, packing: bool, compiled: bool = False):
+    """How the trial packs (workers/packing.py ``Packer``; None: padded): the attention kernel for its device
+    (workers/attention.py ``choose``: varlen FlashAttention on CUDA, the block-diagonal mask on a CPU) and, for a
+    compiled model, flat rows padded to bucket lengths (the longest text: max length, + 1 for an appended EOS)."""
+    from workers.attention import FLAT, choose
+    from workers.packing import Packer
+
+    if not packing:
+        return None
+    kernel = choose(device.type, shape.family, bf16=uses_bf16(spec.precision, device))
+    return Packer(kernel, bucket=compiled and kernel in FLAT, max_text=spec.max_length + 1)
+
+
+def use_packer(model, packer) -> None:
+    """The model's attention switched to the packer's kernel (nothing to do padded)."""
+    if packer is not None:
+        from workers.attention import use
+
+        use(model, packer.kernel)
+
+
+def compiles(shape: ModelShape, spec: TrialSpec, plan: Plan, device: torch.device, packing: bool) -> bool:
+    """``spec.compile`` decided (core/throughput.py ``compile_decision``): auto compiles on CUDA, for packed trials
+    (whose flat rows come in a few bucket lengths; padded batches would recompile per length), where the planned
+    steps' saving passes the compiles' cost; the eager step's seconds estimated from its hardware FLOP (the planner's
+    per-token count at the mean text length) at the utilisation measured for the model's size."""
+    from core.throughput import assumed_utilisation, compile_decision
+
+    if spec.compile == "auto" and not packing:
+        return False
+
+    eager_step_s = 0.0
+    if plan.peak_flops:
+        per_pair = spec.planned_tokens_per_pair or 2.0 * spec.max_length
+        length = max(1, round(per_pair / 2))
+        per_token = sequence_hardware_flops(shape, spec.method, length, lora_rank=spec.lora_rank,
+                                            trainable_fraction=spec.trainable_fraction,
+                                            lora_targets=spec.lora_targets, checkpointing=False) / length
+        utilisation, _ = assumed_utilisation(plan.n_params)
+        eager_step_s = per_token * per_pair * spec.batch_size / (plan.peak_flops * utilisation)
+    return compile_decision(spec.compile, device.type, plan.planned_steps, eager_step_s)
+
+
+def compile_blocks(model) -> None:
+    """Each decoder block compiled in place (``nn.Module.compile``: parameter names and checkpoints unchanged),
+    for fixed shapes (``dynamic=False``: the packer's bucket lengths keep them few)."""
+    from workers.methods import decoder_blocks
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for block in decoder_blocks(base):
+        block.compile(dynamic=False)
+
+
 class HardwareFlops:
     """The matmul FLOP one step executes where it runs (core.flops.sequence_hardware_flops per padded sequence,
     cached by length), for the hardware_flops column. ``packing`` (as the step runs, workers/packing.py): per
     packed row instead, a row of L tokens costing what a padded sequence of L does: its Linears on its tokens
     (the real ones and the row's tail), its attention L^2, as eager and SDPA attention compute it under the
-    block-diagonal mask (flash-attention 2's varlen path would compute only each text's own square: unused)."""
+    block-diagonal mask; a flat kernel (varlen, workers/attention.py) computes each text's own square only, and
+    ``packing`` (a ``Packer``) says which (workers/packing.py ``Packer.shapes``)."""
 
-    def __init__(self, shape: ModelShape, spec: TrialSpec, chunk: int, packing: bool = False):
+    def __init__(self, shape: ModelShape, spec: TrialSpec, chunk: int, packing=False):
         self.shape, self.spec, self.chunk, self.packing, self.per_sequence = shape, spec, chunk, packing, {}
 
     def __call__(self, part, pairs: int) -> float:
@@ -558,11 +612,12 @@ def finish(progress: Progress, rows: Reporter, evaluation: dict | None, started:
 def metric_row(p: Progress, lr: float, wall_s: float, tokens_per_s: float, evaluated: bool,
                peak_flops: float | None = None) -> dict:
     """A metric row (core/store.py METRIC_COLUMNS); the evaluation's columns only where this step evaluated; MFU
-    over the steps so far."""
+    (the paper's FLOP) and HFU (the hardware FLOP) over the steps so far."""
     evaluation = {"eval_loss": p.eval_loss, **p.retrieval} if evaluated else {"eval_loss": None}
     return {"step": p.step, "tokens": p.tokens, "flops": p.flops, "hardware_flops": p.hardware_flops,
             "train_loss": p.train_loss, "lr": lr, "wall_s": wall_s, "tokens_per_s": tokens_per_s,
-            "mfu": mfu(p.hardware_flops, p.train_s, peak_flops), **evaluation}
+            "mfu": mfu(p.flops, p.train_s, peak_flops), "hfu": hfu(p.hardware_flops, p.train_s, peak_flops),
+            **evaluation}
 
 
 def event(p: Progress, plan: Plan, rows: list, *, restart: bool, done: bool = False,
@@ -579,6 +634,6 @@ def trial_row(p: Progress, plan: Plan) -> dict:
             "flops": p.flops, "hardware_flops": p.hardware_flops, "eval_loss": p.eval_loss, **p.retrieval,
             "train_loss": p.train_loss, "wall_s": p.wall_s, "train_s": p.train_s, "reason": p.reason,
             "planned_tokens": plan.planned_tokens, "planned_steps": plan.planned_steps, "batching": plan.batching,
-            "mfu": mfu(p.hardware_flops, p.train_s, plan.peak_flops),
+            "mfu": mfu(p.flops, p.train_s, plan.peak_flops), "hfu": hfu(p.hardware_flops, p.train_s, plan.peak_flops),
             "bad_lines": p.bad_lines,
             "padding_fraction": padding_fraction(p.tokens, p.padded_tokens)}

@@ -41,12 +41,18 @@ def run_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | None = None
     shape = ModelShape.from_config(model.config.to_dict())
     # texts in rows without padding (workers/packing.py); checkpointing and the gradient cache's chunk, where "auto"
     packing = packs(spec.packing, shape.family, device_type=device.type, n_params=shape.n_params())
-    spec = steps.memory_plan(shape, spec, device, packing=packing)
+    spec = steps.memory_plan(shape, spec, device, packing=packing)  # one pass where the batch fits: no recompute
 
     # 2. choose trainable parameters; the plan (N, N_tr, cost per token, lr, planned tokens and steps)
     model = steps.prepare(model, spec)
     model.to(device).train()
     plan = steps.make_plan(spec, model, tokenizer, device)
+    # packed rows' attention kernel by device (workers/attention.py); torch.compile where it pays (core/throughput.py)
+    compiled = steps.compiles(shape, spec, plan, device, packing)
+    packer = steps.packer_for(shape, spec, device, packing, compiled)
+    steps.use_packer(model, packer)
+    if compiled:
+        steps.compile_blocks(model)
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([p for _, p in trainable], lr=plan.lr, weight_decay=spec.weight_decay,
                                   fused=device.type == "cuda")  # one kernel: 2.67x foreach, H200
@@ -65,11 +71,11 @@ def run_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | None = None
     steps.resume_reason(progress, skipped)
 
     chunk = spec.chunk_size
-    hardware_flops = steps.HardwareFlops(shape, spec, chunk, packing)
+    hardware_flops = steps.HardwareFlops(shape, spec, chunk, packer)
     eval_batches = steps.eval_batches(spec, tokenizer, device)
 
     def evaluate() -> dict | None:
-        return steps.evaluate(model, eval_batches, spec, chunk, autocast, packing=packing)
+        return steps.evaluate(model, eval_batches, spec, chunk, autocast, packing=packer)
 
     # 3. train to the budget
     rows = steps.Reporter(report, progress, plan, spec, started, restart=restored is not None)
@@ -79,7 +85,7 @@ def run_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | None = None
             t_step = time.perf_counter()
             batch = steps.to_device(batch, device)
             loss = contrastive_backward(model, batch, spec.temperature, chunk, autocast, pooling=spec.pooling,
-                                        packing=packing)
+                                        packing=packer)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             progress.advance(batch.real_tokens, batch.padded_tokens, plan.cost, hardware_flops(batch, len(batch)),

@@ -385,21 +385,29 @@ def test_plan_estimates_device_hours(capsys, monkeypatch, tmp_path):
     def total(*extra) -> float:
         assert cli.main(["plan", PAPER, *extra]) == 0
         out = capsys.readouterr().out
-        return float(re.search(r"about ([0-9.e+]+) [^;]*-hours at (\d+)% MFU", out).group(1))
+        assert re.search(r"hours at (\d+)% MFU \(--mfu\)", out)
+        return float(re.search(r"about ([0-9.e+]+) [^(]*-hours", out).group(1))
 
     paper_hours = 1.4e20 / (989e12 * 0.40) / 3600
-    h100 = total()
+    h100 = total("--mfu", "0.4")
     assert 1.0 * paper_hours < h100 < 1.15 * paper_hours
-    assert total("--gpus", "8") == pytest.approx(h100, rel=1e-6)
+    assert total("--gpus", "8", "--mfu", "0.4") == pytest.approx(h100, rel=1e-6)
     forced = tmp_path / "paper.yaml"
     grid = yaml.safe_load(open(PAPER))
     grid.setdefault("train", {})["gradient_checkpointing"] = True
     forced.write_text(yaml.safe_dump(grid))
-    assert cli.main(["plan", str(forced)]) == 0
+    assert cli.main(["plan", str(forced), "--mfu", "0.4"]) == 0
     out = capsys.readouterr().out
-    checkpointed = float(re.search(r"about ([0-9.e+]+) [^;]*-hours at", out).group(1))
+    checkpointed = float(re.search(r"about ([0-9.e+]+) [^(]*-hours", out).group(1))
     assert 1.3 * paper_hours < checkpointed < 1.5 * paper_hours
     assert total("--mfu", "0.2") == pytest.approx(2 * h100, rel=0.01)
-    assert total("--device", "A100") == pytest.approx(h100 * 989 / 312, rel=0.01)
+    assert total("--device", "A100", "--mfu", "0.4") == pytest.approx(h100 * 989 / 312, rel=0.01)
+    # without --mfu: each model at the utilisation measured for its size (0.18-0.25 on the H200, all below 0.40),
+    # and the plan says so
+    assert cli.main(["plan", PAPER]) == 0
+    out = capsys.readouterr().out
+    measured = float(re.search(r"about ([0-9.e+]+) [^(]*-hours", out).group(1))
+    assert 0.40 / 0.25 * h100 <= measured <= 0.40 / 0.18 * h100 * 1.001
+    assert "utilisation measured per model size" in out and "H200" in out
     assert cli.main(["plan", PAPER, "--device", "T4"]) == 2  # emulated bf16 only: no peak to plan with
     assert "--device T4" in capsys.readouterr().err

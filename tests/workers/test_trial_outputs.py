@@ -108,17 +108,22 @@ def test_weights_kept_once_and_served_as_the_trial_embeds(tiny_model, pairs_file
 
 @pytest.mark.slow  # trains the tiny model
 def test_mfu_by_hand_on_a_cpu_trial(tiny_model, pairs_file, eval_file):
-    """mfu = hardware FLOP / (seconds in optimizer steps x the device's peak); on CPU the peak is the best bf16
-    matmul rate measured once per machine (workers/device_peak.py), the same one the trial read."""
+    """mfu = the paper's FLOP / (seconds in optimizer steps x the device's peak), hfu = the hardware FLOP over the
+    same; on CPU the peak is the best bf16 matmul rate measured once per machine (workers/device_peak.py), the same
+    one the trial read."""
     from workers.device_peak import device_peak
 
     events = []
     row = run_trial(spec_for(tiny_model, pairs_file, eval_file, eval_every=0), report=events.append)
     peak, source = device_peak(torch.device("cpu"))
     assert peak > 1e9 and "matmul" in source
-    assert row["mfu"] == pytest.approx(row["hardware_flops"] / (row["train_s"] * peak), rel=1e-12)
+    assert row["mfu"] == pytest.approx(row["flops"] / (row["train_s"] * peak), rel=1e-12)
+    assert row["hfu"] == pytest.approx(row["hardware_flops"] / (row["train_s"] * peak), rel=1e-12)
     last = [r for e in events for r in e.rows][-1]
     assert 0 < last["mfu"] < 1 and 0 < row["mfu"] < 1
+    assert last["hfu"] == pytest.approx(last["hardware_flops"] / (row["train_s"] * peak), rel=1e-9)
+    # attention and padding run on top of the paper's 6·N per real token: hfu above mfu
+    assert row["hfu"] > row["mfu"] and last["hfu"] > last["mfu"]
 
 
 def test_auto_precision_ignores_emulated_bf16(monkeypatch):
