@@ -117,6 +117,7 @@ def test_bias_on_a_family_without_biases_is_an_error_not_a_silent_run(checkpoint
 RATIOS: dict = {}
 
 
+@pytest.mark.slow  # torch's FLOP counter over every family x method (tests/workers/test_flops.py keeps GPT-NeoX's quick)
 @pytest.mark.parametrize("family,method,kw", CASES, ids=[f"{f}-{m}" for f, m, _ in CASES])
 def test_hardware_flops_match_torch_flop_counter(checkpoints, family, method, kw):
     """One training step, eager attention, right padding, per mode: plain, checkpointing, checkpointing + the
