@@ -328,6 +328,7 @@ def run_sharing(name: str, spec, k: int, root: str, alone: float | None) -> dict
     spec = dataclasses.replace(spec, device_share=1.0 / k)
     outs = [os.path.join(root, f"{name}-{i}.json") for i in range(k)]
     env = dict(os.environ, PYTHONPATH=REPO)
+    procs = []
     try:
         procs = [subprocess.Popen([sys.executable, __file__, "--share-worker",
                                    json.dumps({"spec": spec.to_dict(), "out": out})], env=env, cwd=REPO)
@@ -337,6 +338,8 @@ def run_sharing(name: str, spec, k: int, root: str, alone: float | None) -> dict
             return {"path": name, "status": "failed", "reason": f"worker exit codes {codes}"}
         got = [json.load(open(out)) for out in outs]
     except Exception as e:  # noqa: BLE001
+        for p in procs:  # a worker past the time limit ends with its row
+            p.kill()
         return failed(name, e)
     start = min(g["end"] - g["train_s"] for g in got)
     window = max(g["end"] for g in got) - start
