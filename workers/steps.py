@@ -44,6 +44,7 @@ from core.memory import MARGIN, OVERHEAD_BYTES, Footprint, choose, footprint
 from core.models import auto_lr
 from core.spec import TrialSpec
 from workers import checkpoint
+from workers.device_peak import has_bf16
 from workers.pair_batches import PairStream, collate
 from workers.pair_files import load_eval_pairs, make_encoder, measure_tokens_per_pair, pad_id_of
 from workers.loss import eval_embeddings, mean_info_nce, step_shapes
@@ -146,19 +147,6 @@ def autocast_for(precision: str, device: torch.device):
     if not uses_bf16(precision, device):
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def has_bf16(device: torch.device) -> bool:
-    """Native bf16 matmuls. On CUDA, emulation does not count (``is_bf16_supported()`` alone is True on T4 and V100,
-    which emulate bf16 far slower than fp32): 'auto' then trains in fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def trial_footprint(shape: ModelShape, spec: TrialSpec, device: torch.device, *, world: int = 1,

@@ -109,3 +109,34 @@ def test_cpu_peak_measured_once_and_cached(tmp_path, monkeypatch):
     assert entry["cpu"] == device_peak.cpu_model() and entry["threads"] == 1
     peak, source = device_peak.device_peak(torch.device("cpu"), cache_dir=str(tmp_path), sizes=(64, 128))
     assert peak == first and source.startswith("measured")
+
+
+def test_cpu_peak_skips_sizes_that_would_outlast_their_time(monkeypatch):
+    """A size whose one product would take longer than the time per size at the best rate so far is not timed (an
+    emulated bf16 4096 product takes minutes on a CPU without native bf16)."""
+    pytest.importorskip("torch")
+    from workers import device_peak
+
+    timed = []
+
+    def rate(n, dtype, seconds):
+        timed.append(n)
+        return 1e9  # 1 GFLOP/s: 2*512^3 = 0.27 GFLOP (0.27 s), 2*1024^3 = 2.1 GFLOP (2.1 s > 1 s)
+    monkeypatch.setattr(device_peak, "matmul_rate", rate)
+    assert device_peak.best_rate((256, 512, 1024, 2048), None, seconds=1.0) == 1e9
+    assert timed == [256, 512]
+
+
+def test_cpu_peak_is_taken_in_the_dtype_auto_trains_in(monkeypatch, tmp_path):
+    """Without native bf16 'auto' trains in fp32, so the peak MFU divides by is fp32's."""
+    torch = pytest.importorskip("torch")
+    from workers import device_peak
+
+    seen = []
+    monkeypatch.setattr(device_peak, "matmul_rate", lambda n, dtype, seconds: seen.append(dtype) or 1e9)
+    monkeypatch.setattr(device_peak, "has_bf16", lambda device: False)
+    device_peak.cpu_peak_flops(cache_dir=str(tmp_path), sizes=(64,), seconds=0.01)
+    monkeypatch.setattr(device_peak, "has_bf16", lambda device: True)
+    device_peak.cpu_peak_flops(cache_dir=str(tmp_path), sizes=(64,), seconds=0.01)
+    assert seen == [torch.float32, torch.bfloat16]
+    assert len(json.loads((tmp_path / device_peak.CACHE_FILE).read_text())) == 2  # one entry per dtype
