@@ -32,7 +32,7 @@ def s3_endpoint():
     from moto.s3.exceptions import S3ClientError
     from moto.s3.models import S3Backend
 
-    from workers.distributed import free_port
+    from raykit import free_port
 
     def capped_copy(self, src_key, *args, **kwargs):
         if src_key.size > COPY_CAP_BYTES:  # S3's words for a CopyObject above 5 GiB

@@ -83,7 +83,7 @@ def grads(model) -> dict[str, torch.Tensor]:
 def spawn(target, world, *args):
     import torch.multiprocessing as mp
 
-    from workers.distributed import free_port
+    from raykit import free_port
 
     mp.start_processes(target, args=(world, free_port(), *args), nprocs=world, join=True, start_method="spawn")
 
@@ -556,7 +556,7 @@ def s3(monkeypatch):
     boto3 = pytest.importorskip("boto3")
     from moto.server import ThreadedMotoServer
 
-    from workers.distributed import free_port
+    from raykit import free_port
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
