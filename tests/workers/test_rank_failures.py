@@ -20,6 +20,15 @@ from core.spec import TrialSpec
 
 pytestmark = pytest.mark.slow
 
+
+def without_shm_op() -> None:
+    """In this rank's process: DeepSpeed's CPU shared-memory all-reduce op (JIT-compiled with g++ the first time a
+    machine runs DeepSpeed on CPU: minutes on a loaded CI box) is left out; gloo does the collectives. Nothing
+    measured here goes through it."""
+    import deepspeed.comm.torch
+
+    deepspeed.comm.torch.build_shm_op = lambda: None
+
 LIMIT_S = 120.0  # what the product promises: a failed or hung rank ends its trial within 2 minutes
 
 
@@ -100,6 +109,8 @@ def _rendezvous(index: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
     from workers.distributed import init_ranks
+
+    without_shm_op()
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(index % world),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(index % world), DS_ACCELERATOR="cpu")
