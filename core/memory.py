@@ -14,6 +14,13 @@ What a trial holds (workers/steps.py loads every weight in fp32 and trains with 
   dropout and any MLP width, and eager attention (the CPU path) adds the score and probability matrices
   (2·heads·T values per token), which SDPA on a GPU does not keep. With gradient checkpointing each block keeps only
   its input (the fp32 residual stream, 4·h bytes) and one block at a time holds its full set while recomputed;
+- DeepSpeed ZeRO's own buffers (``zero_buffers``): an fp32 master copy of this rank's partition of the trainable
+  parameters (ZeRO 1, 2 and 3 keep one even when the weights are fp32 already: runtime/zero/stage_1_and_2.py,
+  ``single_partition_of_fp32_groups``, a clone), and under ZeRO 1/2 the contiguous gradient bucket of
+  ``reduce_bucket_size`` elements in the gradients' dtype (fp32 here), allocated whole whatever the model's size:
+  DeepSpeed's default 5e8 elements is 2 GB (``setup_buckets``; a second one with ``overlap_comm``, off by default
+  for ZeRO 1/2). The updated partitions are all-gathered into the flat parameter buffer in place (runtime/utils.py
+  ``all_gather_dp_groups``, ``allgather_bucket_size`` only sets the number of calls): no buffer of its own;
 - a fixed overhead: the CUDA context, cuBLAS workspaces and the allocator's slack (~1 GiB on an H100);
 - a margin of 10 % for fragmentation.
 
@@ -37,6 +44,7 @@ GIB = 1 << 30
 OVERHEAD_BYTES = 1 * GIB
 MARGIN = 1.10
 ZERO3_MAX_LIVE_PARAMETERS = 10**9
+ZERO_REDUCE_BUCKET_ELEMENTS = 5 * 10**8  # DeepSpeed's default reduce_bucket_size (runtime/zero/config.py)
 MIN_CHUNK = 16  # pairs: 2 x 16 x 75 = 2,400 tokens per matmul, enough rows to keep a GPU's tensor cores busy
 # checkpoints: an object store takes a few hundred MB/s from one writer; saves may cost 5 % of the trial's time
 WRITE_BYTES_PER_S = 250e6
@@ -55,11 +63,12 @@ class Footprint:
     per_pair: int
     per_pair_checkpointed: int
     overhead: int = OVERHEAD_BYTES
+    zero_buffers: int = 0  # DeepSpeed ZeRO's master partition and gradient bucket (``zero_buffer_bytes``)
 
     @property
     def static(self) -> int:
         """Everything but the activations."""
-        return self.weights + self.weight_copies + self.gradients + self.optimizer + self.overhead
+        return self.weights + self.weight_copies + self.gradients + self.optimizer + self.zero_buffers + self.overhead
 
     def total(self, chunk: int, checkpointing: bool, one_pass: bool = False) -> int:
         """Peak bytes with ``chunk`` pairs' activations. ``one_pass``: the whole batch in one graph (no gradient
@@ -72,7 +81,8 @@ class Footprint:
 def footprint(shape: ModelShape, method: str, max_length: int, *, lora_rank: int | None = None,
               trainable_fraction: float | None = None, lora_targets: tuple[str, ...] | None = None,
               eager_attention: bool = False, shards: int = 1, zero_stage: int = 0,
-              overhead: int = OVERHEAD_BYTES, tokens_per_pair: float | None = None) -> Footprint:
+              overhead: int = OVERHEAD_BYTES, tokens_per_pair: float | None = None,
+              reduce_bucket_elements: int = ZERO_REDUCE_BUCKET_ELEMENTS) -> Footprint:
     """The trial's footprint on one device. ``shards``/``zero_stage``: a DeepSpeed trial over ``shards`` ranks
     (stage 2 shards gradients and AdamW's state, stage 3 the weights too; each rank embeds its share of the batch,
     which ``chunk`` counts). Activations: padded, every text at ``max_length`` (the worst case: a random batch's
@@ -100,7 +110,21 @@ def footprint(shape: ModelShape, method: str, max_length: int, *, lora_rank: int
         per_pair=math.ceil(tokens * (per_token * reached + outside)),
         per_pair_checkpointed=math.ceil(tokens * per_token_ckpt),
         overhead=overhead,
+        zero_buffers=zero_buffer_bytes(n_tr, shards, zero_stage, reduce_bucket_elements),
     )
+
+
+def zero_buffer_bytes(n_trainable: int, shards: int, zero_stage: int,
+                      reduce_bucket_elements: int = ZERO_REDUCE_BUCKET_ELEMENTS) -> int:
+    """What a DeepSpeed ZeRO rank allocates beyond the model, its gradients and AdamW's state (the module's
+    docstring): the fp32 master partition, 4 bytes per trainable parameter over the ranks (its share rounded up:
+    DeepSpeed pads the flat buffer to split evenly), and under ZeRO 1/2 the 4-byte gradient bucket of
+    ``reduce_bucket_elements``. None without ZeRO (``zero_stage`` 0)."""
+    if zero_stage < 1:
+        return 0
+    master = 4 * math.ceil(n_trainable / max(shards, 1))
+    bucket = 4 * reduce_bucket_elements if zero_stage in (1, 2) else 0
+    return master + bucket
 
 
 def activation_bytes_per_token(shape: ModelShape, seq_len: int, eager_attention: bool) -> int:

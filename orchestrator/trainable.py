@@ -38,6 +38,10 @@ def run_tune_trial(config: dict) -> None:
         from orchestrator.launchers import run_ray_ranks
 
         run_ray_ranks(trial["spec"], ranks=ranks, bundle=rank_bundles(trial["resources"], ranks)[0], report=report,
-                      checkpoint_uri=trial["checkpoint_uri"])
+                      checkpoint_uri=trial["checkpoint_uri"], trial_id=trial.get("trial_id"))
         return
-    run_trial(TrialSpec.from_dict(trial["spec"]), report=report, checkpoint_uri=trial["checkpoint_uri"])
+    from orchestrator.launchers import hide_unassigned_gpus
+
+    hide_unassigned_gpus()  # a trial planned without a GPU sees none, on a GPU node too
+    run_trial(TrialSpec.from_dict(trial["spec"]), report=report, checkpoint_uri=trial["checkpoint_uri"],
+              trial_id=trial.get("trial_id"))

@@ -119,3 +119,13 @@ def device_peak(device: torch.device, **cpu_kwargs) -> tuple[float | None, str]:
     threads = torch.get_num_threads()
     dtype = cpu_kwargs.get("dtype") or cpu_dtype()
     return cpu_peak_flops(**cpu_kwargs), f"measured: best {str(dtype).removeprefix('torch.')} matmul on {cpu_model()}, {threads} threads"
+
+
+def trial_peak(device: torch.device, share: float = 1.0, world: int = 1, *, peak=device_peak) -> float | None:
+    """The peak a trial's MFU divides by: ``share`` of its GPU (a 0.25-GPU trial has a quarter of the GPU's peak to
+    itself, so its MFU is over that quarter) times its ``world`` ranks; on a CPU the measured peak of the threads the
+    trial runs with, whole. None where the device has no known peak."""
+    one, _ = peak(device)
+    if not one:
+        return None
+    return one * world * (share if device.type == "cuda" else 1.0)

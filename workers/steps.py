@@ -112,7 +112,7 @@ class Plan:
     planned_steps: int
     budget_flops: float
     batching: str
-    peak_flops: float | None = None  # the device's bf16 peak FLOP/s x the ranks (core/devices.py, workers/device_peak.py)
+    peak_flops: float | None = None  # the trial's share of its device's bf16 peak x the ranks (workers/device_peak.py)
 
 
 def make_plan(spec: TrialSpec, model, tokenizer, device: torch.device | None = None, world: int = 1) -> Plan:
@@ -130,10 +130,9 @@ def make_plan(spec: TrialSpec, model, tokenizer, device: torch.device | None = N
         _, n_steps = planned_steps(tokens, per_pair, spec.batch_size)
     peak = None
     if device is not None:
-        from workers.device_peak import device_peak
+        from workers.device_peak import trial_peak
 
-        one, _ = device_peak(device)
-        peak = one * world if one else None
+        peak = trial_peak(device, spec.device_share, world)
     return Plan(n_params, n_trainable, cost, lr, tokens, n_steps, spec.budget_flops, spec.batching, peak)
 
 
@@ -175,6 +174,7 @@ def memory_plan(shape: ModelShape, spec: TrialSpec, device: torch.device, *, wor
     if device.type == "cuda":
         torch.cuda.empty_cache()
         budget = spec.device_share * torch.cuda.get_device_properties(device).total_memory
+        cap_allocator(device, spec.device_share)
     else:
         import psutil
 
@@ -245,6 +245,14 @@ def compile_blocks(model) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for block in decoder_blocks(base):
         block.compile(dynamic=False)
+
+
+def cap_allocator(device: torch.device, share: float, cuda=torch.cuda) -> None:
+    """A trial that shares its GPU (``device_share`` < 1) may allocate only its share: one trial's overshoot then
+    fails that trial (an OOM, its own row) instead of its neighbours on the GPU. Set on every GPU trial, so that a
+    reused process's next trial gets its own share, whole GPU included."""
+    if device.type == "cuda":
+        cuda.set_per_process_memory_fraction(min(1.0, share), device)
 
 
 class HardwareFlops:

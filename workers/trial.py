@@ -21,19 +21,22 @@ import torch
 
 from core.models import ModelShape
 from core.spec import TrialSpec
-from workers import checkpoint, steps
+from workers import checkpoint, probe, steps
 from workers.loss import contrastive_backward
 from workers.packing import packs
 
 
 def run_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | None = None,
-              output_dir: str | None = None) -> dict:
+              output_dir: str | None = None, trial_id: str | None = None) -> dict:
     """Fine-tunes ``spec.model`` with ``spec.method`` until ``spec.budget_flops`` is spent; returns the trial row."""
     started = time.perf_counter()
     report = report or (lambda event: None)
     if spec.num_threads:
         torch.set_num_threads(spec.num_threads)
+    # the first visible GPU: a Ray trial sees only its own (none when it was planned without one: CUDA_VISIBLE_DEVICES
+    # empty, orchestrator/launchers.py); a shared one's allocator is capped at the trial's share
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    probe.record(trial_id=trial_id, device=str(device))
     autocast = steps.autocast_for(spec.precision, device)
 
     # 1. load

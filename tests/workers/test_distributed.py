@@ -85,7 +85,7 @@ def grads(model) -> dict[str, torch.Tensor]:
 def spawn(target, world, *args):
     import torch.multiprocessing as mp
 
-    from workers.distributed import free_port
+    from raykit import free_port
 
     mp.start_processes(target, args=(world, free_port(), *args), nprocs=world, join=True, start_method="spawn")
 
