@@ -18,11 +18,11 @@ from core.models import PYTHIA_SHAPES, model_shape
 from analysis.fit import Law
 from analysis.schema import GRID_FILE, METRICS_DIR, METRICS_SCHEMA, TRIALS_FILE, TRIALS_SCHEMA
 
-# Pythia (PAPER.md): non-embedding N, hidden size, layers
+# Pythia (docs/study.md): non-embedding N, hidden size, layers
 PYTHIA = {f"EleutherAI/pythia-{size}": (model_shape(f"EleutherAI/pythia-{size}").n_params(), d, layers)
           for size, (d, layers, _) in PYTHIA_SHAPES.items()}
 BUDGETS = (1.5e15, 6e15, 2.4e16, 9.6e16, 3.8e17, 1.5e18)
-TOKENS_PER_STEP = 1024 * 78  # a batch of 1024 pairs at ~78 tokens (PAPER.md)
+TOKENS_PER_STEP = 1024 * 78  # a batch of 1024 pairs at ~78 tokens (docs/study.md)
 
 
 # Paper-like truth: full learns fastest per token (small B), LoRA has the lower floor, so full wins small

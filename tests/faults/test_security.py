@@ -1,4 +1,4 @@
-"""Security promises of issue #7, checked on real runs:
+"""Security promises, checked on real runs:
 
 - no pickle in the store, and nothing read from the store is unpickled (every file of a real S3 sweep scanned for
   pickle's magic, and of a DeepSpeed trial's checkpoint read back as JSON and safetensors; the code that reads the

@@ -1,6 +1,6 @@
 """The driver end to end, through the CLI in a subprocess, on a real embedded Ray with the tiny model.
 
-What a user relies on (shared/CONTRACTS.md): the store's tables column for column; every trial spends its
+What a user relies on (docs/reference.md): the store's tables column for column; every trial spends its
 budget and no more; metric rows exactly once per (trial_id, step), whatever crashed; a larger grid runs only
 what is new; a failing trial is a row and exit code 1; bad input is one line, exit code 2, and no store.
 """
@@ -40,7 +40,7 @@ def read_metrics(sweep_dir):
 
 
 def check_store(sweep_dir, runnable_ids: set[str], contract) -> tuple[dict[str, dict], object]:
-    """The store matches CONTRACTS.md and every runnable trial completed within its budget; returns
+    """The store matches docs/reference.md and every runnable trial completed within its budget; returns
     (trials by id, metrics DataFrame)."""
     contract_trials, contract_metrics = contract
     trials_schema = pq.read_schema(os.path.join(sweep_dir, "trials.parquet"))

@@ -1,4 +1,4 @@
-"""One driver per sweep (issue #17): the lease (orchestrator/lease.py) on a local store and on S3 (moto).
+"""One driver per sweep: the lease (orchestrator/lease.py) on a local store and on S3 (moto).
 
 Unit cases: a held lease refuses a second driver with one line naming the holder and its heartbeat's age; an
 expired one is taken over (one line); ``--takeover`` forces it; the loser of a takeover is fenced: its Recorder

@@ -1,4 +1,4 @@
-"""Checkpoints of any size on every backend (issue #16): fsio writes the final key directly on S3 (a PUT, or a
+"""Checkpoints of any size on every backend: fsio writes the final key directly on S3 (a PUT, or a
 multipart upload aborted on failure), never a temp key moved by a CopyObject, which S3 refuses above 5 GiB (here
 a moto server with a 1 MiB cap plays S3); workers/checkpoint.py streams tensors out one at a time and reads each
 one straight into its own storage (host memory measured in a subprocess); the files are safetensors'."""

@@ -52,7 +52,7 @@ def trained(tiny_model, method: str, seed: int = 0):
 
 
 def trial_embeddings(model, tokenizer, texts, pooling: str) -> torch.Tensor:
-    """The trial's embedding, from its definition (PAPER.md "Training recipe" and "Beyond the study")."""
+    """The trial's embedding, from its definition (docs/study.md "Training recipe" and "Beyond the study")."""
     eos = tokenizer.eos_token_id
     if pooling == "last":
         seqs = [ids + [eos] for ids in make_encoder(tokenizer, MAX_LENGTH - 1)(texts)]

@@ -103,7 +103,7 @@ def test_n_and_n_trainable_by_hand(checkpoints, family, method, kw):
     if method == "lora":
         adapted = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in trained}
         assert adapted == set(shape.default_lora_targets()) and all("lora_" in name for name in trained)
-    # cost per token (PAPER.md): full 6N, freeze 2N + 4N_tr, bias / lora 4N + 2N_tr
+    # cost per token (docs/study.md): full 6N, freeze 2N + 4N_tr, bias / lora 4N + 2N_tr
     expected = {"full": 6 * n, "freeze": 2 * n + 4 * n_tr, "bias": 4 * n + 2 * n_tr, "lora": 4 * n + 2 * n_tr}
     assert cost_per_token(method, n, n_tr) == expected[method]
 

@@ -11,7 +11,7 @@ from core.methods import param_counts
 from core.models import ModelShape, trained_blocks
 from core.models import PYTHIA_SHAPES, auto_lr, model_shape, pretrain_lr
 
-# PAPER.md's non-embedding parameter counts
+# docs/study.md's non-embedding parameter counts
 PAPER_N = {"14m": 1_189_888, "31m": 4_739_072, "70m": 18_915_328, "160m": 85_056_000, "410m": 302_311_424,
            "1b": 805_736_448, "1.4b": 1_208_602_624, "2.8b": 2_517_652_480}
 
@@ -55,7 +55,7 @@ def test_budget_tokens_budget_round_trip(budget, cost):
 
 
 def test_paper_degenerate_cells():
-    # PAPER.md: 2.8B full fine-tuning at 1.5e15 is ~1,300 pairs of 78 tokens (about one batch)
+    # docs/study.md: 2.8B full fine-tuning at 1.5e15 is ~1,300 pairs of 78 tokens (about one batch)
     n = PAPER_N["2.8b"]
     pairs = tokens_for_budget(1.5e15, cost_per_token("full", n, n)) / 78
     assert 1_200 < pairs < 1_350

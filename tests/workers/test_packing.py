@@ -1,4 +1,4 @@
-"""workers/packing.py: texts packed in rows (no padding) give the padded forward's results (issue #16).
+"""workers/packing.py: texts packed in rows (no padding) give the padded forward's results.
 
 The layout and the pack by hand; per supported family (tiny configs of tests/support.py, eager and SDPA, sliding
 windows made to bind) the packed rows' hidden states and every pooling's embeddings equal the padded batch's;

@@ -378,8 +378,8 @@ def test_s3_uri_reads_the_same_pairs(moto_s3, pairs_file, tmp_path, tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------- random batches
-# The paper's batches are a random sample of the data, padded to their longest (PAPER.md "Training recipe");
-# length buckets (the opt-in) are not, and cost ~0.1 nats of eval loss (issue 12).
+# The paper's batches are a random sample of the data, padded to their longest (docs/study.md "Training recipe");
+# length buckets (the opt-in) are not, and cost ~0.1 nats of eval loss.
 
 
 def reference_sequence(files: list[str], seed: int, epochs: int, buffer: int) -> list[tuple[str, str]]:

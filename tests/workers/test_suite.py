@@ -30,7 +30,7 @@ def test_suite_has_pythia_shapes_spanning_30x():
         assert cfg.intermediate_size == 4 * m.hidden and cfg.use_parallel_residual
         assert cfg.to_dict()["rope_parameters"]["partial_rotary_factor"] == 0.25
     assert len({m.name for m in SM.SUITE}) == len(SM.SUITE)
-    assert SM.SUITE[2].n_params == 1_189_888 and SM.SUITE[3].n_params == 4_739_072  # pythia-14m, -31m (PAPER.md)
+    assert SM.SUITE[2].n_params == 1_189_888 and SM.SUITE[3].n_params == 4_739_072  # pythia-14m, -31m (docs/study.md)
 
 
 def test_pretrain_tokens_grow_with_n_in_whole_batches():
