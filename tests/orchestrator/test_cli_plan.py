@@ -131,15 +131,15 @@ LLAMA_CONFIG = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2
 
 
 def unreadable_records(monkeypatch):
-    """Planning reads the data through workers.records: here it cannot (a bucket without network)."""
-    fake = types.ModuleType("workers.records")
+    """Planning reads the data through workers.pair_files: here it cannot (a bucket without network)."""
+    fake = types.ModuleType("workers.pair_files")
     fake.DataError = type("DataError", (ValueError,), {})
 
     def unreachable(uri, *a, **k):
         raise fake.DataError(f"{uri}: cannot open: no network")
 
     fake.count_pairs = fake.measure_tokens_per_pair = unreachable
-    monkeypatch.setitem(sys.modules, "workers.records", fake)
+    monkeypatch.setitem(sys.modules, "workers.pair_files", fake)
 
 
 def two_family_grid(tmp_path, **extra) -> str:
