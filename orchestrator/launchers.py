@@ -31,6 +31,7 @@ POLL_S = 1.0
 # to leave its step; a rank 0 stuck outside any collective is then ended with its process (Tune records the trial
 # failed, and retries it as for a lost worker).
 RANK0_GRACE_S = 30.0
+SETTLE_S = 15.0  # how long rank 0's own error waits for the watcher to name a failed peer (Ray reports in ~1 s)
 
 
 class _RankActor:
@@ -197,6 +198,9 @@ def run_ray_ranks(spec: dict, *, ranks: int, bundle: dict, report, checkpoint_ur
                            local_rank=local_rank(0, ",".join(visible)), store=store, trial_id=trial_id)
         except Exception as e:
             watcher.rank0_done.set()
+            # A dead peer reaches rank 0 (gloo: a reset connection) before Ray reports the actor gone: the watcher
+            # gets a moment to name the rank, so the trial's reason says which failed, not rank 0's symptom.
+            watcher.join(timeout=SETTLE_S)
             if watcher.failure:
                 raise RuntimeError(watcher.failure) from e
             raise
