@@ -51,8 +51,8 @@ def test_grids_and_docs_reference_only_files_in_the_repository():
 
 
 def test_the_scan_catches_a_missing_file():
-    refs = repository_references('the paper\'s grid (docs/study.md "Grid"); shapes: core/models.py; out: recipe.md, '
-                                 "shared/docs/reference.md and my-grid.yaml")
-    assert refs == ["docs/study.md", "core/models.py", "shared/docs/reference.md"]
+    refs = repository_references('the paper\'s grid (docs/no-such-page.md "Grid"); shapes: core/models.py; out: '
+                                 "recipe.md, shared/docs/reference.md and my-grid.yaml")
+    assert refs == ["docs/no-such-page.md", "core/models.py", "shared/docs/reference.md"]
     where = os.path.join(REPO, "grids", "paper.yaml")
     assert [exists(r, where) for r in refs] == [False, True, False]

@@ -36,7 +36,8 @@ def test_worker_node_killed_mid_trial(make_grid, ray_env, tmp_path, fault_table)
     sweep_dir = os.path.join(storage, "node")
     log_path = str(tmp_path / "submit.log")
     ray_env.env.update(auth)
-    driver = ray_env.start(["submit", grid, "--storage", storage, "--address", f"127.0.0.1:{port}"], log_path)
+    driver = ray_env.start(["submit", grid, "--storage", storage, "--address", f"127.0.0.1:{port}",
+                             "--shared-storage"], log_path)
     try:
         # one trial per node (one CPU each); kill the worker node once both are under way with a checkpoint
         wait_for(lambda: len(under_way(sweep_dir)) == 2 and ray_env.trial_workers(**{NODE: "worker"}),
@@ -53,7 +54,8 @@ def test_worker_node_killed_mid_trial(make_grid, ray_env, tmp_path, fault_table)
     assert f'File "{REPO}/orchestrator' not in log and f'File "{REPO}/workers' not in log, log[-3000:]
 
     after_run = Snapshot.take(sweep_dir)
-    resume = ray_env.run(["resume", "node", "--storage", storage, "--address", f"127.0.0.1:{port}"])
+    resume = ray_env.run(["resume", "node", "--storage", storage, "--address", f"127.0.0.1:{port}",
+                          "--shared-storage"])
     assert resume.returncode == 0 and "0 to run" in resume.stderr, resume.stderr
     final = Snapshot.take(sweep_dir)
     assert final.completed() == set(final.trials) and len(final.trials) == 2
