@@ -25,6 +25,9 @@ KEEP_WEIGHTS = ("trainable", "none")
 POOLINGS = ("mean", "last", "weighted_mean")
 # texts packed in rows without padding (workers/packing.py): auto = where the family packs; speed, not results
 PACKINGS = ("auto", "on", "off")
+# causal: the family's own mask (the paper's); bidirectional: every token attends to every real token of its text
+# (LLM2Vec, NV-Embed), for the families whose attention takes a replaced mask (workers/packing.py "Attention")
+ATTENTIONS = ("causal", "bidirectional")
 TRIAL_ID_HEX = 16
 
 # Defaults are the paper's (PAPER.md, "Training recipe").
@@ -39,7 +42,7 @@ RUNTIME_FIELDS = ("chunk_size", "report_every", "report_every_s", "checkpoint_ev
                   "keep_weights", "weights_uri", "token_cache", "planned_tokens_per_pair", "planned_tokens", "planned_steps", "num_threads",
                   "prefetch_batches", "deepspeed_config", "device_share", "packing")
 # Identity fields added after sweeps existed: in the identity only when not at their default (ids stay stable).
-ADDED_FIELDS = ("batching", "pooling")
+ADDED_FIELDS = ("batching", "pooling", "query_instruction", "hard_negatives", "attention")
 # A DeepSpeed override may tune how the engine runs (ZeRO stage, offload, buckets, communication), not what the
 # trial computes: these keys are the trial's (its fields, or fixed by workers/distributed.py's loop).
 DEEPSPEED_TRIAL_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -68,6 +71,11 @@ class TrialSpec:
     temperature: float = TEMPERATURE
     max_length: int = MAX_LENGTH
     lr: float | None = None  # None: 'auto' = Pythia pretraining lr / 10
+    # the knobs of train.negatives / attention / query_instruction (docs/reference.md "Knobs"); each at its default
+    # is today's trial and stays out of the identity (ADDED_FIELDS)
+    hard_negatives: int = 0  # k mined negatives per pair from the data's `neg` lists; 0: in-batch negatives only
+    attention: str = "causal"
+    query_instruction: str = ""  # prepended to every query (never to documents); "": none
     warmup_fraction: float = WARMUP_FRACTION
     weight_decay: float = WEIGHT_DECAY
     seed: int = 0
@@ -124,6 +132,10 @@ class TrialSpec:
             raise ValueError(f"keep_weights: {self.keep_weights!r} is not one of {', '.join(KEEP_WEIGHTS)}")
         if self.gradient_checkpointing not in (True, False, "auto"):
             raise ValueError(f"gradient_checkpointing: {self.gradient_checkpointing!r} is not auto, true or false")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention: {self.attention!r} is not one of {', '.join(ATTENTIONS)}")
+        if self.hard_negatives < 0:
+            raise ValueError(f"hard_negatives: must be >= 0, got {self.hard_negatives}")
         if self.batching not in BATCHING:
             raise ValueError(f"batching: {self.batching!r} is not one of {', '.join(BATCHING)}")
 

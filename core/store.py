@@ -52,6 +52,11 @@ TRIAL_COLUMNS = (
     ("node_id", "string"),  # the Ray node the trial (last) ran on
     ("train_s", "float64"),  # time inside optimizer steps; wall_s - train_s is the trial's overhead
     ("batching", "string"),  # random (the paper's) | length_buckets (opt-in: train.batching)
+    # the knobs (docs/reference.md "Knobs"), null in a store written before them (= their defaults)
+    ("lr", "float64"),  # the peak lr the trial used ('auto' resolved)
+    ("negatives", "int64"),  # hard negatives per pair (0: in-batch only)
+    ("attention", "string"),  # causal | bidirectional
+    ("query_instruction", "string"),  # prepended to queries ("": none)
 )
 METRIC_COLUMNS = (
     ("sweep", "string"), ("trial_id", "string"), ("step", "int64"), ("tokens", "int64"), ("flops", "float64"),

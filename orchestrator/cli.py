@@ -309,6 +309,11 @@ def render_plan(plan, device=("H100 SXM", 989e12, ""), mfu: float = 0.40) -> str
         memory = "-" if t.memory_bytes is None else f"{t.memory_bytes / 1e9:.1f}GB" + ("+ckpt" if t.checkpointing else "")
         rows.append((t.trial_id, t.model, t.method, hyper, sci(t.budget_flops), short(t.planned_tokens),
                      str(t.steps), f"{hours[t.trial_id]:.2g}" if t.runnable else "-", resources, memory, status))
+    if any(t.knobs() for t in plan.trials):  # the knob axes (orchestrator/plan.py knob_label)
+        from orchestrator.plan import knob_label
+
+        header += ("knobs",)
+        rows = [(*r, knob_label(t)) for r, t in zip(rows, plan.trials)]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     lines.insert(0, f"sweep {g.name}: {len(g.models)} models x {len(g.methods.cells())} method settings x "

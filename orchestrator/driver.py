@@ -32,7 +32,7 @@ import time
 from orchestrator.errors import UserError
 from orchestrator.grid import Grid, check_mirrors, load_grid, parse_grid
 from orchestrator.lease import Lease
-from orchestrator.plan import Plan, PlannedTrial, plan_grid
+from orchestrator.plan import Plan, PlannedTrial, knob_columns, plan_grid
 from orchestrator.store import INTERRUPTED, Recorder, Store, StoreError
 
 # The store replaces Tune's per-trial JSON/CSV/TensorBoard files: turning them off cuts per-trial overhead.
@@ -278,6 +278,7 @@ def initial_row(sweep: str, t: PlannedTrial) -> dict:
         "tokens": 0, "steps": 0, "flops": 0.0, "hardware_flops": 0.0, "eval_loss": None, "train_loss": None,
         "wall_s": 0.0, "planned_tokens": t.planned_tokens, "planned_steps": t.steps, "updated_at": time.time(),
         "batching": t.spec.batching, "family": t.family, "pooling": t.spec.pooling,
+        **knob_columns(t.spec, t.lr),
     }
 
 

@@ -29,8 +29,8 @@ from core.errors import UserError
 from core.flops import (NeoxShape, cost_per_token, param_counts, planned_steps, sequence_hardware_flops,
                         tokens_for_budget)
 from core.models import model_shape, pythia_size
-from core.spec import TrialSpec
-from orchestrator.grid import Grid, Trial, expand
+from core.spec import TrialSpec, default
+from orchestrator.grid import Grid, Trial, expand, resolved_lr
 
 # The authors planned every cell with 78 tokens per pair (14 query + 64 positive at max length 75; PAPER.md).
 # Used only when the data cannot be read here (e.g. `plan` on a laptop for an s3:// grid), with a warning.
@@ -56,6 +56,7 @@ class PlannedTrial:
     skip_reason: str | None  # None: runnable
     memory_bytes: int | None = None  # estimated peak on each of its GPUs (None: CPU, or the GPUs' memory unknown)
     checkpointing: bool | None = None  # gradient checkpointing as planned (None: the trial decides on its device)
+    lr: float | None = None  # the peak lr the trial will use ('auto' resolved; None: not resolvable here)
 
     @property
     def method(self) -> str:
@@ -90,7 +91,15 @@ class PlannedTrial:
             "skip_reason": self.skip_reason,
             "memory_gb": None if self.memory_bytes is None else round(self.memory_bytes / 1e9, 2),
             "gradient_checkpointing": self.checkpointing, "checkpoint_every_s": self.spec.checkpoint_every_s,
+            **self.knobs(),
         }
+
+    def knobs(self) -> dict:
+        """The knob columns (``knob_columns``) this trial sets away from their defaults (lr: a number given or
+        scaled, not 'auto'): what `plan` adds to its rows."""
+        defaults = knob_defaults()
+        return {k: v for k, v in knob_columns(self.spec, self.lr).items()
+                if (self.spec.lr is not None if k == "lr" else v != defaults[k])}
 
 
 @dataclass(frozen=True)
@@ -132,6 +141,28 @@ class Plan:
         """`plan --json` (shared/CONTRACTS.md)."""
         return {"trials": [t.to_json() for t in self.trials], "total_flops": self.total_flops,
                 "gpu_memory_gb": None if self.gpu_memory is None else self.gpu_memory / 1e9}
+
+
+def knob_columns(spec: TrialSpec, lr: float | None) -> dict:
+    """The store's knob columns of a trial (core/store.py): the lr it uses, its hard negatives per pair, its
+    attention, its query instruction."""
+    return {"lr": lr, "negatives": spec.hard_negatives, "attention": spec.attention,
+            "query_instruction": spec.query_instruction}
+
+
+def knob_label(t: "PlannedTrial") -> str:
+    """A trial's knobs for the plan table: ``lr=5e-05 neg=4 bidirectional instr='Find…'`` ("-": none set)."""
+    k = t.knobs()
+    parts = [f"lr={k['lr']:.3g}"] if k.get("lr") is not None else []
+    parts += [f"neg={k['negatives']}"] if "negatives" in k else []
+    parts += [k["attention"]] if "attention" in k else []
+    parts += [f"instr={k['query_instruction'][:20]!r}"] if "query_instruction" in k else []
+    return " ".join(parts) or "-"
+
+
+def knob_defaults() -> dict:
+    return {"negatives": default("hard_negatives"), "attention": default("attention"),
+            "query_instruction": default("query_instruction")}
 
 
 # --- pure policy -------------------------------------------------------------------------------------------
@@ -268,7 +299,16 @@ def plan_trial(trial: Trial, shape: NeoxShape, tokens_per_pair: float, train_pai
         steps=steps, planned_flops=tokens * cost, resources=sizing.resources, deepspeed_gpus=sizing.deepspeed_gpus,
         hardware_flops=tokens * hardware_flops_per_token(shape, spec, tokens_per_pair, bool(checkpointing)),
         skip_reason=reason, memory_bytes=sizing.memory, checkpointing=checkpointing,
+        lr=_trial_lr(grid, trial),
     )
+
+
+def _trial_lr(grid: Grid, trial: Trial) -> float | None:
+    """The trial's peak lr, 'auto' resolved from the model's config (None where it cannot be: a hub name)."""
+    try:
+        return resolved_lr(grid, trial.model, trial.spec.lr)
+    except Exception:  # noqa: BLE001 -- the trial resolves it from the loaded model
+        return None
 
 
 def hardware_flops_per_token(shape: NeoxShape, spec: TrialSpec, tokens_per_pair: float,

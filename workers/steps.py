@@ -579,6 +579,7 @@ def trial_row(p: Progress, plan: Plan) -> dict:
             "flops": p.flops, "hardware_flops": p.hardware_flops, "eval_loss": p.eval_loss, **p.retrieval,
             "train_loss": p.train_loss, "wall_s": p.wall_s, "train_s": p.train_s, "reason": p.reason,
             "planned_tokens": plan.planned_tokens, "planned_steps": plan.planned_steps, "batching": plan.batching,
+            "lr": plan.lr,
             "mfu": mfu(p.hardware_flops, p.train_s, plan.peak_flops),
             "bad_lines": p.bad_lines,
             "padding_fraction": 1 - p.tokens / p.padded_tokens if p.padded_tokens else None}
