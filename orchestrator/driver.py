@@ -157,10 +157,10 @@ def with_token_caches(todo: list[PlannedTrial], grid: Grid, store: Store) -> lis
     data. Length-bucketed trials read the raw data (the cache serves random batches)."""
     if not grid.run.token_cache or not any(t.spec.batching == "random" for t in todo):
         return todo
-    from orchestrator.prepare import caches_for_grid
+    from orchestrator.prepare import caches_for_grid, trial_cache
 
     caches = caches_for_grid(grid, store.storage_uri)
-    return [dataclasses.replace(t, spec=dataclasses.replace(t.spec, token_cache=caches[t.model]["uri"]))
+    return [dataclasses.replace(t, spec=dataclasses.replace(t.spec, token_cache=trial_cache(caches, t.model, t.spec)))
             if t.spec.batching == "random" else t for t in todo]
 
 

@@ -110,6 +110,13 @@ class DataStats:
     tokens_per_pair: Mapping[str, float]
     train_pairs: int | None
     warnings: tuple[str, ...] = ()
+    # (model, query_instruction) -> tokens per pair, for the grid's text settings other than the first (the first
+    # is tokens_per_pair's: the grid's data cap and `plan`'s line stay one number per model)
+    by_texts: Mapping[tuple, float] = dataclasses.field(default_factory=dict)
+
+    def pair_tokens(self, model: str, spec: TrialSpec) -> float:
+        """The tokens per pair of a trial: its model's, measured with its query instruction."""
+        return self.by_texts.get((model, spec.query_instruction), self.tokens_per_pair[model])
 
 
 @dataclass(frozen=True)
@@ -338,7 +345,7 @@ def plan_grid(grid: Grid, *, gpus_available: int | None = None, data: DataStats 
         gpu_memory = grid.resources.gpu_memory_gb * 1e9
     gpu_memory = gpu_memory if gpus else None
     shapes = {m: model_shape(grid.model_path(m)) for m in grid.models}
-    trials = tuple(plan_trial(t, shapes[t.model], data.tokens_per_pair[t.model], data.train_pairs, gpus, grid,
+    trials = tuple(plan_trial(t, shapes[t.model], data.pair_tokens(t.model, t.spec), data.train_pairs, gpus, grid,
                               gpu_memory=gpu_memory)
                    for t in expand(grid))
     return Plan(grid=grid, trials=trials, gpus_available=gpus, data=data, gpu_memory=gpu_memory)
@@ -366,25 +373,56 @@ def measure_data(grid: Grid, *, strict: bool = False) -> DataStats:
         try:
             from workers.records import count_pairs  # torch-free (workers.data imports torch)
 
-            train_pairs = count_pairs(uri)
+            train_pairs = count_pairs(uri, hard_negatives=grid.train.hard_negatives())
         except Exception as e:  # noqa: BLE001 -- classified below: bad input, or unreachable here
             _unreachable(e, uri, strict, "data.train")
             readable = False
             warnings.append(f"warning: cannot count the pairs in {uri} ({_one_line(e)}); max_epochs not "
                             "checked (set plan.train_pairs)")
     tokens_per_pair: dict[str, float] = {}
-    measured: dict[str, float] = {}
+    by_texts: dict[tuple, float] = {}
+    measured: dict[tuple, float] = {}
+    first, *others = grid.train.query_instruction
     for model in grid.models:
-        if grid.plan.tokens_per_pair is not None:
-            tokens_per_pair[model] = grid.plan.tokens_per_pair
-            continue
-        key = tokenizer_key(grid, model)
-        if key not in measured:
-            measured[key] = _measure(grid, model, uri, readable, strict, warnings)
-        tokens_per_pair[model] = measured[key]
+        check_instructions(grid, model, strict)
+        for instruction in (first, *others):
+            if grid.plan.tokens_per_pair is not None:
+                value = grid.plan.tokens_per_pair
+            else:
+                key = (tokenizer_key(grid, model), instruction)
+                if key not in measured:
+                    measured[key] = _measure(grid, model, uri, readable, strict, warnings, instruction)
+                value = measured[key]
+            if instruction == first:
+                tokens_per_pair[model] = value
+            else:
+                by_texts[model, instruction] = value
     if grid.data.eval is not None and (strict or "://" not in grid.data.eval):
         _check_eval(grid, strict)
-    return DataStats(tokens_per_pair, train_pairs, tuple(warnings))
+    return DataStats(tokens_per_pair, train_pairs, tuple(dict.fromkeys(warnings)), by_texts)
+
+
+def check_instructions(grid: Grid, model: str, strict: bool) -> None:
+    """Each query instruction of the grid encodes to real tokens with ``model``'s tokenizer: one that gives no
+    token, or only the unknown token, would train on nothing the user meant (a UserError, exit 2). A tokenizer
+    that cannot be loaded here (a hub name offline) is checked by the driver (``strict``)."""
+    instructions = [q for q in grid.train.query_instruction if q]
+    if not instructions:
+        return
+    try:
+        tokenizer = _load_tokenizer(grid.model_path(model))
+    except Exception as e:  # noqa: BLE001 -- no tokenizer here; the driver's strict plan checks it
+        if strict:
+            raise UserError(f"{model}: cannot load its tokenizer ({_one_line(e)})") from None
+        return
+    from workers.records import make_encoder
+
+    encode, unk = make_encoder(tokenizer, grid.train.max_length), getattr(tokenizer, "unk_token_id", None)
+    for q in instructions:
+        ids = encode([q])[0]
+        if not ids or all(i == unk for i in ids):
+            what = "no token" if not ids else "only unknown tokens"
+            raise UserError(f"train.query_instruction: {q[:40]!r}: {model}'s tokenizer encodes it as {what}")
 
 
 def _check_eval(grid: Grid, strict: bool) -> None:
@@ -402,7 +440,8 @@ def _check_eval(grid: Grid, strict: bool) -> None:
         raise UserError(f"data.eval: {uri}: {len(pairs)} usable pair(s); evaluation needs at least 2")
 
 
-def _measure(grid: Grid, model: str, uri: str, readable: bool, strict: bool, warnings: list[str]) -> float:
+def _measure(grid: Grid, model: str, uri: str, readable: bool, strict: bool, warnings: list[str],
+             query_instruction: str = "") -> float:
     fallback = (f"planning with {FALLBACK_TOKENS_PER_PAIR:g} tokens per pair (the authors' constant; "
                 "set plan.tokens_per_pair)")
     if not readable:
@@ -418,7 +457,9 @@ def _measure(grid: Grid, model: str, uri: str, readable: bool, strict: bool, war
         warnings.append(f"warning: cannot load the tokenizer of {model} ({_one_line(e)}): {fallback}")
         return FALLBACK_TOKENS_PER_PAIR
     try:
-        return measure_tokens_per_pair(uri, tokenizer, grid.train.max_length, sample=grid.plan.sample_pairs)
+        return measure_tokens_per_pair(uri, tokenizer, grid.train.max_length, sample=grid.plan.sample_pairs,
+                                       query_instruction=query_instruction,
+                                       hard_negatives=grid.train.hard_negatives())
     except Exception as e:  # noqa: BLE001
         _unreachable(e, uri, strict, "data.train")
         warnings.append(f"warning: cannot read {uri} ({_one_line(e)}): {fallback}")

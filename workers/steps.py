@@ -41,7 +41,7 @@ from core.models import auto_lr
 from core.spec import TrialSpec
 from workers import checkpoint
 from workers.data import (PairStream, collate, load_eval_pairs, make_encoder, measure_tokens_per_pair,
-                          pad_id_of)
+                          pad_id_of, with_query_instruction)
 from workers.loss import eval_embeddings, mean_info_nce, step_shapes
 from workers.methods import count_params, select_trainable
 from workers.pooling import eos_id_of, with_eos
@@ -120,8 +120,9 @@ def make_plan(spec: TrialSpec, model, tokenizer, device: torch.device | None = N
     tokens = spec.planned_tokens if spec.planned_tokens is not None else tokens_for_budget(spec.budget_flops, cost)
     n_steps = spec.planned_steps
     if n_steps is None:
-        per_pair = spec.planned_tokens_per_pair or measure_tokens_per_pair(spec.train_data, tokenizer,
-                                                                           spec.max_length)
+        per_pair = spec.planned_tokens_per_pair or measure_tokens_per_pair(
+            spec.train_data, tokenizer, spec.max_length, query_instruction=spec.query_instruction,
+            hard_negatives=spec.hard_negatives)
         _, n_steps = planned_steps(tokens, per_pair, spec.batch_size)
     peak = None
     if device is not None:
@@ -214,7 +215,7 @@ class HardwareFlops:
 
     def __call__(self, part, pairs: int) -> float:
         """``part``: the batch (or this rank's shard) run here; ``pairs``: the whole batch, whose loss it computes."""
-        s, total = self.spec, loss_matmul_flops(pairs, self.shape.hidden)
+        s, total = self.spec, loss_matmul_flops(pairs, self.shape.hidden, self.spec.hard_negatives)
         grad_cache = self.chunk < len(part)  # as workers/loss.py decides
         for b, t in step_shapes(part, self.chunk, self.packing):
             if (t, grad_cache) not in self.per_sequence:
@@ -237,7 +238,7 @@ def eval_batches(spec: TrialSpec, tokenizer, device) -> list:
         return [to_device(b, device) for b in token_cache.eval_batches(
             spec.token_cache, limit=spec.eval_pairs, batch_size=spec.batch_size, pooling_eos=_eos(spec, tokenizer),
             pad_id=pad_id_of(tokenizer))]
-    pairs = load_eval_pairs(spec.eval_data, spec.eval_pairs)
+    pairs = [with_query_instruction(p, spec.query_instruction) for p in load_eval_pairs(spec.eval_data, spec.eval_pairs)]
     encode, pad = encoder(spec, tokenizer), pad_id_of(tokenizer)
     batches = []
     for i in range(0, len(pairs), spec.batch_size):
@@ -280,7 +281,7 @@ def train_stream(spec: TrialSpec, tokenizer, skip_batches: int = 0):
     after every resume, batched as ``spec.batching`` says. From the token cache when the trial has one (random
     batches: the same pairs, padded the same, as the raw path's; O(1) resume), else the raw data
     (workers/data.py PairStream)."""
-    if spec.token_cache and spec.batching == "random":
+    if spec.token_cache and spec.batching == "random" and not spec.hard_negatives:
         from workers.token_cache import CachedPairs
 
         return CachedPairs(spec.token_cache, spec.batch_size, spec.seed, spec.max_epochs, skip_batches,
@@ -288,14 +289,16 @@ def train_stream(spec: TrialSpec, tokenizer, skip_batches: int = 0):
                            prefetch=spec.prefetch_batches)
     return PairStream(spec.train_data, tokenizer, batch_size=spec.batch_size, max_length=spec.max_length,
                       seed=spec.seed, max_epochs=spec.max_epochs, skip_batches=skip_batches,
-                      batching=spec.batching, prefetch=spec.prefetch_batches, encode=encoder(spec, tokenizer))
+                      batching=spec.batching, prefetch=spec.prefetch_batches, encode=encoder(spec, tokenizer),
+                      query_instruction=spec.query_instruction, hard_negatives=spec.hard_negatives)
 
 
 def to_device(batch, device):
     if device.type == "cpu":
         return batch
-    for k in ("q_ids", "q_mask", "d_ids", "d_mask"):
-        setattr(batch, k, getattr(batch, k).to(device, non_blocking=True))
+    for k in ("q_ids", "q_mask", "d_ids", "d_mask", "n_ids", "n_mask"):
+        if getattr(batch, k, None) is not None:
+            setattr(batch, k, getattr(batch, k).to(device, non_blocking=True))
     return batch
 
 

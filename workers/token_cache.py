@@ -55,7 +55,7 @@ from core.store import CACHE_DIR
 from core.uris import join
 from workers.records import (CHECK_EVERY, MAX_BAD_FRACTION, SHUFFLE_BUFFER, BackgroundBatches, DataError, DataStats,
                              Stopped, _Bad, _one_line, _pair, _shown, _Source, epoch_seed, jsonl_lines,
-                             make_encoder, pad_id_of, resolve_files)
+                             make_encoder, pad_id_of, resolve_files, with_query_instruction)
 
 FORMAT_VERSION = 1
 SHARD_BYTES = 64 << 20  # JSONL bytes per shard (a compressed file is one shard)
@@ -107,11 +107,16 @@ def tokenizer_sha256(name_or_path: str, tokenizer) -> str:
     return hashlib.sha256(_backend(tokenizer).to_str().encode()).hexdigest()
 
 
-def cache_inputs(train_uri, eval_uri, tokenizer_hash: str, max_length: int, shard_bytes: int = SHARD_BYTES) -> dict:
-    """What the key hashes (and the manifest records)."""
-    return {"format": FORMAT_VERSION, "train": file_identity(train_uri),
-            "eval": file_identity(eval_uri) if eval_uri else None, "tokenizer_sha256": tokenizer_hash,
-            "max_length": int(max_length), "shard_bytes": int(shard_bytes), "shard_rows": SHARD_ROWS}
+def cache_inputs(train_uri, eval_uri, tokenizer_hash: str, max_length: int, shard_bytes: int = SHARD_BYTES,
+                 query_instruction: str = "") -> dict:
+    """What the key hashes (and the manifest records). A query instruction changes the queries' tokens: it is an
+    input only when set, so the caches built before it keep their keys."""
+    inputs = {"format": FORMAT_VERSION, "train": file_identity(train_uri),
+              "eval": file_identity(eval_uri) if eval_uri else None, "tokenizer_sha256": tokenizer_hash,
+              "max_length": int(max_length), "shard_bytes": int(shard_bytes), "shard_rows": SHARD_ROWS}
+    if query_instruction:
+        inputs["query_instruction"] = query_instruction
+    return inputs
 
 
 def cache_key(inputs: dict) -> str:
@@ -243,11 +248,12 @@ def _records(task: dict) -> Iterator[tuple[int, object]]:
 _TOKENIZERS: dict[str, object] = {}  # per worker process: tokenizer.json text -> its encoder's Tokenizer
 
 
-def build_shard(task: dict, *, cache: str, tokenizer_json: str, max_length: int, dtype: str) -> dict:
+def build_shard(task: dict, *, cache: str, tokenizer_json: str, max_length: int, dtype: str,
+                query_instruction: str = "") -> dict:
     """One Ray Data task: read the range, keep the usable pairs, tokenise, write the shard whole. Returns
     {"split", "index", "record": the shard's JSON record, "error": "" or a DataError's one line}."""
     try:
-        record = _build_shard(task, cache, tokenizer_json, max_length, dtype)
+        record = _build_shard(task, cache, tokenizer_json, max_length, dtype, query_instruction)
         return {"split": task["split"], "index": task["index"], "record": json.dumps(record), "error": ""}
     except DataError as e:
         error = str(e)
@@ -256,7 +262,8 @@ def build_shard(task: dict, *, cache: str, tokenizer_json: str, max_length: int,
     return {"split": task["split"], "index": task["index"], "record": "", "error": error}
 
 
-def _build_shard(task: dict, cache: str, tokenizer_json: str, max_length: int, dtype: str) -> dict:
+def _build_shard(task: dict, cache: str, tokenizer_json: str, max_length: int, dtype: str,
+                 query_instruction: str = "") -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -293,7 +300,7 @@ def _build_shard(task: dict, cache: str, tokenizer_json: str, max_length: int, d
             if first_bad is None:
                 first_bad = [number, str(pair)]
             continue
-        pending.append(pair)
+        pending.append(with_query_instruction(pair, query_instruction))
         if len(pending) == ENCODE_ROWS:
             flush()
     if pending:
@@ -386,14 +393,15 @@ def _split_summary(uri: str, tasks: list[dict], records: list[dict], max_bad: fl
 
 def ensure(storage_uri: str, *, train_uri: str, eval_uri: str | None, tokenizer_path: str, max_length: int,
            shard_bytes: int = SHARD_BYTES, max_bad_fraction: float = MAX_BAD_FRACTION, log=None,
-           address: str | None = None, tokenizer=None) -> tuple[str, dict]:
+           address: str | None = None, tokenizer=None, query_instruction: str = "") -> tuple[str, dict]:
     """(cache URI, manifest): the cache of (data, tokenizer, max_length), built if it is not there yet (on the
     initialised Ray, else the one at ``address`` or $RAY_ADDRESS, else a local one). ``tokenizer``: the one at
     ``tokenizer_path`` if the caller has loaded it (``workers.records.load_tokenizer``)."""
     from workers.records import load_tokenizer
 
     tokenizer = tokenizer or load_tokenizer(tokenizer_path)
-    inputs = cache_inputs(train_uri, eval_uri, tokenizer_sha256(tokenizer_path, tokenizer), max_length, shard_bytes)
+    inputs = cache_inputs(train_uri, eval_uri, tokenizer_sha256(tokenizer_path, tokenizer), max_length, shard_bytes,
+                          query_instruction)
     uri = cache_uri(storage_uri, cache_key(inputs))
     manifest = read_manifest(uri)
     if manifest is None:
@@ -426,7 +434,8 @@ def build(uri: str, inputs: dict, tokenizer, *, train_uri: str, eval_uri: str | 
     if records:
         log(f"token cache {short}: {len(records)} of {total} shards already built, resuming")
     if todo:
-        kwargs = dict(cache=uri, tokenizer_json=backend.to_str(), max_length=inputs["max_length"], dtype=dtype)
+        kwargs = dict(cache=uri, tokenizer_json=backend.to_str(), max_length=inputs["max_length"], dtype=dtype,
+                      query_instruction=inputs.get("query_instruction", ""))
         for out in _run_tasks(todo, kwargs, address):
             if out["error"]:
                 raise DataError(out["error"])

@@ -72,3 +72,43 @@ def test_plan_rows_show_the_knobs_they_set(ws):
     assert [t.lr for t in plan.trials] == [pytest.approx(1e-4), pytest.approx(2e-4)]  # the store's lr column
     table = render_plan(plan)
     assert "knobs" in table.splitlines()[1] and "lr=0.0002" in table
+
+
+def word_level_model(root) -> str:
+    """A model directory whose tokenizer knows two words (anything else is its unknown token)."""
+    import json
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    from test_grid import TINY_CONFIG
+
+    tok = Tokenizer(WordLevel({"[UNK]": 0, "q": 1, "d": 2, "</s>": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    path = root / "words"
+    path.mkdir()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>").save_pretrained(path)
+    (path / "config.json").write_text(json.dumps(TINY_CONFIG))
+    return str(path)
+
+
+@pytest.mark.parametrize("instruction, what", [("Represent this query", "only unknown tokens"),
+                                               ("   ", "no token")])
+def test_an_instruction_the_tokenizer_cannot_encode_is_one_line_exit_2(ws, capsys, instruction, what):
+    import yaml
+
+    from orchestrator.cli import main
+    from test_grid import base_grid
+
+    g = base_grid() | {"models": [word_level_model(ws)], "methods": {"full": {}}}
+    del g["data"]["eval"]  # the workspace's eval file has one pair
+    g["train"] = {"query_instruction": ["", instruction]}
+    (ws / "g.yaml").write_text(yaml.safe_dump(g))
+    assert main(["plan", str(ws / "g.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train.query_instruction: ") and what in err and "\n" not in err
+    g["train"] = {"query_instruction": "q d"}  # words it knows: plans
+    (ws / "g.yaml").write_text(yaml.safe_dump(g))
+    assert main(["plan", str(ws / "g.yaml")]) == 0

@@ -68,6 +68,23 @@ def test_lr_auto_from_name_and_metadata(tiny_model):
     assert set(PYTHIA_SHAPES) == set(PAPER_N)
 
 
+def pythia_14m_shaped(method: str, kw: dict):
+    """(hidden, shape, model): a randomly initialised Pythia-14m-shaped model (eager attention), ``method``'s
+    parameters trainable."""
+    import torch
+    from transformers import AutoModel, GPTNeoXConfig
+
+    from workers.methods import select_trainable
+
+    d, layers, heads = PYTHIA_SHAPES["14m"]
+    cfg = GPTNeoXConfig(vocab_size=512, hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=4 * d, rotary_pct=0.25, use_cache=False)
+    torch.manual_seed(0)
+    model = select_trainable(AutoModel.from_config(cfg, attn_implementation="eager"), method, **kw,
+                             lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"))
+    return d, NeoxShape.from_config(cfg.to_dict()), model
+
+
 METHODS = [("full", {}), ("freeze", {"trainable_fraction": 0.5}), ("bias", {}), ("lora", {"lora_rank": 8})]
 
 
@@ -77,19 +94,12 @@ def test_hardware_flops_match_torch_flop_counter(method, kw, checkpointing, chun
     """One training step of a Pythia-14m-shaped model (eager attention): our count equals torch's (within 0.1 %)'s."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
-    from transformers import AutoModel, GPTNeoXConfig
 
     from workers.loss import contrastive_backward, step_shapes
-    from workers.methods import count_params, select_trainable
+    from workers.methods import count_params
     from workers.steps import enable_checkpointing
 
-    d, layers, heads = PYTHIA_SHAPES["14m"]
-    cfg = GPTNeoXConfig(vocab_size=512, hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=4 * d, rotary_pct=0.25, use_cache=False)
-    shape = NeoxShape.from_config(cfg.to_dict())
-    torch.manual_seed(0)
-    model = select_trainable(AutoModel.from_config(cfg, attn_implementation="eager"), method, **kw,
-                             lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"))
+    d, shape, model = pythia_14m_shaped(method, kw)
     if checkpointing:
         enable_checkpointing(model)
     model.train()
@@ -110,3 +120,34 @@ def test_hardware_flops_match_torch_flop_counter(method, kw, checkpointing, chun
     ratio = ours / counter.get_total_flops()
     print(f"{method} checkpointing={checkpointing} chunk={chunk}: ours/torch = {ratio:.4f}")
     assert abs(ratio - 1) < 1e-3  # exact up to float rounding: the lora_B recompute error was 0.4 %
+
+
+@pytest.mark.parametrize("method,kw", [("full", {}), ("lora", {"lora_rank": 8})])
+@pytest.mark.parametrize("chunk,packing", [(None, False), (4, False), (4, True)])
+def test_hard_negative_flops_match_torch_flop_counter(method, kw, chunk, packing):
+    """A step with 2 hard negatives per pair: the negatives' forwards and backwards and the extra logit columns
+    are counted (our count within 1 % of torch's; the paper-convention FLOP counts their real tokens)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from workers.data import collate
+    from workers.loss import contrastive_backward, step_shapes
+
+    d, shape, model = pythia_14m_shaped(method, kw)
+    model.train()
+    b, k = 8, 2
+    g = torch.Generator().manual_seed(1)
+    seq = lambda n, lo, hi: [torch.randint(2, 512, (int(torch.randint(lo, hi, (1,), generator=g)),),  # noqa: E731
+                                           generator=g).tolist() for _ in range(n)]
+    batch = collate(seq(b, 5, 12), seq(b, 20, 40), 0, 0, seq(b * k, 20, 40))
+    assert batch.hard_negatives == k and batch.n_ids.shape[0] == b * k
+    assert batch.real_tokens == int(batch.q_mask.sum() + batch.d_mask.sum() + batch.n_mask.sum())
+    with FlopCounterMode(display=False) as counter:
+        contrastive_backward(model, batch, 0.025, chunk, contextlib.nullcontext, packing=packing)
+    ours = loss_matmul_flops(b, d, k) + sum(
+        n * sequence_hardware_flops(shape, method, t, lora_rank=kw.get("lora_rank"), checkpointing=False,
+                                    grad_cache=chunk is not None)
+        for n, t in step_shapes(batch, chunk, packing))
+    ratio = ours / counter.get_total_flops()
+    print(f"{method} chunk={chunk} packing={packing}: ours/torch = {ratio:.4f}")
+    assert abs(ratio - 1) < 0.01
