@@ -29,6 +29,17 @@ PACKINGS = ("auto", "on", "off")
 # (LLM2Vec, NV-Embed), for the families whose attention takes a replaced mask (workers/packing.py "Attention")
 ATTENTIONS = ("causal", "bidirectional")
 TRIAL_ID_HEX = 16
+# the families whose every layer's mask comes from transformers' create_causal_mask, which the bidirectional
+# attention overlays (workers/packing.py "Attention"); the others' bidirectional cells are planned skipped
+BIDIRECTIONAL_FAMILIES = ("gpt_neox", "llama", "qwen2", "qwen3", "olmo2")
+
+
+def attention_unsupported(family: str, attention: str = "bidirectional") -> str | None:
+    """Why a model of ``family`` cannot train with ``attention``; None when it can."""
+    if attention == "causal" or family in BIDIRECTIONAL_FAMILIES:
+        return None
+    return (f"attention bidirectional: model_type {family!r} does not build its mask with create_causal_mask alone "
+            f"(sliding-window layers or a per-config mask; bidirectional: {', '.join(BIDIRECTIONAL_FAMILIES)})")
 
 # Defaults are the paper's (PAPER.md, "Training recipe").
 BATCH_SIZE = 1024

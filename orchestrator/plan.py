@@ -29,7 +29,7 @@ from core.errors import UserError
 from core.flops import (NeoxShape, cost_per_token, param_counts, planned_steps, sequence_hardware_flops,
                         tokens_for_budget)
 from core.models import model_shape, pythia_size
-from core.spec import TrialSpec, default
+from core.spec import TrialSpec, attention_unsupported, default
 from orchestrator.grid import Grid, Trial, expand, resolved_lr
 
 # The authors planned every cell with 78 tokens per pair (14 query + 64 positive at max length 75; PAPER.md).
@@ -293,6 +293,7 @@ def plan_trial(trial: Trial, shape: NeoxShape, tokens_per_pair: float, train_pai
                          max_epochs=grid.plan.max_epochs, method=spec.method, bias_params=shape.bias_params())
     if sizing.problem and reason != "model has no bias parameters":
         reason = "; ".join(filter(None, (reason, sizing.problem)))
+    reason = attention_unsupported(family, spec.attention) or reason  # nothing else matters: it cannot run
     spec = dataclasses.replace(
         spec, planned_tokens_per_pair=tokens_per_pair, planned_tokens=tokens, planned_steps=steps,
         device_share=sizing.share,
@@ -407,8 +408,8 @@ def check_instructions(grid: Grid, model: str, strict: bool) -> None:
     token, or only the unknown token, would train on nothing the user meant (a UserError, exit 2). A tokenizer
     that cannot be loaded here (a hub name offline) is checked by the driver (``strict``)."""
     instructions = [q for q in grid.train.query_instruction if q]
-    if not instructions:
-        return
+    if not instructions or not (strict or os.path.isdir(grid.model_path(model))):
+        return  # a hub name: `plan` stays offline, the driver's strict plan checks it
     try:
         tokenizer = _load_tokenizer(grid.model_path(model))
     except Exception as e:  # noqa: BLE001 -- no tokenizer here; the driver's strict plan checks it

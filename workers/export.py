@@ -72,6 +72,9 @@ def export_command(args) -> int:
     if read_manifest(weights) is None:
         raise ExportError(f"{args.name}: trial {row['trial_id']} kept no weights ({storage.redact(weights)} has no "
                           "finished save; run.keep_weights: none, or a sweep from before weights were kept)")
+    if (row.get("attention") or "causal") != "causal":
+        raise ExportError(f"{args.name}: trial {row['trial_id']} trained with {row['attention']} attention; the "
+                          "sentence-transformers folder would embed causally: not exported")
     max_length = int((grid.get("train") or {}).get("max_length") or default("max_length"))
     pooling = row.get("pooling") or "mean"  # a store from before the pooling axis: the study's mean
     export_model(row["model"], weights, pooling, max_length, out, query_instruction=row.get("query_instruction") or "")

@@ -75,6 +75,10 @@ def prepare(model, spec: TrialSpec):
     """The model to train: the method's trainable parameters (LoRA's initialisation seeded by the trial's seed,
     the same on every rank), gradient checkpointing when the spec asks."""
     torch.manual_seed(spec.seed)
+    if spec.attention == "bidirectional":  # the causal mask replaced (workers/packing.py "Attention")
+        from workers.packing import make_bidirectional
+
+        make_bidirectional(model)
     model = select_trainable(model, spec.method, lora_rank=spec.lora_rank, trainable_fraction=spec.trainable_fraction,
                              lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout, lora_targets=spec.lora_targets)
     if spec.gradient_checkpointing is True:  # "auto": decided by memory_plan before

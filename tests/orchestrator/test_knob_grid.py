@@ -112,3 +112,21 @@ def test_an_instruction_the_tokenizer_cannot_encode_is_one_line_exit_2(ws, capsy
     g["train"] = {"query_instruction": "q d"}  # words it knows: plans
     (ws / "g.yaml").write_text(yaml.safe_dump(g))
     assert main(["plan", str(ws / "g.yaml")]) == 0
+
+
+def test_bidirectional_cells_of_unsupported_families_are_skipped(ws):
+    import json
+
+    from support import tiny_config
+
+    from orchestrator.plan import DataStats, plan_grid
+
+    (ws / "gemma").mkdir()
+    (ws / "gemma" / "config.json").write_text(json.dumps({**tiny_config("gemma2").to_dict(), "repurpose_pretrain_lr": 1e-3}))
+    g = load(ws, models=["./tiny", "./gemma"], methods={"full": {}}, budgets=[1e9],
+             train__attention=["causal", "bidirectional"])
+    plan = plan_grid(g, data=DataStats({"./tiny": 30.0, "./gemma": 30.0}, None))
+    reasons = {(t.model, t.spec.attention): t.skip_reason for t in plan.trials}
+    assert reasons[("./gemma", "bidirectional")].startswith("attention bidirectional: model_type 'gemma2'")
+    assert not (reasons[("./gemma", "causal")] or "").startswith("attention")
+    assert reasons[("./tiny", "bidirectional")] is None or "attention" not in reasons[("./tiny", "bidirectional")]
