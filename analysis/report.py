@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 
 from .findings import (Analysis, analyze, findings_markdown, model_label, recipe_markdown, recipe_table,
                        surfaces_table)
-from .fit import CI_LEVEL, N_BOOTSTRAP, FitError, fit_surfaces, require_usable, slice_label
+from .fit import CI_LEVEL, KNOB_DEFAULTS, N_BOOTSTRAP, FitError, fit_surfaces, require_usable, slice_label
 from .load import StoreError, load_data_cap, load_trials, open_uri
 from .recipe import Choice, compute_recipe, fit_doubts
 
@@ -75,9 +75,11 @@ KNOB_KEYS = ("lr", "negatives", "attention", "query_instruction")
 
 
 def _knobs(row) -> dict:
-    """A usable trial's knob columns, JSON-safe (lr: the one it trained with)."""
-    return {"lr": _num(row["lr"]), "negatives": int(row["negatives"]), "attention": str(row["attention"]),
-            "query_instruction": str(row["query_instruction"])}
+    """A usable trial's knob columns, JSON-safe: the lr it trained with where the store knows it, the other knobs
+    where they are not at their defaults (a sweep without knobs answers with the keys it always had)."""
+    values = {"lr": _num(row["lr"]), "negatives": int(row["negatives"]), "attention": str(row["attention"]),
+              "query_instruction": str(row["query_instruction"])}
+    return {k: v for k, v in values.items() if v is not None and v != KNOB_DEFAULTS.get(k)}
 
 
 def knobs_of_choice(usable: pd.DataFrame, method: str, hparam, variant: str, model: str, budget_flops: float) -> dict:
@@ -144,7 +146,7 @@ def recipe_at(sweep_uri: str, budget_flops: float, max_tokens: int | None = None
             pred = _num(float(surface.predict(emp["n_params"], emp["tokens"])))
             low, high = (_num(float(x)) for x in surface.interval(emp["n_params"], emp["tokens"]))
         out.update({k: emp[k] for k in ("method", "model", "n_params", "tokens", "lora_rank", "trainable_fraction",
-                                        "family", "pooling", *KNOB_KEYS)},
+                                        "family", "pooling", *KNOB_KEYS) if k in emp},
                    predicted_loss=pred, predicted_loss_low=low, predicted_loss_high=high, source="empirical")
     return out
 

@@ -58,5 +58,5 @@ def test_recipe_names_the_best_lr(tmp_path):
     budget = float(sorted(base["budget_flops"].unique())[-1])
     doc = recipe_at(sweep, budget, n_boot=5)
     assert doc["lr"] == pytest.approx(5e-5)
-    assert doc["negatives"] == 0 and doc["attention"] == "causal" and doc["query_instruction"] == ""
+    assert not {"negatives", "attention", "query_instruction"} & set(doc)  # at their defaults: not named
     assert "  lr              5e-05" in format_recipe(doc)
