@@ -33,7 +33,7 @@ def test_knobs_end_to_end(tiny_model, pairs_file, eval_file, ray_env, tmp_path):
     from sentence_transformers import SentenceTransformer
 
     grid = {"name": "knobs", "models": [tiny_model], "methods": {"full": {}},
-            "budgets": [1e9, 1.5e9, 2e9, 2.5e9], "data": {"train": str(pairs_file), "eval": str(eval_file)},
+            "budgets": [1.5e9, 2e9, 2.5e9, 3e9], "data": {"train": str(pairs_file), "eval": str(eval_file)},
             "train": {"batch_size": 16, "max_length": 32, "precision": "fp32", "lr_scale": [0.5, 1],
                       "query_instruction": INSTRUCTION, "negatives": {"hard": 1}},
             "plan": {"min_steps": 1, "max_epochs": 3}, "run": {"eval_pairs": EVAL_PAIRS, "report_every_s": 0}}
@@ -55,8 +55,8 @@ def test_knobs_end_to_end(tiny_model, pairs_file, eval_file, ray_env, tmp_path):
 
     proc = ray_env.run(["fit", "knobs", "--storage", storage])
     assert proc.returncode == 0, proc.stderr
-    recipe = ray_env.json(["recipe", "knobs", "--budget", "2.5e9", "--storage", storage, "--json"])
-    at = [t for t in trials.values() if t["budget_flops"] == 2.5e9]
+    recipe = ray_env.json(["recipe", "knobs", "--budget", "3e9", "--storage", storage, "--json"])
+    at = [t for t in trials.values() if t["budget_flops"] == 3e9]
     assert recipe["lr"] == pytest.approx(min(at, key=lambda t: t["eval_loss"])["lr"])
     assert recipe["query_instruction"] == INSTRUCTION
 
