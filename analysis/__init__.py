@@ -1,4 +1,4 @@
-"""Read a sweep's store, fit the compute-optimal frontier, write the report (issue #4).
+"""Read a sweep's store, fit the compute-optimal frontier, write the report.
 
 No Ray, no torch: the names below load pandas and pyarrow on first use; scipy loads on the first fit and
 matplotlib on the first figure.

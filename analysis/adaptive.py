@@ -1,4 +1,4 @@
-"""The adaptive sweep (issue #15): budgets run as rungs, cells that cannot be on the frontier are pruned.
+"""The adaptive sweep: budgets run as rungs, cells that cannot be on the frontier are pruned.
 
 Pure functions, no Ray and no torch: the driver calls ``decide`` before each rung, ``repurpose replay`` calls
 ``replay`` on a sweep that ran every cell; both reach the same decisions through ``_decide``.
@@ -25,6 +25,7 @@ bootstrap is seeded per slice), so a resumed driver re-derives the same decision
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from dataclasses import dataclass, field
@@ -34,14 +35,29 @@ import pandas as pd
 
 from core.strategy import AdaptiveConfig
 
-from .fit import FitError, fit_surface, slice_label, split_usable
+from . import noise
+from .fit import FitError, fit_surface, hparam_of, slice_label, split_usable
 from .recipe import best_in_slice
 
 SKIPPED = "skipped"
 PRUNED_PREFIX = "pruned at rung "  # how a pruned cell's reason begins (a later `strategy: grid` submit runs it)
 CELL_COLUMNS = ("trial_id", "model", "method", "lora_rank", "trainable_fraction", "budget_flops", "n_params",
                 "n_trainable")
-AGREEMENT_LOSS = 0.01  # issue #15: the adaptive recipe's empirical loss within 1 % of the full grid's
+AGREEMENT_LOSS = 0.01  # the adaptive recipe's empirical loss within 1 % of the full grid's
+# Replicates and margins from the measured noise sigma (relative sd of one run, analysis/noise.py): two cells are
+# told apart when their means differ by more than NOISE_Z standard errors of the difference; a margin between two
+# single runs is NOISE_Z * sqrt(2) * sigma, never below MIN_MARGIN (a noise-free store still has a fit's error)
+NOISE_Z = 1.0
+MIN_MARGIN = 0.005
+
+
+@dataclass(frozen=True)
+class ReplicateRequest:
+    """One more run of a cell: ``trial_id`` is the cell's first run, ``replicate`` the number of the new one."""
+
+    trial_id: str
+    replicate: int
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -104,7 +120,7 @@ class BudgetComparison:
     adaptive: Pick | None
 
     def agrees(self, size_index: dict, loss_tolerance: float = AGREEMENT_LOSS) -> bool:
-        """Issue #15's test: same method, a model within one size step, empirical loss within 1 %."""
+        """The agreement test: same method, a model within one size step, empirical loss within 1 %."""
         if self.full is None or self.adaptive is None:
             return self.full is None and self.adaptive is None
         return (self.full.method == self.adaptive.method
@@ -121,7 +137,7 @@ class ReplayResult:
     decisions: tuple[Decision, ...] = field(default_factory=tuple)  # every runnable cell, rung by rung
 
     def to_json(self) -> dict:
-        """shared/CONTRACTS.md, ``replay --json``."""
+        """docs/reference.md, ``replay --json``."""
         return {
             "flops_fraction": self.flops_fraction,
             "trials_run": self.trials_run,
@@ -134,11 +150,6 @@ class ReplayResult:
 
 # ----------------------------------------------------------------------------------------------------------
 # Helpers on trial tables
-
-def _hparam(row_method: str, lora_rank, trainable_fraction) -> float | None:
-    value = lora_rank if row_method == "lora" else trainable_fraction if row_method == "freeze" else None
-    return None if value is None or pd.isna(value) else float(value)
-
 
 def _hkey(h: float | None) -> float:
     return -1.0 if h is None else float(h)
@@ -180,19 +191,35 @@ class _Cache:
 
 
 def _surface(points: pd.DataFrame, method: str, hparam: float | None, n_boot: int, cache: _Cache):
+    """The slice's surface on ``points``, started from its surface on the points below their top budget (the
+    previous decision's fit, cached in a replay): a rung's points barely move the optimum, and a warm start costs
+    two minimisations in place of the grid's ~28. Recursive, so the start, too, depends only on the points."""
     key = (method, _hkey(hparam), n_boot, tuple(points["trial_id"]))
     if key not in cache.surfaces:
+        below = points[points["budget_flops"] < points["budget_flops"].max()]
+        prior = _surface(below, method, hparam, n_boot, cache) if below["budget_flops"].nunique() >= 2 else None
         # the seed fit_surfaces gives the slice: the same resamples whatever else the sweep holds
         seed = zlib.crc32(slice_label(method, hparam).encode())
         try:
-            cache.surfaces[key] = fit_surface(points, method=method, hparam=hparam, n_boot=n_boot, seed=seed)
+            cache.surfaces[key] = fit_surface(points, method=method, hparam=hparam, n_boot=n_boot, seed=seed,
+                                              start=None if prior is None else prior.params)
         except FitError:
             cache.surfaces[key] = None
     return cache.surfaces[key]
 
 
+def _cell_means(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, hparam) of one method at one budget: its replicates' geometric mean loss, and the
+    first trial id (a cell's replicates are one measurement, not several chances to score low)."""
+    keyed = rows.assign(_h=rows["hparam"].fillna(-1.0), _log=np.log(rows["eval_loss"].astype(float)))
+    means = keyed.groupby(["model", "_h"], sort=True).agg(_log=("_log", "mean"), trial_id=("trial_id", "min"))
+    first = keyed.drop_duplicates(["model", "_h"]).set_index(["model", "_h"]).drop(columns=["_log", "trial_id"])
+    out = first.join(means).reset_index()
+    return out.assign(eval_loss=np.exp(out["_log"])).drop(columns=["_log", "_h"])
+
+
 def _slice_losses(rows: pd.DataFrame) -> dict:
-    """hparam -> best eval_loss, over the rows of one method at one budget."""
+    """hparam -> best eval_loss over the cells (mean over replicates) of one method at one budget."""
     out = {}
     for h, loss in zip(rows["hparam"], rows["eval_loss"]):
         key = None if pd.isna(h) else float(h)
@@ -204,7 +231,7 @@ def _method_view(rows: pd.DataFrame, method: str, next_budget: float, sizes: dic
                  cache: _Cache) -> MethodView:
     """``rows``: the method's usable trials (split_usable columns), canonical order."""
     latest = float(rows["budget_flops"].max())
-    at_latest = rows[rows["budget_flops"] == latest]
+    at_latest = _cell_means(rows[rows["budget_flops"] == latest])
     losses = _slice_losses(at_latest)
     best_h = min(losses, key=lambda h: (losses[h], _hkey(h)))
     kept = frozenset(h for h, v in losses.items() if v <= losses[best_h] * (1 + config.margin))
@@ -278,6 +305,7 @@ def _decide(done: pd.DataFrame, cells: pd.DataFrame, config: AdaptiveConfig, cac
     if rung <= config.full_rungs:
         return [Decision(t, True, rung, f"run at rung {rung}: rungs 1-{config.full_rungs} run in full")
                 for t in cells["trial_id"]]
+    config = dataclasses.replace(config, margin=noise_margin(done, config))
     sizes = size_index(done, cells)
     history = []  # the decision points for rungs rung, rung-1, ...: assessments after rung-1, rung-2, ...
     for j in range(min(config.dominated_rungs, len(past_budgets))):
@@ -308,7 +336,7 @@ def _cell_decision(row, rung: int, current: Assessment, history: list, sizes: di
                         f"pruned at rung {rung}: predicted {view.predicted_loss:.3f} "
                         f"[{view.predicted_low:.3f}, {view.predicted_high:.3f}] > frontier "
                         f"{current.frontier_loss:.3f} + margin")
-    h = _hparam(method, row.lora_rank, row.trainable_fraction)
+    h = hparam_of(row)
     label, best_label = slice_label(method, h), slice_label(method, view.best_slice)
     latest_rung = rungs[view.latest_budget_flops]
     if h not in view.kept_slices:
@@ -346,6 +374,88 @@ def _never_empty(decisions: list, cells: pd.DataFrame, rung: int, current: Asses
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Replicates where they decide something
+
+def noise_margin(done: pd.DataFrame, config: AdaptiveConfig) -> float:
+    """The relative margin within which slices and methods are kept: ``config.margin`` until replicates measured
+    the noise sigma, then NOISE_Z * sqrt(2) * sigma (two single runs' difference), at least MIN_MARGIN."""
+    sd = noise.noise_sd(done) if len(done) else None
+    return config.margin if sd is None else max(MIN_MARGIN, NOISE_Z * math.sqrt(2.0) * sd)
+
+
+def _variant_keys(rows: pd.DataFrame) -> list[str]:
+    return [k for k in ("family", "pooling") if k in rows.columns]
+
+
+def replicate_requests(done: pd.DataFrame, budget_flops: float,
+                       config: AdaptiveConfig = AdaptiveConfig()) -> list[ReplicateRequest]:
+    """After the rung at ``budget_flops`` ran (``done``: the sweep's trials, store columns with ``replicate``): the
+    cells of that rung that get one more run, each at most ``config.replicates`` runs in all. At the first
+    ``config.noise_rungs`` rungs every cell runs twice (cheap: what measures the noise); later, a cell whose mean
+    loss lies within NOISE_Z standard errors of the rung's best cell (per family and pooling; sigma from
+    ``noise.noise_at``) runs again, so that a close call is not decided by one run's luck. The driver runs the
+    requests and asks again until none is left. Pure and in trial-id order."""
+    if done.empty:
+        return []
+    done = done.assign(replicate=done["replicate"].fillna(0).astype(int)) if "replicate" in done else \
+        done.assign(replicate=0)
+    at = _canonical(done[done["budget_flops"].astype(float) == float(budget_flops)])
+    runs = noise.completed_losses(at)
+    if runs.empty:
+        return []
+    rung = int((done["budget_flops"].astype(float).unique() <= float(budget_flops)).sum())
+    sigma = noise.noise_at(done, float(budget_flops))
+    if rung > config.noise_rungs and sigma is None:
+        return []
+    keys = noise.cell_keys(at)
+    # cell -> (runs that ended, completed or failed: a failed one counts against the cap; the highest replicate
+    # number); cell -> its first run's id. A pending row (a driver stopped before running it) is asked for again.
+    tried, first_id = {}, {}
+    ended = at[at["status"].astype("string").isin(["completed", "failed"])] if "status" in at else at
+    for row in ended.sort_values(["replicate", "trial_id"]).to_dict("records"):
+        key = _cell_key(row, keys)
+        size, last = tried.get(key, (0, -1))
+        tried[key] = (size + 1, max(last, int(row["replicate"])))
+        first_id.setdefault(key, str(row["trial_id"]))
+    cells = noise.cells(runs).to_dict("records")
+    variant = _variant_keys(runs)
+    best = {}
+    for cell in cells:
+        v = _cell_key(cell, variant)
+        if v not in best or cell["mean_loss"] < best[v]["mean_loss"]:
+            best[v] = cell
+    out = []
+    for cell in cells:
+        key = _cell_key(cell, keys)
+        size, last = tried[key]
+        if size >= config.replicates:
+            continue
+        if rung <= config.noise_rungs:
+            if size < 2:
+                out.append(ReplicateRequest(first_id[key], last + 1, f"replicate at rung {rung}: measures the noise"))
+            continue
+        top = best[_cell_key(cell, variant)]
+        band = NOISE_Z * sigma * math.sqrt(1.0 / cell["runs"] + 1.0 / top["runs"])
+        gap = math.log(cell["mean_loss"] / top["mean_loss"])
+        if gap <= band:
+            out.append(ReplicateRequest(first_id[key], last + 1, f"replicate at rung {rung}: {gap:.2%} from the "
+                                        f"rung's best, within the noise band {band:.2%}"))
+    return sorted(out, key=lambda r: r.trial_id)
+
+
+def _cell_key(row: dict, keys: list[str]) -> tuple:
+    """A cell's key from a row: missing values (no rank, no fraction) as one placeholder, numbers as floats."""
+    out = []
+    for k in keys:
+        v = row.get(k)
+        if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+            out.append("-")
+        else:
+            out.append(float(v) if isinstance(v, (int, float, np.integer, np.floating)) else str(v))
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Replay on a sweep that ran every cell
 
 def _best(rows: pd.DataFrame) -> Pick | None:
@@ -356,23 +466,60 @@ def _best(rows: pd.DataFrame) -> Pick | None:
     return Pick(str(top["method"]), str(top["model"]), float(top["eval_loss"]), str(top["trial_id"]))
 
 
-def replay(full_trials: pd.DataFrame, config: AdaptiveConfig = AdaptiveConfig()) -> ReplayResult:
+def replay(full_trials: pd.DataFrame, config: AdaptiveConfig = AdaptiveConfig(), draw=None) -> ReplayResult:
     """Replay the policy rung by rung as if only its chosen cells had run: each rung's ``_decide`` sees exactly
-    the chosen cells of the rungs below (as the live driver's store would hold them). Skipped (infeasible) rows
-    are run by neither; failed rows count as run (their FLOP too) but feed no fit, as live."""
+    the chosen cells of the rungs below (as the live driver's store would hold them), then the rung's replicates
+    are asked for (``replicate_requests``) until none is left. ``draw(first_row, replicate)`` gives a requested
+    replicate's row (a dict of store columns, its own ``trial_id``), or None where there is none; by default the
+    store's own rows of that replicate (a sweep run with ``seeds``). Skipped (infeasible) rows are run by neither;
+    failed rows count as run (their FLOP too) but feed no fit, as live. The FLOP fraction is over the one-seed
+    full grid (every runnable cell's first run)."""
     rows = _canonical(full_trials)
     runnable = _runnable(rows)
-    cache, chosen, decisions = _Cache(), [], []
-    for budget in sorted(runnable["budget_flops"].astype(float).unique()):
-        done = runnable[runnable["trial_id"].isin(chosen)]
-        rung_decisions = _decide(done, runnable[runnable["budget_flops"] == budget], config, cache)
+    replicate = runnable["replicate"].fillna(0).astype(int) if "replicate" in runnable else 0
+    runnable = runnable.assign(replicate=replicate)
+    firsts = runnable[runnable["replicate"] == 0]
+    draw = draw or _stored_replicates(runnable)
+    cache, ran, decisions = _Cache(), [], []
+    by_id = {str(t): r for t, r in zip(firsts["trial_id"], firsts.to_dict("records"))}
+    for budget in sorted(firsts["budget_flops"].astype(float).unique()):
+        done = _frame(ran, runnable)
+        rung_decisions = _decide(done, firsts[firsts["budget_flops"] == budget], config, cache)
         decisions += rung_decisions
-        chosen += [d.trial_id for d in rung_decisions if d.run]
-    ran = runnable[runnable["trial_id"].isin(chosen)]
+        ran += [by_id[d.trial_id] for d in rung_decisions if d.run]
+        while True:
+            drawn = [row for q in replicate_requests(_frame(ran, runnable), budget, config)
+                     if (row := draw(by_id[q.trial_id], q.replicate)) is not None]
+            if not drawn:
+                break
+            ran += drawn
+    ran_frame = _frame(ran, runnable)
     flops = lambda t: float(pd.to_numeric(t["flops"], errors="coerce").fillna(0.0).sum())  # noqa: E731
-    total = flops(runnable)
+    total = flops(firsts)
     per_budget = tuple(
-        BudgetComparison(float(b), _best(runnable[runnable["budget_flops"] == b]), _best(ran[ran["budget_flops"] == b]))
-        for b in sorted(runnable["budget_flops"].astype(float).unique()))
-    return ReplayResult(flops(ran) / total if total > 0 else float("nan"), len(ran), tuple(sorted(chosen)),
-                        per_budget, tuple(decisions))
+        BudgetComparison(float(b), _best(firsts[firsts["budget_flops"] == b]),
+                         _best_cell(ran_frame[ran_frame["budget_flops"] == b]))
+        for b in sorted(firsts["budget_flops"].astype(float).unique()))
+    return ReplayResult(flops(ran_frame) / total if total > 0 else float("nan"), len(ran_frame),
+                        tuple(sorted(ran_frame["trial_id"].astype(str))), per_budget, tuple(decisions))
+
+
+def _frame(rows: list[dict], like: pd.DataFrame) -> pd.DataFrame:
+    return _canonical(pd.DataFrame(rows, columns=like.columns) if rows else like.iloc[:0])
+
+
+def _stored_replicates(runnable: pd.DataFrame):
+    """``replay``'s default draw: the store's row of that replicate of the cell, if the sweep ran it."""
+    keys = noise.cell_keys(runnable)
+    stored = {(_cell_key(r, keys), int(r["replicate"])): r for r in runnable.to_dict("records")}
+    return lambda first, replicate: stored.get((_cell_key(first, keys), replicate))
+
+
+def _best_cell(rows: pd.DataFrame) -> Pick | None:
+    """The best cell by its replicates' mean loss (a single run's luck does not pick it)."""
+    usable, _ = split_usable(rows) if len(rows) else (rows, None)
+    if usable is None or usable.empty:
+        return None
+    table = noise.cells(usable)
+    top = table.sort_values(["mean_loss"], kind="stable").iloc[0]
+    return Pick(str(top["method"]), str(top["model"]), float(top["mean_loss"]), str(top["trial_ids"][0]))

@@ -91,7 +91,7 @@ def spearman(x: pd.Series, y: pd.Series) -> float | None:
 def _pick(r) -> Pick:
     pooling = r.get("pooling")
     return Pick(trial_id=str(r["trial_id"]), method=str(r["method"]), model=str(r["model"]),
-                hparam=hparam_of(r["method"], r.get("lora_rank"), r.get("trainable_fraction")),
+                hparam=hparam_of(r),
                 pooling="mean" if pooling is None or pd.isna(pooling) else str(pooling),
                 eval_loss=float(r["eval_loss"]), ndcg_at_10=float(r["ndcg_at_10"]))
 

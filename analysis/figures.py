@@ -14,6 +14,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
+from core import methods
+
 from .findings import Analysis, hparam_sensitivity, methods_in
 from .fit import cost_per_token
 
@@ -79,7 +81,7 @@ def frontier_figure(a: Analysis) -> tuple[Figure, pd.DataFrame]:
         rows += [{"kind": "frontier", "method": m, "budget_flops": b, "loss": v}
                  for b, m, v in zip(dense, env_method, env_loss)]
     for method in methods_in(a):
-        colour, marker = METHOD_STYLE[method]
+        colour, marker = METHOD_STYLE.get(method, ("#555555", "x"))  # a method without a style of its own
         pts = best[best["method"] == method]
         ax.scatter(pts["budget_flops"], pts["eval_loss"], color=colour, marker=marker, s=42, zorder=3,
                    edgecolor="white", linewidth=0.6, label=f"{method}: best trial per budget")
@@ -118,7 +120,7 @@ def frontier_figure(a: Analysis) -> tuple[Figure, pd.DataFrame]:
 
 def _n_trainable_curve(surface, n):
     """N_tr for continuous N: log-log interpolation between the slice's models (exact at them)."""
-    if surface.method == "full":
+    if all(n_tr == n_model for _, n_model, n_tr in surface.models):  # everything trains
         return n
     xs = np.log([x for _, x, _ in surface.models])
     ys = np.log([max(y, 1.0) for _, _, y in surface.models])
@@ -203,7 +205,7 @@ def hparam_figure(a: Analysis, method: str) -> tuple[Figure, pd.DataFrame] | Non
     sens = hparam_sensitivity(a, method)
     if sens["hparam"].nunique() < 2:
         return None
-    name = "LoRA rank r" if method == "lora" else "trainable fraction of blocks f"
+    record = methods.get(method)
     fig = _figure(8.0, 5.0)
     ax = fig.add_subplot()
     budgets = sorted(sens["budget_flops"].unique())
@@ -219,7 +221,7 @@ def hparam_figure(a: Analysis, method: str) -> tuple[Figure, pd.DataFrame] | Non
         ax.plot(star["hparam"], star["empirical_loss"], marker="*", ms=14, ls="", color=colour[budget],
                 mec="black", mew=0.7, zorder=4)
     values = sorted(sens["hparam"].unique())
-    if method == "lora":
+    if record.hparam_log_axis:
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_locator(FixedLocator(values))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
@@ -228,10 +230,9 @@ def hparam_figure(a: Analysis, method: str) -> tuple[Figure, pd.DataFrame] | Non
         ax.set_xticks(values)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     _plain_log_y(ax)
-    ax.set_xlabel(name)
+    ax.set_xlabel(record.hparam_axis)
     ax.set_ylabel("held-out contrastive loss (best over models)")
-    ax.set_title(f"{'LoRA rank' if method == 'lora' else 'Block-freeze trainable fraction'} sensitivity "
-                 f"— sweep {a.sweep}")
+    ax.set_title(f"{method}: {record.hparam_title} sensitivity — sweep {a.sweep}")
     _style(ax)
     budget_legend = ax.legend(title="budget (FLOP)", loc="upper left", bbox_to_anchor=(1.01, 1.0),
                               fontsize=FONT["legend.fontsize"])

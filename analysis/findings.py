@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from core import methods
+
 from .fit import (
     CI_LEVEL,
-    METHODS,
     N_BOOTSTRAP,
     EmpiricalOptimum,
     Exclusions,
@@ -21,10 +22,13 @@ from .fit import (
     empirical_optimum,
     fit_surfaces,
     fit_trends,
+    hparam_of,
     require_usable,
     slice_label,
 )
-from .recipe import Recipe, best_in_slice, compute_recipe, fit_doubts
+from . import noise
+from .confidence import confidence
+from .recipe import Recipe, best_in_slice, compute_recipe, fit_doubts, no_fit_reason
 
 # The recipe table covers the grid's budgets and this many x4 steps beyond its largest (the paper's grid
 # steps by 4; extrapolation is marked).
@@ -92,6 +96,25 @@ def _best_slice(fits: SurfaceFits, method: str, budgets, max_tokens) -> Surface:
 # ----------------------------------------------------------------------------------------------------------
 # Tables
 
+def _how_sure_cell(how) -> str:
+    """findings.md's verdict on one budget's recipe (a ``recipe_table`` row): decisive, or what would decide it."""
+    decisive = how.get("decisive") if how is not None else None
+    if not isinstance(decisive, (bool, np.bool_)):
+        return "—"
+    if decisive:
+        return "decisive"
+    return f"not decisive: replicate {how['to_decide']} ({how['to_decide_flops']:.2g} FLOP)"
+
+
+def _runs_of(cells: pd.DataFrame, trial_id: str) -> dict:
+    """The best trial's cell over its replicates (``noise.cells``): mean loss, runs and relative spread."""
+    mine = cells[[trial_id in ids for ids in cells["trial_ids"]]]
+    if mine.empty or int(mine["runs"].iloc[0]) < 2:
+        return {"its cell: mean (runs, sd)": "1 run"}
+    cell = mine.iloc[0]
+    return {"its cell: mean (runs, sd)": f"{cell['mean_loss']:.4f} ({int(cell['runs'])}, {cell['sd']:.1%})"}
+
+
 def model_label(model: str) -> str:
     """A model as tables show it: a hub name as is, a local path or URI by its last part (the suite's
     ``/home/u/.cache/repurpose/suite/c4e28/mini-pythia-0.1m`` -> ``mini-pythia-0.1m``)."""
@@ -101,16 +124,16 @@ def model_label(model: str) -> str:
 
 
 def _hp(method: str, h) -> str:
-    if h is None or (isinstance(h, float) and np.isnan(h)):
-        return ""
-    return f"r={int(h)}" if method == "lora" else f"f={h:g}"
+    """``r=8``, ``f=0.25``; "" without a hyperparameter."""
+    return methods.get(method).show(h)
 
 
 def recipe_table(a: Analysis) -> pd.DataFrame:
     """One row per table budget: the recipe (with interval and bootstrap win share) beside the empirical best
     trial at grid budgets. ``source``: ``fit``, or ``empirical`` at a grid budget where the fit is in doubt
     (``notes`` say why: a thin surface, a fitted best worse than a trial, a trial outside the interval) — the
-    row's method, model, N and tokens are then the best trial's, and ``predicted_loss`` the fit's value for it."""
+    row's method, model, N and tokens are then the best trial's, and ``predicted_loss`` the fit's value for it. At a
+    grid budget no surface answers, the best trial is the row (``_no_fit_answer``)."""
     rows = []
     frontier = a.optimum.frontier.set_index("budget_flops")
     ndcg = (a.trials.set_index("trial_id")["ndcg_at_10"].astype(float).to_dict()
@@ -133,6 +156,9 @@ def recipe_table(a: Analysis) -> pd.DataFrame:
                 row.update(_empirical_answer(a, e), source="empirical")
                 row["notes"] = "; ".join([f"fit chose {c.label} {model_label(c.model)} at {c.predicted_loss:.4f}",
                                           *notes])
+            row.update(_how_sure(a, budget, row, c, e))
+        if r is None and e is not None:  # a grid budget no surface answers: its best trial does
+            row.update(_no_fit_answer(a, e))
         if e is not None:
             row.update(empirical_method=e["method"], empirical_hparam=_hp(e["method"], e["hparam"]),
                        empirical_model=e["model"], empirical_loss=float(e["eval_loss"]),
@@ -141,6 +167,21 @@ def recipe_table(a: Analysis) -> pd.DataFrame:
                 row["agree"] = bool(e["method"] == r.best.method and e["model"] == r.best.model)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _how_sure(a: Analysis, budget: float, row: dict, c, e) -> dict:
+    """The row's p_best, runner-up and its gap (analysis/confidence.py) for the cell the row answers with."""
+    if row.get("source") == "empirical":
+        chosen = (e["method"], None if pd.isna(e["hparam"]) else float(e["hparam"]), e["variant"], e["model"])
+    else:
+        chosen = (c.method, c.hparam, c.variant, c.model)
+    sure = confidence(a.surfaces, budget, chosen, a.max_tokens)
+    runner = sure.runner_up
+    return {"p_best": np.nan if sure.p_best is None else sure.p_best,
+            "runner_up": f"{runner.label} {model_label(runner.model)}" if runner else None,
+            "runner_up_gap": np.nan if sure.gap is None else sure.gap, "decisive": sure.decisive,
+            "to_decide": "; ".join(f"{x.label} {model_label(x.model)}" for x in sure.contenders) or None,
+            "to_decide_flops": sure.decide_flops if sure.contenders else np.nan}
 
 
 def _empirical_answer(a: Analysis, e: pd.Series) -> dict:
@@ -154,10 +195,17 @@ def _empirical_answer(a: Analysis, e: pd.Series) -> dict:
         pred = float(surface.predict(n, tokens))
         low, high = (float(x) for x in surface.interval(n, tokens))
     return dict(method=e["method"], family=None if e["family"] == "?" else e["family"], pooling=e["pooling"],
-                lora_rank=int(h) if e["method"] == "lora" and h is not None else None,
-                trainable_fraction=h if e["method"] == "freeze" else None, model=e["model"], n_params=int(n),
+                **methods.get(e["method"]).hparam_fields(h), model=e["model"], n_params=int(n),
                 tokens=int(tokens), flops=float(e["flops"]), predicted_loss=pred, predicted_loss_low=low,
                 predicted_loss_high=high, win_fraction=np.nan, data_limited=False, extrapolated=False)
+
+
+def _no_fit_answer(a: Analysis, e: pd.Series) -> dict:
+    """The recipe row at a grid budget where no surface can be fitted (too few trials or budgets): the best trial
+    ``e`` answers, its measured loss as ``predicted_loss`` and no interval (one run has none), ``source``
+    empirical and ``notes`` saying why there is no fit (as `recipe` does: analysis/report.py)."""
+    return {**_empirical_answer(a, e), "predicted_loss": float(e["eval_loss"]), "predicted_loss_low": np.nan,
+            "predicted_loss_high": np.nan, "source": "empirical", "notes": f"no fit: {no_fit_reason(a.surfaces)}"}
 
 
 def hparam_sensitivity(a: Analysis, method: str) -> pd.DataFrame:
@@ -191,7 +239,8 @@ def bias_comparison(a: Analysis) -> pd.DataFrame:
     best = a.optimum.best
     rows = []
     for budget, cell in best.groupby("budget_flops", sort=True):
-        bias, other = cell[cell["method"] == "bias"], cell[cell["method"] != "bias"]
+        is_bias = cell["method"] == methods.BIAS.name
+        bias, other = cell[is_bias], cell[~is_bias]
         if bias.empty or other.empty:
             continue
         o = other.loc[other["eval_loss"].idxmin()]
@@ -253,11 +302,13 @@ def recipe_markdown(a: Analysis) -> str:
     for r in t.to_dict("records"):
         if not isinstance(r.get("method"), str):
             continue
-        hp = _hp(r["method"], r["lora_rank"] if r["method"] == "lora" else r["trainable_fraction"])
+        hp = _hp(r["method"], hparam_of(r))
         flags = [s for s, on in (("grid", r["on_grid"]), ("empirical", r.get("source") == "empirical"),
                                  ("extrapolated", r.get("extrapolated")),
                                  ("data-limited", r.get("data_limited"))) if on is True]
         flags += [r["notes"]] if isinstance(r.get("notes"), str) and r["notes"] else []
+        if r.get("decisive") is False and isinstance(r.get("to_decide"), str):
+            flags.append(f"not decisive: replicate {r['to_decide']} ({r['to_decide_flops']:.2g} FLOP)")
         emp = (f"{r['empirical_method']} {r['empirical_hparam']} {model_label(r['empirical_model'])} "
                f"{r['empirical_loss']:.4f}".replace("  ", " ") if isinstance(r.get("empirical_method"), str) else "—")
         varies = bool(a.usable["variant"].astype(bool).any()) if "variant" in a.usable else False
@@ -266,7 +317,8 @@ def recipe_markdown(a: Analysis) -> str:
                      "model": model_label(r["model"]), "N": f"{r['n_params']:.3g}", "tokens": f"{r['tokens']:.3g}",
                      "predicted loss": _f(r["predicted_loss"]),
                      f"{level}% CI": f"[{_f(r['predicted_loss_low'])}, {_f(r['predicted_loss_high'])}]",
-                     "wins": _f(r.get("win_fraction"), "{:.0%}"), "empirical best": emp,
+                     "wins": _f(r.get("win_fraction"), "{:.0%}"), "p_best": _f(r.get("p_best"), "{:.0%}"),
+                     "empirical best": emp,
                      "its nDCG@10": _f(r.get("empirical_ndcg_at_10"), "{:.3f}"),
                      "notes": ", ".join(flags)})
     return _md(pd.DataFrame(rows)) + "\n"
@@ -281,6 +333,7 @@ def findings_markdown(a: Analysis) -> str:
     n_ex = len(a.exclusions.table)
     out += [f"{len(a.usable)} usable trials of {len(a.trials)} ({n_ex} excluded: "
             + (", ".join(f"{n} {c}" for c, n in a.exclusions.counts.items()) or "none") + ").", ""]
+    out += [noise.describe(noise.summary(a.usable)) + ".", ""]
 
     # 1. which method at which budget
     fr = a.optimum.frontier
@@ -298,18 +351,26 @@ def findings_markdown(a: Analysis) -> str:
         out.append("Fitted surfaces (recipe): " + _ranges([(b, r.best.method) for b, r in a.recipes.items()
                                                            if b in a.grid_budgets]) + ".")
     rows = []
+    cells = noise.cells(a.usable)
+    replicated = bool(len(cells) and (cells["runs"] > 1).any())
+    table = recipe_table(a)
+    sure = table.set_index("budget_flops") if "p_best" in table else None
     for r in fr.to_dict("records"):
         rec = a.recipes.get(r["budget_flops"])
+        how = sure.loc[r["budget_flops"]] if sure is not None and r["budget_flops"] in sure.index else None
         rows.append({"budget (FLOP)": f"{r['budget_flops']:.2g}",
                      "best (empirical)": f"{r['method']} {_hp(r['method'], r['hparam'])}".strip(),
                      "model": model_label(r["model"]), "loss": f"{r['eval_loss']:.4f}",
+                     **(_runs_of(cells, r["trial_id"]) if replicated else {}),
                      "runner-up": r["runner_up"] or "—", "margin": _f(r["margin"], "{:.1%}"),
                      "best (fitted)": rec.best.label if rec else "—",
-                     "fitted model": model_label(rec.best.model) if rec else "—"})
+                     "fitted model": model_label(rec.best.model) if rec else "—",
+                     "p_best": _f(how["p_best"], "{:.0%}") if how is not None else "—",
+                     "how sure": _how_sure_cell(how)})
     out += ["", _md(pd.DataFrame(rows)), ""]
 
     # 2./3. method hyperparameters
-    for method, name, what in (("lora", "LoRA rank", "rank"), ("freeze", "trainable fraction", "fraction")):
+    for method, name, what in _hparam_methods():
         sens = hparam_sensitivity(a, method)
         if sens.empty:
             continue
@@ -408,6 +469,14 @@ def serving_table(a: Analysis) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _hparam_methods() -> list[tuple[str, str, str]]:
+    """(method, its hyperparameter's title, its unit) of every method with a hyperparameter, adapters first (the
+    order the findings have always had: LoRA rank, then trainable fraction)."""
+    records = [methods.get(m) for m in methods.names() if methods.get(m).hparam]
+    records.sort(key=lambda r: not r.adapters)
+    return [(r.name, r.hparam_title, r.hparam_unit) for r in records]
+
+
 def methods_in(a: Analysis) -> list[str]:
     present = set(a.usable["method"])
-    return [m for m in METHODS if m in present]
+    return [m for m in methods.names() if m in present]

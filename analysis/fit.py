@@ -1,6 +1,6 @@
 """Fits: pure functions from a trials DataFrame (``load_trials``) to frozen, typed results.
 
-No file I/O and no printing here; ``report.py`` writes. Three fits, as in the issue (#4):
+No file I/O and no printing here; ``report.py`` writes. Three fits:
 
 1. ``empirical_optimum``: per (method, budget) the best completed trial; the frontier = best method per budget.
 2. ``fit_trends``: per method the optimal loss vs budget as a power law (a line in log-log, Figure 1 of Ziarko
@@ -21,11 +21,9 @@ import numpy as np
 import pandas as pd
 
 from core.errors import UserError
+from core import methods
 from core.flops import cost_per_token  # pure arithmetic, no torch; works elementwise on arrays
-from core.spec import METHODS  # the contract's methods, in its order (the tables' and figures' order too)
-
-
-from core.store import COMPLETED  # noqa: E402  (the store's status of a finished trial)
+from core.store import COMPLETED  # the store's status of a finished trial
 
 # Hoffmann et al. 2022, approach 3; Besiroglu et al. 2024 (arXiv 2404.10102) keep delta = 1e-3.
 HUBER_DELTA = 1e-3
@@ -55,19 +53,35 @@ class FitError(UserError):
 # ----------------------------------------------------------------------------------------------------------
 # Which trials a fit may use
 
-def hparam_of(method: str, lora_rank, trainable_fraction) -> float | None:
-    """The method hyperparameter that defines a slice: LoRA rank, freeze trainable fraction, else None."""
-    value = lora_rank if method == "lora" else trainable_fraction if method == "freeze" else None
-    if value is None or pd.isna(value):
-        return None
-    return float(value)
+def hparam_of(row) -> float | None:
+    """The method hyperparameter that defines a trial's slice (LoRA rank, freeze trainable fraction, else None),
+    from a row with ``method`` and the hyperparameter columns: a dict, a pandas row or an itertuples tuple."""
+    method = row["method"] if hasattr(row, "get") else row.method
+    return methods.get(str(method)).hparam_value(row)
 
 
 def slice_label(method: str, hparam: float | None, variant: str = "") -> str:
     """``lora r=8``, ``freeze f=0.5``; with a variant (a sweep over several families or poolings) ``lora r=8
     [llama last]``."""
-    label = method if hparam is None else f"lora r={int(hparam)}" if method == "lora" else f"{method} f={hparam:g}"
+    label = methods.get(method).label(hparam)
     return f"{label} [{variant}]" if variant else label
+
+
+class Slice:
+    """A slice's key (method, hyperparameter, variant) and label, for the records that name one (a fitted
+    surface, a recipe's choice): they have ``method``, ``hparam`` and ``variant`` fields."""
+
+    method: str
+    hparam: float | None
+    variant: str
+
+    @property
+    def key(self) -> tuple[str, float | None, str]:
+        return self.method, self.hparam, self.variant
+
+    @property
+    def label(self) -> str:
+        return slice_label(self.method, self.hparam, self.variant)
 
 
 def variant_of(family, pooling, varies: bool) -> str:
@@ -116,7 +130,7 @@ def split_usable(trials: pd.DataFrame) -> tuple[pd.DataFrame, Exclusions]:
     category[~done] = "status " + status[~done]
     detail[~done] = reason[~done]
     checks = [
-        (~df["method"].isin(METHODS), "unknown method"),
+        (~df["method"].isin(methods.names()), "unknown method"),
         (~np.isfinite(loss.to_numpy()), "completed with NaN/missing eval_loss"),
         (loss <= 0, "completed with eval_loss <= 0"),
         (~(tokens > 0), "completed with no tokens"),
@@ -132,10 +146,8 @@ def split_usable(trials: pd.DataFrame) -> tuple[pd.DataFrame, Exclusions]:
     })[bad.to_numpy()].reset_index(drop=True)
 
     usable = df[~bad.to_numpy()].copy()
-    usable["hparam"] = [
-        np.nan if (h := hparam_of(m, r, f)) is None else h
-        for m, r, f in zip(usable["method"], usable["lora_rank"], usable["trainable_fraction"])
-    ]
+    columns = ["method", *methods.HPARAM_FIELDS]
+    usable["hparam"] = [np.nan if (h := hparam_of(r)) is None else h for r in usable[columns].to_dict("records")]
     usable["N"] = n_params[~bad].to_numpy()
     usable["D"] = tokens[~bad].to_numpy()
     usable["eval_loss"] = loss[~bad].to_numpy()
@@ -246,7 +258,7 @@ class EmpiricalOptimum:
     frontier: pd.DataFrame
 
     def methods(self) -> list[str]:
-        return [m for m in METHODS if m in set(self.best["method"])]
+        return [m for m in methods.names() if m in set(self.best["method"])]
 
 
 def empirical_optimum(usable: pd.DataFrame) -> EmpiricalOptimum:
@@ -390,7 +402,7 @@ PARAM_NAMES = ("E", "A", "alpha", "B", "beta")
 
 
 @dataclass(frozen=True, eq=False)
-class Surface:
+class Surface(Slice):
     """A fitted L(N, D) for one method slice. ``boot``: (n_boot, 5) bootstrap refits of (E, A, alpha, B, beta)
     (A = 0, alpha = 0 for the one-model form). ``models``: the slice's models as (model, N, N_tr), the only
     candidates a recipe may pick. Fit quality on the log loss: ``rmse_log``, ``r2_log``; ``max_rel_err`` on
@@ -419,14 +431,6 @@ class Surface:
     family: str | None = None  # the slice's model family (model_type); None: not known to the store
     pooling: str = "mean"
     variant: str = ""  # "" unless the sweep varies family or pooling (then "<family> <pooling>")
-
-    @property
-    def key(self) -> tuple[str, float | None, str]:
-        return self.method, self.hparam, self.variant
-
-    @property
-    def label(self) -> str:
-        return slice_label(self.method, self.hparam, self.variant)
 
     @property
     def params(self) -> np.ndarray:
@@ -461,6 +465,21 @@ def _surface(p, n, d):
     return E + A / n ** alpha + B / d ** beta
 
 
+@dataclass(frozen=True)
+class Law:
+    """A loss surface's parameters, L(N, D) = E + A/N^alpha + B/D^beta: the ground truths synthetic stores are drawn
+    from (benchmarks/adaptive.py, the analysis tests)."""
+
+    E: float
+    A: float
+    alpha: float
+    B: float
+    beta: float
+
+    def loss(self, n, d):
+        return _surface((self.E, self.A, self.alpha, self.B, self.beta), np.asarray(n, float), np.asarray(d, float))
+
+
 @dataclass(frozen=True, eq=False)
 class SurfaceFits:
     """All slices of a sweep: fitted ``surfaces`` and ``refused`` (reason) keyed by (method, hparam, variant)
@@ -475,7 +494,7 @@ class SurfaceFits:
         return [s for (m, _, _), s in self.surfaces.items() if m == method]
 
     def methods(self) -> list[str]:
-        return [m for m in METHODS if self.for_method(m)]
+        return [m for m in methods.names() if self.for_method(m)]
 
 
 # -- the objective: Huber on log residuals, log L_hat = logsumexp(e, a - alpha log N, b - beta log D)
@@ -609,6 +628,31 @@ def _fit_from_grid(form_nd, terms, centres, logl, delta, bounds) -> np.ndarray:
     return best_x
 
 
+def _from_natural(params, form_nd: bool, centres) -> np.ndarray | None:
+    """(E, A, alpha, B, beta) -> centred parameters of ``form_nd``'s form, clipped into the bounds; None where a
+    coefficient is not positive (no log)."""
+    E, A, alpha, B, beta = (float(v) for v in params)
+    if E <= 0 or B <= 0 or (form_nd and A <= 0):
+        return None
+    x = np.array([math.log(E), math.log(A), alpha, math.log(B), beta] if form_nd else [math.log(E), math.log(B), beta])
+    lo, hi = np.array(_bounds(form_nd), dtype=float).T
+    return np.clip(_centre(x, centres), lo, hi)
+
+
+def _fit_warm(start, form_nd, terms, centres, logl, delta, bounds) -> np.ndarray:
+    """The optimum from a nearby fit (``start``: natural parameters, e.g. the same slice's fit before the last
+    rung's points): converged from there and from the best grid start, the better kept. Two minimisations in
+    place of the grid's ~28, where the points barely moved the surface."""
+    starts = _centre(_start_grid(form_nd), centres)
+    values = _grid_values(starts, terms, logl, delta)
+    ones = np.ones_like(logl)
+    tries = [_minimize(starts[int(np.argmin(values))], terms, logl, ones, delta, bounds)]
+    x0 = _from_natural(start, form_nd, centres)
+    if x0 is not None:
+        tries.append(_minimize(x0, terms, logl, ones, delta, bounds))
+    return min(tries, key=lambda xf: xf[1])[0]
+
+
 def _bootstrap(best_x, form_nd, terms, centres, logl, delta, bounds, n_boot: int, seed: int) -> np.ndarray:
     """(n_boot, 5) natural parameters refitted on trials resampled with replacement (as multiplicity weights),
     each started from the full-data optimum; seeded, so deterministic."""
@@ -622,10 +666,12 @@ def _bootstrap(best_x, form_nd, terms, centres, logl, delta, bounds, n_boot: int
 
 
 def fit_surface(points: pd.DataFrame, *, method: str = "?", hparam: float | None = None,
-                n_boot: int = N_BOOTSTRAP, seed: int = 0, delta: float = HUBER_DELTA, variant: str = "") -> Surface:
+                n_boot: int = N_BOOTSTRAP, seed: int = 0, delta: float = HUBER_DELTA, variant: str = "",
+                start=None) -> Surface:
     """Fit one slice. ``points``: usable trials (``N``, ``D``, ``eval_loss``, ``budget_flops``, ``model``,
     ``n_trainable``; ``family``, ``pooling`` when split_usable made them). Raises FitError when the slice has too
-    few points, model sizes or budgets."""
+    few points, model sizes or budgets. ``start``: natural parameters of a nearby fit (the adaptive policy's
+    previous rung) to start from in place of the full grid of starts (``_fit_warm``)."""
     label = slice_label(method, hparam, variant)
     n_models = points["N"].nunique()
     n_budgets = points["budget_flops"].nunique()
@@ -643,7 +689,10 @@ def fit_surface(points: pd.DataFrame, *, method: str = "?", hparam: float | None
 
     centres = _centres(form_nd, logn, logd)
     with _one_blas_thread():
-        best_x = _fit_from_grid(form_nd, terms, centres, logl, delta, bounds)
+        if start is None:
+            best_x = _fit_from_grid(form_nd, terms, centres, logl, delta, bounds)
+        else:
+            best_x = _fit_warm(start, form_nd, terms, centres, logl, delta, bounds)
         boot = _bootstrap(best_x, form_nd, terms, centres, logl, delta, bounds, n_boot, seed)
 
     params = _to_natural(best_x, form_nd, centres)
@@ -701,6 +750,6 @@ def fit_surfaces(usable: pd.DataFrame, *, n_boot: int = N_BOOTSTRAP, seed: int =
                                         variant=str(variant))
         except FitError as e:
             refused[key] = str(e)
-    order = {m: i for i, m in enumerate(METHODS)}
+    order = {m: i for i, m in enumerate(methods.names())}
     sort = lambda kv: (order.get(kv[0][0], 99), -1 if kv[0][1] is None else kv[0][1], kv[0][2])  # noqa: E731
     return SurfaceFits(dict(sorted(surfaces.items(), key=sort)), dict(sorted(refused.items(), key=sort)), n_boot)

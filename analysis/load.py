@@ -1,4 +1,4 @@
-"""Read a sweep's store (shared/CONTRACTS.md): ``trials.parquet`` and the ``metrics/`` directory.
+"""Read a sweep's store (docs/reference.md): ``trials.parquet`` and the ``metrics/`` directory.
 
 Local paths, ``file://``, ``s3://`` and ``gs://`` URIs all go through ``pyarrow.fs`` (credentials and endpoints
 come from the environment, e.g. ``AWS_ENDPOINT_URL_S3``). Only pyarrow and pandas: no Ray, no torch.
@@ -96,7 +96,34 @@ def load_trials(sweep_uri: str) -> pd.DataFrame:
         table = pq.read_table(path, filesystem=fs)
     except (pa.ArrowInvalid, OSError) as e:
         raise StoreError(f"{sweep_uri}/{TRIALS_FILE}: unreadable Parquet ({e})") from e
-    return _to_pandas(_conform(table, TRIALS_SCHEMA, CONTRACT_TRIALS_COLUMNS, f"{sweep_uri}/{TRIALS_FILE}"))
+    trials = _to_pandas(_conform(table, TRIALS_SCHEMA, CONTRACT_TRIALS_COLUMNS, f"{sweep_uri}/{TRIALS_FILE}"))
+    return with_replicates(trials, lambda: _grid_seed(fs, root))
+
+
+def with_replicates(trials: pd.DataFrame, base_seed) -> pd.DataFrame:
+    """A store written before replicates existed holds one run per cell: ``replicate`` 0 and ``seed`` the grid's
+    ``train.seed`` (``base_seed()``, read only when needed) fill the columns, or their nulls."""
+    if "replicate" not in trials or trials["replicate"].isna().any():
+        column = trials["replicate"] if "replicate" in trials else pd.Series(pd.NA, index=trials.index)
+        trials = trials.assign(replicate=column.astype("Int64").fillna(0))
+    if "seed" not in trials or trials["seed"].isna().any():
+        column = trials["seed"] if "seed" in trials else pd.Series(pd.NA, index=trials.index)
+        trials = trials.assign(seed=column.astype("Int64").fillna(base_seed() + trials["replicate"]))
+    return trials
+
+
+def _grid_seed(fs: pafs.FileSystem, root: str) -> int:
+    """``train.seed`` of the sweep's stored grid (0, the default, where the store holds none)."""
+    import yaml
+
+    try:
+        with fs.open_input_stream(_join(root, GRID_FILE)) as f:
+            doc = yaml.safe_load(f.read().decode())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return 0
+    train = doc.get("train") if isinstance(doc, dict) else None
+    seed = train.get("seed", 0) if isinstance(train, dict) else 0
+    return int(seed) if isinstance(seed, int) and not isinstance(seed, bool) else 0
 
 
 def _parquet_files(fs: pafs.FileSystem, directory: str) -> list[str]:

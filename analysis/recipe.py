@@ -15,12 +15,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from core import methods
 from core.flops import tokens_for_budget
 
-from .fit import CI_LEVEL, FORM_ND, FitError, SurfaceFits, cost_per_token, slice_label
+from .fit import CI_LEVEL, FORM_ND, FitError, Slice, SurfaceFits, cost_per_token
+
+
+class NoSurface(FitError):
+    """No method has a fitted surface that answers at the budget; ``why`` is each method's reason, in one line
+    (where it is raised the recipe may still answer with the best trial: ``empirical_budget``)."""
+
+    def __init__(self, budget_flops: float, why: str):
+        super().__init__(f"no method has a fitted surface at {budget_flops:.3g} FLOP: {why}")
+        self.why = why
 
 @dataclass(frozen=True)
-class Choice:
+class Choice(Slice):
     """One method's best (slice, model, tokens) at a budget. ``data_limited``: D was capped by max_tokens (the
     recipe spends less than the budget). ``extrapolated``: the budget or D lies outside what the slice's
     trials covered."""
@@ -44,20 +54,12 @@ class Choice:
     variant: str = ""
 
     @property
-    def key(self) -> tuple[str, float | None, str]:
-        return self.method, self.hparam, self.variant
-
-    @property
-    def label(self) -> str:
-        return slice_label(self.method, self.hparam, self.variant)
-
-    @property
     def lora_rank(self) -> int | None:
-        return int(self.hparam) if self.method == "lora" and self.hparam is not None else None
+        return methods.get(self.method).hparam_fields(self.hparam)["lora_rank"]
 
     @property
     def trainable_fraction(self) -> float | None:
-        return float(self.hparam) if self.method == "freeze" and self.hparam is not None else None
+        return methods.get(self.method).hparam_fields(self.hparam)["trainable_fraction"]
 
 
 @dataclass(frozen=True)
@@ -73,12 +75,12 @@ class Recipe:
 
 
 def serving_params(method: str, n_params, n_trainable):
-    """N of the model that serves: LoRA merged into its base (the adapters' parameters are gone), else N."""
-    return n_params - n_trainable if method == "lora" else n_params
+    """N of the model that serves: adapters merged into their base (their parameters are gone), else N."""
+    return methods.get(method).serving_params(n_params, n_trainable)
 
 
 def serve_flops(method: str, n_params, n_trainable, serve_tokens: float):
-    """Embedding ``serve_tokens`` tokens costs a forward pass, 2 N FLOP per token (PAPER.md "Serving cost")."""
+    """Embedding ``serve_tokens`` tokens costs a forward pass, 2 N FLOP per token (docs/study.md, "Where this project departs")."""
     return 2.0 * serving_params(method, n_params, n_trainable) * serve_tokens
 
 
@@ -128,7 +130,7 @@ def best_in_slice(surface, budget_flops: float, max_tokens: int | None = None, s
 def compute_recipe(fits: SurfaceFits, budget_flops: float, max_tokens: int | None = None,
                    serve_tokens: float = 0.0) -> Recipe:
     """The recipe at ``budget_flops`` (inside or beyond the grid): training FLOP + 2 N ``serve_tokens`` <= C.
-    FitError if no method has a surface or no candidate affords one token."""
+    NoSurface (a FitError) if no method has a surface or no candidate affords one token."""
     if not (serve_tokens >= 0 and math.isfinite(serve_tokens)):
         raise FitError(f"serve tokens must be a number >= 0 (got {serve_tokens})")
     if not (budget_flops > 0 and math.isfinite(budget_flops)):
@@ -151,8 +153,7 @@ def compute_recipe(fits: SurfaceFits, budget_flops: float, max_tokens: int | Non
         if method not in per_method and method not in refused:
             refused[method] = why
     if not per_method:
-        why = "; ".join(refused.values()) or "no usable trials"
-        raise FitError(f"no method has a fitted surface at {budget_flops:.3g} FLOP: {why}")
+        raise NoSurface(budget_flops, "; ".join(refused.values()) or "no usable trials")
     best = min(per_method.values(), key=lambda c: c.predicted_loss)
     win = {m: float("nan") for m in per_method}
     if len(boot_best) == len(per_method):
@@ -193,3 +194,38 @@ def fit_doubts(fits: SurfaceFits, choice: Choice, empirical_loss: float | None) 
             notes.append(f"best trial ({empirical_loss:.4f}) above the fit's interval "
                          f"[{choice.predicted_loss_low:.4f}, {choice.predicted_loss_high:.4f}]")
     return notes
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Without a surface: the best trial answers
+
+def no_fit_reason(fits: SurfaceFits) -> str:
+    """Why the sweep has no surface to answer from, in one line: each refused slice's reason."""
+    return "; ".join(fits.refused.values()) or "no method slice has enough trials for a surface"
+
+
+def empirical_budget(usable, budget_flops: float, serve_tokens: float = 0.0):
+    """Where no surface can be fitted, the recipe at C is the best completed trial at the nearest budget at or below
+    C: (that budget, the usable trials there). With ``serve_tokens`` T a trial counts only if its budget plus
+    serving, 2 N T (N: the merged model's), stays within C. FitError, one line, when no trial's budget is at or below
+    C: the trials say nothing about a smaller budget."""
+    budgets = usable["budget_flops"].astype(float)
+    serving = serve_flops_of(usable, serve_tokens)
+    fits = usable[budgets + serving <= budget_flops * (1 + 1e-9)]
+    if fits.empty:
+        smallest = float(budgets.min())
+        if smallest > budget_flops * (1 + 1e-9):
+            raise FitError(f"no trial at or below {budget_flops:.3g} FLOP: the sweep's smallest budget is "
+                           f"{smallest:.3g} FLOP, and it has no fitted surface to go below it")
+        raise FitError(f"no trial at or below {budget_flops:.3g} FLOP leaves room to serve {serve_tokens:.3g} "
+                       "tokens (2·N·T), and the sweep has no fitted surface to answer from")
+    budget = float(fits["budget_flops"].astype(float).max())
+    return budget, fits[fits["budget_flops"].astype(float) == budget]
+
+
+def serve_flops_of(trials, serve_tokens: float) -> np.ndarray:
+    """``serve_flops`` of each trial row (method, n_params, n_trainable), shape (len(trials),)."""
+    if not serve_tokens:
+        return np.zeros(len(trials))
+    rows = zip(trials["method"], trials["n_params"].astype(float), trials["n_trainable"].astype(float))
+    return np.array([serve_flops(m, n, ntr, serve_tokens) for m, n, ntr in rows], dtype=float)

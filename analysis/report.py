@@ -3,7 +3,7 @@ recipe (``repurpose recipe``). The only module of ``analysis`` that writes.
 
 - ``write_fit_outputs(sweep_uri, out_dir)``: figures (PNG + CSV of the plotted points), the recipe table
   (Markdown + CSV), findings (Markdown), surfaces.csv, excluded.csv, summary.json; returns the summary.
-- ``recipe_at(sweep_uri, budget_flops)``: the CONTRACTS.md ``recipe --json`` document (+ ``per_method``,
+- ``recipe_at(sweep_uri, budget_flops)``: the docs/reference.md ``recipe --json`` document (+ ``per_method``,
   ``empirical``); ``format_recipe`` renders it for humans.
 """
 from __future__ import annotations
@@ -18,14 +18,18 @@ import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 
+from core import methods
+
 from .findings import (Analysis, analyze, findings_markdown, model_label, recipe_markdown, recipe_table,
                        surfaces_table)
-from .fit import CI_LEVEL, KNOB_DEFAULTS, N_BOOTSTRAP, FitError, fit_surfaces, require_usable, slice_label
+from .fit import CI_LEVEL, KNOB_DEFAULTS, N_BOOTSTRAP, FitError, fit_surfaces, hparam_of, require_usable, slice_label
 from .load import StoreError, load_data_cap, load_trials, open_uri
-from .recipe import Choice, compute_recipe, fit_doubts
+from .confidence import confidence
+from .noise import noise_at
+from .recipe import Choice, NoSurface, compute_recipe, empirical_budget, fit_doubts, serve_flops
 
 RECIPE_KEYS = ("budget_flops", "method", "model", "n_params", "tokens", "lora_rank", "trainable_fraction",
-               "predicted_loss", "predicted_loss_low", "predicted_loss_high")  # shared/CONTRACTS.md
+               "predicted_loss", "predicted_loss_low", "predicted_loss_high")  # docs/reference.md
 SAME_BUDGET_RTOL = 1e-6  # a requested budget this close to a grid budget is that budget
 
 
@@ -97,7 +101,7 @@ def knobs_of_choice(usable: pd.DataFrame, method: str, hparam, variant: str, mod
 
 def recipe_at(sweep_uri: str, budget_flops: float, max_tokens: int | None = None, *, n_boot: int = N_BOOTSTRAP,
               seed: int = 0, serve_tokens: float | None = None) -> dict:
-    """The compute-optimal recipe at ``budget_flops`` (CONTRACTS.md ``recipe --json`` keys) plus
+    """The compute-optimal recipe at ``budget_flops`` (docs/reference.md ``recipe --json`` keys) plus
     ``per_method`` ({method: choice, or {"refused": why}}, with each method's bootstrap ``win_fraction`` and
     excluded-trial counts) and ``empirical`` (the best completed trial at that budget if it is a grid budget,
     else None). ``max_tokens``: the training data's token count; default: the sweep's data cap as the planner
@@ -113,7 +117,11 @@ def recipe_at(sweep_uri: str, budget_flops: float, max_tokens: int | None = None
     if max_tokens is None:
         max_tokens = load_data_cap(sweep_uri)
     fits = fit_surfaces(usable, n_boot=n_boot, seed=seed)
-    r = compute_recipe(fits, budget_flops, max_tokens, serve_tokens or 0.0)
+    try:
+        r = compute_recipe(fits, budget_flops, max_tokens, serve_tokens or 0.0)
+    except NoSurface as e:  # one run per answer, nothing to bootstrap: p_best and the runner-up are unknown
+        return _no_fit_recipe(usable, budget_flops, e.why, serve_tokens) | {
+            "p_best": None, "runner_up": None, "noise_sd": noise_at(trials, budget_flops)}
     c = r.best
     out = {"budget_flops": budget_flops, "method": c.method, "model": c.model, "n_params": int(c.n_params),
            "tokens": int(c.tokens), "lora_rank": c.lora_rank, "trainable_fraction": c.trainable_fraction,
@@ -140,7 +148,7 @@ def recipe_at(sweep_uri: str, budget_flops: float, max_tokens: int | None = None
     out["source"] = "fit"
     if out["notes"] and emp:  # at a grid budget the fit is in doubt: the best trial answers (notes say why)
         out["notes"].insert(0, f"fit chose {c.label} {model_label(c.model)} at {c.predicted_loss:.4f}")
-        surface = fits.surfaces.get((emp["method"], _hparam(emp), emp["variant"]))
+        surface = fits.surfaces.get((emp["method"], hparam_of(emp), emp["variant"]))
         pred = low = high = None
         if surface is not None:
             pred = _num(float(surface.predict(emp["n_params"], emp["tokens"])))
@@ -148,12 +156,66 @@ def recipe_at(sweep_uri: str, budget_flops: float, max_tokens: int | None = None
         out.update({k: emp[k] for k in ("method", "model", "n_params", "tokens", "lora_rank", "trainable_fraction",
                                         "family", "pooling", *KNOB_KEYS) if k in emp},
                    predicted_loss=pred, predicted_loss_low=low, predicted_loss_high=high, source="empirical")
+    chosen = ((c.method, c.hparam, c.variant, c.model) if out["source"] == "fit"
+              else (emp["method"], hparam_of(emp), emp["variant"], emp["model"]))
+    out.update(how_sure(fits, trials, budget_flops, chosen, max_tokens, serve_tokens or 0.0))
     return out
 
 
-def _hparam(e: dict) -> float | None:
-    h = e["lora_rank"] if e["method"] == "lora" else e["trainable_fraction"] if e["method"] == "freeze" else None
-    return None if h is None else float(h)
+def how_sure(fits, trials: pd.DataFrame, budget_flops: float, chosen: tuple, max_tokens: int | None,
+             serve_tokens: float = 0.0) -> dict:
+    """``recipe --json``'s ``p_best``, ``runner_up``, ``decisive``, ``to_decide`` (analysis/confidence.py) and
+    ``noise_sd`` (analysis/noise.py: the budget's own where measured, else the sweep's; None without replicates)."""
+    sure = confidence(fits, budget_flops, chosen, max_tokens, serve_tokens)
+    return sure.to_json() | {"noise_sd": noise_at(trials, budget_flops)}
+
+
+def sure_lines(d: dict) -> list[str]:
+    """The recipe's p_best, runner-up, noise and, when not decisive, what would decide it (``how_sure``)."""
+    if "p_best" not in d:
+        return []
+    lines = []
+    if d["p_best"] is not None:
+        lines.append(f"p_best {d['p_best']:.0%} (share of bootstrap refits in which this cell is the best)")
+    r = d.get("runner_up")
+    if r:
+        hp = (f" r={r['lora_rank']}" if r.get("lora_rank") is not None else
+              f" f={r['trainable_fraction']:g}" if r.get("trainable_fraction") is not None else "")
+        gap = f" (+{r['gap']:.2%})" if r.get("gap") is not None else ""
+        lines.append(f"runner-up {r['method']}{hp} {model_label(r['model'])}{gap}")
+    noise = d.get("noise_sd")
+    lines.append(f"run-to-run noise {noise:.1%}" if noise is not None else "run-to-run noise not measured (seeds: 1)")
+    todo = d.get("to_decide")
+    if d.get("decisive") is False and todo:
+        cells = ", ".join(
+            f"{c['method']}{'' if c.get('lora_rank') is None else ' r=' + str(c['lora_rank'])}"
+            f"{'' if c.get('trainable_fraction') is None else ' f=' + format(c['trainable_fraction'], 'g')} "
+            f"{model_label(c['model'])}" for c in todo["replicate"])
+        lines.append(f"not decisive: replicate {cells} ({todo['flops']:.3g} FLOP) to decide it")
+    return lines
+
+
+def _no_fit_recipe(usable: pd.DataFrame, budget_flops: float, why: str, serve_tokens: float | None) -> dict:
+    """`recipe` where no surface can be fitted: the best completed trial at the nearest budget at or below C
+    (analysis.recipe.empirical_budget), with ``source`` "empirical" and ``no_fit`` saying why. The contract's keys
+    stay: ``predicted_loss`` is the trial's measured eval_loss, and ``predicted_loss_low`` / ``_high`` are null
+    (one run has no interval)."""
+    budget, at = empirical_budget(usable, budget_flops, serve_tokens or 0.0)
+    emp = _empirical_at(at, budget)
+    out = {"budget_flops": budget_flops, **{k: emp[k] for k in ("method", "model", "n_params", "tokens", "lora_rank",
+                                                                 "trainable_fraction")},
+           "predicted_loss": emp["eval_loss"], "predicted_loss_low": None, "predicted_loss_high": None,
+           "per_method": {}, "empirical": emp, "family": emp["family"], "pooling": emp["pooling"]}
+    if serve_tokens is not None:
+        row = at.set_index("trial_id").loc[emp["trial_id"]]
+        out.update(serve_tokens=float(serve_tokens), train_flops=_num(float(row["flops"])),
+                   serve_flops=_num(float(serve_flops(row["method"], float(row["n_params"]),
+                                                      float(row["n_trainable"]), serve_tokens))))
+    below = not np.isclose(budget, budget_flops, rtol=SAME_BUDGET_RTOL, atol=0)
+    out["notes"] = [f"the best trial at {budget:.3g} FLOP, the largest budget at or below {budget_flops:.3g} with "
+                    "trials"] if below else []
+    out.update(source="empirical", no_fit=why)
+    return out
 
 
 def knob_lines(d: dict) -> list[str]:
@@ -181,6 +243,8 @@ def format_recipe(d: dict) -> str:
         lo, hi = e.get("predicted_loss_low"), e.get("predicted_loss_high")
         return f"[{lo:.4f}, {hi:.4f}]" if lo is not None and hi is not None else "[no bootstrap]"
 
+    if d.get("no_fit"):
+        return _format_no_fit(d, hp)
     best = d["per_method"].get(d["method"], {})
     notes = [n for n, on in (("data-limited: spends less than the budget", best.get("data_limited")),
                              ("extrapolated beyond the sweep's trials", best.get("extrapolated"))) if on]
@@ -199,6 +263,7 @@ def format_recipe(d: dict) -> str:
              f"  predicted loss  " + (f"{d['predicted_loss']:.4f}  {interval(d)} {level}% bootstrap CI"
                                       if d.get("predicted_loss") is not None else "— (no surface for this slice)")]
     lines += [f"  note            {n}" for n in notes]
+    lines += [f"  how sure        {line}" for line in sure_lines(d)]
     table = [("method", "predicted loss", f"{level}% CI", "model", "tokens", "wins")]
     for method, e in d["per_method"].items():
         if "refused" in e:
@@ -215,6 +280,21 @@ def format_recipe(d: dict) -> str:
         lines += ["", f"  empirical best trial at this budget: {emp['method']}{hp(emp)} {model_label(emp['model'])} "
                       f"tokens {emp['tokens']:,} loss {emp['eval_loss']:.4f} ({emp['trial_id']})"]
     return "\n".join(lines)
+
+
+def _format_no_fit(d: dict, hp) -> str:
+    """A ``recipe_at`` answer without a fitted surface (``_no_fit_recipe``): the best trial, said to be one."""
+    emp = d["empirical"]
+    lines = [f"Recipe at {d['budget_flops']:.3g} FLOP",
+             f"  source          empirical (no fit: {d['no_fit']})",
+             f"  method          {d['method']}{hp(d)}",
+             f"  model           {model_label(d['model'])}  (N = {d['n_params']:,} non-embedding parameters)",
+             f"  tokens          {d['tokens']:,}",
+             *([f"  serving         {d['serve_tokens']:.3g} tokens embedded: {d['serve_flops']:.3g} FLOP "
+                f"(training {d['train_flops']:.3g} FLOP)"] if d.get("serve_tokens") is not None else []),
+             f"  eval loss       {emp['eval_loss']:.4f}  (measured: trial {emp['trial_id']} at "
+             f"{emp['budget_flops']:.3g} FLOP; no interval without a fit)"]
+    return "\n".join(lines + [f"  note            {n}" for n in d.get("notes", [])])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -252,7 +332,7 @@ def _write_outputs(a: Analysis, out: str) -> tuple[dict[str, str], list[str]]:
 
     save_figure("figure1_frontier", figures.frontier_figure(a))
     save_figure("isoflop", figures.isoflop_figure(a))
-    for method, name in (("lora", "lora_rank"), ("freeze", "trainable_fraction")):
+    for method, name in ((m, methods.get(m).hparam) for m in methods.names() if methods.get(m).hparam):
         made = figures.hparam_figure(a, method)
         if made is None:
             notes.append(f"no {name} figure: the sweep has fewer than 2 {method} hyperparameter values")

@@ -1,8 +1,8 @@
-"""The adaptive sweep on synthetic full stores (issue #15): FLOP fraction and recipe agreement. No Ray.
+"""The adaptive sweep on synthetic full stores: FLOP fraction and recipe agreement. No Ray.
 
     python benchmarks/adaptive.py [--seeds 20] [--jobs 2] [--json] [--margin .. --neighbours .. --full-rungs ..]
 
-A paper-shaped grid (shared/PAPER.md): 8 Pythia sizes x {full, freeze f=0.25/0.5, bias, LoRA r=8..2048}
+A paper-shaped grid (docs/study.md): 8 Pythia sizes x {full, freeze f=0.25/0.5, bias, LoRA r=8..2048}
 x 6 budgets 1.5e15..1.5e18 (x4). Each cell's true loss comes from a ground-truth surface per method slice,
 L = E + A/N^alpha + B/D^beta (N = the base model's non-embedding parameters, D = budget / cost per token with the
 cell's own N, N_tr as the store counts them, LoRA adapters included), times log-normal noise. Cells the planner
@@ -10,7 +10,7 @@ skips (fewer than 10 optimizer steps of 1024 pairs x 78 tokens, or more tokens t
 rows. ``analysis.adaptive.replay`` then runs the policy on each store; per (truth, noise) the script reports
 the median and worst FLOP fraction, how often the adaptive recipe equals the full grid's at every budget (same
 method, a model within one size step, empirical loss within 1 %), and whether the noise-free store ever has
-its top-budget optimum pruned. Targets (issue #15): FLOP fraction <= 0.25, agreement >= 95 % of seeds at 0.5 %
+its top-budget optimum pruned. Targets: FLOP fraction <= 0.25, agreement >= 95 % of seeds at 0.5 %
 noise, the noise-free top-budget optimum never pruned.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ import os
 import statistics
 import sys
 import time
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -31,36 +32,22 @@ import pandas as pd
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from analysis.adaptive import AdaptiveConfig, ReplayResult, replay, size_index  # noqa: E402
-from analysis.fit import cost_per_token  # noqa: E402  (core.flops.cost_per_token once core/ lands)
+from analysis.confidence import confidence, supported  # noqa: E402
+from analysis.fit import FitError, Law, cost_per_token, fit_surfaces, hparam_of, split_usable  # noqa: E402
+from analysis.recipe import compute_recipe  # noqa: E402
+from core import methods  # noqa: E402
+from core.models import PYTHIA_SHAPES, model_shape  # noqa: E402
 
-# shared/PAPER.md: non-embedding N; hidden size and layers from the Pythia configs (core/models.py PYTHIA_SHAPES)
-PYTHIA = {
-    "EleutherAI/pythia-14m": (1_189_888, 128, 6),
-    "EleutherAI/pythia-31m": (4_739_072, 256, 6),
-    "EleutherAI/pythia-70m": (18_915_328, 512, 6),
-    "EleutherAI/pythia-160m": (85_056_000, 768, 12),
-    "EleutherAI/pythia-410m": (302_311_424, 1024, 24),
-    "EleutherAI/pythia-1b": (805_736_448, 2048, 16),
-    "EleutherAI/pythia-1.4b": (1_208_602_624, 2048, 24),
-    "EleutherAI/pythia-2.8b": (2_517_652_480, 2560, 32),
-}
-BUDGETS = (1.5e15, 6e15, 2.4e16, 9.6e16, 3.8e17, 1.5e18)  # PAPER.md, x4 steps
+# The study's Pythia suite, shaped by core.models (its table), N and N_tr as the store counts them (core.methods).
+PYTHIA = {f"EleutherAI/pythia-{size}": model_shape(f"EleutherAI/pythia-{size}") for size in PYTHIA_SHAPES}
+BUDGETS = (1.5e15, 6e15, 2.4e16, 9.6e16, 3.8e17, 1.5e18)  # docs/study.md, x4 steps
 SLICES = {"full": (None,), "freeze": (0.25, 0.5), "bias": (None,), "lora": (8, 32, 128, 512, 2048)}  # grids/paper.yaml
-TOKENS_PER_STEP = 1024 * 78  # a batch of 1024 pairs at the authors' 78 tokens per pair (PAPER.md)
+TOKENS_PER_STEP = 1024 * 78  # a batch of 1024 pairs at the authors' 78 tokens per pair (docs/study.md)
 MIN_STEPS = 10  # grids/paper.yaml plan.min_steps
 # No data limit: `repurpose plan grids/paper.yaml` without the data at hand checks min_steps only and finds 391
-# runnable cells of 432 (the count issue #15 quotes); this grid skips the same 41.
+# runnable cells of 432 (the paper-shaped grid's count); this grid skips the same 41.
 DATA_TOKENS = None
 NOISES = (0.0, 0.002, 0.005, 0.01, 0.02)  # sigma of the log-normal noise on the loss; 0 = the noise-free store
-
-
-@dataclass(frozen=True)
-class Law:
-    E: float
-    A: float
-    alpha: float
-    B: float
-    beta: float
 
 
 @dataclass(frozen=True)
@@ -75,14 +62,17 @@ class Truth:
 
     def law(self, method: str, hparam) -> Law:
         law = self.laws[method]
-        if method == "lora":
-            return replace(law, B=law.B * (1 + self.rank_slope * abs(math.log2(hparam / 128))))
-        if method == "freeze":
-            return replace(law, B=law.B * (0.5 / hparam) ** self.freeze_power)
-        return law
+        effect = {"lora": self._rank_effect, "freeze": self._fraction_effect}.get(method)
+        return law if effect is None else replace(law, B=law.B * effect(hparam))
+
+    def _rank_effect(self, rank) -> float:
+        return 1 + self.rank_slope * abs(math.log2(rank / 128))
+
+    def _fraction_effect(self, fraction) -> float:
+        return (0.5 / fraction) ** self.freeze_power
 
 
-# Three shapes the issue asks for (`--truths` prints each one's optimum per budget). Bias-only is 20-30 % worse
+# Three shapes of ground truth (`--truths` prints each one's optimum per budget). Bias-only is 20-30 % worse
 # everywhere; the optimum model grows from 70m at 1.5e15 to 1b at 1.5e18.
 BIAS_A = Law(0.56, 150.0, 0.32, 110.0, 0.28)
 TRUTHS = (
@@ -108,18 +98,9 @@ TRUTHS = (
 # The synthetic full store
 
 def params(method: str, hparam, model: str) -> tuple[int, int]:
-    """(N, N_tr) as the store counts them: LoRA adapters (16 d r per block: qkv d->3d, dense d->d, h_to_4h
-    d->4d, 4h_to_h 4d->d) join N; freeze trains the last ceil(f L) blocks; bias-only trains 11 d per block (the
-    4 Linears' 9 d and the 2 LayerNorms' 2 d)."""
-    n, d, layers = PYTHIA[model]
-    if method == "full":
-        return n, n
-    if method == "freeze":
-        return n, int(round(n * math.ceil(hparam * layers - 1e-9) / layers))
-    if method == "lora":
-        adapters = 16 * d * int(hparam) * layers
-        return n + adapters, adapters
-    return n, 11 * d * layers  # bias
+    """(N, N_tr) as the store counts them (core.methods.param_counts on the model's shape)."""
+    fields = methods.get(method).hparam_fields(hparam)
+    return methods.param_counts(PYTHIA[model], method, fields["lora_rank"], fields["trainable_fraction"])
 
 
 def grid_cells() -> pd.DataFrame:
@@ -137,8 +118,7 @@ def grid_cells() -> pd.DataFrame:
                             else None)
                     rows.append(dict(
                         trial_id=f"{method}-{'' if h is None else h}-{model.split('-')[-1]}-{budget:.2g}",
-                        model=model, method=method, lora_rank=int(h) if method == "lora" else None,
-                        trainable_fraction=h if method == "freeze" else None, budget_flops=budget, n_params=n,
+                        model=model, method=method, **methods.get(method).hparam_fields(h), budget_flops=budget, n_params=n,
                         n_trainable=ntr, tokens=tokens, flops=tokens * cost, hparam=h, skip=skip))
     return pd.DataFrame(rows)
 
@@ -148,7 +128,7 @@ def true_loss(truth: Truth, cells: pd.DataFrame) -> np.ndarray:
     for i, (method, h, model, tokens) in enumerate(zip(cells["method"], cells["hparam"], cells["model"],
                                                         cells["tokens"])):
         law = truth.law(method, None if pd.isna(h) else h)
-        out[i] = law.E + law.A / PYTHIA[model][0] ** law.alpha + law.B / max(tokens, 1) ** law.beta
+        out[i] = law.loss(PYTHIA[model].n_params(), max(tokens, 1))
     return out
 
 
@@ -220,11 +200,166 @@ def truths_report() -> str:
             per_method = group.groupby("method")["loss"].min().sort_values()
             best = group.loc[group["loss"].idxmin()]
             gap = per_method.iloc[1] / per_method.iloc[0] - 1
-            lora = group[group["method"] == "lora"].groupby("lora_rank")["loss"].min()
+            lora = group[group["method"] == methods.LORA.name].groupby("lora_rank")["loss"].min()
             picks.append(f"{budget:.1e}: {best['trial_id']} {best['loss']:.3f} (2nd {per_method.index[1]} "
                          f"+{gap:.1%}; LoRA ranks span {lora.max() / lora.min() - 1:.1%})")
         lines.append(f"{truth.name}:\n  " + "\n  ".join(picks))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# An answer you can trust: replicates drawn on demand, regret and p_best against the truth
+
+TRUST_NOISES = (0.01, 0.02)
+TRUST_CONFIG = AdaptiveConfig(noise_rungs=1)
+REGRET_TARGET = 0.005  # the recipe's true loss within 0.5 % of the true optimum
+TRUST_N_BOOT = 40  # bootstrap refits behind p_best (the reports use fit.N_BOOTSTRAP = 100)
+
+
+def replicate_draw(truth: Truth, noise: float, seed: int, drawn: list):
+    """Replicate r of a cell: the truth times its own log-normal noise, seeded by (seed, cell, r), so every
+    replay of a store draws the same runs; each drawn row is appended to ``drawn``."""
+    def draw(first: dict, replicate: int) -> dict:
+        rng = np.random.default_rng([seed, zlib.crc32(first["trial_id"].encode()), replicate])
+        frame = pd.DataFrame([first]).assign(hparam=[hparam_of(first)])
+        loss = float(true_loss(truth, frame)[0]) * math.exp(noise * rng.standard_normal())
+        row = first | {"trial_id": f"{first['trial_id']}~{replicate}", "replicate": replicate, "eval_loss": loss}
+        drawn.append(row)
+        return row
+    return draw
+
+
+def recipe_choices(trials: pd.DataFrame, n_boot: int = TRUST_N_BOOT) -> dict:
+    """Budget -> (method, hparam, model, p_best) of the fitted recipe (`repurpose recipe`'s fit answer) on
+    ``trials``; budgets without a recipe are left out."""
+    usable, _ = split_usable(trials)
+    fits = fit_surfaces(usable, n_boot=n_boot)
+    out = {}
+    for budget in BUDGETS:
+        here = supported(fits, budget)  # the slices that ran at this budget (analysis/confidence.py)
+        try:
+            best = compute_recipe(here, budget).best
+        except FitError:
+            continue
+        sure = confidence(here, budget, (best.method, best.hparam, best.variant, best.model))
+        out[budget] = (best.method, best.hparam, best.model, sure.p_best)
+    return out
+
+
+def _true_at(truth: Truth, method: str, hparam, model: str, budget: float) -> float:
+    n, ntr = params(method, hparam, model)
+    tokens = int(budget // float(cost_per_token(method, n, ntr)))
+    frame = pd.DataFrame([{"method": method, "hparam": hparam, "model": model, "tokens": tokens}])
+    return float(true_loss(truth, frame)[0])
+
+
+def _judged(truth: Truth, cells: pd.DataFrame, choices: dict) -> list[dict]:
+    """Per budget: the choice's regret against the true optimum over the runnable cells, and whether it is it."""
+    runnable = cells[cells["skip"].isna()]
+    truth_loss = runnable.assign(loss=true_loss(truth, runnable))
+    rows = []
+    for budget in BUDGETS:
+        at = truth_loss[truth_loss["budget_flops"] == budget]
+        optimum = float(at["loss"].min())
+        if budget not in choices:
+            rows.append({"budget": budget, "regret": math.inf, "best": False, "p_best": None})
+            continue
+        method, h, model, p_best = choices[budget]
+        loss = _true_at(truth, method, None if h is None or pd.isna(h) else h, model, budget)
+        rows.append({"budget": budget, "regret": loss / optimum - 1, "best": loss <= optimum * (1 + 1e-12),
+                     "p_best": p_best})
+    return rows
+
+
+def trust_one(job) -> dict:
+    truth_i, noise, seed = job
+    truth, cells = TRUTHS[truth_i], grid_cells()
+    store = make_store(truth, noise, seed, cells).assign(replicate=0)
+    drawn: list = []
+    start = time.perf_counter()
+    result = replay(store, TRUST_CONFIG, draw=replicate_draw(truth, noise, seed, drawn))
+    replay_s = time.perf_counter() - start
+    ran = pd.concat([store[store["trial_id"].isin(result.trial_ids)], pd.DataFrame(drawn)], ignore_index=True)
+    adaptive = _judged(truth, cells, recipe_choices(ran))
+    grid = _judged(truth, cells, recipe_choices(store))
+    empirical = {b.budget_flops: (b.full.method, None, b.full.model, None) for b in result.per_budget if b.full}
+    for b in result.per_budget:  # the one-seed grid's best trial: its hparam from its row
+        if b.full:
+            row = store[store["trial_id"] == b.full.trial_id].iloc[0]
+            empirical[b.budget_flops] = (row["method"], hparam_of(row), row["model"], None)
+    grid_best_trial = _judged(truth, cells, empirical)
+    return {"truth": truth.name, "noise": noise, "seed": seed, "flops_fraction": result.flops_fraction,
+            "replicates": len(drawn), "replay_s": replay_s, "adaptive": adaptive, "grid_fit": grid,
+            "grid_trial": grid_best_trial}
+
+
+def summarise_rows(path: str) -> str:
+    """The table of the JSON lines ``--rows`` wrote (a run stopped early still reports what it finished)."""
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return trust_table(trust_summary(rows))
+
+
+def trust_summary(rows: list[dict]) -> list[dict]:
+    out = []
+    for truth, noise in sorted({(r["truth"], r["noise"]) for r in rows},
+                               key=lambda k: ([t.name for t in TRUTHS].index(k[0]), k[1])):
+        group = [r for r in rows if r["truth"] == truth and r["noise"] == noise]
+
+        def within(kind):
+            return sum(all(b["regret"] <= REGRET_TARGET for b in r[kind]) for r in group) / len(group)
+
+        def worst(kind):
+            return max(b["regret"] for r in group for b in r[kind])
+
+        sure = [b for r in group for b in r["adaptive"] if b["p_best"] is not None and b["p_best"] >= 0.8]
+        out.append({"truth": truth, "noise": noise, "seeds": len(group),
+                    "adaptive_within": within("adaptive"), "adaptive_worst": worst("adaptive"),
+                    "grid_fit_within": within("grid_fit"), "grid_fit_worst": worst("grid_fit"),
+                    "grid_trial_within": within("grid_trial"), "grid_trial_worst": worst("grid_trial"),
+                    "flops_median": statistics.median(r["flops_fraction"] for r in group),
+                    "flops_worst": max(r["flops_fraction"] for r in group),
+                    "replicates_median": statistics.median(r["replicates"] for r in group),
+                    "sure_choices": len(sure), "sure_truly_best": (sum(b["best"] for b in sure) / len(sure)
+                                                                   if sure else float("nan")),
+                    "choices": sum(len(r["adaptive"]) for r in group),
+                    "replay_s_median": statistics.median(r["replay_s"] for r in group)})
+    return out
+
+
+def trust_table(summary: list[dict]) -> str:
+    lines = [f"{'truth':<24} {'noise':>5} {'seeds':>5} {'adaptive<=0.5%':>14} {'worst':>6} {'grid fit':>8} "
+             f"{'worst':>6} {'grid trial':>10} {'worst':>6} {'FLOP med':>8} {'worst':>6} {'reps':>5} "
+             f"{'p>=.8':>6} {'truly best':>10} {'replay s':>8}"]
+    for s in summary:
+        lines.append(
+            f"{s['truth']:<24} {s['noise']:>5.1%} {s['seeds']:>5} {s['adaptive_within']:>14.0%} "
+            f"{s['adaptive_worst']:>6.2%} {s['grid_fit_within']:>8.0%} {s['grid_fit_worst']:>6.2%} "
+            f"{s['grid_trial_within']:>10.0%} {s['grid_trial_worst']:>6.2%} {s['flops_median']:>8.3f} "
+            f"{s['flops_worst']:>6.3f} {s['replicates_median']:>5.0f} {s['sure_choices']:>3}/{s['choices']:<3}"
+            f"{s['sure_truly_best']:>9.0%} {s['replay_s_median']:>8.1f}")
+    return "\n".join(lines)
+
+
+def run_trust(seeds: int, jobs: int, truths, noises, as_json: bool, rows_path: str | None = None) -> int:
+    # seed by seed over every setting: a run stopped early has every setting at fewer seeds
+    work = [(t, noise, seed) for seed in range(seeds) for t in truths for noise in noises]
+    start = time.perf_counter()
+    rows = []
+    with ProcessPoolExecutor(jobs) as pool:
+        for row in pool.map(trust_one, work, chunksize=1):
+            rows.append(row)
+            if rows_path:  # one JSON line per store as it finishes
+                with open(rows_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    wall_s = time.perf_counter() - start
+    summary = trust_summary(rows)
+    if as_json:
+        print(json.dumps({"config": TRUST_CONFIG.__dict__, "wall_s": wall_s, "summary": summary}))
+    else:
+        print(f"config: {TRUST_CONFIG}\n{trust_table(summary)}\n{len(work)} stores in {wall_s:.1f} s "
+              f"({jobs} processes)")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -240,10 +375,16 @@ def main(argv=None) -> int:
     parser.add_argument("--n-boot", type=int, default=AdaptiveConfig.n_boot)
     parser.add_argument("--truths", action="store_true", help="print each truth's optimum per budget and exit")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--rows", help="--trust: append each store's result to this file as a JSON line")
+    parser.add_argument("--trust", action="store_true",
+                        help="replicates on demand at 1 and 2 %% noise: regret, FLOP and p_best against the truth")
     args = parser.parse_args(argv)
     if args.truths:
         print(truths_report())
         return 0
+    if args.trust:
+        noises = [n for n in args.noise if n > 0] if args.noise != list(NOISES) else list(TRUST_NOISES)
+        return run_trust(args.seeds, args.jobs, args.truth, noises, args.json, args.rows)
     config = AdaptiveConfig(margin=args.margin, neighbours=args.neighbours, full_rungs=args.full_rungs,
                             dominated_rungs=args.dominated_rungs, n_boot=args.n_boot)
     jobs = [(t, noise, seed if noise > 0 else 0, config) for t in args.truth for noise in args.noise

@@ -2,7 +2,7 @@
 
     python benchmarks/cache.py [--copies 14] [--epochs 2] [--json]
 
-Data: the demo's stdlib pairs (workers/suite.py ``demo_data``) in ``--copies`` files, a byte-level BPE trained on
+Data: the demo's stdlib pairs (workers/suite/cache.py ``demo_data``) in ``--copies`` files, a byte-level BPE trained on
 them (vocab 8192, as benchmarks/run.py), batch 1024, max length 75, seed 0, one torch thread (the trial process's
 core; the raw path's tokenizer runs in Rust on its background thread, the cache's gather in numpy on its own).
 Both streams run in the same process, one after the other, so their ratio is the figure (the machine is shared).
@@ -33,24 +33,15 @@ def log(msg: str) -> None:
 
 
 def make_data(root: str, copies: int) -> tuple[str, str]:
-    """(data dir with ``copies`` copies of the demo's train pairs, tokenizer dir)."""
-    from workers.suite import demo_data, train_tokenizer
+    """(data dir with ``copies`` copies of the demo's train pairs, tokenizer dir: benchmarks/run.py's fixture)."""
+    from benchmarks.run import prepare
 
-    src = demo_data()["train"]
+    fixture = prepare(root)
     data = os.path.join(root, "data")
     os.makedirs(data)
     for i in range(copies):
-        shutil.copy(src, os.path.join(data, f"part-{i:03d}.jsonl"))
-    texts = []
-    with open(src) as f:
-        for i, line in enumerate(f):
-            if i >= 20000:
-                break
-            p = json.loads(line)
-            texts += [p["query"], p["pos"][0]]
-    tok = os.path.join(root, "tokenizer")
-    train_tokenizer(texts, vocab_size=8192).save_pretrained(tok)
-    return data, tok
+        shutil.copy(fixture["train"], os.path.join(data, f"part-{i:03d}.jsonl"))
+    return data, fixture["tokenizer"]
 
 
 def consume(stream, max_s: float) -> dict:
@@ -85,15 +76,17 @@ def run(copies: int, epochs: float, raw_s: float, batch: int, max_length: int) -
     import torch
 
     from workers import token_cache
-    from workers.data import PairStream
-    from workers.records import load_tokenizer
+    from workers.pair_batches import PairStream
+    from workers.pair_files import load_tokenizer
 
     torch.set_num_threads(1)
     root = tempfile.mkdtemp(prefix="rpcache")
     try:
         data, tok_dir = make_data(root, copies)
         t0 = time.perf_counter()
-        uri, manifest = token_cache.ensure(os.path.join(root, "store"), train_uri=data, eval_uri=None,
+        from orchestrator import cache_build
+
+        uri, manifest = cache_build.ensure(os.path.join(root, "store"), train_uri=data, eval_uri=None,
                                            tokenizer_path=tok_dir, max_length=max_length, log=log)
         build_s = time.perf_counter() - t0
         split = manifest["splits"]["train"]
@@ -147,6 +140,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-length", type=int, default=75)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    from workers.export import quiet_model_loading
+
+    quiet_model_loading()  # as the CLI: no library noise the user did not ask for
     out = run(args.copies, args.epochs, args.raw_s, args.batch, args.max_length)
     if args.json:
         print(json.dumps(out, indent=1))

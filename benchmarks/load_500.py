@@ -1,4 +1,4 @@
-"""Load: N trivial trials (default 500) through our driver on the embedded Ray (issue #7).
+"""Load: N trivial trials (default 500) through our driver on the embedded Ray.
 
     python benchmarks/load_500.py [--trials 500] [--rows 3] [--json]
 
@@ -32,16 +32,26 @@ def trivial_trainable(config: dict) -> None:
 
     trial, rows = config["trial"], ROWS
     for step in range(1, rows + 1):
-        row = {"step": step, "tokens": 100 * step, "flops": 1.0 * step, "hardware_flops": 1.0 * step,
-               "train_loss": 1.0 / step, "lr": 1e-4, "wall_s": 0.01 * step, "eval_loss": None, "tokens_per_s": 1e4}
-        event = {"rows": [row], "restart": False, "final": step == rows, "step": step, "tokens": row["tokens"],
-                 "flops": row["flops"], "budget_flops": trial["spec"]["budget_flops"], "train_loss": row["train_loss"]}
-        if step == rows:
-            row["eval_loss"] = 0.5
-            event["trial"] = {"tokens": row["tokens"], "steps": step, "flops": row["flops"],
+        tune.report(trivial_event(trial, step, rows))
+
+
+def trivial_event(trial: dict, step: int, rows: int) -> dict:
+    """The worker's event at ``step`` of ``rows`` as Tune's report carries it: one metric row; the last one done,
+    with the trial's row."""
+    from core.events import TrialEvent
+
+    row = {"step": step, "tokens": 100 * step, "flops": 1.0 * step, "hardware_flops": 1.0 * step,
+           "train_loss": 1.0 / step, "lr": 1e-4, "wall_s": 0.01 * step, "eval_loss": None, "tokens_per_s": 1e4}
+    done = step == rows
+    if done:
+        row["eval_loss"] = 0.5
+    event = TrialEvent(rows=(row,), done=done, step=step, tokens=row["tokens"], flops=row["flops"],
+                       budget_flops=trial["spec"]["budget_flops"], train_loss=row["train_loss"],
+                       trial={"tokens": row["tokens"], "steps": step, "flops": row["flops"],
                               "hardware_flops": row["flops"], "eval_loss": 0.5, "train_loss": row["train_loss"],
                               "wall_s": row["wall_s"], "reason": None, "n_params": 1, "n_trainable": 1}
-        tune.report(event)
+                       if done else None)
+    return event.to_dict()
 
 
 def rss_bytes() -> int:

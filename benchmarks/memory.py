@@ -1,4 +1,4 @@
-"""Peak RSS of a trial process running demo trials back to back, as a reused Ray actor does (issue 12: demo actors
+"""Peak RSS of a trial process running demo trials back to back, as a reused Ray actor does (demo actors
 reached 4-6 GB for models of <= 1.2M parameters).
 
     python benchmarks/memory.py [--trials 6] [--budget 3e11] [--variants default,malloc,malloc+onednn] [--json]
@@ -6,7 +6,7 @@ reached 4-6 GB for models of <= 1.2M parameters).
 Each variant is a child process with its own environment (1 intra-op thread, as Ray gives a 1-CPU actor) that
 runs ``workers.trial.run_trial`` on the demo's cells (batch 32, max length 64, lr 3e-3, eval on 1,024 pairs;
 suite-shaped 0.1m / 0.34m / 1.2m models, randomly initialised: memory does not depend on the weights' values)
-over the stdlib pairs (workers/suite.py ``demo_data``), and reports its RSS after each trial and its peak
+over the stdlib pairs (workers/suite/cache.py ``demo_data``), and reports its RSS after each trial and its peak
 (sampled every 20 ms). Python's own allocations are traced too (tracemalloc): if they stay flat while RSS
 grows, the growth is native (allocator, oneDNN), not objects the trial keeps.
 """
@@ -40,7 +40,9 @@ def prepare(root: str) -> dict:
     import torch
     from transformers import AutoModel
 
-    from workers.suite import SUITE, VOCAB_SIZE, demo_data, train_tokenizer
+    from workers.suite.cache import demo_data
+    from workers.suite.models import SUITE, VOCAB_SIZE
+    from workers.suite.pretraining import train_tokenizer
 
     data = demo_data()
     tok_dir = os.path.join(root, "tokenizer")
@@ -101,6 +103,9 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    from workers.export import quiet_model_loading
+
+    quiet_model_loading()  # as the CLI (children inherit the environment): no library noise
     if args.child:
         child(json.loads(args.child), args.trials, args.budget)
         return

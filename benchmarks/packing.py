@@ -1,11 +1,11 @@
-"""Packing (issue #16): real tokens/s of the contrastive step, packed rows against padded random batches, same run.
+"""Packing: real tokens/s of the contrastive step, packed rows against padded random batches, same run.
 
     python benchmarks/packing.py [--quick] [--models mini-1.2m,70m] [--batches 128,256] [--factors 1,2,4]
                                  [--rounds 5] [--steps 2] [--threads 1] [--json]
 
 The step is the trial's (workers/loss.py ``contrastive_backward`` + AdamW, bf16 autocast on CPU, eager attention
 as workers/steps.py ``load`` picks it on CPU, full fine-tuning, no checkpointing), on random batches of the
-stdlib pairs (workers/suite.py ``demo_data``: real-ish lengths) tokenised with a BPE trained on them. Cases:
+stdlib pairs (workers/suite/cache.py ``demo_data``: real-ish lengths) tokenised with a BPE trained on them. Cases:
 a demo-sized model (mini-pythia-1.2m's shape, max length 32 as the demo) and a Pythia-70m-shaped one (random
 weights, max length 75), at batch 128 and 256. Variants, interleaved within each round so that load on the
 shared machine hits all alike: padded, packed into rows of 1x the longest text (the default), 2x and 4x.
@@ -27,7 +27,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TAU = 0.025
-# (name, hidden, layers, heads, max_length, vocab): mini-pythia-1.2m (workers/suite.py) at the demo's max length,
+# (name, hidden, layers, heads, max_length, vocab): mini-pythia-1.2m (workers/suite/models.py) at the demo's max length,
 # and pythia-70m's shape (core/models.py PYTHIA_SHAPES)
 MODELS = [("mini-1.2m", 128, 6, 4, 32, 4096), ("70m", 512, 6, 8, 75, 8192)]
 FACTORS = (1, 2, 4)  # row capacity = factor x the forward's longest text
@@ -39,7 +39,8 @@ def log(msg: str) -> None:
 
 def token_pairs(vocab: int, max_length: int, n: int = 8192, seed: int = 0) -> list[tuple[list[int], list[int]]]:
     """``n`` stdlib pairs as token ids, truncated to ``max_length`` (a BPE of ``vocab`` trained on them)."""
-    from workers.suite import demo_data, train_tokenizer
+    from workers.suite.cache import demo_data
+    from workers.suite.pretraining import train_tokenizer
 
     with open(demo_data()["train"]) as f:
         pairs = [json.loads(line) for _, line in zip(range(n), f)]
@@ -52,7 +53,7 @@ def token_pairs(vocab: int, max_length: int, n: int = 8192, seed: int = 0) -> li
 
 
 def batches(pairs, batch: int, count: int, offset: int):
-    from workers.data import collate
+    from workers.pair_batches import collate
 
     out = []
     for k in range(count):
@@ -77,17 +78,17 @@ def build(hidden: int, layers: int, heads: int, vocab: int):
 def row_factor(factor: int | None):
     """Packs rows of ``factor`` x the longest text for the duration (the benchmark's only knob; the step packs
     at 1x)."""
-    from workers import loss, packing
+    from workers import packing
 
     if factor in (None, 1):
         yield
         return
-    original = loss.pack
-    loss.pack = lambda ids, mask: packing.pack(ids, mask, capacity=factor * int(mask.sum(1).max()))
+    original = packing.pack  # what the mask kernel's Packer calls (workers/packing.py pack_for)
+    packing.pack = lambda ids, mask: original(ids, mask, capacity=factor * int(mask.sum(1).max()))
     try:
         yield
     finally:
-        loss.pack = original
+        packing.pack = original
 
 
 def timed_steps(model, optimizer, bs, packing: bool, factor: int | None) -> tuple[float, int]:

@@ -26,8 +26,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-PYTHIA_14M = (128, 6, 4)  # hidden, layers, heads (workers/models.py PYTHIA_SHAPES)
-PYTHIA_70M = (512, 6, 8)
+from core.events import TrialEvent  # noqa: E402
+from core.models import PYTHIA_SHAPES  # noqa: E402
+
+PYTHIA_14M, PYTHIA_70M = PYTHIA_SHAPES["14m"], PYTHIA_SHAPES["70m"]  # hidden, layers, heads
 VOCAB = 50304  # Pythia's padded vocabulary: the embedding is as big as the real model's
 TAU = 0.025
 
@@ -38,8 +40,9 @@ def log(msg: str) -> None:
 
 # --- fixtures: data, tokenizer, models -----------------------------------------------------------------------
 def prepare(root: str) -> dict:
-    """Real pairs (stdlib docstrings, workers/pairs.py) and a BPE tokenizer trained on them."""
-    from workers.suite import demo_data, train_tokenizer
+    """Real pairs (stdlib docstrings, workers/suite/stdlib_pairs.py) and a BPE tokenizer trained on them."""
+    from workers.suite.cache import demo_data
+    from workers.suite.pretraining import train_tokenizer
 
     data = demo_data()
     texts = []
@@ -100,14 +103,15 @@ def run_worker(model: str, train: str, *, batch: int, max_length: int, steps: in
     """A real trial (workers/trial.py) sized to ``steps`` optimizer steps; tokens/s over its training steps."""
     from transformers import AutoTokenizer
 
-    from workers.data import measure_tokens_per_pair
-    from core.flops import NeoxShape, cost_per_token, param_counts
-    from core.models import read_config
+    from workers.pair_files import measure_tokens_per_pair
+    from core.flops import cost_per_token
+    from core.methods import param_counts
+    from core.models import ModelShape, read_config
     from core.spec import TrialSpec
     from workers.trial import run_trial
 
     tpp = measure_tokens_per_pair(train, AutoTokenizer.from_pretrained(model), max_length)
-    n, n_tr = param_counts(NeoxShape.from_config(read_config(model)), method)
+    n, n_tr = param_counts(ModelShape.from_config(read_config(model)), method)
     budget = cost_per_token(method, n, n_tr) * tpp * batch * steps
     spec = TrialSpec(model=model, method=method, budget_flops=budget, train_data=train, batch_size=batch,
                      max_length=max_length, planned_tokens_per_pair=tpp, checkpoint_every_s=1e9)
@@ -166,8 +170,7 @@ def trivial_trainable(config: dict) -> None:
            "eval_loss": 1.0, "tokens_per_s": 0.0}
     trial = {"tokens": 1, "steps": 1, "flops": 1.0, "hardware_flops": 1.0, "eval_loss": 1.0, "train_loss": 1.0,
              "wall_s": 0.0, "train_s": 0.0}
-    tune.report({"rows": [row], "restart": False, "final": True, "trial": trial, "step": 1, "tokens": 1,
-                 "flops": 1.0, "budget_flops": 2.0})
+    tune.report(TrialEvent(rows=(row,), done=True, trial=trial, step=1, tokens=1, flops=1.0, budget_flops=2.0).to_dict())
 
 
 def plain_trivial(config: dict) -> None:
@@ -245,9 +248,9 @@ def store_rows(root: str, trials: int, steps: int) -> dict:
     t0 = time.perf_counter()
     for tid in rows:
         for s in range(1, steps + 1, 100):
-            rec.on_event(tid, {"rows": [{"step": k, "tokens": k, "flops": 1.0 * k, "train_loss": 1.0, "lr": 1e-4,
-                                         "wall_s": 0.1 * k, "eval_loss": None, "tokens_per_s": 1.0,
-                                         "hardware_flops": 1.0} for k in range(s, s + 100)], "step": s + 99})
+            rec.on_event(tid, TrialEvent(rows=[{"step": k, "tokens": k, "flops": 1.0 * k, "train_loss": 1.0, "lr": 1e-4,
+                                                "wall_s": 0.1 * k, "eval_loss": None, "tokens_per_s": 1.0,
+                                                "hardware_flops": 1.0} for k in range(s, s + 100)], step=s + 99))
         rec.flush()
     write_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -268,6 +271,9 @@ def main(argv=None) -> int:
     q = args.quick
     parts = set(args.only or ("worker", "hardware", "driver", "store"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from workers.export import quiet_model_loading
+
+    quiet_model_loading()  # as the CLI: no DeepSpeed accelerator line, no per-load progress bars
     import torch
 
     threads = torch.get_num_threads()

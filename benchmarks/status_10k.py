@@ -1,4 +1,4 @@
-"""`repurpose status` on a store of 10,000 trials (issue #7: it answers in under a second).
+"""`repurpose status` on a store of 10,000 trials (it should answer in under a second).
 
     python benchmarks/status_10k.py [--trials 10000] [--repeat 5] [--metrics] [--json]
 

@@ -21,4 +21,11 @@ class UserError(ValueError):
         return cls(f"{file}: {field}: {problem}" if field else f"{file}: {problem}")
 
     def one_line(self) -> str:
-        return " ".join(str(self).split())
+        return one_line(self)
+
+
+def one_line(e: BaseException | str, limit: int | None = None) -> str:
+    """An error (or a message) as one line: its whitespace runs collapsed to single spaces (tracebacks, multi-line
+    library messages), an empty message named by the exception's type, cut to ``limit`` characters."""
+    text = " ".join(str(e).split()) or (type(e).__name__ if isinstance(e, BaseException) else "")
+    return text[:limit]

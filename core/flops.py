@@ -1,8 +1,8 @@
 """FLOP accounting: pure arithmetic, no torch (the planner imports it without loading a model).
 
 Two numbers per trial:
-- ``flops``: the paper's convention (Ziarko et al. 2024, Sec. 3 / PAPER.md): cost per *real* token by
-  method times the real (non-padding) tokens processed. N = non-embedding parameters (LoRA adapters
+- ``flops``: the paper's convention (Ziarko et al. 2024, Sec. 3; docs/study.md): cost per *real* token by
+  method (core/methods.py) times the real (non-padding) tokens processed. N = non-embedding parameters (LoRA adapters
   included), N_tr = the trainable part of N.
 - ``hardware_flops``: the matmul FLOPs actually executed, padded tokens, attention and recomputation
   (gradient checkpointing, the gradient cache's extra forward) included; it matches
@@ -10,23 +10,15 @@ Two numbers per trial:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-# shapes and parameter counts live in core/models.py; re-exported here, where the GPT-NeoX-only code found them
-from core.models import (ModelShape, NeoxShape, lora_params, param_counts,  # noqa: F401 -- re-exports
-                         trained_blocks)
+from core import methods
+from core.models import ModelShape
 
 
-def cost_per_token(method: str, n_params: int, n_trainable: int) -> float:
-    """FLOP per real token, PAPER.md table (the paper's Sec. 3.2)."""
-    if method == "full":
-        return 6.0 * n_params
-    if method == "freeze":
-        return 2.0 * n_params + 4.0 * n_trainable
-    if method in ("lora", "bias"):
-        return 4.0 * n_params + 2.0 * n_trainable
-    raise ValueError(f"unknown method {method!r}")
+def cost_per_token(method: str, n_params, n_trainable):
+    """FLOP per real token of ``method`` (its record's convention, docs/study.md); elementwise on arrays."""
+    return methods.get(method).cost_per_token(n_params, n_trainable)
 
 
 def tokens_for_budget(budget_flops: float, cost: float) -> int:
@@ -39,6 +31,12 @@ def planned_steps(tokens: int, tokens_per_pair: float, batch_size: int) -> tuple
     """(pairs, optimizer steps) that ``tokens`` real tokens buy at ``tokens_per_pair`` (the planner's measure)."""
     pairs = tokens / tokens_per_pair
     return pairs, int(pairs // batch_size)
+
+
+def padding_fraction(real_tokens: int, padded_tokens: int) -> float | None:
+    """Padding's share of the tokens processed: 1 - real / padded. None when nothing was processed (a fraction of
+    nothing is undefined, and the store's column is null for such a trial, not a claim of no padding)."""
+    return 1.0 - real_tokens / padded_tokens if padded_tokens else None
 
 
 def flops_for_tokens(tokens: int, cost: float) -> float:
@@ -76,9 +74,10 @@ def sequence_hardware_flops(
     saves it); the gradient cache adds a no-grad forward of the whole model. Embedding lookups, norms, softmax,
     gating and pooling are not matmuls.
     """
+    record = methods.get(method)
     lins = shape.linears()
-    targets = shape.check_lora_targets(lora_targets) if method == "lora" else ()
-    rank = lora_rank if method == "lora" else 0
+    targets = shape.check_lora_targets(lora_targets) if record.adapters else ()
+    rank = lora_rank if record.adapters else 0
     lin = {name: 2.0 * a * b for name, (a, b, _) in lins.items()}  # per token
     ad = {name: 2.0 * rank * (a + b) if name in targets else 0.0 for name, (a, b, _) in lins.items()}
     attn = 2 * 2.0 * seq_len * shape.attn_width  # QK^T and AV, per token
@@ -88,42 +87,30 @@ def sequence_hardware_flops(
     last = 0.0 if shape.mlp_output_normed else (2.0 * rank * shape.hidden if ad[last_name] else lin[last_name])
 
     layers = shape.layers
-    first = layers - trained_blocks(layers, trainable_fraction) if method == "freeze" else 0
+    first = record.first_trained_block(layers, trainable_fraction)
     per_token = layers * fwd * (2 if grad_cache else 1)
     for layer in range(first, layers):
         act = sum(lin.values()) + sum(ad.values())  # activation gradients: every Linear and adapter once
         qkv = (True, True, True)  # whether Q, K, V need a gradient
-        if layer == first and not _input_needs_grad(shape, method):
+        if layer == first and not record.input_needs_grad(shape):
             for name in shape.input_linears():
                 act -= lin[name] + (2.0 * rank * lins[name][0] if name in targets else 0.0)  # base and A
-            qkv = _qkv_need_grad(shape, method, targets)
+            qkv = _qkv_need_grad(shape, record, targets)
         q, k, v = qkv
         per_token += act + attn / 2 * (q + k + (q or k) + v)  # dQ, dK, d(probs), dV
         if checkpointing:
             per_token += fwd - last
-        if method in ("full", "freeze"):
+        if record.weight_grads == "linears":
             per_token += sum(lin.values())  # weight gradients
-        elif method == "lora":
+        elif record.weight_grads == "adapters":
             per_token += sum(ad.values())  # weight gradients of A and B
     return per_token * seq_len
 
 
-def _input_needs_grad(shape: ModelShape, method: str) -> bool:
-    """Whether, in the first block backward reaches, the Linears reading the block's input need its gradient:
-    the embedding trains (full), or a trainable norm sits in between (freeze: its weight; bias: LayerNorm's
-    bias, GPT-NeoX only). OLMo 2 has no norm there."""
-    if method == "full":
-        return True
-    if method == "freeze":
-        return shape.input_norm
-    if method == "bias":
-        return shape.input_norm and shape.block_norm_params()[1] > 0
-    return False
-
-
-def _qkv_need_grad(shape: ModelShape, method: str, targets: tuple[str, ...]) -> tuple[bool, bool, bool]:
-    """In that first block, Q/K/V need a gradient only where their projection trains something."""
-    if method != "lora":
+def _qkv_need_grad(shape: ModelShape, record: methods.Method, targets: tuple[str, ...]) -> tuple[bool, bool, bool]:
+    """In that first block, Q/K/V need a gradient only where their projection trains something (the first block's
+    input needs none: ``Method.input_needs_grad``; OLMo 2 has no norm there)."""
+    if not record.adapters:
         return True, True, True  # freeze trains the projections; bias: their biases (or the input's gradient)
     if shape.family in ("gpt_neox", "phi3"):
         fused = shape.input_linears()[0] in targets

@@ -14,6 +14,13 @@ What a trial holds (workers/steps.py loads every weight in fp32 and trains with 
   dropout and any MLP width, and eager attention (the CPU path) adds the score and probability matrices
   (2·heads·T values per token), which SDPA on a GPU does not keep. With gradient checkpointing each block keeps only
   its input (the fp32 residual stream, 4·h bytes) and one block at a time holds its full set while recomputed;
+- DeepSpeed ZeRO's own buffers (``zero_buffers``): an fp32 master copy of this rank's partition of the trainable
+  parameters (ZeRO 1, 2 and 3 keep one even when the weights are fp32 already: runtime/zero/stage_1_and_2.py,
+  ``single_partition_of_fp32_groups``, a clone), and under ZeRO 1/2 the contiguous gradient bucket of
+  ``reduce_bucket_size`` elements in the gradients' dtype (fp32 here), allocated whole whatever the model's size:
+  DeepSpeed's default 5e8 elements is 2 GB (``setup_buckets``; a second one with ``overlap_comm``, off by default
+  for ZeRO 1/2). The updated partitions are all-gathered into the flat parameter buffer in place (runtime/utils.py
+  ``all_gather_dp_groups``, ``allgather_bucket_size`` only sets the number of calls): no buffer of its own;
 - a fixed overhead: the CUDA context, cuBLAS workspaces and the allocator's slack (~1 GiB on an H100);
 - a margin of 10 % for fragmentation.
 
@@ -30,12 +37,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from core.models import ModelShape, param_counts, trained_blocks
+from core import methods
+from core.models import ModelShape
 
 GIB = 1 << 30
 OVERHEAD_BYTES = 1 * GIB
 MARGIN = 1.10
 ZERO3_MAX_LIVE_PARAMETERS = 10**9
+ZERO_REDUCE_BUCKET_ELEMENTS = 5 * 10**8  # DeepSpeed's default reduce_bucket_size (runtime/zero/config.py)
 MIN_CHUNK = 16  # pairs: 2 x 16 x 75 = 2,400 tokens per matmul, enough rows to keep a GPU's tensor cores busy
 # checkpoints: an object store takes a few hundred MB/s from one writer; saves may cost 5 % of the trial's time
 WRITE_BYTES_PER_S = 250e6
@@ -54,11 +63,12 @@ class Footprint:
     per_pair: int
     per_pair_checkpointed: int
     overhead: int = OVERHEAD_BYTES
+    zero_buffers: int = 0  # DeepSpeed ZeRO's master partition and gradient bucket (``zero_buffer_bytes``)
 
     @property
     def static(self) -> int:
         """Everything but the activations."""
-        return self.weights + self.weight_copies + self.gradients + self.optimizer + self.overhead
+        return self.weights + self.weight_copies + self.gradients + self.optimizer + self.zero_buffers + self.overhead
 
     def total(self, chunk: int, checkpointing: bool, one_pass: bool = False) -> int:
         """Peak bytes with ``chunk`` pairs' activations. ``one_pass``: the whole batch in one graph (no gradient
@@ -71,17 +81,18 @@ class Footprint:
 def footprint(shape: ModelShape, method: str, max_length: int, *, lora_rank: int | None = None,
               trainable_fraction: float | None = None, lora_targets: tuple[str, ...] | None = None,
               eager_attention: bool = False, shards: int = 1, zero_stage: int = 0,
-              overhead: int = OVERHEAD_BYTES, tokens_per_pair: float | None = None) -> Footprint:
+              overhead: int = OVERHEAD_BYTES, tokens_per_pair: float | None = None,
+              reduce_bucket_elements: int = ZERO_REDUCE_BUCKET_ELEMENTS) -> Footprint:
     """The trial's footprint on one device. ``shards``/``zero_stage``: a DeepSpeed trial over ``shards`` ranks
     (stage 2 shards gradients and AdamW's state, stage 3 the weights too; each rank embeds its share of the batch,
     which ``chunk`` counts). Activations: padded, every text at ``max_length`` (the worst case: a random batch's
     documents are padded to about that); packed (workers/packing.py), ``tokens_per_pair`` real tokens a pair (the
     planner's measure; rows carry no padding but their tails, ~1 %)."""
-    n, n_tr = param_counts(shape, method, lora_rank, trainable_fraction, lora_targets)
+    n, n_tr = methods.param_counts(shape, method, lora_rank, trainable_fraction, lora_targets)
     n_all = n + shape.vocab * shape.hidden  # the input embedding (AutoModel loads no LM head)
     weight_shards = shards if zero_stage >= 3 else 1
     state_shards = shards if zero_stage >= 2 else 1
-    reached = trained_blocks(shape.layers, trainable_fraction) if method == "freeze" else shape.layers
+    reached = shape.layers - methods.get(method).first_trained_block(shape.layers, trainable_fraction)
     per_token = activation_bytes_per_token(shape, max_length, eager_attention)
     # outside the blocks: the final norm's input (LayerNorm) or input and output (RMSNorm), fp32
     outside = (4 if shape.family == "gpt_neox" else 8) * shape.hidden
@@ -99,7 +110,21 @@ def footprint(shape: ModelShape, method: str, max_length: int, *, lora_rank: int
         per_pair=math.ceil(tokens * (per_token * reached + outside)),
         per_pair_checkpointed=math.ceil(tokens * per_token_ckpt),
         overhead=overhead,
+        zero_buffers=zero_buffer_bytes(n_tr, shards, zero_stage, reduce_bucket_elements),
     )
+
+
+def zero_buffer_bytes(n_trainable: int, shards: int, zero_stage: int,
+                      reduce_bucket_elements: int = ZERO_REDUCE_BUCKET_ELEMENTS) -> int:
+    """What a DeepSpeed ZeRO rank allocates beyond the model, its gradients and AdamW's state (the module's
+    docstring): the fp32 master partition, 4 bytes per trainable parameter over the ranks (its share rounded up:
+    DeepSpeed pads the flat buffer to split evenly), and under ZeRO 1/2 the 4-byte gradient bucket of
+    ``reduce_bucket_elements``. None without ZeRO (``zero_stage`` 0)."""
+    if zero_stage < 1:
+        return 0
+    master = 4 * math.ceil(n_trainable / max(shards, 1))
+    bucket = 4 * reduce_bucket_elements if zero_stage in (1, 2) else 0
+    return master + bucket
 
 
 def activation_bytes_per_token(shape: ModelShape, seq_len: int, eager_attention: bool) -> int:
@@ -144,10 +169,17 @@ def choose(fp: Footprint, budget: float, batch: int, checkpointing: bool | str =
     return None
 
 
+def fits_one_pass(fp: Footprint, budget: float, batch: int, checkpointing: bool = False) -> bool:
+    """Whether the whole batch runs as one forward and backward in ``budget`` bytes (no gradient cache: each
+    embedding's graph alive at once, with its own bf16 weight copies). Then the step recomputes nothing: the
+    gradient cache's extra no-grad forward (a third of a full fine-tuning step's FLOP) is saved."""
+    return fp.total(batch, checkpointing, one_pass=True) <= budget
+
+
 def largest_chunk(fp: Footprint, budget: float, batch: int, checkpointing: bool) -> int:
-    """The largest chunk that fits ``budget``: the batch itself (one pass, ``Footprint.total``), else a power of two
+    """The largest chunk that fits ``budget``: the batch itself (one pass, ``fits_one_pass``), else a power of two
     below it (0: not one pair)."""
-    if fp.total(batch, checkpointing, one_pass=True) <= budget:
+    if fits_one_pass(fp, budget, batch, checkpointing):
         return batch
     per_pair = fp.per_pair_checkpointed if checkpointing else fp.per_pair
     room = budget / MARGIN - fp.static

@@ -20,11 +20,14 @@ import re
 from dataclasses import dataclass
 
 from core.errors import UserError
-from core.spec import LORA_TARGETS
 
 
 class ModelConfigError(UserError):
     """A model reference that cannot be resolved or is not supported; the message names the model and the problem."""
+
+
+# GPT-NeoX's Linears, the authors' LoRA targets (docs/study.md; they also adapted embed_in, left out here)
+LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
 
 # --- shapes -------------------------------------------------------------------------------------------------
@@ -172,9 +175,6 @@ class ModelShape:
         return tuple(targets)
 
 
-NeoxShape = ModelShape  # the name the GPT-NeoX-only code used; every family now
-
-
 def _attention_bias(family: str, cfg: dict) -> bool:
     if family == "qwen2":
         return True  # q/k/v always biased (modeling_qwen2.py), o_proj never
@@ -194,32 +194,9 @@ def lora_params(shape: ModelShape, rank: int, targets: tuple[str, ...] | None = 
     return shape.layers * sum(rank * (a + b) for name, (a, b, _) in shape.linears().items() if name in targets)
 
 
-def param_counts(
-    shape: ModelShape,
-    method: str,
-    lora_rank: int | None = None,
-    trainable_fraction: float | None = None,
-    lora_targets: tuple[str, ...] | None = None,
-) -> tuple[int, int]:
-    """(N, N_tr): non-embedding parameters and their trainable part, as the trial will have them.
-    ``lora_targets`` None: the family's default (every Linear of the blocks)."""
-    n = shape.n_params()
-    if method == "full":
-        return n, n
-    if method == "freeze":
-        k = trained_blocks(shape.layers, trainable_fraction)
-        return n, k * shape.block_params() + sum(shape.final_norm_params())  # + the final norm
-    if method == "bias":
-        return n, shape.bias_params()
-    if method == "lora":
-        extra = lora_params(shape, lora_rank, lora_targets)
-        return n + extra, extra
-    raise ValueError(f"unknown method {method!r}")
-
-
 # --- built-in tables: plan offline ----------------------------------------------------------------------------
 # Pythia (Biderman et al. 2023, Table 1 / the HF configs): hidden, layers, heads; intermediate = 4*hidden,
-# vocab padded to 50304. Non-embedding N from these equals PAPER.md's counts (tests/workers/test_flops.py).
+# vocab padded to 50304. Non-embedding N from these equals docs/study.md's counts (tests/workers/test_flops.py).
 PYTHIA_SHAPES = {
     "14m": (128, 6, 4),
     "31m": (256, 6, 8),
@@ -230,7 +207,7 @@ PYTHIA_SHAPES = {
     "1.4b": (2048, 24, 16),
     "2.8b": (2560, 32, 32),
 }
-# Pythia pretraining learning rates (PAPER.md); the study fine-tunes at a tenth of them.
+# Pythia pretraining learning rates (docs/study.md); the study fine-tunes at a tenth of them.
 PYTHIA_PRETRAIN_LR = {
     "14m": 1e-3, "31m": 1e-3, "70m": 1e-3, "160m": 6e-4,
     "410m": 3e-4, "1b": 3e-4, "1.4b": 2e-4, "2.8b": 1.6e-4,
@@ -338,7 +315,7 @@ def pretrain_lr(model: str, config: dict | None = None) -> float | None:
 
 
 def auto_lr(model: str, config: dict | None = None) -> float:
-    """lr `auto` = pretraining lr / 10 (PAPER.md, the authors' recipe)."""
+    """lr `auto` = pretraining lr / 10 (docs/study.md, the authors' recipe)."""
     lr = pretrain_lr(model, config)
     if lr is None:
         cfg = config if config is not None else read_config(model)

@@ -9,15 +9,14 @@ defaults (orchestrator/grid.py reads them with ``default``); values are validate
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass
 
+from core import methods
 from core.errors import UserError
+from core.hashing import json_hash
+from core.models import LORA_TARGETS
 
-METHODS = ("full", "freeze", "bias", "lora")  # the contract's methods, in the grid's and the reports' order
-# GPT-NeoX's Linears, the authors' LoRA targets (PAPER.md; they also adapted embed_in, left out here)
-LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 BATCHING = ("random", "length_buckets")
 KEEP_WEIGHTS = ("trainable", "none")
 # mean over real tokens (the study's); last: the EOS appended to every text, its hidden state (Qwen3-Embedding,
@@ -41,7 +40,7 @@ def attention_unsupported(family: str, attention: str = "bidirectional") -> str 
     return (f"attention bidirectional: model_type {family!r} does not build its mask with create_causal_mask alone "
             f"(sliding-window layers or a per-config mask; bidirectional: {', '.join(BIDIRECTIONAL_FAMILIES)})")
 
-# Defaults are the paper's (PAPER.md, "Training recipe").
+# Defaults are the paper's (docs/study.md, "Training recipe").
 BATCH_SIZE = 1024
 TEMPERATURE = 0.025  # InfoNCE tau; logits scaled by 40
 MAX_LENGTH = 75
@@ -51,9 +50,9 @@ WEIGHT_DECAY = 0.1
 # Knobs that change how a trial runs but not what it computes.
 RUNTIME_FIELDS = ("chunk_size", "report_every", "report_every_s", "checkpoint_every_s", "save_model",
                   "keep_weights", "weights_uri", "token_cache", "planned_tokens_per_pair", "planned_tokens", "planned_steps", "num_threads",
-                  "prefetch_batches", "deepspeed_config", "device_share", "packing")
+                  "prefetch_batches", "deepspeed_config", "device_share", "packing", "compile")
 # Identity fields added after sweeps existed: in the identity only when not at their default (ids stay stable).
-ADDED_FIELDS = ("batching", "pooling", "query_instruction", "hard_negatives", "attention")
+ADDED_FIELDS = ("batching", "pooling", "replicate", "query_instruction", "hard_negatives", "attention")
 # A DeepSpeed override may tune how the engine runs (ZeRO stage, offload, buckets, communication), not what the
 # trial computes: these keys are the trial's (its fields, or fixed by workers/distributed.py's loop).
 DEEPSPEED_TRIAL_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -64,7 +63,7 @@ DEEPSPEED_TRIAL_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "g
 @dataclass(frozen=True)
 class TrialSpec:
     model: str  # HF name or local path of a GPT-NeoX checkpoint
-    method: str  # full | freeze | bias | lora
+    method: str  # a core.methods record's name: full | freeze | bias | lora
     budget_flops: float  # paper convention
     train_data: str  # BGE JSONL or Parquet: path, glob or s3:// / gs:// URI
     eval_data: str | None = None
@@ -89,7 +88,10 @@ class TrialSpec:
     query_instruction: str = ""  # prepended to every query (never to documents); "": none
     warmup_fraction: float = WARMUP_FRACTION
     weight_decay: float = WEIGHT_DECAY
-    seed: int = 0
+    seed: int = 0  # train.seed + replicate (``replicate_seed``): a replicate's own data order and initialisation
+    # which run of its cell this is: 0 the cell's first (the id of a sweep without replicates), 1, 2, ... further
+    # runs of the same cell with their own seed, so the run-to-run spread can be measured (grid key ``seeds``)
+    replicate: int = 0
     max_epochs: float = 1.0  # more passes over the training pairs than this: planned as skipped
     # auto: only when the memory model (core/memory.py) needs it, decided by the trial from its device; true/false
     # force it. It recomputes, it does not change results; ids hash "auto" as true, the default it replaced.
@@ -97,6 +99,9 @@ class TrialSpec:
     precision: str = "auto"  # auto (bf16 autocast where the hardware has it) | bf16 | fp32
     eval_every: int = 0  # optimizer steps between evaluations; 0: at the end only
     eval_pairs: int = 4096  # held-out pairs used (the first ones of the eval file)
+    # torch.compile of the decoder blocks (core/throughput.py compile_decision): auto = on CUDA where the trial's
+    # planned steps pass the break-even, true / false force it; how it runs, not what it computes
+    compile: bool | str = "auto"
     # runtime knobs
     chunk_size: int | None = None  # gradient-cache sub-batch (pairs); None: automatic from memory
     # a sub-batch's texts packed in rows, no padding (workers/packing.py): the padded step's results up to float
@@ -129,12 +134,11 @@ class TrialSpec:
 
     def __post_init__(self):
         # invariants only (values are validated at the grid's edge): what makes the method's fields meaningful
-        if self.method not in METHODS:
-            raise ValueError(f"method: {self.method!r} is not one of {', '.join(METHODS)}")
-        if (self.method == "lora") != (self.lora_rank is not None):
-            raise ValueError("lora_rank: required for method lora and only for it")
-        if (self.method == "freeze") != (self.trainable_fraction is not None):
-            raise ValueError("trainable_fraction: required for method freeze and only for it")
+        record = methods.get(self.method)
+        for name in methods.HPARAM_FIELDS:
+            if (record.hparam == name) != (getattr(self, name) is not None):
+                owners = " and ".join(m for m in methods.names() if methods.get(m).hparam == name)
+                raise ValueError(f"{name}: required for method {owners} and only for it")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling: {self.pooling!r} is not one of {', '.join(POOLINGS)}")
         if self.packing not in PACKINGS:
@@ -147,6 +151,10 @@ class TrialSpec:
             raise ValueError(f"attention: {self.attention!r} is not one of {', '.join(ATTENTIONS)}")
         if self.hard_negatives < 0:
             raise ValueError(f"hard_negatives: must be >= 0, got {self.hard_negatives}")
+        if isinstance(self.replicate, bool) or not isinstance(self.replicate, int) or self.replicate < 0:
+            raise ValueError(f"replicate: a non-negative integer (got {self.replicate!r})")
+        if self.compile not in (True, False, "auto"):
+            raise ValueError(f"compile: {self.compile!r} is not auto, true or false")
         if self.batching not in BATCHING:
             raise ValueError(f"batching: {self.batching!r} is not one of {', '.join(BATCHING)}")
 
@@ -164,7 +172,8 @@ class TrialSpec:
 
     def identity(self) -> dict:
         """The fields that define the trial's result (hashed into its id). A field added after sweeps existed
-        enters only when it is not its default (``batching``), so those sweeps keep their ids."""
+        enters only when it is not its default (``batching``; ``replicate`` 0, a cell's first run), so those sweeps
+        keep their ids."""
         d = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
         for name in ADDED_FIELDS:
             if d[name] == default(name):
@@ -177,6 +186,11 @@ class TrialSpec:
         return trial_id(self.identity())
 
 
+def replicate_seed(base_seed: int, replicate: int) -> int:
+    """The seed of a cell's replicate: the grid's ``train.seed`` for the first, then one up per replicate."""
+    return int(base_seed) + int(replicate)
+
+
 def default(name: str):
     """A TrialSpec field's default: the grid's default for the same key."""
     return TrialSpec.__dataclass_fields__[name].default
@@ -184,8 +198,7 @@ def default(name: str):
 
 def trial_id(identity: dict) -> str:
     """Short sha256 of the canonical JSON of a trial's identity (sorted keys, no spaces, repr floats)."""
-    blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(blob.encode()).hexdigest()[:TRIAL_ID_HEX]
+    return json_hash(identity, hex_chars=TRIAL_ID_HEX)
 
 
 class DeepSpeedConfigError(UserError):

@@ -42,7 +42,7 @@ TRIAL_COLUMNS = (
     ("family", "string"),  # the model's model_type: gpt_neox, llama, qwen3, ...
     ("pooling", "string"),  # mean | last | weighted_mean
     *RETRIEVAL,
-    ("mfu", "float64"),  # hardware_flops / (train_s x the device's bf16 peak)
+    ("mfu", "float64"),  # flops (the paper's) / (train_s x the device's bf16 peak): what trains
     # extensions (the contract allows new columns; docs/reference.md documents each)
     ("planned_tokens", "int64"),  # the planner's tokens for the budget (core.flops.tokens_for_budget)
     ("planned_steps", "int64"),  # the planner's optimizer steps (core.flops.planned_steps)
@@ -52,6 +52,11 @@ TRIAL_COLUMNS = (
     ("node_id", "string"),  # the Ray node the trial (last) ran on
     ("train_s", "float64"),  # time inside optimizer steps; wall_s - train_s is the trial's overhead
     ("batching", "string"),  # random (the paper's) | length_buckets (opt-in: train.batching)
+    # which run of its cell the trial is (0: the first; grid key seeds) and the seed it ran with, train.seed +
+    # replicate; a store written before them reads replicate 0 and seed train.seed (analysis/load.py)
+    ("replicate", "int64"),
+    ("seed", "int64"),
+    ("hfu", "float64"),  # hardware_flops / (train_s x the peak): recompute included, so hfu >= mfu
     # the knobs (docs/reference.md "Knobs"), null in a store written before them (= their defaults)
     ("lr", "float64"),  # the peak lr the trial used ('auto' resolved)
     ("negatives", "int64"),  # hard negatives per pair (0: in-batch only)
@@ -65,6 +70,7 @@ METRIC_COLUMNS = (
     *RETRIEVAL,  # where evaluated (null elsewhere)
     ("mfu", "float64"),
     ("hardware_flops", "float64"),  # extension: FLOP executed up to the step, recomputation included
+    ("hfu", "float64"),  # hardware_flops / (train_s so far x the peak); mfu is the paper's flops over the same
 )
 CONTRACT_TRIAL_COLUMNS = tuple(n for n, _ in TRIAL_COLUMNS[:25])
 CONTRACT_METRIC_COLUMNS = tuple(n for n, _ in METRIC_COLUMNS[:15])

@@ -23,16 +23,23 @@ class AdaptiveConfig:
     dominated_rungs: int = 2  # decision points in a row a method must be dominated at before it is pruned
     n_boot: int = 10  # bootstrap refits per surface for the interval (fit.N_BOOTSTRAP = 100 for reports; the
     # fits dominate a decision: 10 refits cost ~15 % of one, 100 would cost 2.5x)
+    # runs of one cell the strategy may ask for where its loss is within the noise of the rung's best (1: none),
+    # once the noise is measured: by grid key seeds >= 2, or by the first noise_rungs rungs running every cell
+    # twice (cheap; benchmarks/adaptive.py runs 1). 0 by default: a one-seed sweep decides as it always did.
+    replicates: int = 2
+    noise_rungs: int = 0
 
     def __post_init__(self):
         if not (0.0 <= self.margin < 1.0):
             raise ValueError(f"strategy.margin: a relative loss in [0, 1) (got {self.margin})")
-        for name in ("neighbours", "full_rungs", "dominated_rungs", "n_boot"):
+        for name in ("neighbours", "full_rungs", "dominated_rungs", "n_boot", "replicates", "noise_rungs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"strategy.{name}: a non-negative integer (got {value!r})")
         if self.full_rungs < 1:
             raise ValueError(f"strategy.full_rungs: at least 1, the first rung has nothing to prune on "
                              f"(got {self.full_rungs})")
+        if self.replicates < 1:
+            raise ValueError(f"strategy.replicates: at least 1, a cell's first run (got {self.replicates})")
         if self.dominated_rungs < 1:
             raise ValueError(f"strategy.dominated_rungs: at least 1 (got {self.dominated_rungs})")

@@ -19,6 +19,7 @@ import os
 import uuid
 from collections import deque
 
+from core.errors import one_line
 from core.store import MODEL_MANIFEST, MODELS_DIR
 from core.uris import SCHEMES, StorageError, check_no_credentials, checked, is_remote, join, local_path, redact
 
@@ -184,7 +185,7 @@ def _boto_problem(e: BaseException) -> str:
     if response:
         error = response.get("Error", {})
         return f"{error.get('Code')}: {error.get('Message')}"
-    return " ".join(str(e).split())[:200]
+    return one_line(e, 200)
 
 
 def read_bytes(uri: str) -> bytes:

@@ -1,21 +1,22 @@
-"""`repurpose`: the command line (shared/CONTRACTS.md "Command line").
+"""`repurpose`: the command line (docs/reference.md "Command line").
 
 ``plan`` lives here; every other command is a function of another module, imported only when that command
 runs (the driver stays light: no torch, no Ray at import). Each such function receives the parsed
 ``argparse.Namespace`` and returns an exit code (None means 0):
 
-    submit  -> orchestrator.driver.submit(args)    args: grid, name (None: the grid's), storage, address
-    resume  -> orchestrator.driver.resume(args)    args: name, storage, address
+    submit  -> orchestrator.driver.submit(args)    args: grid, name (None: the grid's), storage, address, shared_storage
+    resume  -> orchestrator.driver.resume(args)    args: name, storage, address, shared_storage
+               (with an http(s) address both go to orchestrator.jobs.run_as_job: the driver runs as a Ray Job)
     status  -> orchestrator.driver.status(args)    args: name, json, storage, address
     fit     -> orchestrator.reporting.fit_command(args)     args: name, out (None: <storage>/<name>/analysis/), storage
     recipe  -> orchestrator.reporting.recipe_command(args)  args: name, budget (float > 0), json, storage
     demo    -> orchestrator.demo.run(args)         args: name ("demo"), storage, address
-    export  -> workers.export.export_command(args)  args: name, trial | budget, out, storage
+    export  -> analysis.trial_choice.trial_to_export, then workers.export.export_command(args, row, grid)
     prepare -> orchestrator.prepare.prepare_command(args)  args: grid, json, storage, address
-    suite build -> workers.suite.build_command(args)  args: out (None: the suite's default), storage
-    suite list  -> workers.suite.list_command(args)   args: json, storage
+    suite build -> orchestrator.suite_commands.build_command(args)  args: out (None: the suite's default), storage
+    suite list  -> orchestrator.suite_commands.list_command(args)   args: json, storage
 
-Errors: a ``UserError`` (or ``core.models.ModelConfigError`` / ``workers.data.DataError``) anywhere becomes
+Errors: a ``UserError`` (or ``core.models.ModelConfigError`` / ``workers.pair_files.DataError``) anywhere becomes
 one line on stderr and exit code 2, no traceback; so do argparse errors. Anything else is a bug and keeps its
 traceback.
 """
@@ -36,13 +37,28 @@ DEFAULT_STORAGE = "./sweeps"
 
 # --- the commands' handlers: imported when the command runs (the driver stays light) ------------------------
 def _submit(args):
+    if _as_job(args, "submit"):
+        from orchestrator.jobs import run_as_job
+        return run_as_job(args, "submit")
     from orchestrator.driver import submit
     return submit(args)
 
 
 def _resume(args):
+    if _as_job(args, "resume"):
+        from orchestrator.jobs import run_as_job
+        return run_as_job(args, "resume")
     from orchestrator.driver import resume
     return resume(args)
+
+
+def _as_job(args, command: str) -> bool:
+    """The address rules (orchestrator/jobs.py: ray:// refused, a local store with a remote cluster only when
+    shared); True when the address is a job server: the driver then runs on the cluster as a Ray Job."""
+    from orchestrator.jobs import check_address, is_job_server
+
+    check_address(args, command)
+    return is_job_server(args.address)
 
 
 def _status(args):
@@ -61,13 +77,22 @@ def _recipe(args):
 
 
 def _demo(args):
+    _as_job(args, "demo")
     from orchestrator.demo import run
     return run(args)
 
 
 def _export(args):
-    from workers.export import export_command
-    return export_command(args)
+    """analysis picks the trial (the one named, or the best at a budget); workers/export.py builds the folder."""
+    from analysis.trial_choice import trial_to_export
+    from core.store import sweep_uri
+    from workers.export import export_command, read_grid
+
+    sweep = sweep_uri(args.storage, args.name)
+    grid = read_grid(sweep, args.name)
+    row = trial_to_export(sweep, args.name, trial_id=args.trial, budget=args.budget,
+                          budgets=grid.get("budgets") or [])
+    return export_command(args, row, grid)
 
 
 def _replay(args):
@@ -76,17 +101,18 @@ def _replay(args):
 
 
 def _prepare(args):
+    _as_job(args, "prepare")
     from orchestrator.prepare import prepare_command
     return prepare_command(args)
 
 
 def _suite_build(args):
-    from workers.suite import build_command
+    from orchestrator.suite_commands import build_command
     return build_command(args)
 
 
 def _suite_list(args):
-    from workers.suite import list_command
+    from orchestrator.suite_commands import list_command
     return list_command(args)
 
 
@@ -103,34 +129,22 @@ class _Parser(argparse.ArgumentParser):
 
 
 # --- argument types ----------------------------------------------------------------------------------------
-def _positive_float(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        x = float("nan")
-    if not x > 0 or x == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
-    return x
+def _number_arg(ok, what: str):
+    """An argparse type: a number that ``ok`` accepts (NaN and infinity never), else "must be a number <what>"."""
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            x = float("nan")
+        if not ok(x) or x == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a number {what}, got {text!r}")
+        return x
+    return parse
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        x = float("nan")
-    if not x >= 0 or x == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    return x
-
-
-def _fraction(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        x = float("nan")
-    if not 0 < x <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
-    return x
+_positive_float = _number_arg(lambda x: x > 0, "> 0")
+_non_negative_float = _number_arg(lambda x: x >= 0, ">= 0")
+_fraction = _number_arg(lambda x: 0 < x <= 1, "in (0, 1]")
 
 
 def _gpu_count(text: str) -> int:
@@ -162,13 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
     storage = os.environ.get("REPURPOSE_STORAGE") or DEFAULT_STORAGE
     address = os.environ.get("RAY_ADDRESS") or None
 
-    def common(p: argparse.ArgumentParser, *, sweep: bool = False) -> argparse.ArgumentParser:
+    def common(p: argparse.ArgumentParser, *, sweep: bool = False, runs: bool = True) -> argparse.ArgumentParser:
         p.add_argument("--storage", default=storage, metavar="URI", type=_storage_uri,
                        help=f"the sweep store: a path, s3://… or gs://… (default: $REPURPOSE_STORAGE, "
                        f"else {DEFAULT_STORAGE})")
         if sweep:
             p.add_argument("--address", default=address,
-                           help="Ray address (default: $RAY_ADDRESS, else a local Ray started for the run)")
+                           help="Ray address (default: $RAY_ADDRESS, else a local Ray started for the run); "
+                                "http://HEAD:8265 (the cluster's job server) runs the driver there as a Ray Job; "
+                                "ray:// is refused")
+        if sweep and runs:
+            p.add_argument("--shared-storage", action="store_true",
+                           help="a local --storage path with a remote cluster is the same filesystem on every node "
+                                "(NFS, a one-machine cluster); without it such a store is refused")
         return p
 
     parser = _Parser(prog="repurpose", description="Compute-optimal recipes for repurposing LMs into embedding "
@@ -183,13 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="H100 SXM", metavar="NAME",
                    help="the accelerator device-hours are estimated for (core/devices.py's table; default H100 SXM)")
     p.add_argument("--mfu", type=_fraction, default=None, metavar="F",
-                   help="assumed model FLOP utilisation for the estimate (default 0.40, core/devices.py TYPICAL_MFU)")
+                   help="assumed FLOP utilisation for the estimate (default: per model size, the measured table in "
+                        "core/throughput.py)")
     p.set_defaults(handler=cmd_plan)
 
     p = common(sub.add_parser("submit", help="run (or extend, or finish) a sweep"), sweep=True)
     p.add_argument("grid", metavar="GRID.yaml")
     p.add_argument("--name", type=_sweep_name, default=None, help="sweep name (default: the grid's name)")
     _takeover_flag(p)
+    _detach_flag(p)
     p.set_defaults(handler=COMMANDS["submit"])
 
     p = common(sub.add_parser("prepare", help="build (or reuse) the token caches a grid's trials read"),
@@ -201,9 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = common(sub.add_parser("resume", help="finish an interrupted sweep from its stored grid"), sweep=True)
     p.add_argument("name", type=_sweep_name, metavar="NAME")
     _takeover_flag(p)
+    _detach_flag(p)
     p.set_defaults(handler=COMMANDS["resume"])
 
-    p = common(sub.add_parser("status", help="counts, FLOP spent / planned, the trials"), sweep=True)
+    p = common(sub.add_parser("status", help="counts, FLOP spent / planned, the trials"), sweep=True, runs=False)
     p.add_argument("name", type=_sweep_name, metavar="NAME")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=COMMANDS["status"])
@@ -265,12 +288,18 @@ def _takeover_flag(p: argparse.ArgumentParser) -> None:
                    help="take the sweep's lease even from a driver whose heartbeat is fresh (it must be gone)")
 
 
+def _detach_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--detach", action="store_true",
+                   help="with --address http://…: return once the job is submitted (prints its id and the commands "
+                        "to follow or stop it)")
+
+
 # --- commands ----------------------------------------------------------------------------------------------
 def cmd_plan(args: argparse.Namespace) -> int:
     from orchestrator.grid import load_grid
     from orchestrator.plan import plan_grid
 
-    from core.devices import TYPICAL_MFU, device_entry, device_memory
+    from core.devices import device_entry, device_memory
 
     device = getattr(args, "device", "H100 SXM")
     entry = device_entry(device)
@@ -282,68 +311,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(plan.to_json()))
     else:
-        print(render_plan(plan, entry, args.mfu or TYPICAL_MFU))
+        from orchestrator.plan_view import render_plan
+
+        print(render_plan(plan, entry, args.mfu))
     return 0
-
-
-def render_plan(plan, device=("H100 SXM", 989e12, ""), mfu: float = 0.40) -> str:
-    """The dry run as an aligned text table (deterministic; no terminal width games), then the totals."""
-    from orchestrator.plan import short
-
-    header = ("trial_id", "model", "method", "rank/frac", "budget", "tokens", "steps", "hours", "resources",
-              "memory", "status")
-    name, peak, _ = device
-    hours = {t.trial_id: t.hardware_flops / (peak * mfu) / 3600 for t in plan.trials}
-    rows = []
-    g = plan.grid
-    adaptive = g.strategy == "adaptive"
-    rung_of = {b: i + 1 for i, b in enumerate(sorted(g.budgets))} if adaptive else {}
-    full_rungs = g.adaptive.full_rungs if adaptive else 0
-    for t in plan.trials:
-        hyper = f"r={t.lora_rank}" if t.lora_rank is not None else (
-            f"f={t.trainable_fraction:g}" if t.trainable_fraction is not None else "-")
-        resources = " ".join(f"{k}={v:g}" for k, v in t.display_resources().items())
-        status = "ok" if t.runnable else f"SKIP {t.skip_reason}"
-        if t.runnable and rung_of.get(t.budget_flops, 0) > full_rungs:
-            status = f"rung {rung_of[t.budget_flops]}: decided after rung {rung_of[t.budget_flops] - 1}"
-        memory = "-" if t.memory_bytes is None else f"{t.memory_bytes / 1e9:.1f}GB" + ("+ckpt" if t.checkpointing else "")
-        rows.append((t.trial_id, t.model, t.method, hyper, sci(t.budget_flops), short(t.planned_tokens),
-                     str(t.steps), f"{hours[t.trial_id]:.2g}" if t.runnable else "-", resources, memory, status))
-    if any(t.knobs() for t in plan.trials):  # the knob axes (orchestrator/plan.py knob_label)
-        from orchestrator.plan import knob_label
-
-        header += ("knobs",)
-        rows = [(*r, knob_label(t)) for r, t in zip(rows, plan.trials)]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    lines.insert(0, f"sweep {g.name}: {len(g.models)} models x {len(g.methods.cells())} method settings x "
-                    f"{len(g.budgets)} budgets; resources for "
-                    + (f"{plan.gpus_available} GPUs per node" if plan.gpus_available else "a CPU-only cluster")
-                    + (f" of {plan.gpu_memory / 1e9:.0f} GB each (memory: estimated peak per GPU, core/memory.py; "
-                       "+ckpt: with gradient checkpointing)" if plan.gpu_memory else ""))
-    lines.append(f"{len(plan.trials)} trials: {len(plan.runnable)} runnable, {len(plan.skipped)} skipped; "
-                 f"{sci(plan.total_flops)} FLOP planned (runnable trials); about "
-                 f"{sum(hours[t.trial_id] for t in plan.runnable):.3g} {name}-hours at {mfu:.0%} MFU "
-                 f"({peak / 1e12:.0f} TFLOP/s bf16 peak; hours: per trial, recomputation included)")
-    per_pair = plan.data.tokens_per_pair  # measured once per tokenizer: the same text costs each family its own tokens
-    lines.append("tokens per pair (measured per tokenizer): " + ", ".join(
-        f"{model} {per_pair[model]:.1f}" for model in g.models if model in per_pair))
-    if adaptive:
-        from core.strategy import TYPICAL_FLOP_FRACTION
-
-        first = sum(t.planned_flops for t in plan.runnable if rung_of[t.budget_flops] <= full_rungs)
-        lines.append(f"strategy adaptive: rungs 1-{min(full_rungs, len(rung_of))} run in full ({sci(first)} FLOP); "
-                     f"later rungs run only the cells that can still be on the frontier, decided after the rung "
-                     f"below. Worst case {sci(plan.total_flops)} FLOP (every cell); expected about "
-                     f"{sci(TYPICAL_FLOP_FRACTION * plan.total_flops)} ({TYPICAL_FLOP_FRACTION:.0%}, the simulation's "
-                     "typical fraction: benchmarks/adaptive.py)")
-    return "\n".join(lines)
-
-
-def sci(x: float) -> str:
-    """1.5e15 -> '1.5e15'."""
-    mantissa, exp = f"{x:.1e}".split("e")
-    return f"{mantissa}e{int(exp)}"
 
 
 # --- entry point -------------------------------------------------------------------------------------------
@@ -367,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if code is None else int(code)
 
 
-# Exit codes of a run stopped by a signal (CONTRACTS.md): 128 + the signal's number, as a shell reports it.
+# Exit codes of a run stopped by a signal (docs/reference.md): 128 + the signal's number, as a shell reports it.
 EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
 
 

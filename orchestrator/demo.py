@@ -1,6 +1,6 @@
 """`repurpose demo`: the whole study on a laptop, offline.
 
-Builds (or reuses, cached) the stdlib pair data and the pretrained mini Pythia suite (workers/suite.py),
+Builds (or reuses, cached) the stdlib pair data and the pretrained mini Pythia suite (workers/suite/),
 plans and runs a small grid on an embedded local Ray — every method, two LoRA ranks, three budgets ×4
 apart scaled to the suite — into the store, fits the frontier and prints the recipe table.
 """
@@ -22,7 +22,7 @@ from orchestrator.store import Store
 # steps; at 200 steps 3e-3 beat 1e-3 by 0.2 nats and matched 1e-2), and budgets x4 apart from ~100 steps
 # of the smallest model. The top budget is where the data runs out for the smallest model (planned as
 # skipped, like the paper's degenerate cells).
-# Random batches (the paper's; length buckets biased the loss, issue 12) pad every text to its batch's longest:
+# Random batches (the paper's; length buckets biased the loss) pad every text to its batch's longest:
 # ~60 % of the tokens a step computes are padding, and the demo's sweep at max_length 64 and budgets x4 apart
 # took ~25 minutes here. Texts cut at 32 tokens pad far less (a 0.34m step 1.8x faster) and buy 30 % more steps
 # per FLOP; budgets x2.5 apart keep the three-budget frontier within the demo's time.
@@ -52,7 +52,8 @@ def demo_grid(name: str, models: list[str], data: dict, *, budgets=DEMO_BUDGETS,
 
 def run(args) -> int:
     from workers.export import quiet_model_loading
-    from workers.suite import SUITES, build_suite, demo_data  # torch: the suite is built in this process, once
+    from workers.suite.cache import build_suite, demo_data  # torch: the suite is built in this process, once
+    from workers.suite.models import SUITES
 
     quiet_model_loading()
 

@@ -1,4 +1,4 @@
-"""The sweep driver: plan -> Ray Tune -> the store. ``submit``, ``resume`` and ``status`` (CONTRACTS.md).
+"""The sweep driver: plan -> Ray Tune -> the store. ``submit``, ``resume`` and ``status`` (docs/reference.md).
 
 The store is the source of truth for what is done: a submit runs every runnable trial of the grid that
 is not ``completed`` there (so re-submitting finishes a sweep, and a larger grid extends it), and
@@ -29,8 +29,9 @@ import tempfile
 import threading
 import time
 
+from core.uris import redact
 from orchestrator.errors import UserError
-from orchestrator.grid import Grid, check_mirrors, load_grid, parse_grid
+from orchestrator.grid import Grid, GridError, check_mirrors, load_grid, parse_grid
 from orchestrator.lease import Lease
 from orchestrator.plan import Plan, PlannedTrial, knob_columns, plan_grid
 from orchestrator.store import INTERRUPTED, Recorder, Store, StoreError
@@ -46,11 +47,12 @@ def submit(args) -> int:
     grid = load_grid(args.grid)
     if args.name and args.name != grid.name:
         grid = grid.model_copy(update={"name": args.name})
-    return run_sweep(grid, Store(args.storage, grid.name), args.address, takeover=getattr(args, "takeover", False))
+    storage = leave_job_working_dir(args.storage)
+    return run_sweep(grid, Store(storage, grid.name), args.address, takeover=getattr(args, "takeover", False))
 
 
 def resume(args) -> int:
-    store = Store(args.storage, args.name)
+    store = Store(leave_job_working_dir(args.storage), args.name)
     grid = stored_grid(store)
     return run_sweep(grid, store, args.address, takeover=getattr(args, "takeover", False))
 
@@ -64,6 +66,7 @@ def status(args) -> int:
     store.read_grid()
     trials = store.read_trials(columns=STATUS_COLUMNS)
     summary = summarize(args.name, trials) | {"weights_bytes": sum(store.kept_weights_bytes().values())}
+    summary["noise_sd"] = measured_noise(trials)
     if args.json:
         print(json.dumps(summary))
     else:
@@ -71,9 +74,34 @@ def status(args) -> int:
     return 0
 
 
-def stored_grid(store: Store) -> Grid:
-    doc = store.read_grid()
-    return parse_grid(doc["grid"], source=storage_join(store.uri, "grid.yaml"), base_dir=doc["grid"].get("base_dir"))
+def leave_job_working_dir(storage: str) -> str:
+    """The store's URI as this driver keeps using it. Inside a Ray Job (Ray sets RAY_JOB_CONFIG_JSON_ENV_VAR) the
+    driver starts in the job's ``working_dir``, which Ray deletes once the job's workers stop using it (the trials'
+    workers exit) while the driver still runs there; Tune then fails on ``os.getcwd()``. So, the grid read, the
+    driver moves to the temp dir, its local store made absolute first."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+        return storage
+    from core.uris import absolute
+
+    storage = absolute(storage)
+    os.chdir(tempfile.gettempdir())
+    return storage
+
+
+def stored_grid(store: Store, *, references: bool = True) -> Grid:
+    """The sweep's grid as the store keeps it (resolved: ``base_dir`` absolute). ``references`` checks its models
+    and data where this runs (resume trains on them); without, only the grid itself is validated (replay reads
+    results, and may run far from the data). A malformed one is one line naming grid.yaml and the field."""
+    source = redact(storage_join(store.uri, "grid.yaml"))
+    grid = store.read_grid().get("grid")
+    if not isinstance(grid, dict):
+        raise GridError.at(source, "grid", "required (a mapping: the sweep's resolved grid, as `repurpose submit` "
+                           "writes it)")
+    base_dir = grid.get("base_dir")
+    if not isinstance(base_dir, str) or not base_dir:
+        raise GridError.at(source, "grid.base_dir", "required (the directory the grid's relative paths resolve "
+                           "against; `repurpose submit` writes it)")
+    return parse_grid(grid, source=source, base_dir=base_dir, references=references)
 
 
 def storage_join(*parts: str) -> str:
@@ -118,9 +146,9 @@ def _run_leased(grid: Grid, store: Store, address: str | None, plan: Plan, lease
     with ray_session(address) if pending else contextlib.nullcontext(0) as gpus_per_node:
         interrupt.install()  # again: Ray's core worker installs its own SIGTERM handler (it aborts the process)
         memory = cluster_gpu_memory() if gpus_per_node else None  # sizes trials (core/memory.py)
-        if gpus_per_node and (grid.resources.gpus == "auto" or memory):  # an explicit count wins (autoscaling from 0)
+        if gpus_per_node:  # an explicit count wins (autoscaling from 0); a trial no live node holds is skipped
             gpus = gpus_per_node if grid.resources.gpus == "auto" else grid.resources.gpus
-            plan = plan_grid(grid, gpus_available=gpus, data=plan.data, gpu_memory=memory)
+            plan = plan_grid(grid, gpus_available=gpus, data=plan.data, gpu_memory=memory, nodes=cluster_nodes())
         trials = merge_trials(existing, plan)
         store.write_grid(grid.model_dump(mode="json", exclude_none=True),
                          {"train_pairs": plan.data.train_pairs, "tokens_per_pair": dict(plan.data.tokens_per_pair),
@@ -137,7 +165,7 @@ def _run_leased(grid: Grid, store: Store, address: str | None, plan: Plan, lease
             from orchestrator.tuning import run_tuner
 
             mirrors = mirror_callbacks(grid, store, plan.trials)  # run.mirror: the rows copied to trackers
-            for rung in rungs(grid, todo, recorder, store):
+            for rung in rungs(grid, todo, recorder, store, plan.runnable):
                 if interrupt.signum or lease.lost:
                     break
                 run_tuner(rung, recorder, grid, store, progress=Progress(recorder, [t.trial_id for t in rung])
@@ -164,12 +192,13 @@ def with_token_caches(todo: list[PlannedTrial], grid: Grid, store: Store) -> lis
             if t.spec.batching == "random" else t for t in todo]
 
 
-def rungs(grid: Grid, todo: list[PlannedTrial], recorder: Recorder, store: Store):
+def rungs(grid: Grid, todo: list[PlannedTrial], recorder: Recorder, store: Store, planned=()):
     """The trials to run, in groups: ``strategy: grid`` one group; ``adaptive`` one rung per budget, ascending,
     each decided (analysis/adaptive.py ``decide``, a pure function of the completed trials) after the rungs below
     it ran: pruned cells become ``skipped`` rows with the reason, the rest run. Decisions are taken per (family,
     pooling): the policy compares methods and model sizes within one family and pooling. A resumed sweep
-    re-derives the same decisions from the same completed trials."""
+    re-derives the same decisions from the same completed trials. After a rung ran, the replicates the policy asks
+    for (close calls; every cell at the first ``noise_rungs``) run as further groups, until it asks for none."""
     if grid.strategy != "adaptive":
         yield todo
         return
@@ -198,6 +227,33 @@ def rungs(grid: Grid, todo: list[PlannedTrial], recorder: Recorder, store: Store
             print(f"rung {budget:.2g} FLOP: {len(run)} to run, {len(pruned)} pruned", file=sys.stderr)
         if run:
             yield run
+        yield from _replicates(grid, budget, [*planned, *cells], recorder, store, config)
+
+
+def _replicates(grid: Grid, budget: float, cells: list[PlannedTrial], recorder: Recorder, store: Store, config):
+    """The rung's replicates (analysis/adaptive.py ``replicate_requests``, per family and pooling), one group per
+    round, each new replicate a row of the store before it runs."""
+    import pandas as pd
+
+    from analysis.adaptive import replicate_requests
+    from orchestrator.plan import replicates
+
+    by_id = {t.trial_id: t for t in cells}
+    while True:
+        done = pd.DataFrame([r for r in recorder.trials.values() if r.get("sweep", store.sweep) == store.sweep])
+        done = done.assign(family=done.get("family"), pooling=done.get("pooling"))
+        asked = []
+        for family, pooling in {(t.family, t.spec.pooling) for t in cells if t.budget_flops == budget}:
+            mine = done[(done["family"].fillna(family) == family) & (done["pooling"].fillna("mean") == pooling)]
+            asked += [replicates(by_id[q.trial_id], grid, [q.replicate])[0]
+                      for q in replicate_requests(mine, budget, config) if q.trial_id in by_id]
+        if not asked:
+            return
+        for t in asked:
+            recorder.trials[t.trial_id] = initial_row(store.sweep, t)
+        recorder.flush()
+        print(f"rung {budget:.2g} FLOP: {len(asked)} replicate(s) of close cells", file=sys.stderr)
+        yield asked
 
 
 def _by_variant(cells: list[PlannedTrial]) -> dict[tuple[str, str], list[PlannedTrial]]:
@@ -279,6 +335,7 @@ def initial_row(sweep: str, t: PlannedTrial) -> dict:
         "wall_s": 0.0, "planned_tokens": t.planned_tokens, "planned_steps": t.steps, "updated_at": time.time(),
         "batching": t.spec.batching, "family": t.family, "pooling": t.spec.pooling,
         **knob_columns(t.spec, t.lr),
+        "replicate": t.spec.replicate, "seed": t.spec.seed,
     }
 
 
@@ -315,7 +372,7 @@ def ray_session(address: str | None):
         if address:
             # Ray's C++ client logs every failed connection attempt straight to fd 2 (a line a second for
             # ~20 s): held back, and shown only if the connection succeeds, so that a bad --address or a
-            # rejected token stays one line (CONTRACTS.md, exit code 2).
+            # rejected token stays one line (docs/reference.md, exit code 2).
             with _fd2_captured() as captured:
                 ray.init(address=address, **common)
             sys.stderr.write(captured[0])
@@ -390,6 +447,13 @@ def cluster_gpu_memory() -> float | None:
     return min(sizes) if sizes else None
 
 
+def cluster_nodes() -> list[dict]:
+    """Each live node's Ray resources (the planner skips a trial that none holds)."""
+    import ray
+
+    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+
+
 def _gpus_per_node(ray) -> int:
     return int(max((n.get("Resources", {}).get("GPU", 0) for n in ray.nodes() if n.get("Alive")), default=0))
 
@@ -434,12 +498,25 @@ def _duration(s: float) -> str:
 
 # --- status --------------------------------------------------------------------------------------------------
 STATUS_COLUMNS = ("trial_id", "model", "method", "lora_rank", "trainable_fraction", "budget_flops", "status",
-                  "steps", "flops", "eval_loss", "ndcg_at_10", "mfu", "reason")  # what summarize and render_status read
+                  "steps", "flops", "eval_loss", "ndcg_at_10", "mfu", "reason",  # what summarize and render_status read
+                  "replicate", "family", "pooling")  # and measured_noise
+
+
+def measured_noise(trials: dict[str, dict]) -> float | None:
+    """The sweep's relative run-to-run noise from its replicates (analysis/noise.py); None without any (no pandas
+    is loaded then: most sweeps run one seed)."""
+    if not any((r.get("replicate") or 0) > 0 for r in trials.values()):
+        return None
+    import pandas as pd
+
+    from analysis.noise import noise_sd
+
+    return noise_sd(pd.DataFrame(list(trials.values())))
 
 
 
 def summarize(sweep: str, trials: dict[str, dict]) -> dict:
-    """`status --json` (CONTRACTS.md): counts by status, FLOP spent (all trials) and planned (non-skipped)."""
+    """`status --json` (docs/reference.md): counts by status, FLOP spent (all trials) and planned (non-skipped)."""
     counts = {s: 0 for s in ("completed", "running", "pending", "failed", "skipped")}
     for r in trials.values():
         counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -471,9 +548,11 @@ def render_status(summary: dict, trials: dict[str, dict]) -> str:
                      str(r["steps"] or 0), f"{r['flops'] or 0.0:.2e}", loss, ndcg, mfu, (r["reason"] or "")[:60]))
     widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in [header, *rows]]
+    noise = summary.get("noise_sd")
+    noise_line = [f"run-to-run noise {noise:.1%} (relative sd between replicates of a cell)"] if noise is not None else []
     kept = summary.get("weights_bytes")
     weights = [f"kept weights: {_bytes(kept)} under {summary['sweep']}/models/"] if kept else []
-    return "\n".join([render_counts(summary), *weights, *lines])
+    return "\n".join([render_counts(summary), *noise_line, *weights, *lines])
 
 
 def _bytes(n: int) -> str:

@@ -1,4 +1,4 @@
-"""The grid file (shared/CONTRACTS.md "Grid file"): YAML -> a frozen, typed ``Grid`` -> trials.
+"""The grid file (docs/reference.md "Grid file"): YAML -> a frozen, typed ``Grid`` -> trials.
 
 Validated at the edge: unknown keys, wrong types, out-of-range values and a hyperparameter given to the wrong
 method raise ``GridError`` with one line ``<file>: <dotted.path>: <problem>``; nothing downstream re-validates.
@@ -25,13 +25,15 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model,
+                      field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
+from core import methods
 from core.models import ModelConfigError, auto_lr, model_shape, read_config
-from core.spec import ATTENTIONS, BATCHING, KEEP_WEIGHTS, LORA_TARGETS, METHODS, PACKINGS, POOLINGS, DeepSpeedConfigError, TrialSpec, default, parse_deepspeed_override
-from core.spec import trial_id as trial_id
+from core.spec import ATTENTIONS, BATCHING, KEEP_WEIGHTS, PACKINGS, POOLINGS, DeepSpeedConfigError, TrialSpec, default, parse_deepspeed_override
+from core.spec import replicate_seed
+from core.spec import trial_id
 from core.strategy import STRATEGIES, AdaptiveConfig
 from core.uris import SCHEMES as DATA_SCHEMES
 from core.uris import StorageError, check_no_credentials, is_remote, local_path, redact
@@ -89,23 +91,29 @@ def _unique(values: tuple) -> tuple:
     return values
 
 
-def _auto_or_positive(what: str):
-    """A validator: 'auto', or a number > 0 (``what`` names it in the error: "a number", "a number of GB")."""
-    def check(v: Any) -> float | str:
+def _auto_or(parse, ok, what: str):
+    """A validator: 'auto', or a value ``parse`` reads and ``ok`` accepts; ``what`` names the value in the error
+    ("a number > 0", "an integer >= 0")."""
+    def check(v: Any):
         if v == "auto":
             return v
         try:
-            x = _number(v)
+            x = parse(v)
         except PydanticCustomError:
-            x = math.nan
-        if not x > 0:
-            raise PydanticCustomError("auto_or_positive", "must be 'auto' or {what} > 0, got {got}",
-                                      {"what": what, **_got(v)})
+            x = None
+        if x is None or not ok(x):
+            raise PydanticCustomError("auto_or", "must be 'auto' or {what}, got {got}", {"what": what, **_got(v)})
         return x
     return check
 
 
+def _auto_or_positive(what: str):
+    """'auto', or a number > 0 (``what`` names it in the error: "a number", "a number of GB")."""
+    return _auto_or(_number, lambda x: x > 0, f"{what} > 0")
+
+
 _lr = _auto_or_positive("a number")
+_gpus = _auto_or(_int, lambda n: n >= 0, "an integer >= 0")
 
 
 def _lr_axis(v: Any) -> float | str | tuple:
@@ -134,18 +142,6 @@ def _auto_bool(v: Any) -> bool | str:
     if v == "auto" or isinstance(v, bool):
         return v
     raise PydanticCustomError("auto_bool", "must be auto, true or false, got {got}", _got(v))
-
-
-def _gpus(v: Any) -> int | str:
-    if v == "auto":
-        return v
-    try:
-        n = _int(v)
-    except PydanticCustomError:
-        n = -1
-    if n < 0:
-        raise PydanticCustomError("gpus", "must be 'auto' or an integer >= 0, got {got}", _got(v))
-    return n
 
 
 Number = Annotated[float, BeforeValidator(_number)]
@@ -178,33 +174,31 @@ class _Optional(_Section):
         return {} if data is None else data
 
 
-class FullConfig(_Optional):
-    """Full fine-tuning: no hyperparameter."""
-
-
-class BiasConfig(_Optional):
-    """Bias-only tuning: every parameter named *bias* trains; no hyperparameter."""
-
-
-class FreezeConfig(_Optional):
-    # last ceil(f * L) blocks train (core.flops.trained_blocks)
-    trainable_fraction: _list_of(Annotated[Number, Field(gt=0, le=1)])
-
-
-class LoraConfig(_Optional):
-    rank: _list_of(Annotated[Int, Field(ge=1)])
-    alpha: Annotated[Number, Field(gt=0)] | None = None  # None: peft's default, as the authors' code
-    dropout: Annotated[Number, Field(ge=0, lt=1)] = 0.0
+# LoRA's knobs, taken by every method that trains adapters (core.methods.Method.adapters): (type, default)
+_ADAPTER_KNOBS = {
+    "alpha": (Annotated[Number, Field(gt=0)] | None, None),  # None: peft's default, as the authors' code
+    "dropout": (Annotated[Number, Field(ge=0, lt=1)], 0.0),
     # Linears adapted, by module name; default: every Linear of the family's blocks (for GPT-NeoX exactly the
-    # authors' four, core.spec.LORA_TARGETS; embed_in left out). Checked against each model's family.
-    targets: _list_of(Text) | None = None
+    # authors' four, core.models.LORA_TARGETS; embed_in left out). Checked against each model's family.
+    "targets": (_list_of(Text) | None, None),
+}
 
 
-class Methods(_Section):
-    full: FullConfig | None = None
-    freeze: FreezeConfig | None = None
-    bias: BiasConfig | None = None
-    lora: LoraConfig | None = None
+def _method_config(record: methods.Method) -> type[_Optional]:
+    """A method's section, from its record: its hyperparameter's list (a count >= 1, or a fraction in (0, 1]),
+    then the adapter knobs where it trains adapters."""
+    fields: dict[str, Any] = {}
+    if record.grid_key:
+        value = Annotated[Int, Field(ge=1)] if record.hparam_integer else Annotated[Number, Field(gt=0, le=1)]
+        fields[record.grid_key] = (_list_of(value), ...)
+    if record.adapters:
+        fields.update(_ADAPTER_KNOBS)
+    name = "".join(part.capitalize() for part in record.name.replace("-", "_").split("_")) + "Config"
+    return create_model(name, __base__=_Optional, **fields)
+
+
+class _Methods(_Section):
+    """``methods:``, one optional section per registered method (``methods_model`` adds them)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -215,25 +209,36 @@ class Methods(_Section):
         return data
 
     @model_validator(mode="after")
-    def _at_least_one(self) -> "Methods":
+    def _at_least_one(self) -> "_Methods":
         if not self.selected():
-            raise PydanticCustomError("no_method", "must name at least one of " + ", ".join(METHODS))
+            raise PydanticCustomError("no_method", "must name at least one of " + ", ".join(methods.names()))
         return self
 
     def selected(self) -> tuple[str, ...]:
-        return tuple(m for m in METHODS if getattr(self, m) is not None)
+        return tuple(m for m in type(self).model_fields if getattr(self, m) is not None)
+
+    def config(self, method: str):
+        """The section of ``method`` (None: not in the grid)."""
+        return getattr(self, method, None)
 
     def cells(self) -> tuple[tuple[str, int | None, float | None], ...]:
-        """(method, lora_rank, trainable_fraction) per method hyperparameter setting, in METHODS order."""
+        """(method, lora_rank, trainable_fraction) per method hyperparameter setting, in the methods' order."""
         out = []
         for m in self.selected():
-            if m == "lora":
-                out += [(m, r, None) for r in self.lora.rank]
-            elif m == "freeze":
-                out += [(m, None, f) for f in self.freeze.trainable_fraction]
-            else:
-                out.append((m, None, None))
+            record = methods.get(m)
+            values = getattr(self.config(m), record.grid_key) if record.grid_key else (None,)
+            out += [(m, *record.hparam_fields(v).values()) for v in values]
         return tuple(out)
+
+
+def methods_model() -> tuple[type[_Methods], dict[str, type[_Optional]]]:
+    """The ``methods:`` section and each method's section, built from the registered records (core.methods)."""
+    configs = {m: _method_config(methods.get(m)) for m in methods.names()}
+    model = create_model("Methods", __base__=_Methods, **{m: (c | None, None) for m, c in configs.items()})
+    return model, configs
+
+
+Methods, METHOD_CONFIGS = methods_model()
 
 
 def _data_uri(uri: str) -> str:
@@ -266,7 +271,7 @@ class NegativesConfig(_Section):
 
 
 class TrainConfig(_Optional):
-    """Defaults are the paper's (PAPER.md "Training recipe"), read from core.spec.TrialSpec's fields."""
+    """Defaults are the paper's (docs/study.md "Training recipe"), read from core.spec.TrialSpec's fields."""
 
     batch_size: Annotated[Int, Field(ge=2)] = default("batch_size")  # in-batch negatives need 2
     temperature: Annotated[Number, Field(gt=0)] = default("temperature")
@@ -299,6 +304,8 @@ class TrainConfig(_Optional):
 
     def hard_negatives(self) -> int:
         return 0 if self.negatives is None else self.negatives.hard
+    # torch.compile of the blocks: auto = on CUDA past the break-even (core/throughput.py); not in the trial id
+    compile: Annotated[bool | Literal["auto"], BeforeValidator(_auto_bool)] = default("compile")
 
 
 class PlanConfig(_Optional):
@@ -351,7 +358,7 @@ class RunConfig(_Optional):
     # experiment trackers that get a copy of every metric row (orchestrator/tuning.py, Ray Tune's logger callbacks);
     # the store stays the source of truth, a tracker that fails is warned about once and dropped. Never in an id.
     mirror: Annotated[tuple[Literal[MIRRORS], ...], BeforeValidator(_listify_or_none), AfterValidator(_unique)] = ()
-    mlflow_tracking_uri: Text | None = None  # None: $MLFLOW_TRACKING_URI, else <sweep>/mlflow on a local store
+    mlflow_tracking_uri: Text | None = None  # None: $MLFLOW_TRACKING_URI, else <sweep>/mlflow.db on a local store
     wandb_project: Text | None = None  # None: $WANDB_PROJECT, else the sweep's name
 
     @field_validator("mlflow_tracking_uri")
@@ -385,6 +392,8 @@ class AdaptiveKnobs(_Optional):
     full_rungs: Annotated[Int, Field(ge=1)] = _knob("full_rungs")  # rungs run in full before any pruning
     dominated_rungs: Annotated[Int, Field(ge=1)] = _knob("dominated_rungs")  # before a method is pruned
     n_boot: Annotated[Int, Field(ge=0)] = _knob("n_boot")  # bootstrap refits behind each decision's interval
+    replicates: Annotated[Int, Field(ge=1)] = _knob("replicates")  # most runs of a close cell (1: no replicates)
+    noise_rungs: Annotated[Int, Field(ge=0)] = _knob("noise_rungs")  # first rungs run twice to measure the noise
 
     def config(self) -> AdaptiveConfig:
         return AdaptiveConfig(**self.model_dump())
@@ -402,6 +411,9 @@ class Grid(_Section):
     # trial's id: a later `strategy: grid` submit of the same grid runs exactly the pruned cells)
     strategy: Literal[STRATEGIES] = "grid"
     adaptive: AdaptiveKnobs = AdaptiveKnobs()
+    # runs of every cell, each with its own seed (train.seed + replicate): the spread between them is the run-to-run
+    # noise the analysis measures; a cell's first run keeps the id it has without replicates
+    seeds: Annotated[Int, Field(ge=1)] = 1
     train: TrainConfig = TrainConfig()
     plan: PlanConfig = PlanConfig()
     resources: ResourcesConfig = ResourcesConfig()
@@ -468,22 +480,24 @@ def check_mirrors(grid: Grid, source: str, sweep_uri: str | None = None) -> None
 
 def mlflow_tracking_uri(run: RunConfig, sweep_uri: str) -> str | None:
     """Where the MLflow mirror writes: ``run.mlflow_tracking_uri``, else the user's ``$MLFLOW_TRACKING_URI``, else a
-    local file store ``<sweep>/mlflow`` beside the store's files when the store is local (None: a remote store)."""
+    SQLite database ``<sweep>/mlflow.db`` beside the store's files when the store is local (None: a remote store).
+    SQLite, not MLflow's file store: MLflow 3 keeps that in maintenance mode and opens it only when told to."""
     uri = run.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
     if is_remote(sweep_uri):
         return None
-    return "file://" + os.path.join(local_path(sweep_uri), "mlflow")
+    return "sqlite:///" + os.path.join(local_path(sweep_uri), "mlflow.db")
 
 
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def parse_grid(data: Any, *, source: str = "grid.yaml", base_dir: str = ".") -> Grid:
+def parse_grid(data: Any, *, source: str = "grid.yaml", base_dir: str = ".", references: bool = True) -> Grid:
     """Validate an already-parsed grid; relative paths (and a relative ``base_dir`` key) resolve against
-    ``base_dir``. Checks the models (config readable, GPT-NeoX, lr resolvable) and that local data exists."""
+    ``base_dir``. Checks the models (config readable, GPT-NeoX, lr resolvable) and that local data exists, unless
+    ``references`` is False (a stored grid read where its models and data need not be: replay)."""
     if not isinstance(data, dict):
         raise GridError.at(source, None, "must be a YAML mapping with name, models, methods, budgets, data")
     try:
@@ -492,7 +506,8 @@ def parse_grid(data: Any, *, source: str = "grid.yaml", base_dir: str = ".") -> 
         raise GridError(f"{source}: {format_validation_error(e)}") from None
     root = os.path.join(os.path.abspath(base_dir), os.path.expanduser(grid.base_dir or "."))
     grid = grid.model_copy(update={"base_dir": os.path.normpath(root)})
-    _check_references(grid, source)
+    if references:
+        _check_references(grid, source)
     return grid
 
 
@@ -509,11 +524,12 @@ def _check_references(grid: Grid, source: str) -> None:
             model_shape(path)
         except ModelConfigError as e:
             raise GridError.at(source, f"models[{i}]", str(e)) from None
-        if grid.methods.lora is not None:
-            try:
-                model_shape(path).check_lora_targets(grid.methods.lora.targets, model)
-            except ModelConfigError as e:
-                raise GridError.at(source, "methods.lora.targets", str(e)) from None
+        for m in grid.methods.selected():
+            if methods.get(m).adapters:
+                try:
+                    model_shape(path).check_lora_targets(grid.methods.config(m).targets, model)
+                except ModelConfigError as e:
+                    raise GridError.at(source, f"methods.{m}.targets", str(e)) from None
         if "auto" in grid.train.lrs():
             try:
                 auto_lr(path, config)
@@ -530,8 +546,7 @@ def _check_references(grid: Grid, source: str) -> None:
 
 # --- pydantic errors -> one line ---------------------------------------------------------------------------
 _SECTIONS: dict[tuple, type[BaseModel]] = {
-    (): Grid, ("methods",): Methods, ("methods", "full"): FullConfig, ("methods", "freeze"): FreezeConfig,
-    ("methods", "bias"): BiasConfig, ("methods", "lora"): LoraConfig, ("data",): DataConfig,
+    (): Grid, ("methods",): Methods, **{("methods", m): c for m, c in METHOD_CONFIGS.items()}, ("data",): DataConfig,
     ("train",): TrainConfig, ("train", "negatives"): NegativesConfig, ("plan",): PlanConfig, ("adaptive",): AdaptiveKnobs, ("resources",): ResourcesConfig,
     ("run",): RunConfig,
 }
@@ -589,9 +604,9 @@ def _unknown_key(loc: tuple) -> str:
     *parent, key = loc
     parent = tuple(parent)
     if parent == ("methods",):
-        return "unknown method (expected one of " + ", ".join(METHODS) + ")"
+        return "unknown method (expected one of " + ", ".join(methods.names()) + ")"
     if len(parent) == 2 and parent[0] == "methods":
-        owners = [m for m in METHODS if key in _SECTIONS[("methods", m)].model_fields]
+        owners = [m for m in METHOD_CONFIGS if key in METHOD_CONFIGS[m].model_fields]
         if owners:
             return f"{key} is a hyperparameter of {' and '.join(owners)}, not {parent[1]}"
         allowed = list(_SECTIONS[parent].model_fields)
@@ -628,11 +643,12 @@ def trial_identity(grid: Grid, model: str, spec: TrialSpec) -> dict:
 def trial_spec(grid: Grid, model: str, method: str, budget_flops: float,
                lora_rank: int | None = None, trainable_fraction: float | None = None,
                pooling: str = "mean") -> TrialSpec:
-    t, r, lora = grid.train, grid.run, grid.methods.lora
+    t, r = grid.train, grid.run
     lora_fields = {}
-    if method == "lora":  # LoRA's knobs define LoRA trials only
-        targets = model_shape(grid.model_path(model)).check_lora_targets(lora.targets, model)
-        lora_fields = {"lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "lora_targets": targets}
+    if methods.get(method).adapters:  # the adapters' knobs define adapter trials only
+        knobs = grid.methods.config(method)
+        targets = model_shape(grid.model_path(model)).check_lora_targets(knobs.targets, model)
+        lora_fields = {"lora_alpha": knobs.alpha, "lora_dropout": knobs.dropout, "lora_targets": targets}
     return TrialSpec(
         model=grid.model_path(model), method=method, budget_flops=float(budget_flops),
         train_data=grid.resolve(grid.data.train),
@@ -641,12 +657,19 @@ def trial_spec(grid: Grid, model: str, method: str, budget_flops: float,
         batch_size=t.batch_size, temperature=t.temperature, max_length=t.max_length,
         lr=None if t.lrs()[0] == "auto" else float(t.lrs()[0]), warmup_fraction=t.warmup_fraction,
         weight_decay=t.weight_decay, seed=t.seed, max_epochs=grid.plan.max_epochs, batching=t.batching,
-        gradient_checkpointing=t.gradient_checkpointing, precision=t.precision,
+        gradient_checkpointing=t.gradient_checkpointing, precision=t.precision, compile=t.compile,
         eval_every=r.eval_every, eval_pairs=r.eval_pairs,
         chunk_size=r.chunk_size, packing=r.packing, report_every=r.report_every, report_every_s=r.report_every_s,
         checkpoint_every_s=r.checkpoint_every_s,
         save_model=r.save_model, keep_weights=r.keep_weights, deepspeed_config=r.deepspeed_config,
     )
+
+
+def replicate_of(grid: Grid, model: str, spec: TrialSpec, replicate: int) -> tuple[str, TrialSpec]:
+    """(trial id, spec) of replicate ``replicate`` of a cell (``spec`` any run of it): its own seed, and an id that
+    is the cell's own for replicate 0."""
+    spec = dataclasses.replace(spec, replicate=replicate, seed=replicate_seed(grid.train.seed, replicate))
+    return trial_id(trial_identity(grid, model, spec)), spec
 
 
 def expand(grid: Grid) -> tuple[Trial, ...]:

@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 import uuid
+from typing import Callable
 
 import fsio as storage
 from core.errors import UserError
@@ -45,6 +46,8 @@ from core.uris import join, redact
 EXPIRY_ENV = "REPURPOSE_LEASE_EXPIRY_S"
 DEFAULT_EXPIRY_S = 60.0
 MAX_RENEW_EVERY_S = 5.0
+
+Clock = Callable[[], float]  # unix seconds now: time.time, or a test's fake clock
 
 
 class LeaseHeld(UserError):
@@ -68,8 +71,8 @@ class Holder:
     pidns: str = ""
 
     @classmethod
-    def new(cls, sweep: str, expiry_s: float) -> "Holder":
-        now = time.time()
+    def new(cls, sweep: str, expiry_s: float, clock: Clock = time.time) -> "Holder":
+        now = clock()
         return cls(sweep, socket.gethostname(), os.getpid(), now, now, expiry_s, uuid.uuid4().hex, *_machine_ids())
 
     @classmethod
@@ -86,11 +89,11 @@ class Holder:
     def encode(self) -> bytes:
         return json.dumps(dataclasses.asdict(self)).encode()
 
-    def age_s(self) -> float:
-        return max(time.time() - self.heartbeat_at, 0.0)
+    def age_s(self, clock: Clock = time.time) -> float:
+        return max(clock() - self.heartbeat_at, 0.0)
 
-    def expired(self) -> bool:
-        return self.age_s() > self.expiry_s
+    def expired(self, clock: Clock = time.time) -> bool:
+        return self.age_s(clock) > self.expiry_s
 
     def gone(self) -> bool:
         """The holder ran on this machine (same host, boot and pid namespace) and its process no longer exists: a
@@ -136,9 +139,10 @@ class Lease:
     """This driver's lease on one sweep: ``acquire`` it, ``start`` the heartbeat, ``check`` before each write,
     ``release`` at the end."""
 
-    def __init__(self, sweep_uri: str, holder: Holder):
+    def __init__(self, sweep_uri: str, holder: Holder, clock: Clock = time.time):
         self.uri = join(sweep_uri, LEASE_FILE)
         self.holder = holder
+        self.clock = clock  # heartbeat times and ages; the renewal gap is measured on time.monotonic
         self.renew_every_s = min(holder.expiry_s / 6, MAX_RENEW_EVERY_S)
         self._lost: str | None = None  # why the lease is lost; sticky
         self._lock = threading.RLock()  # the heartbeat thread against release (a signal handler may release)
@@ -154,23 +158,24 @@ class Lease:
     # --- taking it -------------------------------------------------------------------------------------------
     @classmethod
     def acquire(cls, sweep_uri: str, sweep: str, *, takeover: bool = False, expiry_s: float | None = None,
-                out=None) -> "Lease":
+                out=None, clock: Clock = time.time) -> "Lease":
         """The lease, created or taken over (one line on ``out``, default stderr, says so); ``LeaseHeld`` when a
-        live driver holds it. A StorageError when the store cannot be reached."""
+        live driver holds it. A StorageError when the store cannot be reached. ``clock`` tells the time (heartbeats
+        and ages: a test passes a fake one to let time pass without waiting)."""
         out = out or sys.stderr
-        mine = Holder.new(sweep, expiry_from_env() if expiry_s is None else expiry_s)
+        mine = Holder.new(sweep, expiry_from_env() if expiry_s is None else expiry_s, clock)
         uri = join(sweep_uri, LEASE_FILE)
         for _ in range(5):  # each round lost to a concurrent driver re-reads what it wrote
             if storage.create_exclusive(uri, mine.encode()):
-                return cls(sweep_uri, mine)
+                return cls(sweep_uri, mine, clock)
             current = storage.read_versioned(uri)
             if current is None:
                 continue  # released between our create and our read
             data, version = current
             theirs = Holder.parse(data)
-            if theirs is not None and not theirs.expired() and not theirs.gone() and not takeover:
+            if theirs is not None and not theirs.expired(clock) and not theirs.gone() and not takeover:
                 raise LeaseHeld(f"{redact(uri)}: sweep {sweep!r} is being run by another driver, "
-                                f"{theirs.who()}, heartbeat {theirs.age_s():.0f} s ago (it expires after "
+                                f"{theirs.who()}, heartbeat {theirs.age_s(clock):.0f} s ago (it expires after "
                                 f"{theirs.expiry_s:g} s without one): wait for it to finish, or pass --takeover "
                                 "if that driver is gone")
             if storage.replace_if(uri, mine.encode(), version):
@@ -178,12 +183,13 @@ class Lease:
                     why = "its lease file was unreadable"
                 elif theirs.gone():
                     why = f"{theirs.who()} is gone (no such process on this machine)"
-                elif theirs.expired():
-                    why = f"{theirs.who()} sent no heartbeat for {theirs.age_s():.0f} s (expiry {theirs.expiry_s:g} s)"
+                elif theirs.expired(clock):
+                    why = (f"{theirs.who()} sent no heartbeat for {theirs.age_s(clock):.0f} s "
+                           f"(expiry {theirs.expiry_s:g} s)")
                 else:
-                    why = f"--takeover from {theirs.who()}, heartbeat {theirs.age_s():.0f} s ago"
+                    why = f"--takeover from {theirs.who()}, heartbeat {theirs.age_s(clock):.0f} s ago"
                 print(f"taking over sweep {sweep}: {why}", file=out, flush=True)
-                return cls(sweep_uri, mine)
+                return cls(sweep_uri, mine, clock)
         raise LeaseHeld(f"{redact(uri)}: sweep {sweep!r}: another driver keeps changing the lease; try again")
 
     # --- holding it ------------------------------------------------------------------------------------------
@@ -198,23 +204,27 @@ class Lease:
         return self._lost
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(self.renew_every_s):
-            with self._lock:
-                if self._stop.is_set() or self._lost:
-                    return
-                try:
-                    self._renew()
-                except storage.StorageError as e:
-                    if time.monotonic() - self._renewed > self.holder.expiry_s:
-                        self._lose(f"could not renew it for {self.holder.expiry_s:g} s ({e})")
-                if self._lost:
-                    return
+        while not self._stop.wait(self.renew_every_s) and self.beat():
+            pass
+
+    def beat(self) -> bool:
+        """One round of the heartbeat (the thread runs one every ``renew_every_s``): renews the lease, or notices
+        that it is lost. False once the heartbeat should stop (released or lost)."""
+        with self._lock:
+            if self._stop.is_set() or self._lost:
+                return False
+            try:
+                self._renew()
+            except storage.StorageError as e:
+                if time.monotonic() - self._renewed > self.holder.expiry_s:
+                    self._lose(f"could not renew it for {self.holder.expiry_s:g} s ({e})")
+            return not self._lost
 
     def _renew(self) -> None:
         current = self._current()
         if current is None:
             return
-        renewed = dataclasses.replace(self.holder, heartbeat_at=time.time())
+        renewed = dataclasses.replace(self.holder, heartbeat_at=self.clock())
         if storage.replace_if(self.uri, renewed.encode(), current[1]):
             self.holder, self._renewed = renewed, time.monotonic()
         # else: changed between our read and our write; the next round (or the fence) reads who holds it

@@ -13,6 +13,9 @@ import time
 from ray import tune
 
 import fsio as storage
+from core import methods
+from core.events import TrialEvent
+from core.errors import one_line
 from core.store import METRIC_NAMES
 from core.uris import redact
 from orchestrator.grid import Grid, mlflow_tracking_uri, trial_identity
@@ -60,7 +63,7 @@ def mirror_params(grid: Grid, t: PlannedTrial) -> dict:
               "pooling": spec.pooling, "batching": spec.batching, "lr": "auto" if spec.lr is None else spec.lr,
               "family": t.family, "n_params": t.n_params, "n_trainable": t.n_trainable,
               "planned_tokens": t.planned_tokens, "planned_steps": t.steps}
-    if t.method != "lora":
+    if not methods.get(t.method).adapters:
         params = {k: v for k, v in params.items() if not k.startswith("lora_")}
     return {k: v for k, v in params.items() if v is not None}
 
@@ -110,7 +113,7 @@ class _Guarded(tune.Callback):
             fn()
         except Exception as e:  # noqa: BLE001 - whatever a tracker raises, the sweep goes on
             self.off = True
-            problem = redact(" ".join(str(e).split()) or type(e).__name__)
+            problem = redact(one_line(e))
             problem = problem if len(problem) <= 200 else problem[:199] + "…"
             print(f"warning: run.mirror: {self.name}: {problem}; no more rows go to {self.name} (the store has them "
                   "all)", file=sys.stderr, flush=True)
@@ -153,10 +156,10 @@ def _mlflow_logger(tracking_uri: str, experiment: str, params: dict[str, dict]):
             self.ended: set = set()  # trials whose run ended
 
         def setup(self, *args, **kwargs):
-            # MLflow 3 refuses its file store (maintenance mode) unless told: the local default is one
-            if self.tracking_uri.startswith("file:") or "://" not in self.tracking_uri:
-                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-            logging.getLogger("mlflow").setLevel(logging.ERROR)
+            # The local default is a SQLite database (orchestrator/grid.py mlflow_tracking_uri): creating its tables
+            # logs MLflow's and Alembic's INFO lines, which are not the user's business
+            for name in ("mlflow", "alembic"):
+                logging.getLogger(name).setLevel(logging.ERROR)
             super().setup(*args, **kwargs)
 
         def client(self):
@@ -173,7 +176,7 @@ def _mlflow_logger(tracking_uri: str, experiment: str, params: dict[str, dict]):
         def log_trial_result(self, iteration, trial, result):
             now_ms = int(time.time() * 1000)
             metrics = [Metric(k, float(v), now_ms, step)
-                       for step, row in fresh_metrics(self.sent, _trial_id(trial), result.get("rows") or [])
+                       for step, row in fresh_metrics(self.sent, _trial_id(trial), TrialEvent.from_dict(result).rows)
                        for k, v in row.items()]
             for i in range(0, len(metrics), 1000):  # MLflow's limit per batch
                 self.client().log_batch(self._trial_runs[trial], metrics=metrics[i:i + 1000])
@@ -241,7 +244,7 @@ def _wandb_logger(project: str, group: str, params: dict[str, dict], **init):
             if trial not in self._trial_logging_actors:
                 self.log_trial_start(trial)
             items = [(_QueueItem.RESULT, {**row, TRAINING_ITERATION: step})
-                     for step, row in fresh_metrics(self.sent, _trial_id(trial), result.get("rows") or [])]
+                     for step, row in fresh_metrics(self.sent, _trial_id(trial), TrialEvent.from_dict(result).rows)]
             if items:  # one call per event, not waited for (Ray's is a round trip per row): Tune's loop goes on
                 self._trial_queues[trial].actor.put_nowait_batch.remote(items)
 

@@ -4,7 +4,7 @@ Pure functions (``planned_steps``, ``skip_reason``, ``size_trial``, ``plan_trial
 ``plan_grid(grid) -> Plan``, which adds the only I/O: the models' configs (never their weights) and, once per
 (tokenizer, data), a measurement of the tokens a pair really has; once per data file, a count of its pairs.
 
-Per trial (PAPER.md "FLOP accounting"): N, N_tr from the config (``core.flops.param_counts``), planned tokens
+Per trial (docs/study.md "FLOP convention"): N, N_tr from the config (``core.flops.param_counts``), planned tokens
 = ``tokens_for_budget(budget, cost_per_token)``, planned pairs = tokens / tokens per pair, steps =
 pairs // batch_size. Infeasible cells are kept, marked with ``skip_reason``: too few optimizer steps to be a
 training run, more pairs than ``max_epochs`` passes over the data hold, or (where the GPUs' memory is known) no
@@ -25,14 +25,16 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from core import memory as mem
-from core.errors import UserError
-from core.flops import (NeoxShape, cost_per_token, param_counts, planned_steps, sequence_hardware_flops,
-                        tokens_for_budget)
-from core.models import model_shape, pythia_size
+from core.errors import UserError, one_line
+from core import methods
+from core.flops import cost_per_token, planned_steps, sequence_hardware_flops, tokens_for_budget
+from core.methods import param_counts
+from core.models import ModelShape, model_shape, pythia_size
 from core.spec import TrialSpec, attention_unsupported, default
-from orchestrator.grid import Grid, Trial, expand, resolved_lr
+from core.throughput import assumed_utilisation, share_for
+from orchestrator.grid import Grid, Trial, expand, replicate_of, resolved_lr
 
-# The authors planned every cell with 78 tokens per pair (14 query + 64 positive at max length 75; PAPER.md).
+# The authors planned every cell with 78 tokens per pair (14 query + 64 positive at max length 75; docs/study.md).
 # Used only when the data cannot be read here (e.g. `plan` on a laptop for an s3:// grid), with a warning.
 FALLBACK_TOKENS_PER_PAIR = 78.0
 
@@ -83,7 +85,7 @@ class PlannedTrial:
         return {**self.resources, "deepspeed": self.deepspeed_gpus} if self.deepspeed_gpus else dict(self.resources)
 
     def to_json(self) -> dict:
-        """One row of `plan --json` (shared/CONTRACTS.md): exactly these keys."""
+        """One row of `plan --json` (docs/reference.md): exactly these keys."""
         return {
             "trial_id": self.trial_id, "model": self.model, "method": self.method, "lora_rank": self.lora_rank,
             "trainable_fraction": self.trainable_fraction, "budget_flops": self.budget_flops,
@@ -145,7 +147,7 @@ class Plan:
         return float(sum(t.planned_flops for t in self.runnable))
 
     def to_json(self) -> dict:
-        """`plan --json` (shared/CONTRACTS.md)."""
+        """`plan --json` (docs/reference.md)."""
         return {"trials": [t.to_json() for t in self.trials], "total_flops": self.total_flops,
                 "gpu_memory_gb": None if self.gpu_memory is None else self.gpu_memory / 1e9}
 
@@ -157,16 +159,6 @@ def knob_columns(spec: TrialSpec, lr: float | None) -> dict:
             "query_instruction": spec.query_instruction}
 
 
-def knob_label(t: "PlannedTrial") -> str:
-    """A trial's knobs for the plan table: ``lr=5e-05 neg=4 bidirectional instr='Find…'`` ("-": none set)."""
-    k = t.knobs()
-    parts = [f"lr={k['lr']:.3g}"] if k.get("lr") is not None else []
-    parts += [f"neg={k['negatives']}"] if "negatives" in k else []
-    parts += [k["attention"]] if "attention" in k else []
-    parts += [f"instr={k['query_instruction'][:20]!r}"] if "query_instruction" in k else []
-    return " ".join(parts) or "-"
-
-
 def knob_defaults() -> dict:
     return {"negatives": default("hard_negatives"), "attention": default("attention"),
             "query_instruction": default("query_instruction")}
@@ -174,12 +166,12 @@ def knob_defaults() -> dict:
 
 # --- pure policy -------------------------------------------------------------------------------------------
 def skip_reason(*, pairs: float, steps: int, min_steps: int, train_pairs: int | None,
-                max_epochs: float, method: str | None = None, bias_params: int | None = None) -> str | None:
-    """Why a cell is infeasible, or None. Both ends of PAPER.md's degenerate cells: 2.8B full at 1.5e15 is
-    ~one batch; 14M at 1.5e18 needs ~2.7e9 pairs. And method bias on a family without biases (Llama, Qwen3,
-    Gemma, OLMo 2, Phi-3: ``bias_params`` 0, core.models.ModelShape.bias_params) has nothing to train."""
-    if method == "bias" and bias_params == 0:
-        return "model has no bias parameters"  # the one reason that matters: nothing to train
+                max_epochs: float, nothing_to_train: str | None = None) -> str | None:
+    """Why a cell is infeasible, or None. Both ends of the study's degenerate cells (docs/study.md): 2.8B full at
+    1.5e15 is ~one batch; 14M at 1.5e18 needs ~2.7e9 pairs. ``nothing_to_train``: the method's reason when it has
+    no parameter to train on this model (bias on a family without biases: Llama, Qwen3, Gemma, OLMo 2, Phi-3)."""
+    if nothing_to_train:
+        return nothing_to_train  # the one reason that matters
     reasons = []
     if train_pairs is not None and pairs > max_epochs * train_pairs:
         reasons.append(f"needs {short(pairs)} pairs, data has {short(train_pairs)} (max_epochs {max_epochs:g})")
@@ -202,7 +194,7 @@ class Sizing:
     problem: str | None = None
 
 
-def size_trial(shape: NeoxShape, spec: TrialSpec, gpus_available: int, grid: Grid,
+def size_trial(shape: ModelShape, spec: TrialSpec, gpus_available: int, grid: Grid,
                gpu_memory: float | None = None) -> Sizing:
     """The trial's resources. ``gpus_available``: GPUs on one node, 0 = CPU-only; ``gpu_memory``: bytes of one GPU
     (None: unknown, the knobs alone decide).
@@ -218,12 +210,15 @@ def size_trial(shape: NeoxShape, spec: TrialSpec, gpus_available: int, grid: Gri
     if gpus_available <= 0:
         return Sizing({"CPU": _num(cpus)}, 0)
     if n_tr >= r.deepspeed_from_params:
-        options = [(1.0, min(gpus_available, r.deepspeed_gpus or gpus_available))]
+        k, problem = deepspeed_ranks(spec.batch_size, gpus_available, r.deepspeed_gpus)
+        if problem:
+            return dataclasses.replace(_sizing(1.0, k, cpus), problem=problem)
+        options = [(1.0, k)]
     else:
-        first = _num(r.gpu_fraction) if n < r.gpu_fraction_below_params else 1
+        first = _num(share_for(n, r.gpu_fraction, r.gpu_fraction_below_params)[0])  # a measured table, or the knobs
         options = [(f, 0) for f in sorted({first, 0.5, 1}) if f >= first]
-        if gpu_memory is not None:  # what memory may need beyond one GPU
-            options += [(1.0, k) for k in _deepspeed_sizes(gpus_available)]
+        if gpu_memory is not None:  # what memory may need beyond one GPU: rank counts the batch splits over
+            options += [(1.0, k) for k in _deepspeed_sizes(gpus_available) if spec.batch_size % k == 0]
     if gpu_memory is None:
         share, k = options[0]
         return _sizing(share, k, cpus)
@@ -246,6 +241,31 @@ def size_trial(shape: NeoxShape, spec: TrialSpec, gpus_available: int, grid: Gri
     return dataclasses.replace(_sizing(share, k, cpus), memory=fp.total(1, True), problem=(
         f"does not fit in GPU memory: needs {fp.total(1, True) / 1e9:.1f} GB per GPU at the least ({where}, "
         f"checkpointing, 1 pair per chunk); a GPU has {gpu_memory / 1e9:.0f} GB{hint}"))
+
+
+def deepspeed_ranks(batch_size: int, gpus_available: int, asked: int | None) -> tuple[int, str | None]:
+    """(ranks, problem) of a DeepSpeed trial: each rank embeds ``batch_size / ranks`` pairs
+    (workers/distributed.py), so the ranks must divide the batch. ``resources.deepspeed_gpus`` (``asked``, capped at
+    the node's GPUs) is taken as it is or the trial is skipped with the reason; by default the most GPUs of one
+    node that divide the batch (1024 pairs on a 6-GPU node: 4)."""
+    if asked:
+        k = min(asked, gpus_available)
+        if batch_size % k:
+            return k, (f"train.batch_size {batch_size} does not split over resources.deepspeed_gpus {k} ranks "
+                       "(choose a count that divides it)")
+        return k, None
+    return max(k for k in range(1, gpus_available + 1) if batch_size % k == 0), None
+
+
+def node_problem(resources: Mapping[str, float], nodes: list[Mapping[str, float]] | None) -> str | None:
+    """Why no node of the cluster holds the trial's resources (its ranks are placed on one node: STRICT_PACK), or
+    None. ``nodes``: each live node's Ray resources (None: not known, nothing checked)."""
+    if not nodes or any(all(node.get(k, 0) >= v for k, v in resources.items()) for node in nodes):
+        return None
+    wanted = ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items()))
+    largest = max(nodes, key=lambda node: (node.get("GPU", 0), node.get("CPU", 0)))
+    has = ", ".join(f"{largest.get(k, 0):g} {k}" for k in sorted(resources))
+    return f"no node holds the trial: it needs {wanted} on one node; the largest node has {has}"
 
 
 def _sizing(share: float, k: int, cpus: float) -> Sizing:
@@ -279,9 +299,9 @@ def _zero_stage(override: str | None) -> int:
         return 2
 
 
-def plan_trial(trial: Trial, shape: NeoxShape, tokens_per_pair: float, train_pairs: int | None,
+def plan_trial(trial: Trial, shape: ModelShape, tokens_per_pair: float, train_pairs: int | None,
                gpus_available: int, grid: Grid, family: str | None = None,
-               gpu_memory: float | None = None) -> PlannedTrial:
+               gpu_memory: float | None = None, nodes: list[Mapping[str, float]] | None = None) -> PlannedTrial:
     spec = trial.spec
     family = family or shape.family
     n, n_tr = param_counts(shape, spec.method, spec.lora_rank, spec.trainable_fraction, spec.lora_targets)
@@ -289,9 +309,12 @@ def plan_trial(trial: Trial, shape: NeoxShape, tokens_per_pair: float, train_pai
     tokens = tokens_for_budget(spec.budget_flops, cost)
     pairs, steps = planned_steps(tokens, tokens_per_pair, spec.batch_size)
     sizing = size_trial(shape, spec, gpus_available, grid, gpu_memory)
+    if not sizing.problem and node_problem(sizing.resources, nodes):  # else a placement group Tune waits on forever
+        sizing = dataclasses.replace(sizing, problem=node_problem(sizing.resources, nodes))
+    nothing_to_train = methods.get(spec.method).empty_reason if n_tr == 0 else None
     reason = skip_reason(pairs=pairs, steps=steps, min_steps=grid.plan.min_steps, train_pairs=train_pairs,
-                         max_epochs=grid.plan.max_epochs, method=spec.method, bias_params=shape.bias_params())
-    if sizing.problem and reason != "model has no bias parameters":
+                         max_epochs=grid.plan.max_epochs, nothing_to_train=nothing_to_train)
+    if sizing.problem and not nothing_to_train:
         reason = "; ".join(filter(None, (reason, sizing.problem)))
     reason = attention_unsupported(family, spec.attention) or reason  # nothing else matters: it cannot run
     spec = dataclasses.replace(
@@ -319,11 +342,22 @@ def _trial_lr(grid: Grid, trial: Trial) -> float | None:
         return None
 
 
-def hardware_flops_per_token(shape: NeoxShape, spec: TrialSpec, tokens_per_pair: float,
+def replicates(cell: PlannedTrial, grid: Grid, numbers) -> list[PlannedTrial]:
+    """Replicates ``numbers`` of a planned cell: the same plan, each with its own seed and id (replicate 0 is the
+    cell as planned). The adaptive driver asks for further ones where a decision is close."""
+    out = []
+    for r in numbers:
+        trial_id, spec = replicate_of(grid, cell.model, cell.spec, r)
+        out.append(dataclasses.replace(cell, trial_id=trial_id, spec=spec))
+    return out
+
+
+def hardware_flops_per_token(shape: ModelShape, spec: TrialSpec, tokens_per_pair: float,
                              checkpointing: bool) -> float:
     """FLOP executed per real token of a trial (core.flops.sequence_hardware_flops at the mean text length, half
-    a pair; padding and the gradient cache's extra forward left out): what device-hours are estimated from."""
-    length = max(1, round(tokens_per_pair / 2))
+    a pair's texts: its query, its document and its hard negatives; padding and the gradient cache's extra forward
+    left out): what device-hours are estimated from."""
+    length = max(1, round(tokens_per_pair / (2 + spec.hard_negatives)))
     return sequence_hardware_flops(shape, spec.method, length, lora_rank=spec.lora_rank,
                                    trainable_fraction=spec.trainable_fraction, lora_targets=spec.lora_targets,
                                    checkpointing=checkpointing) / length
@@ -335,20 +369,23 @@ def default_gpus(grid: Grid) -> int:
 
 
 def plan_grid(grid: Grid, *, gpus_available: int | None = None, data: DataStats | None = None,
-              strict_data: bool = False, gpu_memory: float | None = None) -> Plan:
+              strict_data: bool = False, gpu_memory: float | None = None,
+              nodes: list[Mapping[str, float]] | None = None) -> Plan:
     """Every trial of the grid with its plan. ``gpus_available``: GPUs per node (the driver asks Ray; None:
     ``default_gpus``). ``data``: known data statistics (None: measured, see ``measure_data``). ``gpu_memory``:
     bytes of one GPU (the driver: from the cluster's accelerator type; `plan`: from ``--device``); the grid's
-    ``resources.gpu_memory_gb`` wins over it."""
+    ``resources.gpu_memory_gb`` wins over it. ``nodes``: the live nodes' Ray resources (the driver's cluster), so a
+    trial that no node holds is skipped (None: not checked)."""
     gpus = default_gpus(grid) if gpus_available is None else gpus_available
     data = measure_data(grid, strict=strict_data) if data is None else data
     if grid.resources.gpu_memory_gb != "auto":
         gpu_memory = grid.resources.gpu_memory_gb * 1e9
     gpu_memory = gpu_memory if gpus else None
     shapes = {m: model_shape(grid.model_path(m)) for m in grid.models}
-    trials = tuple(plan_trial(t, shapes[t.model], data.pair_tokens(t.model, t.spec), data.train_pairs, gpus, grid,
-                              gpu_memory=gpu_memory)
-                   for t in expand(grid))
+    cells = (plan_trial(t, shapes[t.model], data.pair_tokens(t.model, t.spec), data.train_pairs, gpus, grid,
+                        gpu_memory=gpu_memory, nodes=nodes)
+             for t in expand(grid))
+    trials = tuple(r for cell in cells for r in replicates(cell, grid, range(grid.seeds)))
     return Plan(grid=grid, trials=trials, gpus_available=gpus, data=data, gpu_memory=gpu_memory)
 
 
@@ -372,17 +409,18 @@ def measure_data(grid: Grid, *, strict: bool = False) -> DataStats:
     readable = True
     if train_pairs is None:
         try:
-            from workers.records import count_pairs  # torch-free (workers.data imports torch)
+            from workers.pair_files import count_pairs  # torch-free (workers.pair_batches imports torch)
 
-            train_pairs = count_pairs(uri, hard_negatives=grid.train.hard_negatives())
+            train_pairs = count_pairs(uri, **negatives_kwargs(grid))
         except Exception as e:  # noqa: BLE001 -- classified below: bad input, or unreachable here
             _unreachable(e, uri, strict, "data.train")
             readable = False
-            warnings.append(f"warning: cannot count the pairs in {uri} ({_one_line(e)}); max_epochs not "
+            warnings.append(f"warning: cannot count the pairs in {uri} ({one_line(e)}); max_epochs not "
                             "checked (set plan.train_pairs)")
     tokens_per_pair: dict[str, float] = {}
     by_texts: dict[tuple, float] = {}
-    measured: dict[tuple, float] = {}
+    measured: dict[tuple, tuple[float, str | None]] = {}  # (tokenizer, instruction) -> (tokens per pair, warning)
+    concerns: dict[str, list[str]] = {}  # a warning -> the models it concerns: each is said once, naming them
     first, *others = grid.train.query_instruction
     for model in grid.models:
         check_instructions(grid, model, strict)
@@ -392,15 +430,25 @@ def measure_data(grid: Grid, *, strict: bool = False) -> DataStats:
             else:
                 key = (tokenizer_key(grid, model), instruction)
                 if key not in measured:
-                    measured[key] = _measure(grid, model, uri, readable, strict, warnings, instruction)
-                value = measured[key]
+                    measured[key] = _measure(grid, model, uri, readable, strict, instruction)
+                value, warning = measured[key]
+                if warning is not None and model not in concerns.get(warning, []):
+                    concerns.setdefault(warning, []).append(model)
             if instruction == first:
                 tokens_per_pair[model] = value
             else:
                 by_texts[model, instruction] = value
+    warnings += [warning.replace("{models}", ", ".join(models), 1) for warning, models in concerns.items()]
     if grid.data.eval is not None and (strict or "://" not in grid.data.eval):
         _check_eval(grid, strict)
     return DataStats(tokens_per_pair, train_pairs, tuple(dict.fromkeys(warnings)), by_texts)
+
+
+def negatives_kwargs(grid: Grid) -> dict:
+    """The data readers' ``hard_negatives`` argument where the grid takes hard negatives (none: the readers'
+    default, the call it always was)."""
+    k = grid.train.hard_negatives()
+    return {"hard_negatives": k} if k else {}
 
 
 def check_instructions(grid: Grid, model: str, strict: bool) -> None:
@@ -414,9 +462,9 @@ def check_instructions(grid: Grid, model: str, strict: bool) -> None:
         tokenizer = _load_tokenizer(grid.model_path(model))
     except Exception as e:  # noqa: BLE001 -- no tokenizer here; the driver's strict plan checks it
         if strict:
-            raise UserError(f"{model}: cannot load its tokenizer ({_one_line(e)})") from None
+            raise UserError(f"{model}: cannot load its tokenizer ({one_line(e)})") from None
         return
-    from workers.records import make_encoder
+    from workers.pair_files import make_encoder
 
     encode, unk = make_encoder(tokenizer, grid.train.max_length), getattr(tokenizer, "unk_token_id", None)
     for q in instructions:
@@ -429,7 +477,7 @@ def check_instructions(grid: Grid, model: str, strict: bool) -> None:
 def _check_eval(grid: Grid, strict: bool) -> None:
     """The held-out pairs the workers will read (the first ``run.eval_pairs``): bad ones fail here, before any
     trial runs, rather than as one failed trial per cell."""
-    from workers.records import load_eval_pairs
+    from workers.pair_files import load_eval_pairs
 
     uri = grid.resolve(grid.data.eval)
     try:
@@ -441,35 +489,36 @@ def _check_eval(grid: Grid, strict: bool) -> None:
         raise UserError(f"data.eval: {uri}: {len(pairs)} usable pair(s); evaluation needs at least 2")
 
 
-def _measure(grid: Grid, model: str, uri: str, readable: bool, strict: bool, warnings: list[str],
-             query_instruction: str = "") -> float:
-    fallback = (f"planning with {FALLBACK_TOKENS_PER_PAIR:g} tokens per pair (the authors' constant; "
+def _measure(grid: Grid, model: str, uri: str, readable: bool, strict: bool,
+             query_instruction: str = "") -> tuple[float, str | None]:
+    """Tokens per pair with ``model``'s tokenizer, and the warning when it fell back to the authors' constant, with
+    ``{models}`` where the caller names every model it concerns (unreadable data is one problem, not one per model;
+    a tokenizer's is its models')."""
+    fallback = (f"with {FALLBACK_TOKENS_PER_PAIR:g} tokens per pair (the authors' constant; "
                 "set plan.tokens_per_pair)")
     if not readable:
-        warnings.append(f"warning: cannot read {uri}: {fallback}")
-        return FALLBACK_TOKENS_PER_PAIR
+        return FALLBACK_TOKENS_PER_PAIR, f"warning: cannot read {uri}: planning {{models}} {fallback}"
     try:
-        from workers.records import measure_tokens_per_pair
+        from workers.pair_files import measure_tokens_per_pair
 
         tokenizer = _load_tokenizer(grid.model_path(model))
     except Exception as e:  # noqa: BLE001 -- no tokenizer here (offline hub, no tokenizer files)
         if strict:
-            raise UserError(f"{model}: cannot load its tokenizer ({_one_line(e)})") from None
-        warnings.append(f"warning: cannot load the tokenizer of {model} ({_one_line(e)}): {fallback}")
-        return FALLBACK_TOKENS_PER_PAIR
+            raise UserError(f"{model}: cannot load its tokenizer ({one_line(e)})") from None
+        return FALLBACK_TOKENS_PER_PAIR, (f"warning: cannot load the tokenizer of {{models}} ({one_line(e)}): "
+                                          f"planning {fallback}")
     try:
+        texts = negatives_kwargs(grid) | ({"query_instruction": query_instruction} if query_instruction else {})
         return measure_tokens_per_pair(uri, tokenizer, grid.train.max_length, sample=grid.plan.sample_pairs,
-                                       query_instruction=query_instruction,
-                                       hard_negatives=grid.train.hard_negatives())
+                                       **texts), None
     except Exception as e:  # noqa: BLE001
         _unreachable(e, uri, strict, "data.train")
-        warnings.append(f"warning: cannot read {uri} ({_one_line(e)}): {fallback}")
-        return FALLBACK_TOKENS_PER_PAIR
+        return FALLBACK_TOKENS_PER_PAIR, f"warning: cannot read {uri} ({one_line(e)}): planning {{models}} {fallback}"
 
 
 def _load_tokenizer(path: str):
     """The model's tokenizer without torch (AutoTokenizer imports it); it counts what the trial's does."""
-    from workers.records import load_tokenizer  # lazy: the driver stays light
+    from workers.pair_files import load_tokenizer  # lazy: the driver stays light
 
     return load_tokenizer(path)
 
@@ -479,7 +528,7 @@ def _unreachable(e: Exception, uri: str, strict: bool, field: str) -> None:
     file's problem names the grid field too (``data.train: /d/x.jsonl: no usable pairs``); a remote one stays
     ``<uri>: <problem>``."""
     if strict or "://" not in uri:
-        problem = _one_line(e) if uri in str(e) else f"{uri}: {_one_line(e)}"
+        problem = one_line(e) if uri in str(e) else f"{uri}: {one_line(e)}"
         raise UserError(problem if "://" in uri else f"{field}: {problem}") from None
 
 
@@ -496,5 +545,26 @@ def _num(x: float) -> float | int:
     return int(x) if float(x).is_integer() else float(x)
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+def utilisation_of(trial: PlannedTrial, mfu: float | None) -> float:
+    """The fraction of the device's peak a trial's hardware FLOP are assumed to run at: ``plan --mfu`` where given,
+    else the figure measured for its size (core/throughput.py ``assumed_utilisation``)."""
+    return mfu if mfu else assumed_utilisation(trial.n_params)[0]
+
+
+def utilisation_note(plan: Plan, mfu: float | None) -> list[str]:
+    """The plan's lines saying which utilisation its hours assume, and which GPU fraction small trials share."""
+    if mfu:
+        lines = [f"hours at {mfu:.0%} MFU (--mfu) of the hardware FLOP"]
+    else:
+        sizes = {}
+        for t in plan.runnable:
+            sizes.setdefault(t.model, assumed_utilisation(t.n_params))
+        lines = ["hours at the utilisation measured per model size (core/throughput.py; plan --mfu F overrides): "
+                 + "; ".join(f"{model} {value:.2f} ({source})" for model, (value, source) in sizes.items())]
+    r = plan.grid.resources
+    if plan.gpus_available:
+        fraction, why = share_for(0, r.gpu_fraction, r.gpu_fraction_below_params)  # the smallest model's share
+        lines.append(f"GPU sharing: trials with N < {r.gpu_fraction_below_params:.3g} take {fraction:g} of a GPU "
+                     f"({why}; the rule: "
+                     "the fraction with the most real tokens/s per GPU in the measured table, core/throughput.py)")
+    return lines

@@ -4,8 +4,8 @@ One cache per distinct (tokenizer, data, max_length): the grid has one data sect
 per distinct tokenizer.json among its models (the eight Pythia models share one). ``submit`` calls
 ``caches_for_grid`` inside its Ray session before the trials start and gives each trial its model's cache URI.
 
-The driver stays light: workers.token_cache is imported only here, inside functions, and building a cache
-imports no torch (its tokenizer is ``workers.records.load_tokenizer``'s, torch-free).
+The driver stays light: the cache's modules (orchestrator/cache_build.py, workers/token_cache.py) are imported only
+here, inside functions, and building a cache imports no torch (its tokenizer is ``workers.pair_files.load_tokenizer``'s, torch-free).
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from core.errors import UserError
 def caches_for_grid(grid, storage_uri: str, *, address: str | None = None, log=None) -> dict[str, dict]:
     """model (as the grid names it) -> {"uri", "key", "pairs", "real_tokens", "bad_lines", "built"}, each cache
     built on the initialised Ray (else ``address`` / $RAY_ADDRESS / a local one) when it is not there yet."""
-    from workers import token_cache
-    from workers.records import load_tokenizer
+    from orchestrator import cache_build
+    from workers.pair_files import load_tokenizer
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     train = grid.resolve(grid.data.train)
@@ -35,7 +35,7 @@ def caches_for_grid(grid, storage_uri: str, *, address: str | None = None, log=N
                 except Exception as e:  # noqa: BLE001 -- no tokenizer there (offline hub, no tokenizer files)
                     raise UserError(f"{model}: cannot load its tokenizer ({' '.join(str(e).split())[:200]})") from None
                 built: list[str] = []
-                uri, manifest = token_cache.ensure(storage_uri, train_uri=train, eval_uri=eval_, tokenizer_path=path,
+                uri, manifest = cache_build.ensure(storage_uri, train_uri=train, eval_uri=eval_, tokenizer_path=path,
                                                    tokenizer=tokenizer, max_length=grid.train.max_length,
                                                    address=address, log=lambda line: (built.append(line), log(line)),
                                                    **dict(zip(TEXT_KNOBS, texts)))

@@ -45,7 +45,7 @@ def replay_command(args) -> int:
     from orchestrator.driver import stored_grid
 
     store = Store(args.storage, args.name)
-    grid = stored_grid(store)
+    grid = stored_grid(store, references=False)  # the results are in the store: the data need not be reachable
     trials = load_trials(store.uri)
     unfinished = trials[trials["status"].isin(["pending", "running"])]
     pruned = trials[trials["reason"].fillna("").str.startswith(PRUNED_PREFIX)]

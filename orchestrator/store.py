@@ -1,4 +1,4 @@
-"""The sweep store (shared/CONTRACTS.md "The store"): ``<storage>/<sweep>/`` with ``grid.yaml``,
+"""The sweep store (docs/reference.md "The store"): ``<storage>/<sweep>/`` with ``grid.yaml``,
 ``trials.parquet`` and ``metrics/`` (one Parquet file per trial), plus ``checkpoints/`` (the trials' own,
 safetensors + JSON). No pickle anywhere.
 
@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 
 import pyarrow as pa
@@ -29,6 +30,8 @@ import pyarrow.parquet as pq
 import yaml
 
 import fsio as storage
+from core.errors import one_line
+from core.events import TrialEvent
 from core.store import (GRID_FILE, LEASE_FILE, METRIC_COLUMNS, METRICS_DIR, TRIAL_COLUMNS, TRIALS_FILE,
                         StoreError, checkpoint_uri, metrics_uri, model_uri, sweep_uri)
 from orchestrator.lease import LeaseLost
@@ -155,15 +158,23 @@ class Store:
         if not self.exists():
             raise StoreError(f"{storage.redact(self.uri)}: no sweep named {self.sweep!r} in "
                              f"{storage.redact(self.storage_uri)}")
-        text = self._try(lambda: storage.read_bytes(storage.join(self.uri, GRID_FILE)).decode(), "read")
-        return yaml.load(text, Loader=_YAML_LOADER)
+        where = storage.redact(storage.join(self.uri, GRID_FILE))
+        data = self._try(lambda: storage.read_bytes(storage.join(self.uri, GRID_FILE)), "read")
+        try:
+            doc = yaml.load(data.decode(), Loader=_YAML_LOADER)
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise StoreError(f"{where}: not readable YAML ({' '.join(str(e).split())[:200]})") from None
+        if not isinstance(doc, dict):
+            raise StoreError(f"{where}: must be a YAML mapping (grid, history, data)")
+        doc.setdefault("history", [])
+        return doc
 
     def write_grid(self, grid: dict, data: dict | None = None) -> None:
         """Records ``grid`` as the sweep's grid (earlier different grids stay in its history) and what the
         planner measured of its data (``train_pairs``, ``tokens_per_pair``: the recipe's data limit)."""
         doc = self.read_grid() if self.exists() else {"grid": None, "history": []}
-        if doc["grid"] != grid or doc.get("data") != data:
-            if doc["grid"] != grid:
+        if doc.get("grid") != grid or doc.get("data") != data:
+            if doc.get("grid") != grid:
                 doc["history"].append({"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "grid": grid})
             doc["grid"], doc["data"] = grid, data
             self._write(storage.join(self.uri, GRID_FILE), yaml.safe_dump(doc, sort_keys=False).encode())
@@ -210,7 +221,7 @@ class Store:
         except StoreError:
             raise
         except (OSError, storage.StorageError, pa.ArrowException) as e:
-            problem = storage.redact(" ".join(str(e).split())[:200])
+            problem = storage.redact(one_line(e, 200))
             raise StoreError(f"{storage.redact(self.uri)}: cannot {verb} the store ({problem})") from None
 
 
@@ -218,6 +229,13 @@ class Recorder:
     """The driver's side of the store: trial rows and metric rows kept in memory for live trials, flushed
     every ``flush_every_s`` and on every trial's end. Memory holds only the rows of unfinished trials and of
     finished ones not yet written.
+
+    Used alone, a Recorder flushes in the caller's thread (``on_event`` writes on a trial's end and every
+    ``flush_every_s``). While a ``Flusher`` is attached (``run_tuner``: Tune's loop calls ``on_event``), those
+    writes happen on the Flusher's thread instead: ``on_event`` only updates memory and asks for a flush, so a
+    trial's report never waits on the store. A flush writes a snapshot taken under the lock (metric files first,
+    then trials.parquet, so a row says ``completed`` only once its metrics are on disk); what changed while it
+    wrote stays dirty for the next one, so rows coalesce and none is lost or written twice.
 
     A flush that fails keeps everything it could not write and is retried at the next flush (a warning
     line says so once per outage); when the store has refused writes for ``max_outage_s`` the flush raises
@@ -232,89 +250,171 @@ class Recorder:
         self.trials = trials  # trial_id -> row (TRIALS_SCHEMA)
         self.flush_every_s = flush_every_s
         self.max_outage_s = max_outage_s
+        self.flusher: "Flusher | None" = None  # set while one is attached: writes happen on its thread
+        self._lock = threading.RLock()  # memory: the rows and what is dirty
+        self._flushing = threading.Lock()  # one flush at a time (the Flusher's, or a caller's)
         self._metrics: dict[str, dict[int, dict]] = {}  # trial_id -> step -> row, live trials only
-        self._dirty_metrics: set[str] = set()
+        self._dirty_metrics: dict[str, int] = {}  # trial_id -> version of its rows not yet written
+        self._version = 0
         self._finished: set[str] = set()  # trials whose rows leave memory once written
+        self._completions: set[str] = set()  # trials completed in memory, not yet on disk
         self._last_flush = time.monotonic()
         self._outage_since: float | None = None  # monotonic time of the first failed flush of an outage
 
-    def set_status(self, trial_id: str, status: str, reason: str | None = None, **fields) -> None:
-        row = self.trials[trial_id]
-        row.update(fields, status=status, reason=reason, updated_at=time.time())
+    def __getstate__(self) -> dict:  # Tune pickles its callbacks (the experiment state): no locks, no thread
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_flushing", "flusher")}
 
-    def on_event(self, trial_id: str, event: dict) -> None:
-        """A worker event (workers/trial.py): its rows, then the trial row's live values."""
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.RLock(), _flushing=threading.Lock(), flusher=None)
+
+    def set_status(self, trial_id: str, status: str, reason: str | None = None, **fields) -> None:
+        with self._lock:
+            row = self.trials[trial_id]
+            row.update(fields, status=status, reason=reason, updated_at=time.time())
+
+    def on_event(self, trial_id: str, event: TrialEvent) -> None:
+        """A worker event (core/events.py): its rows, then the trial row's live values."""
         fault_point("report")
-        rows = event.get("rows") or []
-        if event.get("restart") or trial_id not in self._metrics:
+        rows = event.rows
+        stored = None
+        if event.restart or trial_id not in self._metrics:
             # The stored rows are needed only if this event's rows do not supersede them all (a restart's history,
             # or a run from step 1, does): so a trial starting while the store is unreachable costs nothing.
-            supersedes_all = event.get("restart") or (rows and min(r["step"] for r in rows) <= 1)
+            supersedes_all = event.restart or (rows and min(r["step"] for r in rows) <= 1)
             stored = {} if supersedes_all else {r["step"]: r for r in self.store.read_metrics(trial_id)}
-            self._metrics[trial_id] = stored
-            self._finished.discard(trial_id)
-        live = self._metrics[trial_id]
-        if rows:
-            first = min(r["step"] for r in rows)
-            for step in [s for s in live if s >= first]:
-                del live[step]  # superseded: a run past the checkpoint that died
-            for r in rows:
-                live[r["step"]] = {**r, "sweep": self.store.sweep, "trial_id": trial_id}
-            self._dirty_metrics.add(trial_id)
-        row = self.trials[trial_id]
-        if event.get("done"):
-            row.update(event["trial"], status="completed", updated_at=time.time())
-            self._finished.add(trial_id)
-            if self.flush(tolerate=True):
-                fault_point("after_complete")
+        with self._lock:
+            if stored is not None:
+                self._metrics[trial_id] = stored
+                self._finished.discard(trial_id)
+            live = self._metrics[trial_id]
+            if rows:
+                first = min(r["step"] for r in rows)
+                for step in [s for s in live if s >= first]:
+                    del live[step]  # superseded: a run past the checkpoint that died
+                for r in rows:
+                    live[r["step"]] = {**r, "sweep": self.store.sweep, "trial_id": trial_id}
+                self._version += 1
+                self._dirty_metrics[trial_id] = self._version
+            row = self.trials[trial_id]
+            if event.done:
+                row.update(event.trial, status="completed", updated_at=time.time())
+                self._finished.add(trial_id)
+                self._completions.add(trial_id)
+            else:
+                live_keys = ("tokens", "flops", "train_loss", "node_id")
+                fields = {k: getattr(event, k) for k in live_keys if getattr(event, k) is not None}
+                row.update(fields, steps=event.step)
+                if row["status"] != "running":
+                    self.set_status(trial_id, "running")
+        if event.done:
+            self.flush_soon()
         else:
-            live_keys = ("tokens", "flops", "train_loss", "node_id")
-            fields = {k: event[k] for k in live_keys if event.get(k) is not None}
-            row.update(fields, steps=event.get("step"))
-            if row["status"] != "running":
-                self.set_status(trial_id, "running")
             self.maybe_flush()
 
+    def flush_soon(self) -> None:
+        """A trial ended (or failed): its row is written now, by the Flusher when one is attached."""
+        if self.flusher is not None:
+            self.flusher.wake()
+        else:
+            self.flush(tolerate=True)
+
     def maybe_flush(self) -> None:
-        if time.monotonic() - self._last_flush >= self.flush_every_s:
+        if self.flusher is None and time.monotonic() - self._last_flush >= self.flush_every_s:
             self.flush(tolerate=True)
 
     def flush(self, tolerate: bool = False) -> bool:
         """Writes the dirty metric files, then trials.parquet; True when all of it is on the store. A
-        failure raises the StoreError unless ``tolerate`` (then False; what failed stays to be written) and
+        StoreError unless ``tolerate`` (then False; what failed stays to be written) and
         the outage is younger than ``max_outage_s``."""
-        self._last_flush = time.monotonic()
-        try:
-            if self.fence is not None:
-                self.fence()
-            for trial_id in sorted(self._dirty_metrics):
-                self.store.write_metrics(trial_id, list(self._metrics[trial_id].values()))
-                self._dirty_metrics.discard(trial_id)
-            fault_point("mid_flush")
-            # Trial rows go last: a row says `completed` only once its metrics are on disk.
-            self.store.write_trials(self.trials)
-        except LeaseLost:
-            raise  # not an outage: never retried, never written
-        except StoreError as e:
-            now = time.monotonic()
-            if self._outage_since is None:
-                self._outage_since = now
-                print(f"warning: {e}; keeping the rows in memory and retrying every {self.flush_every_s:g} s",
-                      file=sys.stderr, flush=True)
-            if not tolerate or now - self._outage_since >= self.max_outage_s:
-                raise StoreError(f"{e}; the store refused writes for {now - self._outage_since:.0f} s: the "
-                                 f"sweep stops here, `repurpose resume {self.store.sweep}` finishes it") from None
-            return False
-        if self._outage_since is not None:
-            print(f"the store is writable again after {time.monotonic() - self._outage_since:.0f} s; "
-                  "every kept row is written", file=sys.stderr, flush=True)
-            self._outage_since = None
-        for trial_id in self._finished:
-            self._metrics.pop(trial_id, None)
-        self._finished.clear()
+        with self._flushing:
+            with self._lock:  # the snapshot: what this flush writes, consistent across files
+                self._last_flush = time.monotonic()
+                metrics = {t: (v, list(self._metrics[t].values())) for t, v in sorted(self._dirty_metrics.items())}
+                trials = {t: dict(r) for t, r in self.trials.items()}
+                finished, completions = set(self._finished), set(self._completions)
+            try:
+                if self.fence is not None:
+                    self.fence()
+                for trial_id, (version, rows) in metrics.items():
+                    self.store.write_metrics(trial_id, rows)
+                    with self._lock:
+                        if self._dirty_metrics.get(trial_id) == version:  # nothing newer came meanwhile
+                            del self._dirty_metrics[trial_id]
+                fault_point("mid_flush")
+                # Trial rows go last: a row says `completed` only once its metrics are on disk.
+                self.store.write_trials(trials)
+            except LeaseLost:
+                raise  # not an outage: never retried, never written
+            except StoreError as e:
+                now = time.monotonic()
+                if self._outage_since is None:
+                    self._outage_since = now
+                    print(f"warning: {e}; keeping the rows in memory and retrying every {self.flush_every_s:g} s",
+                          file=sys.stderr, flush=True)
+                if not tolerate or now - self._outage_since >= self.max_outage_s:
+                    raise StoreError(f"{e}; the store refused writes for {now - self._outage_since:.0f} s: the "
+                                     f"sweep stops here, `repurpose resume {self.store.sweep}` finishes it") from None
+                return False
+            if self._outage_since is not None:
+                print(f"the store is writable again after {time.monotonic() - self._outage_since:.0f} s; "
+                      "every kept row is written", file=sys.stderr, flush=True)
+                self._outage_since = None
+            with self._lock:
+                for trial_id in finished & self._finished:
+                    if trial_id not in self._dirty_metrics:  # its last rows are on disk
+                        self._metrics.pop(trial_id, None)
+                        self._finished.discard(trial_id)
+                self._completions -= completions
+        if completions:
+            fault_point("after_complete")
         return True
 
     def close(self, retry_every_s: float = 1.0) -> None:
         """The last flush: retried until it succeeds or the outage reaches ``max_outage_s`` (then raises)."""
         while not self.flush(tolerate=True):
             time.sleep(retry_every_s)
+
+
+class Flusher:
+    """Writes a Recorder's state on its own thread, beside Ray Tune's loop: every ``flush_every_s``, and at once
+    when woken (a trial ended or failed; requests that come while a flush runs coalesce into the next one).
+
+    A StoreError (the store refused writes past ``max_outage_s``, or ``LeaseLost``) ends the thread and is kept in
+    ``error``: nothing more is written (a lost lease writes nothing ever again); Tune's stopper reads it. ``stop``
+    ends the thread; the caller then makes the final flush itself (``Recorder.close``), in its own thread."""
+
+    def __init__(self, recorder: Recorder):
+        self.recorder = recorder
+        self.error: StoreError | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="store-flusher", daemon=True)
+
+    def __enter__(self) -> "Flusher":
+        self.recorder.flusher = self
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join()
+        self.recorder.flusher = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(timeout=self.recorder.flush_every_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.recorder.flush(tolerate=True)
+            except StoreError as e:
+                self.error = e
+                return

@@ -23,24 +23,25 @@ def run_tune_trial(config: dict) -> None:
     import ray
     from ray import tune
 
+    from core.events import TrialEvent
     from core.spec import TrialSpec
     from workers.trial import run_trial
 
     trial = config["trial"]
     node_id = ray.get_runtime_context().get_node_id()  # recorded in the trial row: where the trial ran
 
-    def report(event: dict) -> None:
-        event = dict(event, node_id=node_id)
-        event["final"] = event.pop("done")  # Tune gives `done` its own meaning
-        if "trial" in event:
-            event["trial"] = dict(event["trial"], node_id=node_id)
-        tune.report(event)
+    def report(event: TrialEvent) -> None:
+        tune.report(event.on_node(node_id).to_dict())  # Tune takes a dict: the one place the event becomes one
 
     ranks = trial_ranks(trial)
     if ranks:  # rank 0 here (it reports), the others as actors in this trial's placement group
         from orchestrator.launchers import run_ray_ranks
 
         run_ray_ranks(trial["spec"], ranks=ranks, bundle=rank_bundles(trial["resources"], ranks)[0], report=report,
-                      checkpoint_uri=trial["checkpoint_uri"])
+                      checkpoint_uri=trial["checkpoint_uri"], trial_id=trial.get("trial_id"))
         return
-    run_trial(TrialSpec.from_dict(trial["spec"]), report=report, checkpoint_uri=trial["checkpoint_uri"])
+    from orchestrator.launchers import hide_unassigned_gpus
+
+    hide_unassigned_gpus()  # a trial planned without a GPU sees none, on a GPU node too
+    run_trial(TrialSpec.from_dict(trial["spec"]), report=report, checkpoint_uri=trial["checkpoint_uri"],
+              trial_id=trial.get("trial_id"))

@@ -9,11 +9,12 @@ import tempfile
 
 from ray import tune
 
+from core.events import TrialEvent
 from core.uris import absolute
 from orchestrator.grid import Grid
 from orchestrator.lease import LeaseLost
 from orchestrator.plan import PlannedTrial
-from orchestrator.store import INTERRUPTED, Recorder, Store, StoreError
+from orchestrator.store import INTERRUPTED, Flusher, Recorder, Store, StoreError
 from orchestrator.trainable import rank_bundles, run_tune_trial, trial_ranks
 
 
@@ -41,24 +42,28 @@ def run_tuner(todo: list[PlannedTrial], recorder: Recorder, grid: Grid, store: S
     tune_dir = tune_scratch_dir(grid.name)
     shutil.rmtree(tune_dir, ignore_errors=True)
     try:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"trial": tune.grid_search(configs)},
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=grid.run.max_concurrent_trials,
-                trial_name_creator=lambda trial: trial.config["trial"]["trial_id"],
-                trial_dirname_creator=lambda trial: trial.config["trial"]["trial_id"],
-                reuse_actors=True,  # a worker process imports torch once, not once per trial
-            ),
-            run_config=tune.RunConfig(
-                name=grid.name, storage_path=tune_dir, verbose=0, stop=_FlopGuard(callback),
-                failure_config=tune.FailureConfig(max_failures=grid.run.max_failures),
-                callbacks=[callback, *callbacks],
-            ),
-        )
-        # Tune's result analysis looks for the per-trial files the store replaces; it would warn per trial.
-        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-        tuner.fit()
+        # The store's writes happen on the Flusher's thread: Tune's loop (and so every trial's `report`, which
+        # waits for it) never waits on the store.
+        with Flusher(recorder) as flusher:
+            callback.flusher = flusher
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"trial": tune.grid_search(configs)},
+                tune_config=tune.TuneConfig(
+                    max_concurrent_trials=grid.run.max_concurrent_trials,
+                    trial_name_creator=lambda trial: trial.config["trial"]["trial_id"],
+                    trial_dirname_creator=lambda trial: trial.config["trial"]["trial_id"],
+                    reuse_actors=True,  # a worker process imports torch once, not once per trial
+                ),
+                run_config=tune.RunConfig(
+                    name=grid.name, storage_path=tune_dir, verbose=0, stop=_FlopGuard(callback),
+                    failure_config=tune.FailureConfig(max_failures=grid.run.max_failures),
+                    callbacks=[callback, *callbacks],
+                ),
+            )
+            # Tune's result analysis looks for the per-trial files the store replaces; it would warn per trial.
+            logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+            tuner.fit()
         if lease is not None and lease.lost:
             raise LeaseLost(lease.lost_line())
         if callback.error is not None:  # the store stayed unwritable past the Recorder's max_outage_s
@@ -113,7 +118,8 @@ class _FlopGuard(tune.Stopper):
         self.callback = callback
 
     def __call__(self, trial_id, result):
-        return result.get("flops", 0.0) >= result.get("budget_flops", math.inf)
+        event = TrialEvent.from_dict(result)
+        return event.flops >= (event.budget_flops if event.budget_flops is not None else math.inf)
 
     def stop_all(self):
         return self.callback.error is not None or self.callback.interrupted() or self.callback.lease_lost()
@@ -141,7 +147,16 @@ class _StoreCallback(tune.Callback):
         self.recorder = recorder
         self.progress = progress
         self.interrupt, self.lease = interrupt, lease
-        self.error: StoreError | None = None  # the store failed for good: Tune stops (_FlopGuard.stop_all)
+        self.flusher: Flusher | None = None  # the store's writer beside Tune's loop (run_tuner)
+        self._error: StoreError | None = None
+
+    def __getstate__(self) -> dict:  # Tune pickles its callbacks: the Flusher (a thread) stays here
+        return {**self.__dict__, "flusher": None}
+
+    @property
+    def error(self) -> StoreError | None:
+        """The store failed for good (here, or on the Flusher's thread): Tune stops (_FlopGuard.stop_all)."""
+        return self._error or (self.flusher.error if self.flusher is not None else None)
 
     def interrupted(self) -> bool:
         return bool(self.interrupt is not None and self.interrupt.signum)
@@ -173,16 +188,13 @@ class _StoreCallback(tune.Callback):
         try:
             fn(*args)
         except StoreError as e:
-            self.error = e
+            self._error = e
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.recorder.set_status(self._id(trial), "running")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        keys = ("rows", "restart", "step", "tokens", "flops", "train_loss", "trial", "node_id")
-        event = {k: result.get(k) for k in keys}
-        event["done"] = bool(result.get("final"))
-        self._record(self.recorder.on_event, self._id(trial), event)
+        self._record(self.recorder.on_event, self._id(trial), TrialEvent.from_dict(result))
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self.recorder.set_status(self._id(trial), "running", f"retrying after: {_error_line(trial)}")
@@ -191,7 +203,7 @@ class _StoreCallback(tune.Callback):
         if self._stopping():  # the stop killed it (an actor gone mid-call): running, marked below
             return
         self.recorder.set_status(self._id(trial), "failed", _error_line(trial))
-        self._record(self.recorder.flush, True)
+        self._record(self.recorder.flush_soon)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         row = self.recorder.trials[self._id(trial)]
@@ -201,7 +213,7 @@ class _StoreCallback(tune.Callback):
                       if last.get("flops", 0.0) >= last.get("budget_flops", math.inf)
                       else "the trial ended without a final report")
             self.recorder.set_status(self._id(trial), "failed", reason)
-            self._record(self.recorder.flush, True)
+            self._record(self.recorder.flush_soon)
 
     def on_step_end(self, iteration, trials, **info):
         self._record(self.recorder.maybe_flush)

@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny GPT-NeoX checkpoint with a locally trained byte-level BPE tokenizer, and
-BGE-format pair files (helpers in tests/support.py)."""
+"""Shared fixtures: a tiny GPT-NeoX checkpoint with a locally trained byte-level BPE tokenizer, BGE-format pair
+files, and S3 (one moto server for the session; helpers in tests/support.py)."""
 from __future__ import annotations
 
 import shutil
@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from raykit import RayEnv
-from support import build_tiny_model, build_tokenizer, make_pairs, write_jsonl
+from support import MotoS3, build_tiny_model, build_tokenizer, make_pairs, write_jsonl
 
 
 @pytest.fixture
@@ -38,3 +38,23 @@ def tiny_model(tmp_path_factory):
     texts = [p["query"] + " " + p["pos"][0] for p in make_pairs(3000, seed=7)]
     build_tokenizer(d, texts)
     return build_tiny_model(str(d))
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """The session's one moto S3 server (tests/support.py MotoS3); tests take ``moto_s3``, which empties it."""
+    pytest.importorskip("moto.server")
+    pytest.importorskip("boto3")
+    server = MotoS3()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def moto_s3(moto_server, monkeypatch):
+    """S3 for one test: the session's moto server emptied, with one bucket ``bucket``, and this process's
+    environment pointing at it (``moto_s3.env()`` is the same for a subprocess)."""
+    moto_server.reset("bucket")
+    for k, v in moto_server.env().items():
+        monkeypatch.setenv(k, v)
+    return moto_server

@@ -133,6 +133,19 @@ def wait_for(condition, *, timeout_s: float, what: str, alive: subprocess.Popen 
         time.sleep(every_s)
 
 
+def ctrl_c_when(proc: subprocess.Popen, condition, *, timeout_s: float, what: str, wait_s: float) -> int:
+    """Once ``condition`` holds, a terminal's Ctrl-C (SIGINT to the process group ``proc`` leads: raykit.start);
+    returns its exit code. The group is SIGKILLed if it outlives ``wait_s`` or anything fails."""
+    try:
+        wait_for(condition, timeout_s=timeout_s, what=what, alive=proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        return proc.wait(timeout=wait_s)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 # --- `ray start` nodes -----------------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:

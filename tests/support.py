@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
+import socket
 
 WORDS = (
     "river stone cloud lamp garden window forest engine silver paper candle bridge harbor violin mountain "
@@ -111,3 +113,105 @@ def clean_run(grid_path: str, trial_id: str) -> dict:
         return run_trial(dataclasses.replace(planned.spec, num_threads=1))
     finally:
         torch.set_num_threads(threads)
+
+
+# --- the packages the project installs
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def package_files() -> list[str]:
+    """Every Python file of every package the project installs (pyproject.toml's ``packages.find`` include), found
+    by walking them: a file added later is covered without a test changing."""
+    import tomllib
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        include = tomllib.load(f)["tool"]["setuptools"]["packages"]["find"]["include"]
+    roots = sorted({pattern.rstrip("*").rstrip(".") for pattern in include})
+    return [os.path.join(root, name) for top in roots for root, _, names in os.walk(os.path.join(REPO, top))
+            for name in sorted(names) if name.endswith(".py")]
+
+
+def package_modules() -> list[str]:
+    """The dotted names of ``package_files``."""
+    names = [os.path.relpath(f, REPO)[:-3].replace(os.sep, ".") for f in package_files()]
+    return sorted(n.removesuffix(".__init__") for n in names)
+
+
+# --- time that passes without waiting
+class FakeClock:
+    """A clock a test moves by hand (``advance``): code that takes a ``clock`` (orchestrator/lease.py) sees time
+    pass without the test sleeping."""
+
+    def __init__(self, start_s: float = 1_700_000_000.0):
+        self.now_s = start_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def advance(self, seconds: float) -> None:
+        self.now_s += seconds
+
+
+# --- S3 in this process: one moto server for the session (the `moto_s3` fixture, tests/conftest.py)
+MOTO_KEY = "testing"  # moto checks no signature: any key pair is accepted
+
+
+class MotoS3:
+    """A moto S3 server on a free 127.0.0.1 port, a thread of this process. ``env`` points a process at it (the
+    variables pyarrow, boto3 and fsio read); ``client`` is a boto3 client; ``reset`` empties it."""
+
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        _fix_moto_complete_multipart()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        self.server.start()
+        self.endpoint = f"http://127.0.0.1:{port}"
+
+    def env(self, key_id: str = MOTO_KEY, secret: str = MOTO_KEY) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": self.endpoint, "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def client(self, key_id: str = MOTO_KEY, secret: str = MOTO_KEY):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id=key_id,
+                            aws_secret_access_key=secret)
+
+    def reset(self, *buckets: str) -> None:
+        """Every bucket and object gone, then ``buckets`` created empty."""
+        import urllib.request
+
+        urllib.request.urlopen(urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST")).read()
+        client = self.client()
+        for name in buckets:
+            client.create_bucket(Bucket=name)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def _fix_moto_complete_multipart() -> None:
+    """moto 5.2.1 answers CompleteMultipartUpload with the root tag ``CompleteMultipartUploadResponse``
+    (getmoto/moto#10055); Arrow's S3 client checks for ``CompleteMultipartUploadResult`` (what S3 sends) and
+    retries until it fails. pyarrow writes even a few bytes as a multipart upload, so every store write would fail
+    against this moto. Patch the response in this process (the server runs in a thread here)."""
+    from moto.s3.responses import S3Response
+
+    if getattr(S3Response, "_repurpose_patched", False):
+        return
+    original = S3Response._key_response_post
+
+    def patched(self, *args, **kwargs):
+        status, headers, body = original(self, *args, **kwargs)
+        if isinstance(body, (str, bytes)):
+            wrong, right = "CompleteMultipartUploadResponse", "CompleteMultipartUploadResult"
+            body = body.replace(wrong, right) if isinstance(body, str) else body.replace(wrong.encode(),
+                                                                                          right.encode())
+        return status, headers, body
+
+    S3Response._key_response_post = patched
+    S3Response._repurpose_patched = True

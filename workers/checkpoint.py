@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 
 import fsio as storage
+from core.errors import one_line
 
 # safetensors' format (https://github.com/huggingface/safetensors#format): 8 bytes, little-endian, the header's
 # length N; N bytes of JSON, {name: {"dtype", "shape", "data_offsets": [begin, end]}} (offsets into the data
@@ -63,7 +64,7 @@ def load(uri: str | None, *, skipped: list[str] | None = None) -> tuple[dict[str
             return read_tensors(storage.join(uri, name, TENSORS_FILE)), state
         except Exception as e:  # noqa: BLE001 -- truncated, missing or garbled: any of it means "not this one"
             if skipped is not None:
-                problem = " ".join(str(e).split())[:120]
+                problem = one_line(e, 120)
                 skipped.append(f"checkpoint {name} unreadable ({type(e).__name__}: {problem})")
     return None
 

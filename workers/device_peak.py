@@ -1,13 +1,15 @@
 """The peak a trial's MFU divides by: a GPU's from core/devices.py's datasheet table, a CPU's measured once.
 
 A CPU has no datasheet figure that this code reaches (AVX512-BF16 without AMX here: 0.94 TFLOP/s bf16 against
-0.21 fp32, benchmarks/README.md), so the peak is the best bf16 square-matmul rate over n = 512..4096 (the best
-of several sizes: the peak must not be undersold), measured once per (CPU model, torch threads, torch version)
-and cached as JSON in the user cache dir (``$REPURPOSE_CACHE`` or platformdirs', as workers/suite.py).
+0.21 fp32, benchmarks/README.md), so the peak is the best square-matmul rate over n = 512..4096 (the best
+of several sizes: the peak must not be undersold) in the precision the trial computes in there: bf16 where the CPU
+has native bf16 matmuls, else fp32 ('auto' precision trains in fp32 there, and an emulated bf16 matmul can be
+100x slower: a 4096 product would take minutes). A size whose one product the last rate says would outlast the
+time per size is not timed. Measured once per (CPU model, torch threads, torch version, dtype) and cached as JSON
+in the user cache dir (``$REPURPOSE_CACHE`` or platformdirs', as workers/suite/cache.py).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -16,6 +18,7 @@ import time
 import torch
 
 from core.devices import device_entry
+from core.hashing import content_hash
 
 SIZES = (512, 1024, 2048, 4096)
 SECONDS_PER_SIZE = 0.5  # timed matmuls per size (after one warm-up)
@@ -46,15 +49,47 @@ def matmul_rate(n: int, dtype: torch.dtype = torch.bfloat16, seconds: float = SE
 
 
 def _cache_path(cache_dir: str | None) -> str:
-    from workers.suite import cache_root
+    from workers.suite.cache import cache_root
 
     return os.path.join(cache_root(cache_dir), CACHE_FILE)
 
 
-def cpu_peak_flops(*, cache_dir: str | None = None, sizes=SIZES, seconds: float = SECONDS_PER_SIZE) -> float:
-    """The best bf16 matmul FLOP/s of this CPU at the current torch thread count; measured on the first call per
-    (CPU model, threads, torch version), read from the cache after."""
-    key = hashlib.sha256(f"{cpu_model()}|{torch.get_num_threads()}|{torch.__version__}|{sizes}".encode()).hexdigest()
+def has_bf16(device: torch.device) -> bool:
+    """Native bf16 matmuls. On CUDA, emulation does not count (``is_bf16_supported()`` alone is True on T4 and V100,
+    which emulate bf16 far slower than fp32): 'auto' then trains in fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_dtype() -> torch.dtype:
+    """The dtype a CPU trial's matmuls run in under 'auto' precision (``has_bf16``)."""
+    return torch.bfloat16 if has_bf16(torch.device("cpu")) else torch.float32
+
+
+def best_rate(sizes, dtype: torch.dtype, seconds: float) -> float:
+    """The best matmul FLOP/s over ``sizes`` (ascending), skipping a size whose one product would take longer than
+    ``seconds`` at the best rate seen so far."""
+    best = 0.0
+    for n in sizes:
+        if best and 2 * n ** 3 / best > seconds:
+            break
+        best = max(best, matmul_rate(n, dtype, seconds))
+    return best
+
+
+def cpu_peak_flops(*, cache_dir: str | None = None, sizes=SIZES, seconds: float = SECONDS_PER_SIZE,
+                   dtype: torch.dtype | None = None) -> float:
+    """The best matmul FLOP/s of this CPU at the current torch thread count in ``dtype`` (default ``cpu_dtype``);
+    measured on the first call per (CPU model, threads, torch version, dtype), read from the cache after."""
+    dtype = dtype or cpu_dtype()
+    key = content_hash(f"{cpu_model()}|{torch.get_num_threads()}|{torch.__version__}|{sizes}"
+                       + ("" if dtype == torch.bfloat16 else f"|{dtype}"))
     path = _cache_path(cache_dir)
     try:
         with open(path) as f:
@@ -63,8 +98,8 @@ def cpu_peak_flops(*, cache_dir: str | None = None, sizes=SIZES, seconds: float 
         table = {}
     if key in table:
         return float(table[key]["peak_flops"])
-    peak = max(matmul_rate(n, torch.bfloat16, seconds) for n in sizes)
-    table[key] = {"peak_flops": peak, "cpu": cpu_model(), "threads": torch.get_num_threads(),
+    peak = best_rate(sizes, dtype, seconds)
+    table[key] = {"peak_flops": peak, "cpu": cpu_model(), "threads": torch.get_num_threads(), "dtype": str(dtype),
                   "torch": torch.__version__, "sizes": list(sizes), "measured_at": time.time()}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -82,4 +117,15 @@ def device_peak(device: torch.device, **cpu_kwargs) -> tuple[float | None, str]:
         entry = device_entry(name)
         return (entry[1], f"{entry[0]}: {entry[2]}") if entry else (None, f"{name}: not in core/devices.py")
     threads = torch.get_num_threads()
-    return cpu_peak_flops(**cpu_kwargs), f"measured: best bf16 matmul on {cpu_model()}, {threads} threads"
+    dtype = cpu_kwargs.get("dtype") or cpu_dtype()
+    return cpu_peak_flops(**cpu_kwargs), f"measured: best {str(dtype).removeprefix('torch.')} matmul on {cpu_model()}, {threads} threads"
+
+
+def trial_peak(device: torch.device, share: float = 1.0, world: int = 1, *, peak=device_peak) -> float | None:
+    """The peak a trial's MFU divides by: ``share`` of its GPU (a 0.25-GPU trial has a quarter of the GPU's peak to
+    itself, so its MFU is over that quarter) times its ``world`` ranks; on a CPU the measured peak of the threads the
+    trial runs with, whole. None where the device has no known peak."""
+    one, _ = peak(device)
+    if not one:
+        return None
+    return one * world * (share if device.type == "cuda" else 1.0)

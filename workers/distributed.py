@@ -16,7 +16,7 @@ Three parts, top to bottom:
    runs the same forwards, which ZeRO-3 needs (its parameter gathers are collectives).
 
 2. The DeepSpeed recipe, ``run_deepspeed_trial``: workers/trial.py's steps (workers/steps.py's public functions:
-   load, plan, budget cut, lr schedule, rows, trial row) around a DeepSpeed engine (STYLE.md: one recipe per
+   load, plan, budget cut, lr schedule, rows, trial row) around a DeepSpeed engine (one recipe per
    path, no shared base class). Config: ZeRO 2 by default; stage 3 or CPU optimizer offload through
    ``TrialSpec.deepspeed_config`` (a JSON object merged over the default). That field is a runtime knob, not
    part of the trial's identity: stage, offload and buckets move tensors, not results (ZeRO 2 and 3 with and
@@ -38,9 +38,9 @@ Three parts, top to bottom:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue
-import socket
 import time
 import traceback
 from dataclasses import dataclass
@@ -49,10 +49,11 @@ import torch
 import torch.distributed as dist
 
 import fsio as storage
-from core.flops import NeoxShape
-from core.spec import DeepSpeedConfigError, TrialSpec, parse_deepspeed_override  # noqa: F401 (re-exported)
+from core.events import TrialEvent
+from core.models import ModelShape
+from core.spec import TrialSpec, parse_deepspeed_override
 from workers import steps, zero_checkpoint
-from workers.data import Batch
+from workers.pair_batches import Batch
 from workers.loss import contrastive_backward
 from workers.packing import packs
 
@@ -192,9 +193,49 @@ def rank_device(local_rank: int, accelerator: str, cuda_available: bool) -> tupl
     return "cpu", "gloo"
 
 
-def init_ranks(timeout_s: float = 1800.0) -> Ranks:
+# How long a collective (and the rendezvous) may wait for a peer before it fails: 5 minutes, not torch's 30. It is
+# the backstop for what the launcher's watcher does not judge — setup (a peer loading its model while the others
+# wait in the engine's first broadcast) and checkpoints (the others wait while rank 0 writes or reads one: a 34 GB
+# checkpoint, 2.8B full fine-tuning, takes 136 s at core/memory.py's 250 MB/s). A dead rank or one that stops
+# stepping ends the trial far sooner: orchestrator/launchers.py watches the ranks and their heartbeats. NCCL, unlike
+# gloo, does not notice a dead peer by itself: without the watcher a failed rank left the others blocked for 30 min.
+COLLECTIVE_TIMEOUT_S = 300.0
+HEARTBEAT_KEY = "repurpose/heartbeat/{rank}"  # in the rendezvous store: "<phase>:<count>" (``Heartbeat``)
+
+
+def host_store(world: int, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> dist.TCPStore:
+    """The trial's rendezvous store, listening on a port the OS chooses (port 0) and holds from now on: its
+    ``.port`` is handed to the ranks, which connect to it (``init_ranks``). Choosing a free port, closing it and
+    binding it again later raced when trials started together."""
+    import datetime
+
+    return dist.TCPStore("0.0.0.0", 0, world, is_master=True, timeout=datetime.timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
+
+
+def connect_store(addr: str, port: int, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> dist.TCPStore:
+    import datetime
+
+    return dist.TCPStore(addr, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+class Heartbeat:
+    """What a rank tells the launcher's watcher: its phase and a counter that moves as it works. ``train``: a step
+    is under way, and a counter that stops moving for ``orchestrator.launchers.HEARTBEAT_STALE_S`` means the rank
+    is stuck; ``setup``, ``io`` (a checkpoint) and ``finish``: not judged (the collective timeout bounds them)."""
+
+    def __init__(self, store, rank: int):
+        self.store, self.key, self.count = store, HEARTBEAT_KEY.format(rank=rank), 0
+
+    def __call__(self, phase: str) -> None:
+        self.count += 1
+        self.store.set(self.key, f"{phase}:{self.count}")
+
+
+def init_ranks(store=None, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> tuple[Ranks, Heartbeat]:
     """The process group from the environment (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK), on this rank's
-    device (``rank_device``)."""
+    device (``rank_device``), through ``store`` (the launcher's, ``host_store``) or a connection to the store at
+    MASTER_ADDR:MASTER_PORT. Collectives time out after ``timeout_s``."""
     import datetime
 
     import deepspeed
@@ -203,20 +244,46 @@ def init_ranks(timeout_s: float = 1800.0) -> Ranks:
     device, backend = rank_device(local_rank, os.environ.get("DS_ACCELERATOR", ""), torch.cuda.is_available())
     if device.startswith("cuda"):
         torch.cuda.set_device(local_rank)
+    if store is None:
+        store = connect_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), timeout_s)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                                   timeout=datetime.timedelta(seconds=timeout_s))
-    return Ranks(dist.get_rank(), dist.get_world_size(), local_rank)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
+    ranks = Ranks(dist.get_rank(), dist.get_world_size(), local_rank)
+    beat = Heartbeat(store, ranks.rank)
+    beat("setup")
+    return ranks, beat
+
+
+FAULT_ENV = "REPURPOSE_RANK_FAULT"
+
+
+def rank_fault(rank: int, step: int) -> None:
+    """Test-only (tests/workers/test_rank_failures.py): with ``REPURPOSE_RANK_FAULT=<rank>:<die|hang>:<step>`` in
+    the environment, that rank SIGKILLs itself, or sleeps for good (alive, stuck inside its step), after that many
+    optimizer steps; a no-op without the variable."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    who, what, when = spec.split(":")
+    if int(who) != rank or int(when) != step:
+        return
+    if what == "die":
+        os.kill(os.getpid(), 9)
+    while what == "hang":
+        time.sleep(3600)
 
 
 def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | None = None,
-                        output_dir: str | None = None) -> dict:
+                        output_dir: str | None = None, store=None) -> dict:
     """``workers.trial.run_trial`` on k ranks with DeepSpeed; every rank calls it (through ``run_rank``, which
     owns the process group), rank 0 reports. Returns the trial row (the same on every rank)."""
     import deepspeed
 
     started = time.perf_counter()
-    ranks = init_ranks()
+    ranks, beat = init_ranks(store)
     report = _rank0_report(report, ranks)
     if spec.num_threads:
         torch.set_num_threads(spec.num_threads)
@@ -226,7 +293,7 @@ def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | N
 
     # 1. load; 2. choose trainable parameters and plan (counted before ZeRO-3 partitions them)
     tokenizer, model = steps.load(spec.model, device)
-    shape = NeoxShape.from_config(model.config.to_dict())
+    shape = ModelShape.from_config(model.config.to_dict())
     if spec.batch_size % ranks.world:
         raise ValueError(f"batch_size: {spec.batch_size} does not split over {ranks.world} ranks")
     micro = spec.batch_size // ranks.world
@@ -271,6 +338,8 @@ def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | N
     last_ckpt = time.perf_counter()
     with contextlib.closing(steps.budget_batches(spec, tokenizer, progress, plan, optimizer, rows)) as batches:
         for batch, final in batches:
+            beat("train")
+            rank_fault(ranks.rank, progress.step)
             t_step = time.perf_counter()
             part, gather, owned = shard(steps.to_device(batch, device), ranks.rank, ranks.world)
             loss = contrastive_backward(engine, part, spec.temperature, chunk, autocast, gather=gather,
@@ -283,10 +352,12 @@ def run_deepspeed_trial(spec: TrialSpec, *, report=None, checkpoint_uri: str | N
             progress.advance(tokens, batch.padded_tokens, plan.cost, rank_flops, loss, train_s)
             rows.step(tokens, optimizer.param_groups[0]["lr"], final=final, evaluate=evaluate)
             if due and not final:
+                beat("io")  # rank 0 writes while the others wait: bounded by the collective timeout
                 zero_checkpoint.save(engine, checkpoint_uri, progress, started, ranks.rank, device)
                 last_ckpt = time.perf_counter()
 
     # 4. evaluate
+    beat("finish")
     evaluation = evaluate()
     if output_dir and spec.save_model:
         _save_model(engine, tokenizer, output_dir, ranks, config)
@@ -327,9 +398,9 @@ def _sum_over_ranks(batch: Batch, owned: int, rank_flops: float, due: bool, devi
 
 def _rank0_report(report, ranks: Ranks):
     """Metrics come from rank 0 only; its events say how many ranks made them (the store ignores the key)."""
-    def send(event: dict) -> None:
+    def send(event: TrialEvent) -> None:
         if report is not None and ranks.rank == 0:
-            report(dict(event, ranks=ranks.world))
+            report(dataclasses.replace(event, ranks=ranks.world))
     return send
 
 
@@ -360,26 +431,27 @@ def _save_model(engine, tokenizer, output_dir: str, ranks: Ranks, config: dict) 
 
 
 def run_rank(spec: dict, rank: int, world: int, master_addr: str, master_port: int, *,
-             checkpoint_uri: str | None = None, report=None, local_rank: int = 0, env: dict | None = None) -> dict:
-    """One rank of a trial: the process group from this environment, the recipe, and the group torn down (a
+             checkpoint_uri: str | None = None, report=None, local_rank: int = 0, env: dict | None = None,
+             store=None, trial_id: str | None = None) -> dict:
+    """One rank of a trial: the process group from this environment (through ``store`` where this process hosts
+    the rendezvous, else a connection to it at master_addr:master_port), the recipe, and the group torn down (a
     failing rank closes its connections, so its peers fail now rather than at the collective timeout; a reused
     Tune actor starts the next trial clean)."""
     os.environ.update({"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank),
                        **(env or {})})
+    from workers.probe import record
+
+    record(rank=rank, trial_id=trial_id, device=rank_device(local_rank, os.environ.get("DS_ACCELERATOR", ""),
+                                                            torch.cuda.is_available())[0])
     try:
-        return run_deepspeed_trial(TrialSpec.from_dict(spec), report=report, checkpoint_uri=checkpoint_uri)
+        return run_deepspeed_trial(TrialSpec.from_dict(spec), report=report, checkpoint_uri=checkpoint_uri,
+                                   store=store)
     finally:
         if dist.is_initialized():
             import deepspeed.comm
 
             deepspeed.comm.destroy_process_group()  # torch's, and DeepSpeed's cached groups with it
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _local_main(rank: int, world: int, port: int, spec: dict, checkpoint_uri, events) -> None:
@@ -401,7 +473,8 @@ def run_local(spec: TrialSpec, world: int, *, checkpoint_uri: str | None = None,
     import torch.multiprocessing as mp
 
     events = mp.get_context("spawn").Queue()
-    procs = mp.start_processes(_local_main, args=(world, free_port(), spec.to_dict(), checkpoint_uri, events),
+    store = host_store(world)  # this process hosts the rendezvous; every rank connects to it
+    procs = mp.start_processes(_local_main, args=(world, store.port, spec.to_dict(), checkpoint_uri, events),
                                nprocs=world, join=False, start_method="spawn")
     deadline, row = time.monotonic() + timeout_s, None
     try:
@@ -413,12 +486,12 @@ def run_local(spec: TrialSpec, world: int, *, checkpoint_uri: str | None = None,
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"trial not done after {timeout_s:g} s") from None
                 continue
-            if "error" in event:
+            if not isinstance(event, TrialEvent):  # a rank's error
                 raise RuntimeError(_rank_errors(event, events, procs, world))
             if report:
                 report(event)
-            if event.get("done"):
-                row = event["trial"]
+            if event.done:
+                row = event.trial
         while not procs.join(timeout=max(1.0, deadline - time.monotonic())):
             pass
         return row
@@ -440,7 +513,7 @@ def _rank_errors(first: dict, events, procs, world: int) -> str:
             if not any(p.is_alive() for p in procs.processes):
                 break
             continue
-        if "error" in event:
+        if not isinstance(event, TrialEvent):
             errors[event["rank"]] = event["error"]
     for rank, p in enumerate(procs.processes):
         if rank not in errors and p.exitcode not in (None, 0):

@@ -15,17 +15,14 @@ Padding is on the right, as in training; ``max_seq_length`` is the sweep's ``tra
 takes its name, the export reloads it and checks that its tokenizer gives the trial's token ids on sample texts
 (the one part a family's tokenizer could get wrong: a BOS it adds, a post-processor it rebuilds).
 
-``--budget C`` takes the empirical best trial at grid budget C: the completed trial with the lowest eval_loss.
-Bad input is one line and exit 2 with nothing written: an unknown sweep or trial, a trial that did not complete or
-kept no weights, a budget not in the grid, an ``--out`` that exists and is not an empty directory. The folder is
-built under a temporary name beside DIR and renamed into place: it appears whole or not at all.
-
-The trials are read straight from ``trials.parquet`` with pyarrow by core/store.py's names (workers never import
-analysis: DESIGN.md's arrows).
+Which trial: the one named, or at ``--budget C`` the empirical best (analysis/trial_choice.py; the CLI asks
+analysis and passes the row here: workers never import analysis). Bad input is one line and exit 2 with nothing
+written: an unknown sweep or trial, a trial that did not complete or kept no weights, a budget not in the grid, an
+``--out`` that exists and is not an empty directory. The folder is built under a temporary name beside DIR and
+renamed into place: it appears whole or not at all.
 """
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import sys
@@ -34,8 +31,9 @@ import tempfile
 import fsio as storage
 from core.errors import UserError
 from core.spec import default
-from core.store import COMPLETED, GRID_FILE, TRIALS_FILE, StoreError, sweep_uri
-from workers.weights import model_uri, read_manifest
+from core.store import GRID_FILE, StoreError, sweep_uri
+from core.store import model_uri
+from workers.weights import read_manifest
 
 # the trial's pooling -> sentence-transformers' Pooling mode
 ST_POOLING = {"mean": "mean", "last": "lasttoken", "weighted_mean": "weightedmean"}
@@ -60,13 +58,11 @@ def quiet_model_loading() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def export_command(args) -> int:
-    """args: name, trial (or None), budget (or None), out, storage."""
+def export_command(args, row: dict, grid: dict) -> int:
+    """args: name, out, storage; ``row``: the store's row of the trial to export (analysis/trial_choice.py picks
+    it); ``grid``: the sweep's resolved grid (``read_grid``)."""
     quiet_model_loading()
     sweep = sweep_uri(args.storage, args.name)
-    grid = read_grid(sweep, args.name)
-    row = select_trial(read_trials(sweep), trial_id=args.trial, budget=args.budget,
-                       budgets=grid.get("budgets") or [], sweep=args.name)
     out = check_out(args.out)
     weights = model_uri(sweep, row["trial_id"])
     if read_manifest(weights) is None:
@@ -94,44 +90,6 @@ def read_grid(sweep: str, name: str) -> dict:
         raise StoreError(f"{storage.redact(sweep)}: no sweep named {name!r} (no {GRID_FILE})")
     doc = yaml.safe_load(storage.read_bytes(path).decode())
     return (doc or {}).get("grid") or {}
-
-
-def read_trials(sweep: str) -> list[dict]:
-    """trials.parquet's rows (the columns an export needs; ``pooling`` None in a store from before it)."""
-    import pyarrow.parquet as pq
-
-    fs, path = storage.resolve(storage.join(sweep, TRIALS_FILE))
-    try:
-        schema = pq.read_schema(path, filesystem=fs)
-        wanted = ("trial_id", "model", "method", "status", "budget_flops", "eval_loss", "pooling", "query_instruction",
-                  "attention")
-        table = pq.read_table(path, filesystem=fs, columns=[c for c in wanted if c in schema.names])
-    except (OSError, ValueError) as e:
-        raise StoreError(f"{storage.redact(sweep)}: cannot read {TRIALS_FILE} ({str(e).splitlines()[0]})") from None
-    return table.to_pylist()
-
-
-def select_trial(rows: list[dict], *, trial_id: str | None, budget: float | None, budgets, sweep: str) -> dict:
-    """The trial to export: ``trial_id``'s, or the completed trial with the lowest eval_loss at grid budget
-    ``budget`` (ties: the smaller trial id). Exactly one of the two is given."""
-    if (trial_id is None) == (budget is None):
-        raise ExportError("export: give exactly one of --trial ID and --budget C")
-    if trial_id is not None:
-        row = next((r for r in rows if r["trial_id"] == trial_id), None)
-        if row is None:
-            raise ExportError(f"{sweep}: no trial {trial_id!r} in the sweep")
-        if row["status"] != COMPLETED:
-            raise ExportError(f"{sweep}: trial {trial_id} is {row['status']}; only a completed trial keeps weights")
-        return row
-    match = [b for b in budgets if math.isclose(float(b), budget, rel_tol=1e-9)]
-    if not match:
-        shown = ", ".join(f"{float(b):g}" for b in budgets) or "none"
-        raise ExportError(f"{sweep}: --budget {budget:g} is not a budget of the grid (its budgets: {shown})")
-    done = [r for r in rows if r["status"] == COMPLETED and math.isclose(r["budget_flops"], budget, rel_tol=1e-9)
-            and r.get("eval_loss") is not None and math.isfinite(r["eval_loss"])]
-    if not done:
-        raise ExportError(f"{sweep}: no completed trial with an eval_loss at budget {budget:g}")
-    return min(done, key=lambda r: (r["eval_loss"], r["trial_id"]))
 
 
 def check_out(out: str) -> str:
@@ -222,11 +180,11 @@ def trial_tokenizer(base_model: str, pooling: str, max_length: int):
 
 
 def trial_ids(base_model: str, pooling: str, max_length: int, texts) -> list[list[int]]:
-    """The token ids the trial embeds for ``texts`` (workers/records.make_encoder; for last the text cut to
+    """The token ids the trial embeds for ``texts`` (workers/pair_files.make_encoder; for last the text cut to
     max_length - 1 and the EOS appended, workers/pooling.append_eos)."""
     from transformers import AutoTokenizer
 
-    from workers.records import make_encoder
+    from workers.pair_files import make_encoder
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     if pooling != "last":

@@ -1,6 +1,6 @@
 """Embeddings and the contrastive loss, with an exact gradient cache for batches larger than memory.
 
-Pooling and loss follow PAPER.md ("Training recipe"): the last hidden layer pooled over real tokens
+Pooling and loss follow docs/study.md ("Training recipe"): the last hidden layer pooled over real tokens
 (workers/pooling.py: the study's mean by default, or the grid's ``pooling``: last token, SGPT's weighted mean),
 L2-normalised; symmetric InfoNCE over in-batch negatives with temperature tau. Batches are right-padded.
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from workers.packing import Packed, layout, lengths_of, pack, unpack
+from workers.packing import Packed, Packer, as_packer, lengths_of, unpack
 from workers.pooling import assert_right_padded, pool
 
 
@@ -35,8 +35,8 @@ def embed(model, ids: torch.Tensor, mask: torch.Tensor, pooling: str = "mean",
     ``packed``: the same texts packed (workers/packing.py): the model runs its rows, pooling reads them back."""
     if packed is None:
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, D)
-    else:  # no attention mask: transformers finds the texts from the restarting positions
-        rows = model(input_ids=packed.input_ids, position_ids=packed.position_ids).last_hidden_state  # (R, L, D)
+    else:  # no attention mask: the texts' boundaries come from the restarting positions or cu_seqlens
+        rows = model(**packed.model_kwargs()).last_hidden_state  # (R, L, D)
         hidden = unpack(rows, packed)  # (B, T, D)
     return F.normalize(pool(hidden, mask, pooling), dim=-1)
 
@@ -93,15 +93,17 @@ class _Forward:
         return embed(model, self.ids, self.mask, pooling, self.packed)
 
 
-def _forwards(batch, size: int, packing: bool) -> list[_Forward]:
+def _forwards(batch, size: int, packing) -> list[_Forward]:
     """The forwards that embed a batch in sub-batches of ``size`` pairs: padded, every query sub-batch then every
-    document sub-batch; packed, one per sub-batch, its queries and documents together."""
+    document sub-batch; packed (``packing``: workers/packing.py ``as_packer``), one per sub-batch, its queries and
+    documents together."""
     n, dev = batch.q_ids.shape[0], batch.q_ids.device
+    packer = as_packer(packing)
     q_parts = list(_chunks(batch.q_ids, batch.q_mask, size))
     d_parts = list(_chunks(batch.d_ids, batch.d_mask, size))
     starts = range(0, n, size)
-    negatives = _negative_forwards(batch, size, packing)
-    if not packing:
+    negatives = _negative_forwards(batch, size, packer)
+    if packer is None:
         return [_Forward(torch.arange(side + i, side + i + ids.shape[0], device=dev), ids, mask)
                 for side, parts in ((0, q_parts), (n, d_parts)) for i, (ids, mask) in zip(starts, parts)] + negatives
     out = []
@@ -109,11 +111,11 @@ def _forwards(batch, size: int, packing: bool) -> list[_Forward]:
         ids, mask = _stack(q_ids, d_ids), _stack(q_mask, d_mask)  # (2b, T)
         b = q_ids.shape[0]
         rows = torch.cat([torch.arange(i, i + b, device=dev), torch.arange(n + i, n + i + b, device=dev)])
-        out.append(_Forward(rows, ids, mask, pack(ids, mask)))
+        out.append(_Forward(rows, ids, mask, packer(ids, mask)))
     return out + negatives
 
 
-def _negative_forwards(batch, size: int, packing: bool) -> list[_Forward]:
+def _negative_forwards(batch, size: int, packer: Packer | None) -> list[_Forward]:
     """The hard negatives' forwards (rows 2n ... 2n + nk - 1 of the stacked [queries; documents; negatives]):
     sub-batches of ``size`` pairs' negatives (size * k texts), packed alone when the step packs."""
     k = getattr(batch, "hard_negatives", 0)
@@ -123,7 +125,7 @@ def _negative_forwards(batch, size: int, packing: bool) -> list[_Forward]:
     out = []
     for i, (ids, mask) in zip(range(0, n * k, size * k), _chunks(batch.n_ids, batch.n_mask, size * k)):
         rows = torch.arange(2 * n + i, 2 * n + i + ids.shape[0], device=dev)
-        out.append(_Forward(rows, ids, mask, pack(ids, mask) if packing else None))
+        out.append(_Forward(rows, ids, mask, None if packer is None else packer(ids, mask)))
     return out
 
 
@@ -147,23 +149,23 @@ def _assemble_all(forwards: list[_Forward], outs: list[torch.Tensor], n: int):
     return stacked[:n], stacked[n:2 * n], (stacked[2 * n:] if len(stacked) > 2 * n else None)
 
 
-def step_shapes(batch, chunk_size: int | None, packing: bool = False) -> list[tuple[int, int]]:
+def step_shapes(batch, chunk_size: int | None, packing=False) -> list[tuple[int, int]]:
     """(rows, padded length) of every forward a training step runs (for FLOP accounting): padded, a sub-batch's
-    texts; packed, its rows (workers/packing.py ``layout``, as ``pack`` lays them out)."""
+    texts; packed, what its kernel computes (workers/packing.py ``Packer.shapes``: the mask kernels' rows as
+    ``layout`` lays them out, a flat kernel each text on its own)."""
     n = batch.q_ids.shape[0]
     size = n if chunk_size is None else min(chunk_size, n)
     k = getattr(batch, "hard_negatives", 0)
     negatives = [(ids.shape[0], ids.shape[1]) for ids, _ in _chunks(batch.n_ids, batch.n_mask, size * k)] if k else []
-    if not packing:
+    packer = as_packer(packing)
+    if packer is None:
         sides = ((batch.q_ids, batch.q_mask), (batch.d_ids, batch.d_mask))
         return [(ids.shape[0], ids.shape[1]) for side in sides for ids, _ in _chunks(*side, size)] + negatives
     shapes = []
     for i in range(0, n, size):
-        lay = layout(lengths_of(batch.q_mask[i:i + size]) + lengths_of(batch.d_mask[i:i + size]))
-        shapes.append((len(lay.rows), lay.length))
-    for i in range(0, n * k, size * k):
-        lay = layout(lengths_of(batch.n_mask[i:i + size * k]))
-        shapes.append((len(lay.rows), lay.length))
+        shapes += packer.shapes(lengths_of(batch.q_mask[i:i + size]) + lengths_of(batch.d_mask[i:i + size]))
+    for i in range(0, n * k, size * k) if k else ():  # the hard negatives' forwards, packed alone
+        shapes += packer.shapes(lengths_of(batch.n_mask[i:i + size * k]))
     return shapes
 
 
@@ -172,7 +174,7 @@ def _whole(x: torch.Tensor) -> torch.Tensor:
 
 
 def contrastive_backward(model, batch, temperature: float, chunk_size: int | None, autocast, *,
-                         gather=None, backward=None, pooling: str = "mean", packing: bool = False) -> float:
+                         gather=None, backward=None, pooling: str = "mean", packing=False) -> float:
     """Loss of one contrastive batch; parameter gradients accumulated in .grad. Returns the loss value.
 
     ``chunk_size`` None or >= the batch: one pass. Smaller: the exact gradient cache.
@@ -180,7 +182,8 @@ def contrastive_backward(model, batch, temperature: float, chunk_size: int | Non
     ``gather``: (b, D) embeddings of this rank's shard -> (B, D) of the whole batch, differentiable; None: the
     batch is whole here. ``backward``: back-propagates a scalar (DeepSpeed's ``engine.backward``); None:
     ``Tensor.backward``. ``pooling``: the trial's (``spec.pooling``; workers/pooling.py). ``packing``: each
-    sub-batch as one forward of packed rows (workers/packing.py; the recipe decides with ``packing.packs``).
+    sub-batch as one forward of packed rows (workers/packing.py; the recipe decides with ``packing.packs``): True
+    for rows under the block-diagonal mask, or a ``Packer`` naming the attention kernel (workers/attention.py).
     """
     gather = gather or _whole
     backward = backward or torch.Tensor.backward
@@ -217,7 +220,7 @@ def contrastive_backward(model, batch, temperature: float, chunk_size: int | Non
 
 @torch.no_grad()
 def eval_embeddings(model, batches, chunk_size: int | None, autocast, *, split=None,
-                    pooling: str = "mean", packing: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                    pooling: str = "mean", packing=False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per held-out batch, its (B, D) query and (B, D) document embeddings, fp32, unit norm: one forward pass
     serves both the eval loss and the retrieval metrics (workers/retrieval.py).
 
@@ -242,7 +245,7 @@ def mean_info_nce(pairs: list[tuple[torch.Tensor, torch.Tensor]], temperature: f
 
 
 def eval_loss(model, batches, temperature: float, chunk_size: int | None, autocast, *, split=None,
-              pooling: str = "mean", packing: bool = False) -> float:
+              pooling: str = "mean", packing=False) -> float:
     """Mean contrastive loss over held-out batches (weighted by pairs); negatives = the whole batch."""
     return mean_info_nce(eval_embeddings(model, batches, chunk_size, autocast, split=split, pooling=pooling,
                                          packing=packing), temperature)

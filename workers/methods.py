@@ -1,8 +1,9 @@
-"""Fine-tuning methods differ only in which parameters train: one ``select_trainable``, for every family.
+"""Fine-tuning methods differ only in which parameters train: one selection per method (``SELECTIONS``, keyed by the
+record's name in core/methods.py, which holds everything else about a method), for every family.
 
 - full: everything.
 - freeze: the input embedding and the first L - ceil(f*L) decoder blocks frozen; the last blocks and the final
-  norm train (PAPER.md, "Grid"). The blocks are found from the model (``decoder_blocks``: its ModuleList of
+  norm train (docs/study.md, "Grid"). The blocks are found from the model (``decoder_blocks``: its ModuleList of
   ``num_hidden_layers`` blocks), not by a name pattern.
 - bias: every parameter named ``*bias*`` (GPT-NeoX's LayerNorm biases included). A model without any (Llama,
   Qwen3, Gemma, OLMo 2, Phi-3) cannot use it: the planner skips those cells (orchestrator/plan.py), and here it
@@ -16,33 +17,43 @@ from __future__ import annotations
 
 import warnings
 
+from core import methods
 from core.models import ModelShape, trained_blocks
 
 
 def select_trainable(model, method: str, *, lora_rank=None, trainable_fraction=None, lora_alpha=None,
                      lora_dropout=0.0, lora_targets=None):
-    """Sets requires_grad per the method; returns the model to train (a peft wrapper for LoRA)."""
-    if method == "lora":
-        from peft import LoraConfig
-
-        targets = ModelShape.from_config(model.config.to_dict()).check_lora_targets(lora_targets)
-        kwargs = {} if lora_alpha is None else {"lora_alpha": lora_alpha}
-        config = LoraConfig(r=lora_rank, lora_dropout=lora_dropout, target_modules=list(targets), bias="none",
-                            **kwargs)
-        return peft_model(model, config)  # freezes the base model, adapters train
-    if method == "full":
-        trains = {id(p) for p in model.parameters()}
-    elif method == "bias":
-        trains = {id(p) for name, p in model.named_parameters() if "bias" in name}
-        if not trains:
-            raise ValueError(f"method bias: the {model.config.model_type} model has no bias parameters")
-    elif method == "freeze":
-        trains = _freeze_trained(model, trainable_fraction)
-    else:
-        raise ValueError(f"unknown method {method!r}")
+    """Sets requires_grad per the method; returns the model to train (a peft wrapper for adapters)."""
+    record = methods.get(method)
+    if method not in SELECTIONS:
+        raise ValueError(f"method {method}: no worker-side selection of its trainable parameters")
+    hparams = {"lora_rank": lora_rank, "trainable_fraction": trainable_fraction}
+    if record.adapters:
+        return SELECTIONS[method](model, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets)
+    trains = SELECTIONS[method](model, hparams.get(record.hparam))
     for p in model.parameters():
         p.requires_grad_(id(p) in trains)
     return model
+
+
+def _full(model, _hparam) -> set[int]:
+    return {id(p) for p in model.parameters()}
+
+
+def _bias(model, _hparam) -> set[int]:
+    trains = {id(p) for name, p in model.named_parameters() if "bias" in name}
+    if not trains:
+        raise ValueError(f"method bias: the {model.config.model_type} model has no bias parameters")
+    return trains
+
+
+def _lora(model, *, rank, alpha, dropout, targets):
+    from peft import LoraConfig
+
+    targets = ModelShape.from_config(model.config.to_dict()).check_lora_targets(targets)
+    kwargs = {} if alpha is None else {"lora_alpha": alpha}
+    config = LoraConfig(r=rank, lora_dropout=dropout, target_modules=list(targets), bias="none", **kwargs)
+    return peft_model(model, config)  # freezes the base model, adapters train
 
 
 def _freeze_trained(model, trainable_fraction: float) -> set[int]:
@@ -54,6 +65,11 @@ def _freeze_trained(model, trainable_fraction: float) -> set[int]:
     embedding = {id(p) for p in model.get_input_embeddings().parameters()}
     trained = {id(p) for block in blocks[len(blocks) - k:] for p in block.parameters()}
     return trained | {id(p) for p in model.parameters() if id(p) not in in_blocks | embedding}
+
+
+# A method's selection, by its record's name (core.methods): the ids of the parameters that train, or, for a method
+# that trains adapters, the wrapped model.
+SELECTIONS = {"full": _full, "freeze": _freeze_trained, "bias": _bias, "lora": _lora}
 
 
 def decoder_blocks(model):

@@ -1,4 +1,4 @@
-"""Packing: a forward's texts laid end to end in rows, instead of each padded to the longest (issue #16).
+"""Packing: a forward's texts laid end to end in rows, instead of each padded to the longest.
 
 Random batches are the default (length buckets bias the in-batch negatives: benchmarks/README.md "Data"), and at
 batch 128 / max length 75 about 64 % of a padded batch is padding. Packed, a forward runs the real tokens only:
@@ -18,20 +18,26 @@ measured on this CPU, rows of 2x the longest text were slower than 1x (median, 4
 (benchmarks/packing.py, benchmarks/README.md "Packing"; GPU unmeasured). Only the pairs of one sub-batch (the
 gradient cache's ``chunk``) share rows, queries and documents together, so one forward serves both sides.
 
+Flat rows (``pack_flat``): for the attention kernels that take cumulative sequence lengths (workers/attention.py:
+varlen FlashAttention on CUDA, the per-text reference in tests) every text of the forward goes into one row, in
+order, with ``cu_seqlens``; attention then costs each text its own square, so there is no capacity to choose and no
+tail but the one a compiled model's bucket length adds (``bucket_length``). ``Packer`` says which way a trial packs.
+
 Dropout (LoRA's ``lora_dropout``) draws other masks packed than padded: the same distribution, not the same
 numbers; without dropout packed and padded steps agree to float rounding.
 """
 from __future__ import annotations
 
 import bisect
-import contextvars
 import functools
+import math
 import sys
 from dataclasses import dataclass
 
 import torch
 
 from core.spec import BIDIRECTIONAL_FAMILIES, PACKINGS, attention_unsupported  # noqa: F401 (re-exported)
+from workers.attention import BIDIRECTIONAL
 from workers.pooling import assert_right_padded
 
 # model_type -> packs: verified against the padded forward (tests/workers/test_packing.py), eager and SDPA
@@ -56,6 +62,19 @@ class Packed:
     position_ids: torch.Tensor  # (R, L) long: 0..n-1 within each text
     index: torch.Tensor  # (S, T) long: where token t of text s sits in the flattened (R * L) rows
     layout: Layout
+    # flat kernels (workers/attention.py varlen, segments): one row of every text, where each text starts
+    cu_seqlens: torch.Tensor | None = None  # (N + 1,) int32 offsets of the row's segments (texts, then the tail)
+    max_length: int = 0  # the longest segment (or a fixed bound at least that long, for torch.compile)
+
+    def model_kwargs(self) -> dict:
+        """What the model's forward takes for these rows: ids, restarting positions, and for a flat kernel the
+        segments' boundaries (no attention mask: the mask kernel builds the block-diagonal one from positions)."""
+        out = {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        if self.cu_seqlens is not None:
+            from workers.attention import flat_kwargs
+
+            out |= flat_kwargs(self.cu_seqlens, self.max_length)
+        return out
 
 
 def unsupported(family: str) -> str | None:
@@ -73,6 +92,8 @@ def unsupported(family: str) -> str | None:
 # H200 (benchmarks/gpu.py, benchmarks/README.md), real tokens/s packed / padded at batch 1024: pythia-160m (N = 85M)
 # 0.85x, pythia-410m (N = 302M) 1.42x. "auto" packs there from this N on; on CPU at every size (1.6-3.2x).
 GPU_PACK_FROM_PARAMS = 2e8
+BUCKETS_PER_OCTAVE = 8  # compiled flat rows (``bucket_length``): at most 2^(1/8) - 1 = 9 % of a row is tail
+BUCKET_FLOOR = 256  # tokens: the smallest bucket
 
 
 def packs(switch: str, family: str, *, device_type: str = "cpu", n_params: int | None = None) -> bool:
@@ -143,6 +164,104 @@ def pack(ids: torch.Tensor, mask: torch.Tensor, capacity: int | None = None) -> 
     return Packed(flat_ids.view(shape), flat_pos.view(shape), index, lay)
 
 
+def _bucket(k: int, floor: int = BUCKET_FLOOR) -> int:
+    return 64 * math.ceil(floor * 2 ** (k / BUCKETS_PER_OCTAVE) / 64)
+
+
+def bucket_length(tokens: int) -> tuple[int, int]:
+    """(the smallest bucket length >= ``tokens``, the bucket below it; 0 for the first): ``BUCKET_FLOOR`` x
+    2^(k / ``BUCKETS_PER_OCTAVE``) rounded up to a multiple of 64, so that a compiled model sees a few fixed shapes
+    instead of one per batch (torch.compile specialises on shapes)."""
+    k = 0
+    while _bucket(k) < tokens:
+        k += 1
+    return _bucket(k), (_bucket(k - 1) if k else 0)
+
+
+def pack_flat(ids: torch.Tensor, mask: torch.Tensor, *, bucket: bool = False, max_text: int | None = None) -> Packed:
+    """(S, T) right-padded token ids and mask -> one flat row of every text in order (positions restarting at 0),
+    with ``cu_seqlens`` for a flat attention kernel (workers/attention.py). ``bucket``: the row padded to
+    ``bucket_length`` for torch.compile, the tail cut into segments of at most ``max_text`` tokens (their count fixed
+    by the bucket, empty ones allowed) and ``max_length`` = ``max_text`` whatever the batch, so every batch of a bucket
+    has the same shapes."""
+    assert_right_padded(mask)
+    sizes = torch.clamp(mask.sum(dim=1), min=1)  # (S,) an empty text runs its pad at position 0, as padded
+    s, t = ids.shape
+    ends = sizes.cumsum(0)
+    start = ends - sizes  # (S,)
+    total = int(ends[-1]) if s else 0
+    pos = torch.arange(t, device=ids.device).expand(s, t)  # (S, T)
+    index = start[:, None] + pos * mask.long()  # (S, T); padding points at the text's first token (weight 0)
+    occupied = mask.bool() | (pos == 0)
+    longest = int(sizes.max()) if s else 1
+    tail_cuts: list[int] = []
+    length, max_length = total, longest
+    if bucket:
+        max_text = max_text or t
+        length, below = bucket_length(total)
+        pieces = math.ceil((length - below) / max_text)  # the longest tail this bucket can have, in pieces
+        tail_cuts = [min(total + max_text * (k + 1), length) for k in range(pieces)]
+        max_length = max(max_text, longest)
+    flat_ids = ids.new_zeros(length)
+    flat_pos = torch.zeros_like(flat_ids)
+    flat_ids[index[occupied]] = ids[occupied]
+    flat_pos[index[occupied]] = pos[occupied]
+    cu = torch.cat([ends.new_zeros(1), ends, torch.tensor(tail_cuts, dtype=ends.dtype, device=ids.device)])
+    if tail_cuts:  # the tail's positions restart per piece, as a text's would
+        tail = torch.arange(total, length, device=ids.device)
+        flat_pos[total:] = (tail - total) % max_text
+    lay = Layout((tuple(range(s)),), length)
+    return Packed(flat_ids.view(1, length), flat_pos.view(1, length), index, lay, cu.to(torch.int32), max_length)
+
+
+def pack_for(ids: torch.Tensor, mask: torch.Tensor, kernel: str, *, bucket: bool = False,
+             max_text: int | None = None) -> Packed:
+    """The texts packed as ``kernel`` (workers/attention.py) reads them: one flat row with boundaries (varlen,
+    segments), or rows of best-fit decreasing under a block-diagonal mask (flex, mask)."""
+    from workers.attention import FLAT
+
+    return pack_flat(ids, mask, bucket=bucket, max_text=max_text) if kernel in FLAT else pack(ids, mask)
+
+
+@dataclass(frozen=True)
+class Packer:
+    """How a trial packs a forward's texts: the attention ``kernel`` (workers/attention.py) and, for a compiled
+    model, flat rows padded to bucket lengths (``pack_flat``)."""
+
+    kernel: str = "mask"
+    bucket: bool = False
+    max_text: int | None = None  # the longest text a trial runs (max length, + 1 for an appended EOS)
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> Packed:
+        return pack_for(ids, mask, self.kernel, bucket=self.bucket, max_text=self.max_text)
+
+    def shapes(self, lengths: list[int]) -> list[tuple[int, int]]:
+        """(sequences, length) of what one forward computes for texts of ``lengths``, for the hardware FLOP count:
+        a flat kernel each text's own square, (1, n) per text, and a bucket's tail as a sequence of its own
+        tokens, (1, tail) per piece; the mask kernels each row's L x L whatever the mask (``layout``'s rows)."""
+        from workers.attention import FLAT
+
+        sizes = [max(int(n), 1) for n in lengths]
+        if self.kernel not in FLAT:
+            lay = layout(sizes)
+            return [(len(lay.rows), lay.length)]
+        out = [(1, n) for n in sizes]
+        if self.bucket and sizes:
+            max_text = self.max_text or max(sizes)
+            tail = bucket_length(sum(sizes))[0] - sum(sizes)
+            out += [(1, min(max_text, tail - k)) for k in range(0, tail, max_text)]
+        return out
+
+
+def as_packer(packing) -> Packer | None:
+    """A step's ``packing`` argument: False/None padded, True the mask kernel (rows), a kernel's name, or a Packer."""
+    if packing is None or packing is False:
+        return None
+    if packing is True:
+        return Packer()
+    return packing if isinstance(packing, Packer) else Packer(str(packing))
+
+
 def unpack(hidden: torch.Tensor, packed: Packed) -> torch.Tensor:
     """(R, L, D) hidden states of the rows -> (S, T, D), each text's right-padded as the padded forward's (its
     padding holds the text's first token's state: pooling weighs padding 0, workers/pooling.py)."""
@@ -160,7 +279,7 @@ def unpack(hidden: torch.Tensor, packed: Packed) -> torch.Tensor:
 # is_causal. The families below build all their layers' masks with create_causal_mask; Gemma 2 / 3 have
 # sliding-window layers (create_sliding_window_causal_mask: a bidirectional window is another model), and Phi-3 and
 # Mistral choose their mask function per config (sliding window): their bidirectional cells are planned skipped.
-_BIDIRECTIONAL = contextvars.ContextVar("repurpose_bidirectional", default=False)
+# The flat kernels (workers/attention.py varlen, segments) build no mask: they read the same flag and drop causality.
 
 
 def _every_key(batch_idx, head_idx, q_idx, kv_idx):
@@ -182,11 +301,11 @@ def make_bidirectional(model):
 
     @functools.wraps(forward)
     def bidirectional_forward(*args, **kwargs):
-        token = _BIDIRECTIONAL.set(True)
+        token = BIDIRECTIONAL.set(True)
         try:
             return forward(*args, **kwargs)
         finally:
-            _BIDIRECTIONAL.reset(token)
+            BIDIRECTIONAL.reset(token)
 
     model.forward = bidirectional_forward
     return model
@@ -195,7 +314,7 @@ def make_bidirectional(model):
 def _overlaid(create_causal_mask):
     @functools.wraps(create_causal_mask)
     def create_mask(*args, **kwargs):
-        if _BIDIRECTIONAL.get():
+        if BIDIRECTIONAL.get():
             from transformers.masking_utils import or_masks
 
             extra = kwargs.get("or_mask_function")

@@ -1,5 +1,5 @@
-"""Pooling: a sequence's hidden states -> one vector, three ways (the grid's ``pooling`` axis; PAPER.md "Beyond
-the study").
+"""Pooling: a sequence's hidden states -> one vector, three ways (the grid's ``pooling`` axis; docs/study.md,
+"Where this project departs").
 
 - ``mean``: the mean over real tokens (the study's; the authors divided by the padded length, we by the real one).
 - ``last``: the hidden state of the last real token, which is the EOS the data path appends to every text
@@ -7,7 +7,7 @@ the study").
 - ``weighted_mean``: SGPT's position-weighted mean (Muennighoff 2022): w_i = i / sum_j j over the real tokens,
   i = 1..n, so later tokens, which have seen more context, count more.
 
-Batches are right-padded throughout (workers/data.py pads after the text): real tokens sit at positions
+Batches are right-padded throughout (workers/pair_batches.py pads after the text): real tokens sit at positions
 0..n-1 of each row, which is what ``last`` and ``weighted_mean`` index by, and what the gradient cache's trim of a
 sub-batch to its longest sequence assumes (``assert_right_padded``). None of these is a matmul, so pooling does not
 change the hardware FLOP count (core/flops.py).
@@ -54,7 +54,7 @@ def append_eos(ids: list[int], eos_id: int, max_length: int) -> list[int]:
 
 def with_eos(encode: Callable[[list[str]], list[list[int]]], eos_id: int,
              max_length: int) -> Callable[[list[str]], list[list[int]]]:
-    """An encoder (texts -> token ids, truncated to ``max_length``: workers.data.make_encoder) whose every text
+    """An encoder (texts -> token ids, truncated to ``max_length``: workers.pair_files.make_encoder) whose every text
     ends in the EOS, for ``pooling == "last"``."""
     return lambda texts: [append_eos(ids, eos_id, max_length) for ids in encode(texts)]
 

@@ -1,7 +1,7 @@
 """Exact retrieval metrics on the held-out eval pairs: every query against *all* eval positives.
 
 Query i's one relevant document is document i (its own positive); the corpus is every eval pair's positive, not
-only its batch's. With one relevant document per query (PAPER.md, "Retrieval metrics"):
+only its batch's. With one relevant document per query (docs/study.md, "Where this project departs"):
 
     recall@k = share of queries whose positive ranks in the top k         (k = 1, 10)
     MRR@10   = mean of 1/rank, 0 past rank 10
@@ -16,7 +16,7 @@ Ties are counted against the query (pessimistic): rank = 1 + #documents scoring 
 positive's score is read from the same matmul block as the others' (never recomputed another way), so rounding
 cannot put a document "above" an identical one.
 
-``embed_pairs`` embeds the eval batches (workers/data.py's ``Batch``: q_ids, q_mask, d_ids, d_mask) with any
+``embed_pairs`` embeds the eval batches (workers/pair_batches.py's ``Batch``: q_ids, q_mask, d_ids, d_mask) with any
 pooling: the caller passes ``embed(model, ids, mask) -> (B, D)`` unit-norm embeddings.
 """
 from __future__ import annotations

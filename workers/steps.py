@@ -14,7 +14,7 @@ In the order a recipe calls them:
 - the end: ``finish`` (final eval loss on the last row, the done marker, the done event,
   the trial row ``trial_row``).
 
-The budget (PAPER.md, "FLOP accounting"): cost per real token by method x real tokens. Before a step the
+The budget (docs/study.md, "FLOP convention"): cost per real token by method x real tokens. Before a step the
 worker knows its batch's real tokens; a batch that would overshoot is cut to the pairs that still fit (a last,
 smaller contrastive batch), so ``flops`` ends within two pairs of the budget (a contrastive batch needs two),
 never above. The lr schedule (linear warmup over ``warmup_fraction``, cosine to 0) runs on the fraction of the
@@ -33,15 +33,21 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import fsio as storage
-from core.flops import (NeoxShape, cost_per_token, loss_matmul_flops, planned_steps, sequence_hardware_flops,
+from core.errors import one_line
+from core.models import ModelShape
+from core.flops import (cost_per_token, loss_matmul_flops, padding_fraction, planned_steps, sequence_hardware_flops,
                         tokens_for_budget)
-from core.devices import mfu
+from core.devices import hfu, mfu
+from core.events import TrialEvent
+from core.schedule import warmup_cosine
 from core.memory import MARGIN, OVERHEAD_BYTES, Footprint, choose, footprint
 from core.models import auto_lr
 from core.spec import TrialSpec
 from workers import checkpoint
-from workers.data import (PairStream, collate, load_eval_pairs, make_encoder, measure_tokens_per_pair,
-                          pad_id_of, with_query_instruction)
+from workers.device_peak import has_bf16
+from workers.pair_batches import PairStream, collate
+from workers.pair_files import (load_eval_pairs, make_encoder, measure_tokens_per_pair, pad_id_of,
+                                with_query_instruction)
 from workers.loss import eval_embeddings, mean_info_nce, step_shapes
 from workers.methods import count_params, select_trainable
 from workers.pooling import eos_id_of, with_eos
@@ -111,7 +117,7 @@ class Plan:
     planned_steps: int
     budget_flops: float
     batching: str
-    peak_flops: float | None = None  # the device's bf16 peak FLOP/s x the ranks (core/devices.py, workers/device_peak.py)
+    peak_flops: float | None = None  # the trial's share of its device's bf16 peak x the ranks (workers/device_peak.py)
 
 
 def make_plan(spec: TrialSpec, model, tokenizer, device: torch.device | None = None, world: int = 1) -> Plan:
@@ -130,10 +136,9 @@ def make_plan(spec: TrialSpec, model, tokenizer, device: torch.device | None = N
         _, n_steps = planned_steps(tokens, per_pair, spec.batch_size)
     peak = None
     if device is not None:
-        from workers.device_peak import device_peak
+        from workers.device_peak import trial_peak
 
-        one, _ = device_peak(device)
-        peak = one * world if one else None
+        peak = trial_peak(device, spec.device_share, world)
     return Plan(n_params, n_trainable, cost, lr, tokens, n_steps, spec.budget_flops, spec.batching, peak)
 
 
@@ -149,20 +154,7 @@ def autocast_for(precision: str, device: torch.device):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def has_bf16(device: torch.device) -> bool:
-    """Native bf16 matmuls. On CUDA, emulation does not count (``is_bf16_supported()`` alone is True on T4 and V100,
-    which emulate bf16 far slower than fp32): 'auto' then trains in fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def trial_footprint(shape: NeoxShape, spec: TrialSpec, device: torch.device, *, world: int = 1,
+def trial_footprint(shape: ModelShape, spec: TrialSpec, device: torch.device, *, world: int = 1,
                     zero_stage: int = 0, packing: bool = False) -> Footprint:
     """The trial's memory on ``device`` (core/memory.py): eager attention and no CUDA overhead on a CPU; packed, a
     pair holds the planner's tokens per pair."""
@@ -173,7 +165,7 @@ def trial_footprint(shape: NeoxShape, spec: TrialSpec, device: torch.device, *, 
                      tokens_per_pair=spec.planned_tokens_per_pair if packing else None)
 
 
-def memory_plan(shape: NeoxShape, spec: TrialSpec, device: torch.device, *, world: int = 1,
+def memory_plan(shape: ModelShape, spec: TrialSpec, device: torch.device, *, world: int = 1,
                 zero_stage: int = 0, packing: bool = False) -> TrialSpec:
     """The spec with gradient checkpointing and the gradient cache's chunk decided (core/memory.py), where the spec
     leaves them to the trial ("auto" and None): the largest chunk of this rank's ``batch_size // world`` pairs that
@@ -188,6 +180,7 @@ def memory_plan(shape: NeoxShape, spec: TrialSpec, device: torch.device, *, worl
     if device.type == "cuda":
         torch.cuda.empty_cache()
         budget = spec.device_share * torch.cuda.get_device_properties(device).total_memory
+        cap_allocator(device, spec.device_share)
     else:
         import psutil
 
@@ -207,14 +200,76 @@ def memory_plan(shape: NeoxShape, spec: TrialSpec, device: torch.device, *, worl
     return dataclasses.replace(spec, gradient_checkpointing=bool(ckpt), chunk_size=chunk)
 
 
+def packer_for(shape: ModelShape, spec: TrialSpec, device: torch.device, packing: bool, compiled: bool = False):
+    """How the trial packs (workers/packing.py ``Packer``; None: padded): the attention kernel for its device
+    (workers/attention.py ``choose``: varlen FlashAttention on CUDA, the block-diagonal mask on a CPU) and, for a
+    compiled model, flat rows padded to bucket lengths (the longest text: max length, + 1 for an appended EOS)."""
+    from workers.attention import FLAT, choose
+    from workers.packing import Packer
+
+    if not packing:
+        return None
+    kernel = choose(device.type, shape.family, bf16=uses_bf16(spec.precision, device))
+    return Packer(kernel, bucket=compiled and kernel in FLAT, max_text=spec.max_length + 1)
+
+
+def use_packer(model, packer) -> None:
+    """The model's attention switched to the packer's kernel (nothing to do padded)."""
+    if packer is not None:
+        from workers.attention import use
+
+        use(model, packer.kernel)
+
+
+def compiles(shape: ModelShape, spec: TrialSpec, plan: Plan, device: torch.device, packing: bool) -> bool:
+    """``spec.compile`` decided (core/throughput.py ``compile_decision``): auto compiles on CUDA, for packed trials
+    (whose flat rows come in a few bucket lengths; padded batches would recompile per length), where the planned
+    steps' saving passes the compiles' cost; the eager step's seconds estimated from its hardware FLOP (the planner's
+    per-token count at the mean text length) at the utilisation measured for the model's size."""
+    from core.throughput import assumed_utilisation, compile_decision
+
+    if spec.compile == "auto" and not packing:
+        return False
+
+    eager_step_s = 0.0
+    if plan.peak_flops:
+        per_pair = spec.planned_tokens_per_pair or 2.0 * spec.max_length
+        length = max(1, round(per_pair / 2))
+        per_token = sequence_hardware_flops(shape, spec.method, length, lora_rank=spec.lora_rank,
+                                            trainable_fraction=spec.trainable_fraction,
+                                            lora_targets=spec.lora_targets, checkpointing=False) / length
+        utilisation, _ = assumed_utilisation(plan.n_params)
+        eager_step_s = per_token * per_pair * spec.batch_size / (plan.peak_flops * utilisation)
+    return compile_decision(spec.compile, device.type, plan.planned_steps, eager_step_s)
+
+
+def compile_blocks(model) -> None:
+    """Each decoder block compiled in place (``nn.Module.compile``: parameter names and checkpoints unchanged),
+    for fixed shapes (``dynamic=False``: the packer's bucket lengths keep them few)."""
+    from workers.methods import decoder_blocks
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for block in decoder_blocks(base):
+        block.compile(dynamic=False)
+
+
+def cap_allocator(device: torch.device, share: float, cuda=torch.cuda) -> None:
+    """A trial that shares its GPU (``device_share`` < 1) may allocate only its share: one trial's overshoot then
+    fails that trial (an OOM, its own row) instead of its neighbours on the GPU. Set on every GPU trial, so that a
+    reused process's next trial gets its own share, whole GPU included."""
+    if device.type == "cuda":
+        cuda.set_per_process_memory_fraction(min(1.0, share), device)
+
+
 class HardwareFlops:
     """The matmul FLOP one step executes where it runs (core.flops.sequence_hardware_flops per padded sequence,
     cached by length), for the hardware_flops column. ``packing`` (as the step runs, workers/packing.py): per
     packed row instead, a row of L tokens costing what a padded sequence of L does: its Linears on its tokens
     (the real ones and the row's tail), its attention L^2, as eager and SDPA attention compute it under the
-    block-diagonal mask (flash-attention 2's varlen path would compute only each text's own square: unused)."""
+    block-diagonal mask; a flat kernel (varlen, workers/attention.py) computes each text's own square only, and
+    ``packing`` (a ``Packer``) says which (workers/packing.py ``Packer.shapes``)."""
 
-    def __init__(self, shape: NeoxShape, spec: TrialSpec, chunk: int, packing: bool = False):
+    def __init__(self, shape: ModelShape, spec: TrialSpec, chunk: int, packing=False):
         self.shape, self.spec, self.chunk, self.packing, self.per_sequence = shape, spec, chunk, packing, {}
 
     def __call__(self, part, pairs: int) -> float:
@@ -284,8 +339,8 @@ def train_stream(spec: TrialSpec, tokenizer, skip_batches: int = 0):
     """The trial's training batches from batch ``skip_batches`` on: the same seeded sequence on every rank and
     after every resume, batched as ``spec.batching`` says. From the token cache when the trial has one (random
     batches: the same pairs, padded the same, as the raw path's; O(1) resume), else the raw data
-    (workers/data.py PairStream)."""
-    if spec.token_cache and spec.batching == "random" and not spec.hard_negatives:
+    (workers/pair_batches.py PairStream)."""
+    if spec.token_cache and spec.batching == "random" and not spec.hard_negatives:  # the cache holds no negatives
         from workers.token_cache import CachedPairs
 
         return CachedPairs(spec.token_cache, spec.batch_size, spec.seed, spec.max_epochs, skip_batches,
@@ -446,15 +501,13 @@ def fit_budget(batch, cost: float, remaining: float):
 
 
 def lr_factor(before: float, after: float, warmup_fraction: float) -> float:
-    """Linear warmup over the first ``warmup_fraction`` of training, then cosine to 0 (PAPER.md).
+    """Linear warmup over the first ``warmup_fraction`` of training, then cosine to 0 (docs/study.md).
 
     ``before``/``after``: the budget fraction spent before and after this step. Warmup reaches its top at the
     end of the warmup steps (never an lr of 0 on step 1); the cosine is taken at the step's start (never 0 on
     the last one), as a step-indexed schedule does.
     """
-    warm = after / warmup_fraction if warmup_fraction > 0 else 1.0
-    cos = 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, before - warmup_fraction) / (1.0 - warmup_fraction))))
-    return min(warm, cos)
+    return warmup_cosine(before, after, warmup_fraction)
 
 
 def exhausted_reason(spec: TrialSpec, progress: Progress) -> str:
@@ -541,7 +594,7 @@ def keep_weights(model, spec: TrialSpec, progress: Progress) -> None:
     try:
         save_trained(model, spec.method, spec.weights_uri, base_model=spec.model)
     except (OSError, storage.StorageError) as e:
-        problem = " ".join(str(e).split())[:200]
+        problem = one_line(e, 200)
         print(f"warning: trained weights not kept ({problem})", file=sys.stderr, flush=True)
         progress.reason = "; ".join(filter(None, [progress.reason, f"weights not kept: {problem}"]))
 
@@ -563,21 +616,20 @@ def finish(progress: Progress, rows: Reporter, evaluation: dict | None, started:
 def metric_row(p: Progress, lr: float, wall_s: float, tokens_per_s: float, evaluated: bool,
                peak_flops: float | None = None) -> dict:
     """A metric row (core/store.py METRIC_COLUMNS); the evaluation's columns only where this step evaluated; MFU
-    over the steps so far."""
+    (the paper's FLOP) and HFU (the hardware FLOP) over the steps so far."""
     evaluation = {"eval_loss": p.eval_loss, **p.retrieval} if evaluated else {"eval_loss": None}
     return {"step": p.step, "tokens": p.tokens, "flops": p.flops, "hardware_flops": p.hardware_flops,
             "train_loss": p.train_loss, "lr": lr, "wall_s": wall_s, "tokens_per_s": tokens_per_s,
-            "mfu": mfu(p.hardware_flops, p.train_s, peak_flops), **evaluation}
+            "mfu": mfu(p.flops, p.train_s, peak_flops), "hfu": hfu(p.hardware_flops, p.train_s, peak_flops),
+            **evaluation}
 
 
-def event(p: Progress, plan: Plan, rows: list, *, restart: bool, done: bool = False, trial: dict | None = None):
-    """What ``report`` gets: the rows since the last event and a snapshot (workers/trial.py's docstring)."""
-    out = {"rows": [dict(r) for r in rows], "restart": restart, "done": done, "step": p.step, "tokens": p.tokens,
-           "flops": p.flops, "budget_flops": plan.budget_flops, "train_loss": p.train_loss,
-           "eval_loss": p.eval_loss}
-    if done:
-        out["trial"] = trial or trial_row(p, plan)
-    return out
+def event(p: Progress, plan: Plan, rows: list, *, restart: bool, done: bool = False,
+          trial: dict | None = None) -> TrialEvent:
+    """What ``report`` gets: the rows since the last event and a snapshot (core/events.py)."""
+    return TrialEvent(rows=tuple(dict(r) for r in rows), restart=restart, done=done, step=p.step, tokens=p.tokens,
+                      flops=p.flops, budget_flops=plan.budget_flops, train_loss=p.train_loss,
+                      eval_loss=p.eval_loss, trial=(trial or trial_row(p, plan)) if done else None)
 
 
 def trial_row(p: Progress, plan: Plan) -> dict:
@@ -587,6 +639,6 @@ def trial_row(p: Progress, plan: Plan) -> dict:
             "train_loss": p.train_loss, "wall_s": p.wall_s, "train_s": p.train_s, "reason": p.reason,
             "planned_tokens": plan.planned_tokens, "planned_steps": plan.planned_steps, "batching": plan.batching,
             "lr": plan.lr,
-            "mfu": mfu(p.hardware_flops, p.train_s, plan.peak_flops),
+            "mfu": mfu(p.flops, p.train_s, plan.peak_flops), "hfu": hfu(p.hardware_flops, p.train_s, plan.peak_flops),
             "bad_lines": p.bad_lines,
-            "padding_fraction": 1 - p.tokens / p.padded_tokens if p.padded_tokens else None}
+            "padding_fraction": padding_fraction(p.tokens, p.padded_tokens)}

@@ -1,6 +1,6 @@
 """The token cache: a trial's train and eval pairs tokenised once, read back as the very batches of the raw path.
 
-Why (issue 16): the raw path (workers/data.py) parses JSON and tokenises on one background thread, ~1M real
+Why: the raw path (workers/pair_batches.py) parses JSON and tokenises on one background thread, ~1M real
 tokens/s here, while an H100 at 40 % MFU eats 400e12 / (6·N) tokens/s (56M for pythia-14m); and the ~50 trials
 of a model, and the eight Pythia models (one tokenizer), would each tokenise the same pairs again.
 
@@ -16,32 +16,31 @@ The key is a content hash (``cache_key``) of the data files' identity (path, siz
 tokenizer.json (sha256), max_length, the shard size and FORMAT_VERSION: same data and tokenizer -> the same key
 (sweeps and the Pythia models share it); a changed file, tokenizer or max_length -> a new key.
 
-Building (``build``) runs one Ray Data task per shard across the cluster's CPUs (a local Ray, its own temp dir,
-loopback only, when none is initialised). Resumable: a shard is written whole under its final name (temp +
-rename, fsio.write_bytes), a rebuild skips the shards present, the manifest comes last; shards are
+Building runs one Ray Data task (``build_shard``) per shard across the cluster's CPUs, driven from the driver's
+side (orchestrator/cache_build.py, on the driver's Ray); this module plans the shards (``shard_plans``), builds one
+(``build_shard``) and writes the manifest (``write_manifest``). Resumable: a shard is written whole under its final
+name (temp + rename, fsio.write_bytes), a rebuild skips the shards present, the manifest comes last; shards are
 deterministic, so a resumed cache is byte-identical to an uninterrupted one, and two builders of one key write
-the same bytes. No torch: the driver (``repurpose prepare``, ``submit``) builds it.
+the same bytes. No torch.
 
-Bad lines are judged by workers/records.py's own functions (``_parse``, ``_pair``) and the per-file policy
+Bad lines are judged by workers/pair_files.py's own functions (``_parse``, ``query_and_positive``) and the per-file policy
 (> 1 % unusable rejects the file, checked every CHECK_EVERY lines and at its end) is replayed on the shards'
 records, so the cache fails where the raw path fails, with the same message, and counts the same bad lines.
 
 Reading (``CachedPairs``) yields the raw path's batches (``PairStream``, batching="random") for the same seed
-and batch size: pass e is the same permutation of the pairs (records.py, "The shuffle of one pass"), computed
+and batch size: pass e is the same permutation of the pairs (pair_files.py, "The shuffle of one pass"), computed
 from the seed and the per-file row counts alone (``pass_order``: Python's Mersenne Twister replayed in numpy),
 so resuming at batch k reads no shard before it. No tokenizer on the training thread's path.
 """
 from __future__ import annotations
 
 import bisect
-import hashlib
 import itertools
 import json
 import math
 import os
 import queue
 import random
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -51,11 +50,14 @@ from typing import Iterator
 import numpy as np
 
 import fsio as storage
+from core.errors import one_line
+from core.hashing import content_hash, json_hash
 from core.store import CACHE_DIR
 from core.uris import join
-from workers.records import (CHECK_EVERY, MAX_BAD_FRACTION, SHUFFLE_BUFFER, BackgroundBatches, DataError, DataStats,
-                             Stopped, _Bad, _one_line, _pair, _shown, _Source, epoch_seed, jsonl_lines,
-                             make_encoder, pad_id_of, resolve_files, with_query_instruction)
+from workers.pair_files import (CHECK_EVERY, MAX_BAD_FRACTION, SHUFFLE_BUFFER, BackgroundBatches, BadLine, DataError,
+                                DataStats, PairFile, Stopped, epoch_seed, jsonl_lines, make_encoder, pad_id_of,
+                                query_and_positive, resolve_files, shown_uri,
+                                with_query_instruction)
 
 FORMAT_VERSION = 1
 SHARD_BYTES = 64 << 20  # JSONL bytes per shard (a compressed file is one shard)
@@ -103,8 +105,8 @@ def tokenizer_sha256(name_or_path: str, tokenizer) -> str:
             path = None
     if path is not None:
         with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    return hashlib.sha256(_backend(tokenizer).to_str().encode()).hexdigest()
+            return content_hash(f.read())
+    return content_hash(_backend(tokenizer).to_str())
 
 
 def cache_inputs(train_uri, eval_uri, tokenizer_hash: str, max_length: int, shard_bytes: int = SHARD_BYTES,
@@ -120,8 +122,7 @@ def cache_inputs(train_uri, eval_uri, tokenizer_hash: str, max_length: int, shar
 
 
 def cache_key(inputs: dict) -> str:
-    blob = json.dumps(inputs, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+    return json_hash(inputs, hex_chars=24)
 
 
 def cache_uri(storage_uri: str, key: str) -> str:
@@ -150,7 +151,7 @@ def _dtype(vocab: int) -> str:
     return "uint16" if vocab <= 1 << 16 else "uint32"
 
 
-def _jsonl_ranges(src: _Source, size: int, shard_bytes: int) -> list[tuple[int, int]]:
+def _jsonl_ranges(src: PairFile, size: int, shard_bytes: int) -> list[tuple[int, int]]:
     """Byte ranges of about shard_bytes, each starting at a line's start (a compressed file: one range)."""
     if src.compressed or size <= shard_bytes:
         return [(0, size)]
@@ -177,7 +178,7 @@ def _jsonl_ranges(src: _Source, size: int, shard_bytes: int) -> list[tuple[int, 
     return list(zip(bounds, bounds[1:] + [size]))
 
 
-def _parquet_ranges(src: _Source) -> list[tuple[int, int, int]]:
+def _parquet_ranges(src: PairFile) -> list[tuple[int, int, int]]:
     """(first row group, stop row group, rows before) of about SHARD_ROWS rows each."""
     import pyarrow.parquet as pq
 
@@ -207,14 +208,14 @@ def plan_shards(split: str, uri: str, shard_bytes: int) -> list[dict]:
         except DataError:
             raise
         except Exception as e:  # noqa: BLE001 -- pyarrow / OS errors on listing or reading a footer
-            raise DataError(f"{src.name}: cannot read: {_one_line(e)}") from None
+            raise DataError(f"{src.name}: cannot read: {one_line(e)}") from None
         for a, b, before in ranges:
             tasks.append({**common, "index": len(tasks), "start": a, "stop": b, "rows_before": before})
     return tasks
 
 
 def _records(task: dict) -> Iterator[tuple[int, object]]:
-    """(line or row number within the shard, parsed object or _Bad) of the shard's range, as records.py reads."""
+    """(line or row number within the shard, parsed object or BadLine) of the shard's range, as pair_files.py reads."""
     fs, _ = storage.resolve(task["uri"])
     if task["kind"] == "parquet":
         import pyarrow.parquet as pq
@@ -257,8 +258,8 @@ def build_shard(task: dict, *, cache: str, tokenizer_json: str, max_length: int,
         return {"split": task["split"], "index": task["index"], "record": json.dumps(record), "error": ""}
     except DataError as e:
         error = str(e)
-    except Exception as e:  # noqa: BLE001 -- pyarrow / OS errors: the same words as records.py's
-        error = f"{task['name']}: cannot read: {_one_line(e)}"
+    except Exception as e:  # noqa: BLE001 -- pyarrow / OS errors: the same words as pair_files.py's
+        error = f"{task['name']}: cannot read: {one_line(e)}"
     return {"split": task["split"], "index": task["index"], "record": "", "error": error}
 
 
@@ -268,7 +269,7 @@ def _build_shard(task: dict, cache: str, tokenizer_json: str, max_length: int, d
     import pyarrow.parquet as pq
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one task per CPU: no Rayon pool on top
-    key = hashlib.sha256(tokenizer_json.encode()).hexdigest()
+    key = content_hash(tokenizer_json)
     if key not in _TOKENIZERS:
         from tokenizers import Tokenizer
 
@@ -293,7 +294,7 @@ def _build_shard(task: dict, cache: str, tokenizer_json: str, max_length: int, d
 
     for number, obj in _records(task):
         lines += 1
-        pair = obj if isinstance(obj, _Bad) else _pair(obj)
+        pair = obj if isinstance(obj, BadLine) else query_and_positive(obj)
         if isinstance(pair, str):
             bad_count += 1
             bad.append(lines)
@@ -349,9 +350,9 @@ def _present_record(cache: str, split: str, index: int) -> dict | None:
 
 
 def _check_file(name: str, kind: str, records: list[dict], max_bad: float) -> str | None:
-    """records.py's per-file policy replayed on the file's shards: > max_bad unusable lines at any
-    CHECK_EVERY-th line, or at the end, rejects the file with records.py's message. Returns the first unusable
-    line as records.py names it (``line N: reason``), or None."""
+    """pair_files.py's per-file policy replayed on the file's shards: > max_bad unusable lines at any
+    CHECK_EVERY-th line, or at the end, rejects the file with pair_files.py's message. Returns the first unusable
+    line as pair_files.py names it (``line N: reason``), or None."""
     bad, lines, phys, first = [], 0, 0, None
     for r in records:
         bad += [lines + b for b in r["bad"]]
@@ -384,42 +385,17 @@ def _split_summary(uri: str, tasks: list[dict], records: list[dict], max_bad: fl
     lines, bad = sum(r["lines"] for r in records), sum(len(r["bad"]) for r in records)
     if pairs == 0:
         detail = f"{bad} of {lines} lines unusable, first: {first_bad}" if lines else "empty"
-        raise DataError(f"{_shown(uri)}: no usable pairs ({detail})")
+        raise DataError(f"{shown_uri(uri)}: no usable pairs ({detail})")
     file_rows = [sum(r["rows"] for r in f["records"]) for f in files]
     return {"pairs": pairs, "real_tokens": sum(r["real_tokens"] for r in records), "bad_lines": bad,
             "lines": lines, "first_bad": first_bad, "file_rows": file_rows, "files": [f["name"] for f in files],
             "shards": [{"name": _shard_name(r["index"]), "rows": r["rows"]} for r in records]}
 
 
-def ensure(storage_uri: str, *, train_uri: str, eval_uri: str | None, tokenizer_path: str, max_length: int,
-           shard_bytes: int = SHARD_BYTES, max_bad_fraction: float = MAX_BAD_FRACTION, log=None,
-           address: str | None = None, tokenizer=None, query_instruction: str = "") -> tuple[str, dict]:
-    """(cache URI, manifest): the cache of (data, tokenizer, max_length), built if it is not there yet (on the
-    initialised Ray, else the one at ``address`` or $RAY_ADDRESS, else a local one). ``tokenizer``: the one at
-    ``tokenizer_path`` if the caller has loaded it (``workers.records.load_tokenizer``)."""
-    from workers.records import load_tokenizer
-
-    tokenizer = tokenizer or load_tokenizer(tokenizer_path)
-    inputs = cache_inputs(train_uri, eval_uri, tokenizer_sha256(tokenizer_path, tokenizer), max_length, shard_bytes,
-                          query_instruction)
-    uri = cache_uri(storage_uri, cache_key(inputs))
-    manifest = read_manifest(uri)
-    if manifest is None:
-        manifest = build(uri, inputs, tokenizer, train_uri=train_uri, eval_uri=eval_uri,
-                         max_bad_fraction=max_bad_fraction, log=log, address=address)
-    return uri, manifest
-
-
-def build(uri: str, inputs: dict, tokenizer, *, train_uri: str, eval_uri: str | None,
-          max_bad_fraction: float = MAX_BAD_FRACTION, log=None, address: str | None = None) -> dict:
-    """Builds (or finishes) the cache at ``uri`` with Ray Data; returns its manifest. One progress line per shard
-    on ``log`` (default: stderr); Ray Data's own progress bars are off."""
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    backend = _backend(tokenizer)
-    dtype = _dtype(backend.get_vocab_size(with_added_tokens=True))
-    started = time.perf_counter()
-    splits = {"train": train_uri, **({"eval": eval_uri} if eval_uri else {})}
-    plans = {s: plan_shards(s, u, inputs["shard_bytes"]) for s, u in splits.items()}
+def shard_plans(uri: str, splits: dict[str, str], shard_bytes: int) -> tuple[dict, dict, list[dict]]:
+    """What a build of the cache at ``uri`` has to do: ({split: its shard tasks}, {(split, index): the record of a
+    shard already written}, [the tasks still to run]). A rebuild skips the shards present (written whole)."""
+    plans = {s: plan_shards(s, u, shard_bytes) for s, u in splits.items()}
     records: dict[tuple[str, int], dict] = {}
     todo = []
     for split, tasks in plans.items():
@@ -429,29 +405,29 @@ def build(uri: str, inputs: dict, tokenizer, *, train_uri: str, eval_uri: str | 
                 todo.append(t)
             else:
                 records[split, t["index"]] = r
-    total = sum(map(len, plans.values()))
-    short = uri.rstrip("/").rsplit("/", 1)[-1][:12]
-    if records:
-        log(f"token cache {short}: {len(records)} of {total} shards already built, resuming")
-    if todo:
-        kwargs = dict(cache=uri, tokenizer_json=backend.to_str(), max_length=inputs["max_length"], dtype=dtype,
-                      query_instruction=inputs.get("query_instruction", ""))
-        for out in _run_tasks(todo, kwargs, address):
-            if out["error"]:
-                raise DataError(out["error"])
-            rec = records[out["split"], out["index"]] = json.loads(out["record"])
-            log(f"token cache {short}: shard {len(records)}/{total} ({out['split']} {_shard_name(out['index'])}: "
-                f"{rec['rows']:,} pairs, {rec['real_tokens']:,} tokens, {len(rec['bad'])} bad lines)")
+    return plans, records, todo
+
+
+def task_kwargs(uri: str, inputs: dict, tokenizer) -> dict:
+    """``build_shard``'s keyword arguments for the cache at ``uri``: the tokenizer travels as its JSON text."""
+    backend = _backend(tokenizer)
+    return dict(cache=uri, tokenizer_json=backend.to_str(), max_length=inputs["max_length"],
+                dtype=_dtype(backend.get_vocab_size(with_added_tokens=True)),
+                query_instruction=inputs.get("query_instruction", ""))
+
+
+def write_manifest(uri: str, inputs: dict, tokenizer, splits: dict[str, str], plans: dict,
+                   records: dict[tuple[str, int], dict], max_bad_fraction: float = MAX_BAD_FRACTION) -> dict:
+    """Once every shard is written: the per-file bad-line policy replayed, the temp files of killed writers removed,
+    the manifest written last (it is what makes the cache exist); returns it."""
     manifest = {"format": FORMAT_VERSION, "key": uri.rstrip("/").rsplit("/", 1)[-1], "inputs": inputs,
-                "dtype": dtype, "max_length": inputs["max_length"], "pad_id": pad_id_of(tokenizer),
-                "eos_id": getattr(tokenizer, "eos_token_id", None), "shuffle_buffer": SHUFFLE_BUFFER,
+                "dtype": task_kwargs(uri, inputs, tokenizer)["dtype"], "max_length": inputs["max_length"],
+                "pad_id": pad_id_of(tokenizer), "eos_id": getattr(tokenizer, "eos_token_id", None),
+                "shuffle_buffer": SHUFFLE_BUFFER,
                 "splits": {s: _split_summary(u, plans[s], [records[s, t["index"]] for t in plans[s]],
                                              max_bad_fraction) for s, u in splits.items()}}
     _remove_temps(uri, list(splits))
     storage.write_bytes(join(uri, MANIFEST), json.dumps(manifest, sort_keys=True, indent=1).encode())
-    tr = manifest["splits"]["train"]
-    log(f"token cache {short}: built in {time.perf_counter() - started:.1f} s: {tr['pairs']:,} train pairs, "
-        f"{tr['real_tokens']:,} real tokens, {tr['bad_lines']} bad lines")
     return manifest
 
 
@@ -463,75 +439,8 @@ def _remove_temps(uri: str, splits: list[str]) -> None:
                 storage.delete(join(uri, split, name))
 
 
-def _run_tasks(tasks: list[dict], kwargs: dict, address: str | None = None) -> Iterator[dict]:
-    """One Ray Data task per shard over the cluster's CPUs; results as they finish. Starts (and stops) a local
-    Ray when none is initialised."""
-    import ray
-
-    import logging
-
-    quiet = logging.getLogger("ray.data")  # "Progress bars disabled", "execution finished": our lines say it
-    level = quiet.level
-    with _ray_connected(address):
-        import ray.data
-
-        quiet.setLevel(logging.ERROR)
-        ctx = ray.data.DataContext.get_current()
-        # our one line per shard instead of Ray Data's bars and execution banners
-        ctx.enable_progress_bars = False
-        ctx.enable_operator_progress_bars = False
-        ctx.print_on_execution_start = False
-        ctx.verbose_stats_logs = False
-        ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-        ds = ds.map(build_shard, fn_kwargs=kwargs, num_cpus=1)
-        try:
-            yield from ds.iter_rows()
-        finally:
-            quiet.setLevel(level)
-
-
-class _ray_connected:
-    """The caller's Ray if one is initialised; else the cluster at ``address`` or $RAY_ADDRESS; else a local Ray
-    for the build: its own temp dir, loopback only (as orchestrator/driver.py's embedded Ray, which workers may
-    not import).
-    What it started or connected, it stops after."""
-
-    def __init__(self, address: str | None = None):
-        self.address = address or os.environ.get("RAY_ADDRESS")
-
-    def __enter__(self):
-        import ray
-
-        self.started = not ray.is_initialized()
-        if not self.started:
-            return self
-        common = dict(include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level="WARNING")
-        if self.address:
-            ray.init(address=self.address, **common)
-            return self
-        import tempfile
-
-        from ray._private import ray_constants
-
-        saved = ray_constants.ENABLE_RAY_CLUSTER
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep 127.0.0.1 (driver.py, _loopback_node)
-        ray_constants.ENABLE_RAY_CLUSTER = False
-        try:
-            ray.init(_node_ip_address="127.0.0.1", _temp_dir=tempfile.mkdtemp(prefix="rpc", dir="/tmp"), **common)
-        finally:
-            ray_constants.ENABLE_RAY_CLUSTER = saved
-            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
-        return self
-
-    def __exit__(self, *exc):
-        if self.started:
-            import ray
-
-            ray.shutdown()
-
-
 # --------------------------------------------------------------------------------------------------------
-# The shuffle of one pass, from the seed and the row counts (records.py, "The shuffle of one pass")
+# The shuffle of one pass, from the seed and the row counts (pair_files.py, "The shuffle of one pass")
 
 
 class _Randbelow:
@@ -583,7 +492,7 @@ class _Randbelow:
 def pass_order(seed: int, file_rows: list[int], buffer: int = SHUFFLE_BUFFER,
                chunk: int = ORDER_CHUNK) -> Iterator[np.ndarray]:
     """The row indices (into the split's rows, files in sorted order) of one shuffled pass, in chunks, exactly as
-    ``records.iter_pairs(seed=seed)`` orders the pairs: files shuffled, then the streaming buffer. Vectorised:
+    ``pair_files.iter_pairs(seed=seed)`` orders the pairs: files shuffled, then the streaming buffer. Vectorised:
     an item leaving at stream position t is the one that entered its slot last before t."""
     rng = random.Random(seed)
     files = list(range(len(file_rows)))
@@ -693,7 +602,7 @@ def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
 
 
 def _padded(parts, count: int, pad_id: int, eos: int | None, max_length: int):
-    """(ids, mask) int64 (count, T), right-padded to the longest, as workers/data.py's ``_pad``; with ``eos``,
+    """(ids, mask) int64 (count, T), right-padded to the longest, as workers/pair_batches.py's ``_pad``; with ``eos``,
     each text cut to max_length - 1 tokens and the EOS appended (workers/pooling.py ``append_eos``: an EOS
     already last is not doubled)."""
     keep = np.zeros(count, np.int64)  # tokens of each text kept
@@ -718,10 +627,10 @@ def _padded(parts, count: int, pad_id: int, eos: int | None, max_length: int):
 
 
 def collate_rows(rows_reader: _Rows, rows: np.ndarray, index: int, pad_id: int, eos: int | None, max_length: int):
-    """The Batch of the given global rows, in that order (workers.data.collate's tensors)."""
+    """The Batch of the given global rows, in that order (workers.pair_batches.collate's tensors)."""
     import torch
 
-    from workers.data import Batch
+    from workers.pair_batches import Batch
 
     q_ids, q_mask = _padded(rows_reader.gather(rows, "q"), len(rows), pad_id, eos, max_length)
     d_ids, d_mask = _padded(rows_reader.gather(rows, "d"), len(rows), pad_id, eos, max_length)
@@ -738,7 +647,7 @@ class CachedPairs(BackgroundBatches):
     ``max_epochs`` passes; batch k is pairs [k·B, (k+1)·B). ``skip_batches=k`` starts there: the order before it
     is computed (seed and row counts), no shard before it is read. ``pooling_eos``: the EOS id to append to
     every text (``pooling="last"``), None for none; ``pad_id`` None: the tokenizer's, from the manifest;
-    ``shuffle_buffer`` None: records.SHUFFLE_BUFFER, as the raw path's default. ``prefetch=0``: batches are made
+    ``shuffle_buffer`` None: pair_files.SHUFFLE_BUFFER, as the raw path's default. ``prefetch=0``: batches are made
     on the consumer's thread when asked for (no thread; ~3 ms per batch of 1024, benchmarks/cache.py)."""
 
     def __init__(self, cache_uri: str, batch_size: int, seed: int = 0, max_epochs: float = 1.0,
@@ -774,7 +683,7 @@ class CachedPairs(BackgroundBatches):
         return n, whole, whole * n + (math.floor(frac * n) if frac > 0 else 0)
 
     def _count_read(self, passes: int, pairs_read: int) -> None:
-        """records.py's reading counters once ``passes`` passes have been (begun to be) read: the raw path reads
+        """pair_files.py's reading counters once ``passes`` passes have been (begun to be) read: the raw path reads
         every pass it touches, skipped batches included, and a fraction-only run reads one more to size it."""
         s, sp = self.stats, self.split
         s.bad_lines, s.lines_read, s.pairs_read = passes * sp["bad_lines"], passes * sp["lines"], pairs_read

@@ -1,4 +1,4 @@
-"""A completed trial's trained weights, kept pickle-free under ``<sweep>/models/<trial_id>/`` (CONTRACTS.md).
+"""A completed trial's trained weights, kept pickle-free under ``<sweep>/models/<trial_id>/`` (docs/reference.md).
 
 What is kept is what trained, nothing of the base checkpoint that did not change:
 - lora: peft's adapter weights (``get_peft_model_state_dict``) and the adapter's config as JSON;
@@ -22,14 +22,14 @@ the manifest's name) are core/store.py's, the byte count `status` shows is fsio.
 from __future__ import annotations
 
 import enum
-import hashlib
 import json
 import time
 
 import fsio as storage
 from core.errors import UserError
-from core.spec import METHODS
-from core.store import MODEL_MANIFEST, model_uri, model_uri_for_checkpoint  # noqa: F401
+from core import methods
+from core.hashing import content_hash
+from core.store import MODEL_MANIFEST
 
 MANIFEST = MODEL_MANIFEST
 FORMAT = "repurpose-trained-weights/1"
@@ -42,13 +42,11 @@ class WeightsError(UserError):
 # --- save ---------------------------------------------------------------------------------------------------
 def trained_tensors(model, method: str) -> tuple[dict, dict | None]:
     """({name: tensor} of what trained, peft config as a JSON-able dict for lora else None). CPU, contiguous."""
-    if method not in METHODS:
-        raise ValueError(f"method: {method!r} is not one of {', '.join(METHODS)}")
-    if method == "lora":
+    if methods.get(method).adapters:
         from peft import get_peft_model_state_dict
 
         if not hasattr(model, "peft_config"):
-            raise ValueError("method lora: expected the peft model the trial trained (get_peft_model's wrapper)")
+            raise ValueError(f"method {method}: expected the peft model the trial trained (get_peft_model's wrapper)")
         tensors = get_peft_model_state_dict(model)  # adapter weights only, adapter name stripped from the keys
         config = _jsonable(model.peft_config["default"].to_dict())
     else:
@@ -67,7 +65,7 @@ def save_trained(model, method: str, uri: str, *, base_model: str | None = None)
 
     tensors, peft_config = trained_tensors(model, method)
     blob = save(tensors, metadata={"format": FORMAT, "method": method})
-    sha = hashlib.sha256(blob).hexdigest()
+    sha = content_hash(blob)
     name = f"weights-{sha[:16]}.safetensors"
     manifest = {"format": FORMAT, "method": method, "base_model": base_model, "file": name, "bytes": len(blob),
                 "sha256": sha, "tensors": len(tensors), "parameters": sum(t.numel() for t in tensors.values()),
@@ -118,7 +116,7 @@ def read_tensors(uri: str, manifest: dict | None = None) -> dict:
     if not storage.exists(path):
         raise WeightsError(f"{storage.redact(path)}: missing (the manifest names it)")
     blob = storage.read_bytes(path)
-    if len(blob) != manifest["bytes"] or hashlib.sha256(blob).hexdigest() != manifest["sha256"]:
+    if len(blob) != manifest["bytes"] or content_hash(blob) != manifest["sha256"]:
         raise WeightsError(f"{storage.redact(path)}: does not match its manifest (size or sha256)")
     return load(blob)
 
@@ -139,7 +137,7 @@ def load_trained(base_model_path: str, uri: str, *, attn_implementation: str = "
     manifest = _required_manifest(uri)
     tensors = read_tensors(uri, manifest)
     model = AutoModel.from_pretrained(base_model_path, attn_implementation=attn_implementation, dtype=torch.float32)
-    if manifest["method"] == "lora":
+    if methods.get(manifest["method"]).adapters:
         return _merge_lora(model, tensors, manifest["peft_config"], uri)
     names = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(names))

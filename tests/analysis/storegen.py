@@ -7,7 +7,7 @@ The planner's behaviour is mimicked: cells needing more tokens than the data hol
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -15,25 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.models import PYTHIA_SHAPES, model_shape
+from analysis.fit import Law
 from analysis.schema import GRID_FILE, METRICS_DIR, METRICS_SCHEMA, TRIALS_FILE, TRIALS_SCHEMA
 
-# Pythia (PAPER.md): non-embedding N, hidden size, layers
+# Pythia (docs/study.md): non-embedding N, hidden size, layers
 PYTHIA = {f"EleutherAI/pythia-{size}": (model_shape(f"EleutherAI/pythia-{size}").n_params(), d, layers)
           for size, (d, layers, _) in PYTHIA_SHAPES.items()}
 BUDGETS = (1.5e15, 6e15, 2.4e16, 9.6e16, 3.8e17, 1.5e18)
-TOKENS_PER_STEP = 1024 * 78  # a batch of 1024 pairs at ~78 tokens (PAPER.md)
-
-
-@dataclass(frozen=True)
-class Law:
-    E: float
-    A: float
-    alpha: float
-    B: float
-    beta: float
-
-    def loss(self, n, d):
-        return self.E + self.A / np.asarray(n, float) ** self.alpha + self.B / np.asarray(d, float) ** self.beta
+TOKENS_PER_STEP = 1024 * 78  # a batch of 1024 pairs at ~78 tokens (docs/study.md)
 
 
 # Paper-like truth: full learns fastest per token (small B), LoRA has the lower floor, so full wins small

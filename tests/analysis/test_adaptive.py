@@ -1,4 +1,4 @@
-"""The adaptive policy (analysis/adaptive.py, issue #15) on hand-made noise-free stores where the right decision
+"""The adaptive policy (analysis/adaptive.py) on hand-made noise-free stores where the right decision
 follows from the ground truth: a dominated method pruned after two rungs, the optimum's neighbours kept, a
 method that crosses late kept, a hyperparameter outside the margin pruned; determinism; the reason format;
 replay against the live loop of ``decide`` calls and the contract's JSON keys.
@@ -32,7 +32,7 @@ PRUNED_METHOD = re.compile(r"^pruned at rung \d+: predicted \d+\.\d{3} \[\d+\.\d
 
 
 def cost(method: str, n: float, hparam) -> tuple[float, float]:
-    """(N_tr, FLOP per token), PAPER.md's table: full 6N, freeze 2N + 4N_tr, bias 4N + 2N_tr."""
+    """(N_tr, FLOP per token), docs/study.md's table: full 6N, freeze 2N + 4N_tr, bias 4N + 2N_tr."""
     if method == "full":
         return n, 6 * n
     if method == "freeze":

@@ -44,15 +44,20 @@ def test_one_model_fits_the_data_term_only(tmp_path):
 def test_one_budget_refuses_trends_and_surfaces_but_reports(tmp_path):
     trials = storegen.make_trials(slices={"full": (None,), "lora": (8,)}, budgets=(2.4e16,), seed=5)
     uri = storegen.write_store(tmp_path, trials)
-    with pytest.raises(FitError, match="no method has a fitted surface") as e:
-        recipe_at(uri, 2.4e16, n_boot=N_BOOT)
-    assert "\n" not in str(e.value) and ">= 2 budgets" in str(e.value)
+    # no surface: the best trial at that budget answers, said to be empirical, and why there is no fit
+    d = recipe_at(uri, 2.4e16, n_boot=N_BOOT)
+    best = load_trials(uri).sort_values("eval_loss").iloc[0]
+    assert (d["source"], d["method"], d["model"], d["predicted_loss"]) == (
+        "empirical", best["method"], best["model"], best["eval_loss"])
+    assert "\n" not in d["no_fit"] and ">= 2 budgets" in d["no_fit"]
+    with pytest.raises(FitError, match="no trial at or below 1e\\+16 FLOP"):
+        recipe_at(uri, 1e16, n_boot=N_BOOT)
     summary = write_fit_outputs(uri, str(tmp_path / "out"), n_boot=N_BOOT)
     text = " ".join(summary["warnings"])
     assert "trend refused: full" in text and "surface refused" in text
     assert (tmp_path / "out" / "figure1_frontier.png").stat().st_size > 10_000
     assert summary["frontier"][0]["budget_flops"] == 2.4e16 and summary["recipes"] == []
-    assert "No recipe" in (tmp_path / "out" / "recipe.md").read_text()
+    assert f"| 2.4e+16 | {best['method']} | {best['model']} |" in (tmp_path / "out" / "recipe.md").read_text()
 
 
 def test_all_trials_failed(tmp_path):

@@ -101,14 +101,13 @@ def test_metrics_tolerate_narrow_types_missing_extensions_and_temp_files(tmp_pat
     assert m["step"].dtype == "Int64"
 
 
-def test_s3_store_reads_like_the_local_one(tmp_path, s3_env):
+def test_s3_store_reads_like_the_local_one(tmp_path, moto_s3):
     trials = storegen.make_trials(slices={"full": (None,)}, models=tuple(storegen.PYTHIA)[:4],
                                   budgets=storegen.BUDGETS[:2], seed=2)
     local = storegen.write_store(tmp_path, trials, sweep="remote-sweep")
-    host = s3_env.removeprefix("http://")
+    host = moto_s3.endpoint.removeprefix("http://")
     creator = pafs.S3FileSystem(endpoint_override=host, scheme="http", access_key="testing",
                                 secret_key="testing", allow_bucket_creation=True, allow_delayed_open=True)
-    creator.create_dir("bucket")
     # allow_delayed_open: one PutObject per file (moto 5.2.1 mangles pyarrow's multipart completion)
     pafs.copy_files(local, "bucket/sweeps/remote-sweep", source_filesystem=pafs.LocalFileSystem(),
                     destination_filesystem=creator)

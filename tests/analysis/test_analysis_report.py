@@ -56,7 +56,10 @@ def test_fit_writes_every_figure_table_and_summary(outputs):
 def test_recipe_json_has_the_contract_keys(sweep):
     d = recipe_at(sweep, 2.4e16, n_boot=N_BOOT)
     assert tuple(d)[:len(RECIPE_KEYS)] == RECIPE_KEYS
-    assert set(d) == set(RECIPE_KEYS) | {"per_method", "empirical", "family", "pooling", "notes", "source"}
+    assert set(d) == set(RECIPE_KEYS) | {"per_method", "empirical", "family", "pooling", "notes", "source",
+                                         "p_best", "runner_up", "noise_sd", "decisive", "to_decide"}
+    assert 0 <= d["p_best"] <= 1 and d["runner_up"]["gap"] >= 0
+    assert d["noise_sd"] is None  # one run per cell: nothing measured
     assert (d["family"], d["pooling"]) == (None, "mean")  # a store written before those columns
     json.dumps(d, allow_nan=False)
     assert d["model"] in storegen.PYTHIA and d["budget_flops"] == 2.4e16

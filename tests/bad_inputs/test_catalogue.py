@@ -1,4 +1,4 @@
-"""A catalogue of bad input (issue #7; CONTRACTS.md exit codes): malformed grids, data files, arguments and storage
+"""A catalogue of bad input (docs/reference.md exit codes): malformed grids, data files, arguments and storage
 URIs. Each one gives exit code 2 and exactly one line on stderr naming the file, the field (where there is one)
 and the problem; no traceback; nothing on stdout; nothing written to the store (its directory never appears); and,
 for everything the grid or the arguments already tell, no Ray started (the driver's ``ray_session`` is replaced

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from core.devices import TYPICAL_MFU, device_entry, device_hours, mfu, peak_flops
+from core.devices import PEAKS, TYPICAL_MFU, device_entry, device_hours, device_memory, mfu, peak_flops
 
 
 @pytest.mark.parametrize("name,canonical,peak", [
@@ -50,6 +50,38 @@ def test_device_memory_by_name():
     assert device_memory("Tesla T4") is None and device_memory("no such card") is None
 
 
+def test_every_canonical_name_finds_its_own_row():
+    """Table order: a name that contains another (GH200 / H200, L40S / L40 / L4) must reach its own row first."""
+    for _, canonical, peak, _ in PEAKS:
+        assert device_entry(f"NVIDIA {canonical}")[:2] == (canonical, peak), canonical
+
+
+@pytest.mark.parametrize("name,gb", [
+    ("NVIDIA GH200 480GB", 96),  # torch's name on the 96 GB HBM3 superchip (480 GB is its LPDDR5X + HBM3 total)
+    ("NVIDIA GH200 144G HBM3e", 144),
+    ("GH200", 96),  # Ray's accelerator_type says no size: the smaller, never the H200's 141
+    ("NVIDIA H200", 141), ("H200", 141),
+])
+def test_gh200_is_not_an_h200(name, gb):
+    assert device_entry(name)[0] == ("GH200" if "GH" in name else "H200 SXM")
+    assert device_memory(name) == gb * 1e9
+
+
+@pytest.mark.parametrize("name,canonical,peak,gb", [
+    # 989 TFLOPS x 1/7 = 141.286 TFLOPS; the profile's 10 GB
+    ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "H100 SXM MIG 1g.10gb", 141.2857142857e12, 10),
+    # 312 x 3/7 = 133.714 TFLOPS; 20 GB
+    ("NVIDIA A100-SXM4-40GB MIG 3g.20gb", "A100 MIG 3g.20gb", 133.7142857143e12, 20),
+    # 989 x 7/7: the whole GPU as one slice
+    ("NVIDIA H200 MIG 7g.141gb", "H200 SXM MIG 7g.141gb", 989e12, 141),
+    ("A100-MIG-2g.10gb", "A100 MIG 2g.10gb", 89.1428571429e12, 10),  # a custom Ray accelerator label
+])
+def test_mig_slice_gets_its_share(name, canonical, peak, gb):
+    got = device_entry(name)
+    assert got[0] == canonical and got[1] == pytest.approx(peak, rel=1e-10)
+    assert device_memory(name) == gb * 1e9
+
+
 def test_device_hours_by_hand():
     # 1e21 FLOP at 40 % of 989e12: 1e21 / 3.956e14 = 2,527,805 s = 702.2 h
     assert TYPICAL_MFU == 0.40
@@ -77,3 +109,34 @@ def test_cpu_peak_measured_once_and_cached(tmp_path, monkeypatch):
     assert entry["cpu"] == device_peak.cpu_model() and entry["threads"] == 1
     peak, source = device_peak.device_peak(torch.device("cpu"), cache_dir=str(tmp_path), sizes=(64, 128))
     assert peak == first and source.startswith("measured")
+
+
+def test_cpu_peak_skips_sizes_that_would_outlast_their_time(monkeypatch):
+    """A size whose one product would take longer than the time per size at the best rate so far is not timed (an
+    emulated bf16 4096 product takes minutes on a CPU without native bf16)."""
+    pytest.importorskip("torch")
+    from workers import device_peak
+
+    timed = []
+
+    def rate(n, dtype, seconds):
+        timed.append(n)
+        return 1e9  # 1 GFLOP/s: 2*512^3 = 0.27 GFLOP (0.27 s), 2*1024^3 = 2.1 GFLOP (2.1 s > 1 s)
+    monkeypatch.setattr(device_peak, "matmul_rate", rate)
+    assert device_peak.best_rate((256, 512, 1024, 2048), None, seconds=1.0) == 1e9
+    assert timed == [256, 512]
+
+
+def test_cpu_peak_is_taken_in_the_dtype_auto_trains_in(monkeypatch, tmp_path):
+    """Without native bf16 'auto' trains in fp32, so the peak MFU divides by is fp32's."""
+    torch = pytest.importorskip("torch")
+    from workers import device_peak
+
+    seen = []
+    monkeypatch.setattr(device_peak, "matmul_rate", lambda n, dtype, seconds: seen.append(dtype) or 1e9)
+    monkeypatch.setattr(device_peak, "has_bf16", lambda device: False)
+    device_peak.cpu_peak_flops(cache_dir=str(tmp_path), sizes=(64,), seconds=0.01)
+    monkeypatch.setattr(device_peak, "has_bf16", lambda device: True)
+    device_peak.cpu_peak_flops(cache_dir=str(tmp_path), sizes=(64,), seconds=0.01)
+    assert seen == [torch.float32, torch.bfloat16]
+    assert len(json.loads((tmp_path / device_peak.CACHE_FILE).read_text())) == 2  # one entry per dtype

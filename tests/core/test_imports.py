@@ -47,6 +47,22 @@ def test_orchestrator_imports_no_torch_at_module_level():
     assert not loaded & {"torch", "transformers", "deepspeed", "peft"}
 
 
+def test_every_module_of_every_package_imports():
+    """A broken import anywhere (a module renamed, a name gone, a syntax error) fails here, by module name, in one
+    fresh interpreter; the modules are found by walking the packages (tests/support.py)."""
+    from support import package_modules
+
+    modules = package_modules()
+    assert {"core.flops", "orchestrator.cli", "workers.trial", "analysis.fit", "fsio"} <= set(modules), modules
+    probe = ("import importlib, json, traceback\nbroken = {}\n"
+             f"for name in {modules!r}:\n"
+             "    try:\n        importlib.import_module(name)\n"
+             "    except Exception as e:\n        broken[name] = f'{type(e).__name__}: {e}'\n"
+             "print(json.dumps(broken))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {}
+
+
 @pytest.mark.parametrize("command", ["status", "fit"])
 def test_status_and_fit_never_import_torch(tiny_store, command):
     """The commands that only read the store (tests/analysis/storegen.py writes a real one)."""

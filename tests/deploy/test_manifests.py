@@ -385,3 +385,36 @@ def test_readme_names_only_files_that_exist():
         text = f.read()
     for path in set(re.findall(r"\bdeploy/[\w./-]*\w", text)):
         assert os.path.exists(os.path.join(REPO, path)), path
+
+
+# --- the tested versions, and one model cache for the whole cluster ---------------------------------------------
+def test_dockerfile_pins_deepspeed_and_transformers_to_the_tested_versions():
+    """The image gets the DeepSpeed and transformers these tests ran with (pyproject.toml bounds them only from
+    below): the versions installed here, pinned with ==."""
+    from importlib.metadata import version
+
+    defaults = arg_defaults()
+    runs = " ".join(a for op, a in dockerfile() if op == "RUN")
+    for package, arg in (("deepspeed", "DEEPSPEED_VERSION"), ("transformers", "TRANSFORMERS_VERSION")):
+        assert defaults.get(arg) == version(package), f"{arg}: {defaults.get(arg)} in the image, {version(package)} tested"
+        assert f'"{package}==${{{arg}}}"' in runs, f"pip does not pin {package} to ${{{arg}}}"
+
+
+def test_every_ray_pod_mounts_the_shared_model_cache():
+    """HF_HOME on every Ray container is a folder of one ReadWriteMany PVC (deploy/kuberay/model-cache.yaml), so a
+    model is downloaded once per cluster, not once per pod."""
+    claims = [d for _, d in all_docs() if d.get("kind") == "PersistentVolumeClaim"]
+    (claim,) = [c for c in claims if c["metadata"]["name"] == "repurpose-model-cache"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and claim["spec"]["resources"]["requests"]["storage"]
+    for where, spec in cluster_specs():
+        for name, group in ray_groups(spec):
+            pod = group["template"]["spec"]
+            volumes = {v["name"]: v for v in pod.get("volumes", [])}
+            cache = [v for v in volumes.values() if v.get("persistentVolumeClaim", {}).get("claimName")
+                     == "repurpose-model-cache"]
+            assert len(cache) == 1, f"{where} {name}: no model cache volume"
+            container = ray_container(group)
+            (mount,) = [m for m in container.get("volumeMounts", []) if m["name"] == cache[0]["name"]]
+            hf_home = env_of(container)["HF_HOME"]["value"]
+            assert not mount.get("readOnly") and posixpath.commonpath([hf_home, mount["mountPath"]]) == \
+                mount["mountPath"], f"{where} {name}: HF_HOME {hf_home} is not on the cache ({mount['mountPath']})"

@@ -1,5 +1,5 @@
 """The driver SIGKILLed at seeded moments, a damaged checkpoint, then `resume`: nothing lost, nothing counted twice,
-no completed trial run again (issue #7).
+no completed trial run again.
 
 One sweep lives through a chain of runs, each a real process killed by the product's own test hook
 (``orchestrator.store.fault_point``, armed by ``REPURPOSE_FAULT=<point>:<n>``; the seed picks n):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from faultkit import REPO
+from core.events import TrialEvent
 from orchestrator.store import Recorder, Store, StoreError, fault_point
 from workers import checkpoint
 
@@ -68,11 +69,10 @@ def rows(*steps: int) -> list[dict]:
              "lr": 1e-3, "wall_s": float(s), "eval_loss": None, "tokens_per_s": 1.0} for s in steps]
 
 
-def event(steps, done=False) -> dict:
+def event(steps, done=False) -> TrialEvent:
     r = rows(*steps)
-    return {"rows": r, "restart": False, "step": steps[-1], "tokens": r[-1]["tokens"], "flops": r[-1]["flops"],
-            "train_loss": 0.5, "done": done,
-            "trial": {"steps": steps[-1], "tokens": r[-1]["tokens"], "flops": r[-1]["flops"]} if done else None}
+    return TrialEvent(rows=r, step=steps[-1], tokens=r[-1]["tokens"], flops=r[-1]["flops"], train_loss=0.5, done=done,
+                      trial={"steps": steps[-1], "tokens": r[-1]["tokens"], "flops": r[-1]["flops"]} if done else None)
 
 
 class Outage:

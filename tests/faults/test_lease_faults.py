@@ -1,4 +1,4 @@
-"""A driver SIGKILLed while it holds the sweep's lease (issue #17): a new driver is refused while the dead one's
+"""A driver SIGKILLed while it holds the sweep's lease: a new driver is refused while the dead one's
 heartbeat is fresh, takes the lease over once it is older than the dead driver's expiry (one line says so), and
 finishes the sweep with no metric row lost or duplicated and no completed trial run again. Rows in the fault table.
 

@@ -1,4 +1,4 @@
-"""Load (issue #7): trivial trials through our driver on the embedded Ray, bounded in the driver's memory and in the
+"""Load: trivial trials through our driver on the embedded Ray, bounded in the driver's memory and in the
 store's bytes per trial. 100 trials here (about 30 s on this machine); ``benchmarks/load_500.py`` runs the full
 500 (about 3 minutes here, too long for the suite) and prints the same numbers."""
 from __future__ import annotations

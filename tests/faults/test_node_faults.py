@@ -1,7 +1,7 @@
 """The worker node of a real 2-node cluster (`ray start`, token auth on, one CPU each) killed mid-trial: its raylet
 and every process it started, SIGKILLed. The trial it ran is retried on the head once the head's own trial is done
 and continues from its checkpoint (in the store, which both nodes reach). Rows exactly once, no completed trial
-re-run, and `resume` afterwards has nothing to run (issue #7)."""
+re-run, and `resume` afterwards has nothing to run."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""Faults the driver lives through (issue #7): a trial's worker process SIGKILLed (Tune retries the trial, which
+"""Faults the driver lives through: a trial's worker process SIGKILLed (Tune retries the trial, which
 continues from its checkpoint), and the whole store made unwritable mid-run, then writable again (the driver keeps
 the rows it could not write and writes them later; workers skip the checkpoints they cannot save). The sweep ends
 complete by itself; `resume` after it has nothing to run. Rows exactly once, no completed trial re-run.

@@ -26,7 +26,7 @@ def make_grid(tmp_path, tiny_model, pairs_file, eval_file):
     return make
 
 
-# CONTRACTS.md "The store", written out here (not imported from analysis.schema) so that drift fails a test.
+# docs/reference.md "The store", written out here (not imported from analysis.schema) so that drift fails a test.
 CONTRACT_TRIALS = {
     "sweep": pa.string(), "trial_id": pa.string(), "model": pa.string(), "method": pa.string(),
     "lora_rank": pa.int64(), "trainable_fraction": pa.float64(), "budget_flops": pa.float64(),

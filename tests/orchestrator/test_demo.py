@@ -11,14 +11,15 @@ import pytest
 from orchestrator import demo
 from orchestrator.grid import parse_grid
 from orchestrator.plan import plan_grid
-from workers import suite as S
+from workers.suite import cache as SC, models as SM
 
 
+@pytest.mark.slow  # pretrains three suite models
 def test_demo_grid_validates_and_plans_on_the_suite(tmp_path):
     # the suite's tokenizer and shapes, pretrained for one batch each (planning reads configs and tokenizes)
-    models = S.build_suite(cache_dir=str(tmp_path), sizes=[m.name for m in S.SUITE[:demo.DEMO_MODELS]],
+    models = SC.build_suite(cache_dir=str(tmp_path), sizes=[m.name for m in SM.SUITE[:demo.DEMO_MODELS]],
                            progress=False, token_scale=1e-6)
-    data = S.demo_data(str(tmp_path))
+    data = SC.demo_data(str(tmp_path))
     plan = plan_grid(parse_grid(demo.demo_grid("demo", [m.path for m in models], data), source="demo grid"),
                      gpus_available=0)
 

@@ -1,6 +1,6 @@
 """The driver end to end, through the CLI in a subprocess, on a real embedded Ray with the tiny model.
 
-What a user relies on (shared/CONTRACTS.md): the store's tables column for column; every trial spends its
+What a user relies on (docs/reference.md): the store's tables column for column; every trial spends its
 budget and no more; metric rows exactly once per (trial_id, step), whatever crashed; a larger grid runs only
 what is new; a failing trial is a row and exit code 1; bad input is one line, exit code 2, and no store.
 """
@@ -11,7 +11,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import time
 
 import pyarrow as pa
@@ -41,7 +40,7 @@ def read_metrics(sweep_dir):
 
 
 def check_store(sweep_dir, runnable_ids: set[str], contract) -> tuple[dict[str, dict], object]:
-    """The store matches CONTRACTS.md and every runnable trial completed within its budget; returns
+    """The store matches docs/reference.md and every runnable trial completed within its budget; returns
     (trials by id, metrics DataFrame)."""
     contract_trials, contract_metrics = contract
     trials_schema = pq.read_schema(os.path.join(sweep_dir, "trials.parquet"))
@@ -75,6 +74,7 @@ def check_store(sweep_dir, runnable_ids: set[str], contract) -> tuple[dict[str, 
 
 
 # --- (a) the whole path --------------------------------------------------------------------------------------
+@pytest.mark.slow  # runs a sweep on Ray
 def test_submit_all_methods_end_to_end(make_grid, ray_env, tmp_path, contract):
     grid = make_grid("e2e", methods=ALL_METHODS, budgets=[5.0e9])
     # a relative store (as the default ./sweeps): Ray Tune runs each trial in a working directory of its own, so the
@@ -113,6 +113,7 @@ def test_submit_all_methods_end_to_end(make_grid, ray_env, tmp_path, contract):
 
 
 # --- (b) extending a sweep -----------------------------------------------------------------------------------
+@pytest.mark.slow  # runs a sweep on Ray
 def test_larger_grid_runs_only_the_new_trials(make_grid, ray_env, tmp_path, contract):
     storage = str(tmp_path / "store")
     sweep_dir = os.path.join(storage, "ext")
@@ -224,6 +225,7 @@ def load_checkpoint_state(sweep_dir, trial_id: str) -> dict:
 
 
 # --- (d) a trial that cannot train ---------------------------------------------------------------------------
+@pytest.mark.slow  # runs a sweep on Ray
 def test_failing_trial_is_a_row_and_exit_code_1(make_grid, ray_env, tmp_path, tiny_model):
     broken = tmp_path / "broken-model"
     shutil.copytree(tiny_model, broken)
@@ -272,62 +274,17 @@ def test_bad_input_is_one_line_exit_2_and_no_store(case, make_grid, ray_env, tmp
 
 
 # --- S3 storage ----------------------------------------------------------------------------------------------
-@pytest.fixture
-def moto_s3():
-    """A moto S3 server on 127.0.0.1 (in this process) with one bucket; yields the env that points at it."""
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    _fix_moto_complete_multipart()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
-                 aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket="bucket")
-    try:
-        yield env
-    finally:
-        server.stop()
-
-
-def _fix_moto_complete_multipart() -> None:
-    """moto 5.2.1 answers CompleteMultipartUpload with the root tag ``CompleteMultipartUploadResponse``
-    (getmoto/moto#10055); Arrow's S3 client checks for ``CompleteMultipartUploadResult`` and retries until it
-    fails. pyarrow writes even a few bytes as a multipart upload, so every store write would fail against this
-    moto. Patch the response in this process (the server runs in a thread here)."""
-    from moto.s3.responses import S3Response
-
-    if getattr(S3Response, "_repurpose_patched", False):
-        return
-    original = S3Response._key_response_post
-
-    def patched(self, *args, **kwargs):
-        status, headers, body = original(self, *args, **kwargs)
-        if isinstance(body, (str, bytes)):
-            wrong, right = "CompleteMultipartUploadResponse", "CompleteMultipartUploadResult"
-            body = body.replace(wrong, right) if isinstance(body, str) else body.replace(wrong.encode(),
-                                                                                          right.encode())
-        return status, headers, body
-
-    S3Response._key_response_post = patched
-    S3Response._repurpose_patched = True
-
-
 @pytest.mark.slow
 def test_submit_to_s3_store(make_grid, ray_env, moto_s3, tmp_path):
     import pyarrow.fs as pafs
 
     grid = make_grid("s3", methods={"bias": {}, "lora": {"rank": [4]}})  # data stays local
     storage = "s3://bucket/sweeps"
-    proc = ray_env.run(["submit", grid, "--storage", storage], **moto_s3)
+    proc = ray_env.run(["submit", grid, "--storage", storage], **moto_s3.env())
     assert proc.returncode == 0, proc.stderr
     assert "-> s3://bucket/sweeps/s3" in proc.stderr
 
-    fs = pafs.S3FileSystem(endpoint_override=moto_s3["AWS_ENDPOINT_URL_S3"], region="us-east-1",
+    fs = pafs.S3FileSystem(endpoint_override=moto_s3.endpoint, region="us-east-1",
                            access_key="testing", secret_key="testing")
     names = {i.path for i in fs.get_file_info(pafs.FileSelector("bucket/sweeps/s3", recursive=True))}
     assert {"bucket/sweeps/s3/grid.yaml", "bucket/sweeps/s3/trials.parquet"} <= names
@@ -343,7 +300,7 @@ def test_submit_to_s3_store(make_grid, ray_env, moto_s3, tmp_path):
         assert metrics[metrics.trial_id == trial_id].step.sort_values().tolist() == list(range(1, t["steps"] + 1))
         assert f"bucket/sweeps/s3/checkpoints/{trial_id}/LATEST" in names  # workers wrote to S3 too
 
-    status = ray_env.json(["status", "s3", "--json", "--storage", storage], **moto_s3)
+    status = ray_env.json(["status", "s3", "--json", "--storage", storage], **moto_s3.env())
     assert status["counts"]["completed"] == 2
     assert status["flops_spent"] == pytest.approx(sum(t["flops"] for t in trials.values()), rel=1e-12)
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

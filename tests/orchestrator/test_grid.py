@@ -11,7 +11,8 @@ from pydantic import ValidationError
 import yaml
 
 from orchestrator.errors import GridError, UserError
-from orchestrator.grid import expand, load_grid, parse_grid, trial_id
+from core.spec import trial_id
+from orchestrator.grid import expand, load_grid, parse_grid
 from core import spec as spec_defaults
 
 # config.json of a 4-layer, 64-wide GPT-NeoX (the shape of tests/conftest.py's tiny_model): no weights needed
@@ -88,7 +89,7 @@ def test_defaults_are_the_papers(ws):
     assert (t.batch_size, t.temperature, t.max_length, t.lr, t.warmup_fraction, t.weight_decay) == (
         1024, 0.025, 75, "auto", 0.1, 0.1)
     assert (g.plan.min_steps, g.plan.max_epochs, g.run.max_failures, g.run.checkpoint_every_s) == (10, 1.0, 2, 60.0)
-    assert g.methods.lora.targets is None  # the family's default: for GPT-NeoX the authors' four (PAPER.md)
+    assert g.methods.lora.targets is None  # the family's default: for GPT-NeoX the authors' four (docs/study.md)
     lora = next(t for t in expand(g) if t.spec.method == "lora")
     assert lora.spec.lora_targets == ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
     assert g.resources.gpus == "auto" and g.resources.deepspeed_from_params == 1e9

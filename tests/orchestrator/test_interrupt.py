@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM during a real `repurpose submit` (issue #17): the first signal stops the sweep cleanly —
+"""Ctrl-C and SIGTERM during a real `repurpose submit`: the first signal stops the sweep cleanly —
 exit 130 / 143, one line saying what `resume` continues, the stopped trials `pending` (reason `interrupted`), no
 `failed` row, no Ray Tune restore advice — and `resume` then ends where an uninterrupted run ends (trials, flops,
 tokens, eval_loss). A second Ctrl-C exits at once and the sweep still resumes.

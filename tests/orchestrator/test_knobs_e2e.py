@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from workers.records import load_eval_pairs
+from workers.pair_files import load_eval_pairs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 

@@ -1,4 +1,4 @@
-"""One driver per sweep (issue #17): the lease (orchestrator/lease.py) on a local store and on S3 (moto).
+"""One driver per sweep: the lease (orchestrator/lease.py) on a local store and on S3 (moto).
 
 Unit cases: a held lease refuses a second driver with one line naming the holder and its heartbeat's age; an
 expired one is taken over (one line); ``--takeover`` forces it; the loser of a takeover is fenced: its Recorder
@@ -21,37 +21,15 @@ import pytest
 import fsio as storage
 from orchestrator.lease import EXPIRY_ENV, Holder, Lease, LeaseHeld, LeaseLost
 from orchestrator.store import Recorder, Store
+from support import FakeClock
 
 
 # --- stores --------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A moto S3 server on a free local port with one bucket (tests/analysis/conftest.py's pattern)."""
-    boto3 = pytest.importorskip("boto3")
-    server_mod = pytest.importorskip("moto.server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket="bucket")
-    yield endpoint
-    server.stop()
-
-
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-          "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-
-
 @pytest.fixture(params=["local", "s3"])
 def sweep_uri(request, tmp_path, monkeypatch):
     if request.param == "local":
         return str(tmp_path / "store" / "sw")
-    endpoint = request.getfixturevalue("s3_endpoint")
-    for k, v in {**S3_ENV, "AWS_ENDPOINT_URL_S3": endpoint}.items():
-        monkeypatch.setenv(k, v)
+    request.getfixturevalue("moto_s3")  # the environment points at it
     return f"s3://bucket/{request.node.name.replace('[', '-').rstrip(']')}/sw"
 
 
@@ -72,11 +50,12 @@ def test_conditional_writes(sweep_uri):
 
 
 def test_held_lease_refuses_a_second_driver(sweep_uri):
-    first = Lease.acquire(sweep_uri, "sw", expiry_s=30).start()
+    clock = FakeClock()
+    first = Lease.acquire(sweep_uri, "sw", expiry_s=30, clock=clock)
     try:
-        time.sleep(1.1)
+        clock.advance(1.1)
         with pytest.raises(LeaseHeld) as e:
-            Lease.acquire(sweep_uri, "sw", expiry_s=30)
+            Lease.acquire(sweep_uri, "sw", expiry_s=30, clock=clock)
         line = e.value.one_line()
         assert f"host {socket.gethostname()} pid {os.getpid()}" in line and "heartbeat 1 s ago" in line, line
         assert "--takeover" in line and stored(sweep_uri).token == first.holder.token
@@ -87,14 +66,19 @@ def test_held_lease_refuses_a_second_driver(sweep_uri):
 
 
 def test_expired_lease_is_taken_over_and_the_loser_is_fenced(sweep_uri, tmp_path):
-    dead = Lease.acquire(sweep_uri, "sw", expiry_s=0.5)  # no heartbeat thread: a driver that died
+    clock = FakeClock()
+    dead = Lease.acquire(sweep_uri, "sw", expiry_s=5, clock=clock)  # no heartbeat thread: a driver that died
     recorder = Recorder(Store(sweep_uri.rsplit("/", 1)[0], "sw"), {}, fence=dead.check)
     assert recorder.flush()  # still ours: writes
-    time.sleep(0.8)
+    clock.advance(4.9)
+    with pytest.raises(LeaseHeld):  # not expired yet
+        Lease.acquire(sweep_uri, "sw", expiry_s=30, clock=clock)
+    clock.advance(2.1)
     out = io.StringIO()
-    new = Lease.acquire(sweep_uri, "sw", expiry_s=30, out=out)
+    new = Lease.acquire(sweep_uri, "sw", expiry_s=30, out=out, clock=clock)
     try:
-        assert out.getvalue().startswith("taking over sweep sw: host ") and "sent no heartbeat for" in out.getvalue()
+        assert out.getvalue().startswith("taking over sweep sw: host ") and "sent no heartbeat for 7 s (expiry 5 s)" \
+            in out.getvalue(), out.getvalue()
         assert stored(sweep_uri).token == new.holder.token
         trials_uri = storage.join(sweep_uri, "trials.parquet")
         before = storage.read_bytes(trials_uri)
@@ -111,13 +95,16 @@ def test_expired_lease_is_taken_over_and_the_loser_is_fenced(sweep_uri, tmp_path
 
 
 def test_takeover_flag_forces_a_fresh_lease_and_the_heartbeat_notices(sweep_uri):
-    first = Lease.acquire(sweep_uri, "sw", expiry_s=1.2).start()  # renews every 0.2 s
+    clock = FakeClock()
+    first = Lease.acquire(sweep_uri, "sw", expiry_s=1.2, clock=clock)  # the thread would renew every 0.2 s
     try:
-        time.sleep(0.5)
-        assert stored(sweep_uri).heartbeat_at > first.holder.started_at  # renewed
+        clock.advance(0.5)
+        assert first.beat()  # one heartbeat round: renewed
+        assert stored(sweep_uri).heartbeat_at == first.holder.started_at + 0.5
         out = io.StringIO()
-        second = Lease.acquire(sweep_uri, "sw", takeover=True, expiry_s=30, out=out)
-        assert "--takeover from host" in out.getvalue()
+        second = Lease.acquire(sweep_uri, "sw", takeover=True, expiry_s=30, out=out, clock=clock)
+        assert "--takeover from host" in out.getvalue() and "heartbeat 0 s ago" in out.getvalue()
+        first.start()  # the heartbeat thread's next round sees the takeover
         deadline = time.monotonic() + 5
         while not first.lost and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -222,14 +209,13 @@ def test_two_concurrent_submits_local(make_grid, ray_env, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_concurrent_submits_s3(make_grid, ray_env, s3_endpoint, tmp_path):
+def test_two_concurrent_submits_s3(make_grid, ray_env, moto_s3, tmp_path):
     import pyarrow.fs as pafs
 
     grid = make_grid("twice3", budgets=[3.0e9, 4.0e9])
-    env = {**S3_ENV, "AWS_ENDPOINT_URL_S3": s3_endpoint}
-    codes, logs = _submit_pair(ray_env, grid, "s3://bucket/pair", tmp_path, **env)
+    codes, logs = _submit_pair(ray_env, grid, "s3://bucket/pair", tmp_path, **moto_s3.env())
     _check_one_ran(codes, logs, "twice3")
-    fs = pafs.S3FileSystem(endpoint_override=s3_endpoint, region="us-east-1", access_key="testing",
+    fs = pafs.S3FileSystem(endpoint_override=moto_s3.endpoint, region="us-east-1", access_key="testing",
                            secret_key="testing", scheme="http")
     trials = pq.read_table("bucket/pair/twice3/trials.parquet", filesystem=fs).to_pylist()
     assert len(trials) == 2 and all(r["status"] == "completed" for r in trials)

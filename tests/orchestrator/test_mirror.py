@@ -1,6 +1,6 @@
 """`run.mirror`: the store's metric rows copied to MLflow and Weights & Biases through Ray Tune's logger callbacks.
 
-End to end, offline: a real tiny sweep through the CLI, then MLflow read back from its local file store and W&B from
+End to end, offline: a real tiny sweep through the CLI, then MLflow read back from its SQLite database and W&B from
 its offline run files, each compared value for value with the Parquet store (the source of truth). Around it: the
 grid key's validation, a tracker that is not installed (one line, exit 2, nothing written), and a tracker that
 fails (one warning, the sweep unaffected).
@@ -39,6 +39,19 @@ def quiet_env(tmp_path) -> dict:
     """The trackers offline and in tmp, whatever this machine's environment says."""
     return {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb-dir"), "WANDB_PROJECT": "",
             "MLFLOW_TRACKING_URI": "", "WANDB_API_KEY": ""}
+
+
+def test_mlflow_default_is_a_sqlite_database_in_the_sweep(tmp_path, monkeypatch):
+    """What `mlflow ui --backend-store-uri` and `MlflowClient` open as they are (docs/reference.md "Mirroring"):
+    MLflow 3 opens its file store only when MLFLOW_ALLOW_FILE_STORE says so."""
+    from orchestrator.grid import RunConfig, mlflow_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert mlflow_tracking_uri(RunConfig(), "sweeps/s") == f"sqlite:///{tmp_path}/sweeps/s/mlflow.db"
+    assert mlflow_tracking_uri(RunConfig(), "s3://bucket/sweeps/s") is None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert mlflow_tracking_uri(RunConfig(), "sweeps/s") == "http://mlflow.example:5000"
 
 
 # --- the grid key --------------------------------------------------------------------------------------------
@@ -135,11 +148,49 @@ def test_a_failing_tracker_warns_once_and_is_dropped(capsys):
     assert capsys.readouterr().err.count("warning: run.mirror: wandb: No WandB API key found") == 1
 
 
+@pytest.mark.slow  # MLflow creates its database's tables (Alembic migrations): seconds
+def test_mlflow_logger_writes_its_default_database_and_mlflow_reads_it_as_is(tmp_path, monkeypatch, capsys):
+    """The driver's MLflow logger on the default SQLite database, read back as the docs say, with MLflow told
+    nothing about file stores; and nothing printed (MLflow's and Alembic's table-creation lines stay out)."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.mirror import _mlflow_logger
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+
+    class Trial:  # what the logger reads of Tune's trial
+        def __init__(self, trial_id):
+            self.trial_id, self.config = trial_id, {"trial": {"trial_id": trial_id}}
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    logger = _mlflow_logger(uri, "sweep-a", {"t1": {"sweep": "sweep-a", "method": "bias", "budget_flops": 4e9}})
+    logger.setup()
+    trial = Trial("t1")
+    logger.log_trial_start(trial)
+    logger.log_trial_result(1, trial, {"rows": [{"step": 1, "train_loss": 2.5},
+                                                {"step": 2, "train_loss": 2.0, "eval_loss": 1.5}]})
+    logger.log_trial_end(trial)
+    assert "MLFLOW_ALLOW_FILE_STORE" not in os.environ
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("sweep-a").experiment_id])
+    assert (run.info.run_name, run.info.status) == ("t1", "FINISHED")
+    assert run.data.params == {"sweep": "sweep-a", "method": "bias", "budget_flops": "4000000000.0"}
+    history = {k: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k))
+               for k in ("train_loss", "eval_loss")}
+    assert history == {"train_loss": [(1, 2.5), (2, 2.0)], "eval_loss": [(2, 1.5)]}
+    out, err = capsys.readouterr()
+    assert out == "" and err == ""
+
+
 # --- end to end ----------------------------------------------------------------------------------------------
+@pytest.mark.slow  # runs a sweep on Ray
 def test_sweep_mirrors_its_rows_to_mlflow_and_wandb(make_grid, ray_env, tmp_path, tiny_model, monkeypatch):
     grid = make_grid("mirror", budgets=[4.0e9, 5.0e9], run={"mirror": ["mlflow", "wandb"], "token_cache": False})
     storage = tmp_path / "store"
     env = quiet_env(tmp_path)
+    # as a user has it: MLflow told nothing about file stores, here or in the driver
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    ray_env.env.pop("MLFLOW_ALLOW_FILE_STORE", None)
     proc = ray_env.run(["submit", grid, "--storage", str(storage)], **env)
     assert proc.returncode == 0, proc.stderr
     # no tracker's banner, log or warning among the driver's lines (Ray Tune's own "may be a performance bottleneck"
@@ -154,11 +205,11 @@ def test_sweep_mirrors_its_rows_to_mlflow_and_wandb(make_grid, ray_env, tmp_path
     metrics = pd.read_parquet(sweep / "metrics")
     assert len(trials) == 2 and (trials.status == "completed").all()
 
-    # MLflow: the default file store beside the store's files, experiment = the sweep, one run per trial
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    # MLflow: the default SQLite database beside the store's files, experiment = the sweep, one run per trial
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"file://{sweep / 'mlflow'}")
+    assert (sweep / "mlflow.db").is_file() and not (sweep / "mlflow").exists()
+    client = MlflowClient(f"sqlite:///{sweep / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("mirror")
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.info.run_name for r in runs) == sorted(trials.trial_id)
@@ -201,6 +252,7 @@ def test_sweep_mirrors_its_rows_to_mlflow_and_wandb(make_grid, ray_env, tmp_path
                     assert logged[column] == row[column], (row.step, column)
 
 
+@pytest.mark.slow  # runs a sweep on Ray
 def test_a_broken_mlflow_server_does_not_fail_the_sweep(make_grid, ray_env, tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens
     grid = make_grid("down", run={"mirror": ["mlflow"], "mlflow_tracking_uri": uri, "token_cache": False})

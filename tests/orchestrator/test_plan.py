@@ -159,11 +159,14 @@ def test_memory_sizes_one_billion_full(tmp_path):
     # 20 GB, one GPU per node: 2.19e9 B -> 13 pairs < 16 without checkpointing; with it 71 -> chunk 64
     s = size_trial(shape, spec, 1, grid, 20e9)
     assert (s.resources, s.checkpointing, s.problem) == ({"CPU": 1, "GPU": 1}, True, None)
-    # 16 GB (below the static 17.6 GB with the margin), 8 per node: ZeRO-2 over 2 GPUs shards gradients and AdamW:
-    # static 3,635,036,160 + 1,611,472,896 + (3,222,945,792 + 6,445,891,584) / 2 + 2^30 = 11,154,669,568;
-    # 16e9 / 1.1 - that = 3.39e9 B -> 21 pairs of the 512 per rank -> chunk 16, no checkpointing
+    # 16 GB (below the static 17.6 GB with the margin), 8 per node: ZeRO-2 shards gradients and AdamW, and adds its
+    # fp32 master partition (4N / k) and the 2 GB gradient bucket (core/memory.py zero_buffer_bytes). Over 2 GPUs:
+    # 3,635,036,160 + 1,611,472,896 + (3,222,945,792 + 6,445,891,584) / 2 + 3,222,945,792 / 2 + 2e9 + 2^30 =
+    # 14,766,142,464 > 16e9 / 1.1 = 14,545,454,545: no room. Over 4: 3,635,036,160 + 1,611,472,896 + 2,417,209,344
+    # + 805,736,448 + 2e9 + 2^30 = 11,543,196,672; 3.0e9 B left -> 18 pairs of the 256 per rank -> chunk 16
     s = size_trial(shape, spec, 8, grid, 16e9)
-    assert (s.resources, s.deepspeed_gpus, s.checkpointing) == ({"CPU": 2, "GPU": 2}, 2, False)
+    assert (s.resources, s.deepspeed_gpus, s.checkpointing) == ({"CPU": 4, "GPU": 4}, 4, False)
+    assert s.memory == int((11_543_196_672 + 16 * 158_515_200) * 1.1) + 1
     # one 16 GB GPU and nothing else: no share holds it, and the plan says so
     s = size_trial(shape, spec, 1, grid, 16e9)
     assert s.problem.startswith("does not fit in GPU memory: needs 17.6 GB per GPU at the least (1 of a GPU")
@@ -250,15 +253,15 @@ def test_paper_grid_resources_on_a_gpu_cluster():
     assert first[("2.8b", "lora", 2048, None)].deepspeed_gpus == 8
 
 
-# --- measuring the data (a stand-in workers.records: no network) ------------------------------------
+# --- measuring the data (a stand-in workers.pair_files: no network) ------------------------------------
 class FakeDataError(ValueError):
     pass
 
 
 @pytest.fixture
 def fake_data(monkeypatch):
-    """workers.records with call counters; ``fake.fail = "..."`` makes every read raise DataError."""
-    fake = types.ModuleType("workers.records")
+    """workers.pair_files with call counters; ``fake.fail = "..."`` makes every read raise DataError."""
+    fake = types.ModuleType("workers.pair_files")
     fake.DataError, fake.calls, fake.fail = FakeDataError, [], None
 
     def count_pairs(uri):
@@ -274,7 +277,7 @@ def fake_data(monkeypatch):
         return 40.0
 
     fake.count_pairs, fake.measure_tokens_per_pair = count_pairs, measure_tokens_per_pair
-    monkeypatch.setitem(sys.modules, "workers.records", fake)
+    monkeypatch.setitem(sys.modules, "workers.pair_files", fake)
     monkeypatch.setattr("orchestrator.plan._load_tokenizer", lambda path: f"tok:{path}")
     return fake
 
@@ -332,7 +335,7 @@ def test_missing_tokenizer_falls_back(fake_data, tmp_path, monkeypatch):
 
 
 def test_measures_real_data_with_the_models_tokenizer(tiny_model, pairs_file, tmp_path):
-    """The real workers.records and tokenizer: one measurement on a sample, one count."""
+    """The real workers.pair_files and tokenizer: one measurement on a sample, one count."""
     from transformers import AutoTokenizer
 
     g = {"name": "t", "models": [tiny_model], "methods": {"full": {}}, "budgets": [1e10],

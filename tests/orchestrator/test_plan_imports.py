@@ -1,4 +1,4 @@
-"""The driver plans without torch or deepspeed (issue 12: `repurpose demo` printed DeepSpeed's "Setting
+"""The driver plans without torch or deepspeed (`repurpose demo` printed DeepSpeed's "Setting
 accelerator to CPU"): `plan_grid(..., strict_data=True)` — what the driver runs before any trial — measures the
 data with the model's tokenizer and counts the pairs in a fresh interpreter, which must end with neither torch,
 transformers' torch side nor deepspeed loaded."""

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from analysis.schema import METRICS_COLUMNS, TRIALS_COLUMNS, TRIALS_SCHEMA
+from core.events import TrialEvent
 from orchestrator.store import Recorder, Store, StoreError
 
 def trial_row(trial_id: str, method: str = "full", **fields) -> dict:
@@ -31,11 +32,11 @@ def metric(step: int, run: str = "a", eval_loss: float | None = None) -> dict:
             "eval_loss": eval_loss, "tokens_per_s": 100.0}
 
 
-def event(rows: list[dict], *, restart: bool = False, done: bool = False, trial: dict | None = None) -> dict:
+def event(rows: list[dict], *, restart: bool = False, done: bool = False, trial: dict | None = None) -> TrialEvent:
     """What tuning._StoreCallback hands the Recorder."""
     last = rows[-1] if rows else {"step": 0, "tokens": 0, "flops": 0.0, "train_loss": None}
-    return {"rows": rows, "restart": restart, "step": last["step"], "tokens": last["tokens"],
-            "flops": last["flops"], "train_loss": last["train_loss"], "trial": trial, "done": done}
+    return TrialEvent(rows=rows, restart=restart, step=last["step"], tokens=last["tokens"], flops=last["flops"],
+                      train_loss=last["train_loss"], trial=trial, done=done)
 
 
 def stored(sweep_dir) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""Checkpoints of any size on every backend (issue #16): fsio writes the final key directly on S3 (a PUT, or a
+"""Checkpoints of any size on every backend: fsio writes the final key directly on S3 (a PUT, or a
 multipart upload aborted on failure), never a temp key moved by a CopyObject, which S3 refuses above 5 GiB (here
 a moto server with a 1 MiB cap plays S3); workers/checkpoint.py streams tensors out one at a time and reads each
 one straight into its own storage (host memory measured in a subprocess); the files are safetensors'."""
@@ -23,16 +23,14 @@ MIB = 1 << 20
 
 
 # --- S3: a moto server whose CopyObject refuses sources above COPY_CAP_BYTES -------------------------------
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A moto S3 server on 127.0.0.1 (a thread of this process, tests/orchestrator/test_lease.py's pattern)
-    with one bucket."""
-    boto3 = pytest.importorskip("boto3")
-    server_mod = pytest.importorskip("moto.server")
+@pytest.fixture
+def s3(moto_s3, monkeypatch, request):
+    """(a fresh prefix ``s3://ckpt/<test>``, a boto3 client) on the session's moto server (tests/conftest.py),
+    whose CopyObject refuses sources above COPY_CAP_BYTES for this test."""
     from moto.s3.exceptions import S3ClientError
     from moto.s3.models import S3Backend
 
-    from workers.distributed import free_port
+    original = S3Backend.copy_object
 
     def capped_copy(self, src_key, *args, **kwargs):
         if src_key.size > COPY_CAP_BYTES:  # S3's words for a CopyObject above 5 GiB
@@ -40,31 +38,13 @@ def s3_endpoint():
                                 f"allowable size for a copy source: {COPY_CAP_BYTES}")
         return original(self, src_key, *args, **kwargs)
 
-    original = S3Backend.copy_object
-    port = free_port()
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket="ckpt")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(S3Backend, "copy_object", capped_copy)
-        yield endpoint
-    server.stop()
-
-
-@pytest.fixture
-def s3(s3_endpoint, monkeypatch, request):
-    """(a fresh prefix ``s3://ckpt/<test>``, a boto3 client) with the environment pointing at the server."""
-    import boto3
-
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION":
-                 "us-east-1", "AWS_ENDPOINT_URL_S3": s3_endpoint, "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(S3Backend, "copy_object", capped_copy)
     # moto's (and S3's) smallest part: multipart sooner (raising=False: the test also runs on the old fsio)
     monkeypatch.setattr(storage, "S3_PART_BYTES", 5 * MIB, raising=False)
+    client = moto_s3.client()
+    client.create_bucket(Bucket="ckpt")
     name = request.node.name.replace("[", "-").rstrip("]")
-    return f"s3://ckpt/{name}", boto3.client("s3")
+    return f"s3://ckpt/{name}", client
 
 
 def keys(client, prefix: str) -> dict[str, int]:
@@ -309,6 +289,7 @@ def probe(uri: str, what: str, env: dict | None = None, part_bytes: int = 8 * MI
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # measures a subprocess saving and loading a large checkpoint
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 @BACKENDS
 def test_save_and_load_hold_about_one_tensor_beside_the_checkpoint(store):

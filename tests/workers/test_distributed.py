@@ -28,6 +28,7 @@ import torch
 
 import fsio as storage
 from workers import checkpoint
+from core.events import TrialEvent
 from core.spec import TrialSpec
 
 TAU = 0.025
@@ -66,7 +67,8 @@ def load(model_dir, method):
 
 
 def make_batch(tokenizer, pairs_file, n):
-    from workers.data import collate, make_encoder, pad_id_of
+    from workers.pair_batches import collate
+    from workers.pair_files import make_encoder, pad_id_of
 
     with open(pairs_file) as f:
         pairs = [json.loads(next(f)) for _ in range(n)]
@@ -83,7 +85,7 @@ def grads(model) -> dict[str, torch.Tensor]:
 def spawn(target, world, *args):
     import torch.multiprocessing as mp
 
-    from workers.distributed import free_port
+    from raykit import free_port
 
     mp.start_processes(target, args=(world, free_port(), *args), nprocs=world, join=True, start_method="spawn")
 
@@ -150,7 +152,8 @@ def test_shard_splits_even_batches_and_keeps_uneven_ones_whole(tiny_model, pairs
 
 
 def test_deepspeed_config_default_and_override(tmp_path):
-    from workers.distributed import DeepSpeedConfigError, deepspeed_config, read_override
+    from core.spec import DeepSpeedConfigError
+    from workers.distributed import deepspeed_config, read_override
 
     config = deepspeed_config(world=4, micro_batch=256, bf16=True)
     assert config["zero_optimization"] == {"stage": 2}
@@ -229,6 +232,7 @@ def _math_rank(rank, world, port, model_dir, pairs_file, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns gloo ranks
 @pytest.mark.timeout(300)
 def test_sharded_loss_and_gradients_equal_single_process(tiny_model, pairs_file, tmp_path):
     from safetensors.torch import load_file
@@ -384,6 +388,7 @@ def _read_rank(rank, world, port, root):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns gloo ranks
 @pytest.mark.timeout(120)
 def test_checkpoint_is_read_by_rank_0_alone_and_sent(tmp_path):
     """Rank 1 cannot reach storage; it gets rank 0's checkpoint (past the damaged newest: the one before it, and
@@ -551,25 +556,10 @@ def upsert(rows) -> list[dict]:
 
 
 @pytest.fixture
-def s3(monkeypatch):
-    """A moto S3 server on 127.0.0.1 (a thread of this process) with one bucket; the ranks inherit its env."""
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    from workers.distributed import free_port
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1").create_bucket(Bucket="ckpt")
-    try:
-        yield "s3://ckpt"
-    finally:
-        server.stop()
+def s3(moto_s3):
+    """``s3://ckpt`` on the session's moto server (tests/conftest.py); the ranks inherit its env."""
+    moto_s3.client().create_bucket(Bucket="ckpt")
+    return "s3://ckpt"
 
 
 @pytest.mark.slow
@@ -593,7 +583,7 @@ def test_deepspeed_trial_resumes_and_equals_single_process(tiny_model, pairs_fil
 
     def kill_at_step_3(event):
         first.append(event)
-        if event["step"] >= 3:
+        if event.step >= 3:
             raise Stop  # run_local kills the ranks (SIGKILL): a crash mid-trial
 
     with pytest.raises(Stop):
@@ -615,20 +605,20 @@ def test_deepspeed_trial_resumes_and_equals_single_process(tiny_model, pairs_fil
         m.setattr(distributed, "_local_main", _rank1_blind)  # spawned by reference: the ranks run _rank1_blind
         row = run_local(spec, 2, checkpoint_uri=uri, report=second.append, timeout_s=600)
 
-    ref_events: list[dict] = []
+    ref_events: list[TrialEvent] = []
     ref = run_trial(spec, report=ref_events.append)
 
     # the second run resumed from a DeepSpeed checkpoint after step c >= 2 (saved before the kill at step 3; on
     # disk, the one before the damaged newest): its first event restates the history 1..c, then its own step c + 1
-    history = [r["step"] for r in second[0]["rows"]]
+    history = [r["step"] for r in second[0].rows]
     c = history[-2]
-    assert second[0]["restart"] and history == list(range(1, c + 2)) and 1 <= c < ref["steps"]
+    assert second[0].restart and history == list(range(1, c + 2)) and 1 <= c < ref["steps"]
     if store == "local":  # checkpoints every step: the previous one is a step older; the trial's reason says so
         assert c == newest - 1 and "unreadable" in row["reason"] and f"resumed from step {c}" in row["reason"]
     else:
         assert c == newest >= 2 and not row["reason"]
-    rows = upsert([r for e in first + second for r in e["rows"]])
-    ref_rows = upsert([r for e in ref_events for r in e["rows"]])
+    rows = upsert([r for e in first + second for r in e.rows])
+    ref_rows = upsert([r for e in ref_events for r in e.rows])
     assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
     for got, want in zip(rows, ref_rows):
         assert got["tokens"] == want["tokens"] and got["flops"] == want["flops"]
@@ -640,7 +630,7 @@ def test_deepspeed_trial_resumes_and_equals_single_process(tiny_model, pairs_fil
     assert row["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-5)
     assert row["hardware_flops"] > row["flops"]  # recomputation: checkpointing and the gradient cache
     # rank 0 reported, once: one done event; the done marker (no tensors) replaced the checkpoints
-    assert sum(e["done"] for e in second) == 1 and second[-1]["done"] and second[-1]["trial"] == row
+    assert sum(e.done for e in second) == 1 and second[-1].done and second[-1].trial == row
     tensors, state = checkpoint.load(uri)
     assert state["progress"]["done"] and not tensors
     assert len([n for n in storage.list_dir(uri) if n.startswith("step-")]) == 1
@@ -669,12 +659,11 @@ def test_tune_trial_runs_deepspeed_ranks_and_reports_once(tiny_model, pairs_file
                      batch_size=16, precision="fp32", num_threads=1, chunk_size=4, report_every_s=0.0)
     configs = [{"trial_id": name, "spec": spec.to_dict(), "checkpoint_uri": str(tmp_path / name),
                 "resources": {"CPU": 2}, "deepspeed_gpus": 0, "cpu_ranks": 2} for name in ("a", "b")]
-    results: dict[str, list[dict]] = {"a": [], "b": []}
+    results: dict[str, list[TrialEvent]] = {"a": [], "b": []}
 
     class Collect(tune.Callback):
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            keys = ("step", "flops", "final", "rows", "trial", "ranks")
-            results[trial.config["trial"]["trial_id"]].append({k: result.get(k) for k in keys})
+            results[trial.config["trial"]["trial_id"]].append(TrialEvent.from_dict(result))
 
     ray_dir = tempfile.mkdtemp(prefix="rp-ds-", dir="/tmp")  # unix socket paths must stay short
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
@@ -690,17 +679,17 @@ def test_tune_trial_runs_deepspeed_ranks_and_reports_once(tiny_model, pairs_file
         ray.shutdown()
     assert trial_placement({"trial": configs[0]}).bundles == [{"CPU": 1.0}, {"CPU": 1.0}]
 
-    ref_events: list[dict] = []
+    ref_events: list[TrialEvent] = []
     ref = run_trial(spec, report=ref_events.append)
-    ref_rows = upsert([r for e in ref_events for r in e["rows"]])
+    ref_rows = upsert([r for e in ref_events for r in e.rows])
     for name, got in results.items():
         # rank 0 alone reported, each step once, one final event
-        assert [r["step"] for r in got] == [e["step"] for e in ref_events], name
-        assert [r["final"] for r in got].count(True) == 1 and got[-1]["final"]
-        assert {r["ranks"] for r in got} == {2}  # made by DeepSpeed on two ranks
-        row = got[-1]["trial"]
+        assert [r.step for r in got] == [e.step for e in ref_events], name
+        assert [r.done for r in got].count(True) == 1 and got[-1].done
+        assert {r.ranks for r in got} == {2}  # made by DeepSpeed on two ranks
+        row = got[-1].trial
         assert row["flops"] == ref["flops"] and row["steps"] == ref["steps"] and row["node_id"]
-        rows = upsert([r for e in got for r in e["rows"]])
+        rows = upsert([r for e in got for r in e.rows])
         for a, b in zip(rows, ref_rows, strict=True):
             assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5), (name, a["step"])
 
@@ -737,8 +726,8 @@ def test_deepspeed_trial_equals_single_process_for_other_families(family, pairs_
     single: list[dict] = []
     ref = run_trial(spec, report=single.append)
     assert (row["steps"], row["tokens"], row["flops"]) == (ref["steps"], ref["tokens"], ref["flops"]) and ref["steps"] >= 3
-    got = upsert([r for e in ranks for r in e["rows"]])
-    want = upsert([r for e in single for r in e["rows"]])
+    got = upsert([r for e in ranks for r in e.rows])
+    want = upsert([r for e in single for r in e.rows])
     for g, w in zip(got, want):
         assert g["train_loss"] == pytest.approx(w["train_loss"], abs=1e-5), g["step"]
     assert row["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-5)

@@ -25,10 +25,11 @@ from core.spec import LORA_TARGETS
 from fsio import arrow_schema
 from core.store import TRIAL_COLUMNS
 from orchestrator.cli import main
-from workers.export import ExportError, select_trial
+from analysis.trial_choice import TrialChoiceError, select_trial
 from workers.methods import select_trainable
-from workers.records import load_eval_pairs, make_encoder
-from workers.weights import model_uri, save_trained
+from workers.pair_files import load_eval_pairs, make_encoder
+from core.store import model_uri
+from workers.weights import save_trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,7 +52,7 @@ def trained(tiny_model, method: str, seed: int = 0):
 
 
 def trial_embeddings(model, tokenizer, texts, pooling: str) -> torch.Tensor:
-    """The trial's embedding, from its definition (PAPER.md "Training recipe" and "Beyond the study")."""
+    """The trial's embedding, from its definition (docs/study.md "Training recipe" and "Beyond the study")."""
     eos = tokenizer.eos_token_id
     if pooling == "last":
         seqs = [ids + [eos] for ids in make_encoder(tokenizer, MAX_LENGTH - 1)(texts)]
@@ -95,6 +96,7 @@ CASES = [(m, "mean") for m in METHOD_KW] + [("full", "last"), ("lora", "last"), 
                                             ("lora", "weighted_mean")]
 
 
+@pytest.mark.slow  # trains and exports the tiny model
 @pytest.mark.parametrize("method,pooling", CASES)
 def test_export_embeds_as_the_trial(tiny_model, tmp_path, eval_texts, method, pooling):
     from sentence_transformers import SentenceTransformer
@@ -117,6 +119,7 @@ def test_export_embeds_as_the_trial(tiny_model, tmp_path, eval_texts, method, po
     assert torch.allclose(got.norm(dim=1), torch.ones(len(eval_texts)), atol=1e-5)  # Normalize
 
 
+@pytest.mark.slow  # trains and exports the tiny model
 def test_folder_loads_in_a_fresh_offline_interpreter(tiny_model, tmp_path, eval_texts):
     from transformers import AutoTokenizer
 
@@ -153,9 +156,9 @@ def test_budget_picks_the_lowest_eval_loss_at_that_budget():
     pick = lambda c: select_trial(ROWS, trial_id=None, budget=c, budgets=[1e9, 4e9, 1.6e10], sweep="sw")
     assert pick(1e9)["trial_id"] == "b"  # b and e tie at 1.5: the smaller id, deterministic
     assert pick(4e9)["trial_id"] == "d"
-    with pytest.raises(ExportError, match="no completed trial"):
+    with pytest.raises(TrialChoiceError, match="no completed trial"):
         pick(1.6e10)
-    with pytest.raises(ExportError, match="not a budget of the grid"):
+    with pytest.raises(TrialChoiceError, match="not a budget of the grid"):
         pick(2e9)
 
 
@@ -171,6 +174,7 @@ def bad_store(tiny_model, tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow  # trains and exports the tiny model
 @pytest.mark.parametrize("argv,message", [
     (["--trial", "nope"], "no trial 'nope'"),
     (["--trial", "nokept"], "kept no weights"),
@@ -189,6 +193,7 @@ def test_bad_exports_exit_2_and_write_nothing(bad_store, capsys, argv, message):
     assert not out.exists() and not [p for p in os.listdir(bad_store) if p.startswith(".out")]
 
 
+@pytest.mark.slow  # trains and exports the tiny model
 def test_an_existing_non_empty_out_is_refused(bad_store, capsys):
     out = bad_store / "out"
     out.mkdir()

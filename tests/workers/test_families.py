@@ -15,7 +15,8 @@ import pytest
 import torch
 from support import VOCAB, build_tokenizer, make_pairs, tiny_config
 
-from core.flops import cost_per_token, loss_matmul_flops, param_counts, sequence_hardware_flops
+from core.flops import cost_per_token, loss_matmul_flops, sequence_hardware_flops
+from core.methods import param_counts
 from core.models import FAMILIES, ModelConfigError, auto_lr, model_shape, read_config, trained_blocks
 from workers.loss import contrastive_backward, step_shapes
 from workers.methods import count_params, decoder_blocks, select_trainable
@@ -102,7 +103,7 @@ def test_n_and_n_trainable_by_hand(checkpoints, family, method, kw):
     if method == "lora":
         adapted = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in trained}
         assert adapted == set(shape.default_lora_targets()) and all("lora_" in name for name in trained)
-    # cost per token (PAPER.md): full 6N, freeze 2N + 4N_tr, bias / lora 4N + 2N_tr
+    # cost per token (docs/study.md): full 6N, freeze 2N + 4N_tr, bias / lora 4N + 2N_tr
     expected = {"full": 6 * n, "freeze": 2 * n + 4 * n_tr, "bias": 4 * n + 2 * n_tr, "lora": 4 * n + 2 * n_tr}
     assert cost_per_token(method, n, n_tr) == expected[method]
 
@@ -116,6 +117,7 @@ def test_bias_on_a_family_without_biases_is_an_error_not_a_silent_run(checkpoint
 RATIOS: dict = {}
 
 
+@pytest.mark.slow  # torch's FLOP counter over every family x method (tests/workers/test_flops.py keeps GPT-NeoX's quick)
 @pytest.mark.parametrize("family,method,kw", CASES, ids=[f"{f}-{m}" for f, m, _ in CASES])
 def test_hardware_flops_match_torch_flop_counter(checkpoints, family, method, kw):
     """One training step, eager attention, right padding, per mode: plain, checkpointing, checkpointing + the

@@ -5,11 +5,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from core.flops import (NeoxShape, cost_per_token, flops_for_tokens, loss_matmul_flops, param_counts,
-                           sequence_hardware_flops, tokens_for_budget, trained_blocks)
+from core.flops import (cost_per_token, flops_for_tokens, loss_matmul_flops, sequence_hardware_flops,
+                        tokens_for_budget)
+from core.methods import param_counts
+from core.models import ModelShape, trained_blocks
 from core.models import PYTHIA_SHAPES, auto_lr, model_shape, pretrain_lr
 
-# PAPER.md's non-embedding parameter counts
+# docs/study.md's non-embedding parameter counts
 PAPER_N = {"14m": 1_189_888, "31m": 4_739_072, "70m": 18_915_328, "160m": 85_056_000, "410m": 302_311_424,
            "1b": 805_736_448, "1.4b": 1_208_602_624, "2.8b": 2_517_652_480}
 
@@ -21,7 +23,7 @@ def test_pythia_n_matches_the_paper(size):
 
 # tiny: hidden 64, 4 layers, intermediate 256. Block = qkv 64*192+192 + dense 64*64+64 + h_to_4h 64*256+256
 # + 4h_to_h 256*64+64 + two LayerNorms 4*64 = 49,984; N = 4 * 49,984 + final LayerNorm 128 = 200,064.
-TINY = NeoxShape(hidden=64, layers=4, heads=4, intermediate=256, vocab=512)
+TINY = ModelShape(hidden=64, layers=4, heads=4, intermediate=256, vocab=512)
 CASES = [
     # method, kwargs, N, N_tr, cost per token
     ("full", {}, 200_064, 200_064, 6 * 200_064),
@@ -53,7 +55,7 @@ def test_budget_tokens_budget_round_trip(budget, cost):
 
 
 def test_paper_degenerate_cells():
-    # PAPER.md: 2.8B full fine-tuning at 1.5e15 is ~1,300 pairs of 78 tokens (about one batch)
+    # docs/study.md: 2.8B full fine-tuning at 1.5e15 is ~1,300 pairs of 78 tokens (about one batch)
     n = PAPER_N["2.8b"]
     pairs = tokens_for_budget(1.5e15, cost_per_token("full", n, n)) / 78
     assert 1_200 < pairs < 1_350
@@ -82,7 +84,7 @@ def pythia_14m_shaped(method: str, kw: dict):
     torch.manual_seed(0)
     model = select_trainable(AutoModel.from_config(cfg, attn_implementation="eager"), method, **kw,
                              lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"))
-    return d, NeoxShape.from_config(cfg.to_dict()), model
+    return d, ModelShape.from_config(cfg.to_dict()), model
 
 
 METHODS = [("full", {}), ("freeze", {"trainable_fraction": 0.5}), ("bias", {}), ("lora", {"lora_rank": 8})]
@@ -130,7 +132,7 @@ def test_hard_negative_flops_match_torch_flop_counter(method, kw, chunk, packing
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from workers.data import collate
+    from workers.pair_batches import collate
     from workers.loss import contrastive_backward, step_shapes
 
     d, shape, model = pythia_14m_shaped(method, kw)
@@ -151,3 +153,8 @@ def test_hard_negative_flops_match_torch_flop_counter(method, kw, chunk, packing
     ratio = ours / counter.get_total_flops()
     print(f"{method} chunk={chunk} packing={packing}: ours/torch = {ratio:.4f}")
     assert abs(ratio - 1) < 0.01
+def test_padding_fraction_by_hand():
+    from core.flops import padding_fraction
+
+    assert padding_fraction(60, 80) == 0.25 and padding_fraction(80, 80) == 0.0
+    assert padding_fraction(0, 0) is None  # nothing processed: no fraction, not "no padding"

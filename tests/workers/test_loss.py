@@ -9,7 +9,8 @@ import pytest
 import torch
 from support import make_pairs
 
-from workers.data import collate, make_encoder, pad_id_of
+from workers.pair_batches import collate
+from workers.pair_files import make_encoder, pad_id_of
 from workers.loss import contrastive_backward, embed, eval_loss, info_nce
 from workers.methods import select_trainable
 from workers.steps import enable_checkpointing

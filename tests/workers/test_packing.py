@@ -1,4 +1,4 @@
-"""workers/packing.py: texts packed in rows (no padding) give the padded forward's results (issue #16).
+"""workers/packing.py: texts packed in rows (no padding) give the padded forward's results.
 
 The layout and the pack by hand; per supported family (tiny configs of tests/support.py, eager and SDPA, sliding
 windows made to bind) the packed rows' hidden states and every pooling's embeddings equal the padded batch's;
@@ -109,7 +109,7 @@ def test_every_family_packs():
 # --- one contrastive step: loss and gradients ---------------------------------------------------------------
 @dataclasses.dataclass
 class Pairs:
-    """A contrastive batch as workers/data.py's Batch carries it."""
+    """A contrastive batch as workers/pair_batches.py's Batch carries it."""
 
     q_ids: torch.Tensor
     q_mask: torch.Tensor
@@ -162,7 +162,7 @@ def test_packed_hardware_flops_match_torch_flop_counter(method, kw, checkpointin
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModel, GPTNeoXConfig
 
-    from core.flops import NeoxShape
+    from core.models import ModelShape
     from core.models import PYTHIA_SHAPES
     from core.spec import TrialSpec
     from workers.methods import select_trainable
@@ -181,7 +181,7 @@ def test_packed_hardware_flops_match_torch_flop_counter(method, kw, checkpointin
                      gradient_checkpointing=checkpointing, chunk_size=chunk)
     with FlopCounterMode(display=False) as counter:
         contrastive_backward(model, batch, 0.025, chunk, FP32, packing=True)
-    shape = NeoxShape.from_config(cfg.to_dict())
+    shape = ModelShape.from_config(cfg.to_dict())
     ours = HardwareFlops(shape, spec, chunk or 8, packing=True)(batch, 8)
     padded = HardwareFlops(shape, spec, chunk or 8)(batch, 8)
     assert sum(r for r, _ in step_shapes(batch, chunk, True)) < 16  # fewer rows than texts
@@ -212,6 +212,7 @@ def test_the_switch_is_a_runtime_knob_and_validated(tmp_path):
         TrialSpec(model="m", method="full", budget_flops=1.0, train_data="x", packing="yes")
 
 
+@pytest.mark.slow  # trains the tiny model twice
 def test_a_trial_trains_the_same_packed(tiny_model, pairs_file, eval_file):
     """Packing on and off: the same losses step by step (float rounding apart), fewer hardware FLOP packed."""
     from core.spec import TrialSpec
@@ -224,7 +225,7 @@ def test_a_trial_trains_the_same_packed(tiny_model, pairs_file, eval_file):
     for packing in ("off", "on"):
         events = []
         row = run_trial(dataclasses.replace(base, packing=packing), report=events.append)
-        runs[packing] = (row, [r["train_loss"] for e in events for r in e["rows"]])
+        runs[packing] = (row, [r["train_loss"] for e in events for r in e.rows])
     (off, losses_off), (on, losses_on) = runs["off"], runs["on"]
     assert on["steps"] == off["steps"] >= 4 and on["tokens"] == off["tokens"]
     assert losses_on == pytest.approx(losses_off, rel=1e-4)

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from support import make_pairs
 
-from workers.data import collate
-from workers.records import make_encoder, pad_id_of
+from workers.pair_batches import collate
+from workers.pair_files import make_encoder, pad_id_of
 from workers.retrieval import (METRICS, embed_pairs, evaluate_retrieval, metrics_from_ranks, positive_ranks,
                                retrieval_metrics)
 from core.store import RETRIEVAL_NAMES

@@ -10,54 +10,54 @@ import time
 
 import pytest
 
-from workers import suite as S
-from core.flops import NeoxShape
+from workers.suite import cache as SC, models as SM, pretraining as SP, stdlib_pairs as SD
+from core.models import ModelShape
 from core.models import PRETRAIN_LR_KEY, auto_lr
 
 TOKEN_SCALE = 0.12  # 9 and 17 steps of 2,048 tokens for the two smallest models
-SMALLEST = [m.name for m in S.SUITE[:2]]
+SMALLEST = [m.name for m in SM.SUITE[:2]]
 
 
 # ------------------------------------------------------------------------------------------ definition
 
 
 def test_suite_has_pythia_shapes_spanning_30x():
-    ns = [m.n_params for m in S.SUITE]
-    assert len(S.SUITE) >= 4 and ns == sorted(ns) and ns[-1] / ns[0] >= 30
-    for m in S.SUITE:
+    ns = [m.n_params for m in SM.SUITE]
+    assert len(SM.SUITE) >= 4 and ns == sorted(ns) and ns[-1] / ns[0] >= 30
+    for m in SM.SUITE:
         assert m.hidden % m.heads == 0 and m.hidden // m.heads == 32  # pythia-14m/31m head dim
         cfg = m.config()
         assert cfg.intermediate_size == 4 * m.hidden and cfg.use_parallel_residual
         assert cfg.to_dict()["rope_parameters"]["partial_rotary_factor"] == 0.25
-    assert len({m.name for m in S.SUITE}) == len(S.SUITE)
-    assert S.SUITE[2].n_params == 1_189_888 and S.SUITE[3].n_params == 4_739_072  # pythia-14m, -31m (PAPER.md)
+    assert len({m.name for m in SM.SUITE}) == len(SM.SUITE)
+    assert SM.SUITE[2].n_params == 1_189_888 and SM.SUITE[3].n_params == 4_739_072  # pythia-14m, -31m (docs/study.md)
 
 
 def test_pretrain_tokens_grow_with_n_in_whole_batches():
-    tokens = [S.pretrain_tokens(m.n_params) for m in S.SUITE]
+    tokens = [SP.pretrain_tokens(m.n_params) for m in SM.SUITE]
     assert tokens == sorted(tokens) and tokens[-1] > tokens[0]
-    step = S.BATCH_SEQS * S.SEQ_LEN
+    step = SP.BATCH_SEQS * SP.SEQ_LEN
     assert all(t % step == 0 for t in tokens)
-    assert S.pretrain_tokens(10**9) == S.MAX_TOKENS and S.pretrain_tokens(1) == S.MIN_TOKENS
-    assert S.pretrain_tokens(1, token_scale=1e-9) == step
+    assert SP.pretrain_tokens(10**9) == SP.MAX_TOKENS and SP.pretrain_tokens(1) == SP.MIN_TOKENS
+    assert SP.pretrain_tokens(1, token_scale=1e-9) == step
 
 
 def test_lr_schedule_warms_up_then_decays_to_a_tenth():
     total = 100
-    f = [S._lr_factor(s, total) for s in range(total)]
+    f = [SP._lr_factor(s, total) for s in range(total)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[9:], f[10:]))
-    assert f[-1] == pytest.approx(S.FINAL_LR_FRACTION, abs=0.01)
+    assert f[-1] == pytest.approx(SP.FINAL_LR_FRACTION, abs=0.01)
 
 
 def test_cache_root_and_keys(monkeypatch, tmp_path):
     monkeypatch.setenv("REPURPOSE_CACHE", str(tmp_path))
-    assert S.cache_root() == str(tmp_path)
-    assert S.cache_root(str(tmp_path / "x")) == str(tmp_path / "x")
-    assert S.suite_key() == S.suite_key(1.0) != S.suite_key(0.5)
-    assert S.list_suite() == [] and S.suite_paths() == {}
-    with pytest.raises(S.SuiteError, match="mini-pythia-0.1m"):
-        S.build_suite(sizes=["70m"])
+    assert SC.cache_root() == str(tmp_path)
+    assert SC.cache_root(str(tmp_path / "x")) == str(tmp_path / "x")
+    assert SC.suite_key() == SC.suite_key(1.0) != SC.suite_key(0.5)
+    assert SC.list_suite() == [] and SC.suite_paths() == {}
+    with pytest.raises(SM.SuiteError, match="mini-pythia-0.1m"):
+        SC.build_suite(sizes=["70m"])
 
 
 # ------------------------------------------------------------------------------------------- tokenizer
@@ -67,16 +67,17 @@ def test_cache_root_and_keys(monkeypatch, tmp_path):
 def built(tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("cache"))
     t0 = time.perf_counter()
-    models = S.build_suite(cache_dir=cache, sizes=SMALLEST, progress=False, token_scale=TOKEN_SCALE)
+    models = SC.build_suite(cache_dir=cache, sizes=SMALLEST, progress=False, token_scale=TOKEN_SCALE)
     return cache, models, time.perf_counter() - t0
 
 
+@pytest.mark.slow  # pretrains suite models / extracts the stdlib pairs
 def test_tokenizer_round_trips_stdlib_docstrings(built):
     from transformers import AutoTokenizer
 
     _, models, _ = built
     tok = AutoTokenizer.from_pretrained(models[0].path)
-    assert len(tok) == S.VOCAB_SIZE
+    assert len(tok) == SM.VOCAB_SIZE
     assert tok.convert_tokens_to_ids("<|endoftext|>") == 0 and tok.convert_tokens_to_ids("<|padding|>") == 1
     assert tok.eos_token_id == 0 and tok.pad_token is None  # as Pythia's: the trainer pads with EOS
     for text in (json.dumps.__doc__, inspect.cleandoc.__doc__, math.sqrt.__doc__, "naïve café — ≥ 0\t\n  x"):
@@ -88,6 +89,7 @@ def test_tokenizer_round_trips_stdlib_docstrings(built):
 # ------------------------------------------------------------------------------------------ the build
 
 
+@pytest.mark.slow  # pretrains suite models / extracts the stdlib pairs
 def test_build_saves_loadable_pretrained_checkpoints(built):
     import torch
     from transformers import AutoModel
@@ -101,19 +103,20 @@ def test_build_saves_loadable_pretrained_checkpoints(built):
         with open(os.path.join(m.path, "config.json")) as f:
             cfg = json.load(f)
         n_model = sum(p.numel() for name, p in model.named_parameters() if "emb" not in name)
-        assert m.n_params == NeoxShape.from_config(cfg).n_params() == n_model
+        assert m.n_params == ModelShape.from_config(cfg).n_params() == n_model
         assert cfg[PRETRAIN_LR_KEY] == m.pretrain_lr and auto_lr(m.path) == pytest.approx(m.pretrain_lr / 10)
-        assert m.pretrain_tokens == S.pretrain_tokens(m.n_params, TOKEN_SCALE)
+        assert m.pretrain_tokens == SP.pretrain_tokens(m.n_params, TOKEN_SCALE)
         # it learned: ~ln(4096) = 8.3 at initialisation, clearly lower after a few hundred thousand tokens
-        assert m.initial_loss == pytest.approx(math.log(S.VOCAB_SIZE), abs=0.3)
+        assert m.initial_loss == pytest.approx(math.log(SM.VOCAB_SIZE), abs=0.3)
         assert m.pretrain_loss < m.initial_loss - 0.5
         out = model(input_ids=torch.tensor([[5, 6, 7]])).last_hidden_state
         assert out.shape == (1, 3, m.hidden) and torch.isfinite(out).all()
-    assert S.list_suite(cache, TOKEN_SCALE) == models
-    assert list(S.suite_paths(cache, TOKEN_SCALE)) == SMALLEST
-    assert not [d for d in os.listdir(S.suite_dir(cache, TOKEN_SCALE)) if d.startswith(".")]  # no temp dirs
+    assert SC.list_suite(cache, TOKEN_SCALE) == models
+    assert list(SC.suite_paths(cache, TOKEN_SCALE)) == SMALLEST
+    assert not [d for d in os.listdir(SC.suite_dir(cache, TOKEN_SCALE)) if d.startswith(".")]  # no temp dirs
 
 
+@pytest.mark.slow  # pretrains suite models / extracts the stdlib pairs
 def test_second_build_is_a_no_op_and_force_rebuilds(built, monkeypatch):
     cache, models, _ = built
     weights = os.path.join(models[0].path, "model.safetensors")
@@ -123,25 +126,26 @@ def test_second_build_is_a_no_op_and_force_rebuilds(built, monkeypatch):
         raise AssertionError("a built suite model was trained again")
 
     with monkeypatch.context() as m:  # a second build trains nothing and prepares no data (not: "is fast")
-        m.setattr(S, "pretrain", no_training)
-        m.setattr(S, "_prepare_data", no_training)
-        again = S.build_suite(cache_dir=cache, sizes=["0.1m"], progress=False, token_scale=TOKEN_SCALE)
+        m.setattr(SC, "pretrain", no_training)
+        m.setattr(SC, "_prepare_data", no_training)
+        again = SC.build_suite(cache_dir=cache, sizes=["0.1m"], progress=False, token_scale=TOKEN_SCALE)
     assert again == models[:1]
     assert os.stat(weights).st_mtime_ns == before
-    forced = S.build_suite(cache_dir=cache, sizes=["0.1m"], force=True, progress=True, token_scale=TOKEN_SCALE)
+    forced = SC.build_suite(cache_dir=cache, sizes=["0.1m"], force=True, progress=True, token_scale=TOKEN_SCALE)
     assert os.stat(weights).st_mtime_ns != before
     assert forced[0].name == models[0].name and forced[0].pretrain_loss < forced[0].initial_loss
 
 
+@pytest.mark.slow  # pretrains suite models / extracts the stdlib pairs
 def test_demo_data_builds_pairs_once(tmp_path, monkeypatch):
-    info = S.demo_data(cache_dir=str(tmp_path))
+    info = SC.demo_data(cache_dir=str(tmp_path))
     assert info["n_train"] > 5000 and os.path.isfile(info["train"]) and os.path.isfile(info["eval"])
 
     def no_build(*args, **kwargs):
         raise AssertionError("the pairs were built again")
 
-    monkeypatch.setattr(S, "build_pairs", no_build)
-    assert S.demo_data(cache_dir=str(tmp_path)) == info
+    monkeypatch.setattr(SC, "build_pairs", no_build)
+    assert SC.demo_data(cache_dir=str(tmp_path)) == info
 
 
 # ------------------------------------------------------------------------------------ the Llama series
@@ -150,9 +154,9 @@ def test_demo_data_builds_pairs_once(tmp_path, monkeypatch):
 def test_llama_series_is_the_llama_block_at_the_pythia_widths():
     from core.models import ModelShape
 
-    assert [m.n_params for m in S.LLAMA_SUITE] == sorted(m.n_params for m in S.LLAMA_SUITE)
-    assert S.LLAMA_SUITE[-1].n_params / S.LLAMA_SUITE[0].n_params >= 30
-    for mini, llama in zip(S.SUITE, S.LLAMA_SUITE):
+    assert [m.n_params for m in SM.LLAMA_SUITE] == sorted(m.n_params for m in SM.LLAMA_SUITE)
+    assert SM.LLAMA_SUITE[-1].n_params / SM.LLAMA_SUITE[0].n_params >= 30
+    for mini, llama in zip(SM.SUITE, SM.LLAMA_SUITE):
         assert (llama.hidden, llama.layers, llama.heads) == (mini.hidden, mini.layers, mini.heads)
         cfg = llama.config().to_dict()
         shape = ModelShape.from_config(cfg)
@@ -169,29 +173,30 @@ def test_pythia_cache_key_is_unchanged_by_the_second_family():
 
     definition = {
         "suite": [{"hidden": m.hidden, "layers": m.layers, "heads": m.heads, "pretrain_lr": m.pretrain_lr}
-                  for m in S.SUITE],
-        "suite_version": S.SUITE_VERSION, "pairs_version": S.PAIRS_VERSION, "python": S._python_version(),
-        "vocab": S.VOCAB_SIZE, "seq_len": S.SEQ_LEN, "batch_seqs": S.BATCH_SEQS, "eval_seqs": S.EVAL_SEQS,
-        "seed": S.SEED, "token_scale": 1.0,
-        "tokens": [S.TOKENS_PER_SQRT_PARAM, S.MIN_TOKENS, S.MAX_TOKENS, S.CHARS_PER_TOKEN],
-        "optim": [S.BETAS, S.EPS, S.WEIGHT_DECAY, S.GRAD_CLIP, S.WARMUP_FRACTION, S.FINAL_LR_FRACTION],
+                  for m in SM.SUITE],
+        "suite_version": SC.SUITE_VERSION, "pairs_version": SD.PAIRS_VERSION, "python": SC._python_version(),
+        "vocab": SM.VOCAB_SIZE, "seq_len": SP.SEQ_LEN, "batch_seqs": SP.BATCH_SEQS, "eval_seqs": SP.EVAL_SEQS,
+        "seed": SP.SEED, "token_scale": 1.0,
+        "tokens": [SP.TOKENS_PER_SQRT_PARAM, SP.MIN_TOKENS, SP.MAX_TOKENS, SP.CHARS_PER_TOKEN],
+        "optim": [SP.BETAS, SP.EPS, SP.WEIGHT_DECAY, SP.GRAD_CLIP, SP.WARMUP_FRACTION, SP.FINAL_LR_FRACTION],
     }
-    assert S.suite_key() == hashlib.sha1(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:12]
-    assert S.suite_key(family="llama") != S.suite_key() and S.suite_dir(family="llama") != S.suite_dir()
-    with pytest.raises(S.SuiteError, match="mini-llama-"):
-        S.build_suite(sizes=["0.1m"], family="llama")
-    with pytest.raises(S.SuiteError, match="pythia, llama"):
-        S.build_suite(family="gemma")
+    assert SC.suite_key() == hashlib.sha1(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:12]
+    assert SC.suite_key(family="llama") != SC.suite_key() and SC.suite_dir(family="llama") != SC.suite_dir()
+    with pytest.raises(SM.SuiteError, match="mini-llama-"):
+        SC.build_suite(sizes=["0.1m"], family="llama")
+    with pytest.raises(SM.SuiteError, match="pythia, llama"):
+        SC.build_suite(family="gemma")
 
 
+@pytest.mark.slow  # pretrains suite models / extracts the stdlib pairs
 def test_llama_build_saves_a_loadable_pretrained_llama(tmp_path):
     import torch
     from transformers import AutoModel
 
     from core.models import model_shape
 
-    smallest = S.LLAMA_SUITE[0]
-    (m,) = S.build_suite(cache_dir=str(tmp_path), sizes=[smallest.name], progress=False, token_scale=TOKEN_SCALE,
+    smallest = SM.LLAMA_SUITE[0]
+    (m,) = SC.build_suite(cache_dir=str(tmp_path), sizes=[smallest.name], progress=False, token_scale=TOKEN_SCALE,
                          family="llama")
     model, info = AutoModel.from_pretrained(m.path, output_loading_info=True)
     assert type(model).__name__ == "LlamaModel" and not info["missing_keys"] and not info["unexpected_keys"]
@@ -202,5 +207,5 @@ def test_llama_build_saves_a_loadable_pretrained_llama(tmp_path):
     assert m.pretrain_loss < m.initial_loss - 0.5  # it learned
     out = model(input_ids=torch.tensor([[5, 6, 7]])).last_hidden_state
     assert out.shape == (1, 3, m.hidden) and torch.isfinite(out).all()
-    assert S.list_suite(str(tmp_path), TOKEN_SCALE, family="llama") == [m]
-    assert S.list_suite(str(tmp_path), TOKEN_SCALE) == []  # the families live apart
+    assert SC.list_suite(str(tmp_path), TOKEN_SCALE, family="llama") == [m]
+    assert SC.list_suite(str(tmp_path), TOKEN_SCALE) == []  # the families live apart

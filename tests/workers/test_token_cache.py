@@ -21,9 +21,10 @@ import torch
 from raykit import REPO, RayEnv, free_port, ray_start, wait_for
 from support import make_pairs, write_jsonl
 from workers import token_cache as tc
-from workers.data import PairStream, collate
+from orchestrator import cache_build
+from workers.pair_batches import PairStream, collate
 from workers.pooling import with_eos
-from workers.records import (DataError, DataStats, _shuffled, count_pairs, iter_pairs, load_eval_pairs,
+from workers.pair_files import (DataError, DataStats, _shuffled, count_pairs, iter_pairs, load_eval_pairs,
                              load_tokenizer, make_encoder, pad_id_of)
 
 SHARD_BYTES = 20_000  # several shards per file
@@ -61,7 +62,7 @@ def built(tmp_path_factory, tiny_model, local_ray, eval_file):
     root = tmp_path_factory.mktemp("cache")
     data = _dataset(root / "data")
     lines: list[str] = []
-    uri, manifest = tc.ensure(str(root / "store"), train_uri=data, eval_uri=eval_file, tokenizer_path=tiny_model,
+    uri, manifest = cache_build.ensure(str(root / "store"), train_uri=data, eval_uri=eval_file, tokenizer_path=tiny_model,
                               max_length=24, shard_bytes=SHARD_BYTES, log=lines.append)
     return {"uri": uri, "manifest": manifest, "data": data, "log": lines, "root": root}
 
@@ -78,7 +79,7 @@ def _same(a, b) -> None:
                                                     (2, [1000, 0, 999], 16, 64), (3, [40000, 9000], 16384, 1 << 20),
                                                     (4, [5000], 1000, 333)])
 def test_pass_order_is_records_shuffle(seed, rows, buffer, chunk):
-    """The vectorised pass order equals records.py's shuffle (file shuffle, then the streaming buffer) on the
+    """The vectorised pass order equals pair_files.py's shuffle (file shuffle, then the streaming buffer) on the
     same seed, for any chunking."""
     rng = random.Random(seed)
     starts = np.concatenate([[0], np.cumsum(rows)])
@@ -105,6 +106,7 @@ def test_key_changes_with_data_tokenizer_and_max_length(tmp_path, tiny_model):
 
 
 # --- what the build holds -------------------------------------------------------------------------------------
+@pytest.mark.slow  # starts Ray (the cache build)
 def test_manifest_counts_what_the_raw_path_reads(built, tiny_model, eval_file):
     m, data = built["manifest"], built["data"]
     stats = DataStats()
@@ -126,13 +128,15 @@ def test_manifest_counts_what_the_raw_path_reads(built, tiny_model, eval_file):
     _same(batch, ref)
 
 
+@pytest.mark.slow  # starts Ray (the cache build)
 def test_reuse_builds_nothing(built, tiny_model, eval_file):
     lines: list[str] = []
-    uri, manifest = tc.ensure(str(built["root"] / "store"), train_uri=built["data"], eval_uri=eval_file,
+    uri, manifest = cache_build.ensure(str(built["root"] / "store"), train_uri=built["data"], eval_uri=eval_file,
                               tokenizer_path=tiny_model, max_length=24, shard_bytes=SHARD_BYTES, log=lines.append)
     assert uri == built["uri"] and manifest == built["manifest"] and lines == []
 
 
+@pytest.mark.slow  # starts Ray (the cache build)
 @pytest.mark.parametrize("batch_size,seed,epochs,buffer", [(64, 0, 1.0, None), (100, 3, 2.5, None),
                                                            (1000, 1, 0.6, None), (48, 2, 1.5, 50)])
 def test_batches_equal_the_raw_path(built, tiny_model, batch_size, seed, epochs, buffer):
@@ -157,6 +161,7 @@ def test_batches_equal_the_raw_path(built, tiny_model, batch_size, seed, epochs,
         _same(a, b)
 
 
+@pytest.mark.slow  # starts Ray (the cache build)
 def test_resume_reads_no_earlier_shard(built, monkeypatch):
     """Seeking to a late batch reads only the shards its pairs come from (a streaming shuffle: a small buffer, so
     a batch's pairs come from a few neighbouring shards)."""
@@ -169,6 +174,7 @@ def test_resume_reads_no_earlier_shard(built, monkeypatch):
     assert first.index == 40 and 0 < len(set(read)) <= 6 < len(built["manifest"]["splits"]["train"]["shards"])
 
 
+@pytest.mark.slow  # starts Ray (the cache build)
 def test_last_pooling_appends_eos_as_the_raw_encoder(built, tiny_model):
     tok = load_tokenizer(tiny_model)
     eos = tok.eos_token_id
@@ -179,6 +185,7 @@ def test_last_pooling_appends_eos_as_the_raw_encoder(built, tiny_model):
     _same(got, ref)
 
 
+@pytest.mark.slow  # starts Ray (the cache build)
 def test_eval_batches_equal_the_raw_eval(built, tiny_model, eval_file):
     tok = load_tokenizer(tiny_model)
     encode, pad = make_encoder(tok, 24), pad_id_of(tok)
@@ -192,6 +199,7 @@ def test_eval_batches_equal_the_raw_eval(built, tiny_model, eval_file):
         _same(a, b)
 
 
+@pytest.mark.slow  # starts Ray (the cache build)
 def test_a_rejected_file_fails_the_build_as_the_raw_path(tmp_path, tiny_model, local_ray):
     lines = [json.dumps(p) for p in make_pairs(1500, seed=3)]
     for i in range(0, 40):  # 40 unusable lines in the first 1,000: rejected at line 1,000 (> 1 %)
@@ -200,7 +208,7 @@ def test_a_rejected_file_fails_the_build_as_the_raw_path(tmp_path, tiny_model, l
     with pytest.raises(DataError) as raw:
         count_pairs(data)
     with pytest.raises(DataError) as cached:
-        tc.ensure(str(tmp_path / "store"), train_uri=data, eval_uri=None, tokenizer_path=tiny_model, max_length=24,
+        cache_build.ensure(str(tmp_path / "store"), train_uri=data, eval_uri=None, tokenizer_path=tiny_model, max_length=24,
                   shard_bytes=SHARD_BYTES, log=lambda line: None)
     assert str(cached.value) == str(raw.value)
     tokens = tmp_path / "store" / "_cache" / "tokens"
@@ -211,7 +219,8 @@ def test_a_rejected_file_fails_the_build_as_the_raw_path(tmp_path, tiny_model, l
 _CHILD = """
 import json, sys
 from workers import token_cache as tc
-uri, manifest = tc.ensure(sys.argv[1], train_uri=sys.argv[2], eval_uri=None, tokenizer_path=sys.argv[3],
+from orchestrator import cache_build
+uri, manifest = cache_build.ensure(sys.argv[1], train_uri=sys.argv[2], eval_uri=None, tokenizer_path=sys.argv[3],
                           max_length=24, shard_bytes=int(sys.argv[4]))
 print(json.dumps({"uri": uri, "torch": "torch" in sys.modules}))
 """
@@ -232,6 +241,7 @@ def _child(env: RayEnv, store: str, data: str, model: str, **extra) -> subproces
                             text=True, start_new_session=True)
 
 
+@pytest.mark.slow  # starts Ray (the cache build)
 def test_interrupted_build_resumes_byte_identical(tmp_path, tiny_model, built):
     """SIGKILL the building process once its first shard appears; a rebuild keeps the shards written, builds the
     rest, and the cache equals, byte for byte, the one built in one go (the module's). Building imports no
@@ -292,6 +302,7 @@ def test_two_node_cluster_build_equals_in_process(tmp_path, tiny_model, built, r
 
 
 # --- `repurpose prepare` ------------------------------------------------------------------------------------
+@pytest.mark.slow  # starts Ray (the cache build)
 def test_prepare_builds_then_reuses(tmp_path, tiny_model, pairs_file, eval_file, ray_env):
     """The grid's one cache (one tokenizer) built by the CLI on an embedded Ray, then reused with no Ray."""
     import yaml
@@ -312,6 +323,7 @@ def test_prepare_builds_then_reuses(tmp_path, tiny_model, pairs_file, eval_file,
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # starts Ray (the cache build)
 def test_a_trial_from_the_cache_equals_one_from_the_raw_data(built, tiny_model, eval_file):
     """The trial's data path (workers/steps.py train_stream / eval_batches): with ``token_cache`` set it reads the
     cache, and trains and evaluates exactly as from the raw files (same batches: same tokens, FLOP, losses)."""

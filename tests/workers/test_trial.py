@@ -27,7 +27,7 @@ import workers.trial as trial_mod
 from core.models import ModelConfigError
 from core.spec import TrialSpec
 from workers import checkpoint
-from workers.data import DataError, measure_tokens_per_pair
+from workers.pair_files import DataError, measure_tokens_per_pair
 from workers.steps import has_bf16, lr_factor, train_stream
 from workers.trial import run_trial
 
@@ -48,7 +48,7 @@ def make_spec(tiny_model, pairs_file, eval_file, method="full", **kw) -> TrialSp
 
 
 def all_rows(events) -> list[dict]:
-    return [r for e in events for r in e["rows"]]
+    return [r for e in events for r in e.rows]
 
 
 def upsert(rows) -> list[dict]:
@@ -96,6 +96,7 @@ def spy_on_model(monkeypatch) -> dict:
 # Every method
 
 
+@pytest.mark.slow  # trains the tiny model
 @pytest.mark.parametrize("method,kw,n,n_tr,cost", METHOD_CASES, ids=[c[0] for c in METHOD_CASES])
 def test_every_method_trains_to_its_budget(tiny_model, pairs_file, eval_file, tmp_path, monkeypatch,
                                            method, kw, n, n_tr, cost):
@@ -127,7 +128,7 @@ def test_every_method_trains_to_its_budget(tiny_model, pairs_file, eval_file, tm
     last = upsert(rows)[-1]
     assert last["eval_loss"] == row["eval_loss"] and last["flops"] == row["flops"]
     assert all(r["eval_loss"] is None for r in upsert(rows)[:-1])  # eval_every=0: at the end only
-    assert events[-1]["done"] and events[-1]["trial"] == row and not any(e["done"] for e in events[:-1])
+    assert events[-1].done and events[-1].trial == row and not any(e.done for e in events[:-1])
     # lr 'auto': the tiny model's config says pretraining lr 1e-3, so 1e-4 at the warmup's top; the first step is
     # on the warmup's line (the budget fraction it reaches / 0.1), capped at the top: 9-13 steps, so a step is
     # 8-11 % of the budget
@@ -194,6 +195,7 @@ FIXED = dict(max_length=8, eval_data=None)
 STEP_TOKENS = 16 * 16
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_rows_follow_the_lr_schedule_by_hand(tiny_model, eval_file, tmp_path):
     """Five equal steps, warmup 40 %, peak 2e-3. Step i spends the budget fraction (i-1)/5 -> i/5: warmup
     i/5 / 0.4 (0.5, 1.0), then the cosine at the step's start, 0.5 (1 + cos(pi (start - 0.4) / 0.6)):
@@ -227,6 +229,7 @@ def pair_tokens(batch) -> list[int]:
     return (batch.q_mask.sum(1) + batch.d_mask.sum(1)).tolist()
 
 
+@pytest.mark.slow  # trains the tiny model
 @pytest.mark.parametrize("margin", ["mid-pair", "one FLOP short"])
 def test_final_partial_step_ends_within_one_pair(tiny_model, pairs_file, eval_file, margin):
     cost = CASES[0][4]  # full: 6 x 200,064
@@ -248,6 +251,7 @@ def test_final_partial_step_ends_within_one_pair(tiny_model, pairs_file, eval_fi
     assert row["reason"] is None
 
 
+@pytest.mark.slow  # trains the tiny model
 @pytest.mark.parametrize("pairs_left", [1, 2])
 def test_one_pair_left_in_the_budget_ends_without_a_step(tiny_model, eval_file, tmp_path, pairs_left):
     """After 3 whole steps the budget holds 1.5 pairs (a contrastive batch needs 2): the trial ends there, no
@@ -263,6 +267,7 @@ def test_one_pair_left_in_the_budget_ends_without_a_step(tiny_model, eval_file, 
     assert [r["step"] for r in upsert(all_rows(events))] == list(range(1, row["steps"] + 1))
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_padding_heavy_last_batch_is_cut_by_real_tokens(tiny_model, eval_file, tmp_path):
     """The 4th batch's real tokens fit the remaining budget, its padded tokens do not: it trains whole (the
     paper counts real tokens), and the budget then holds less than a pair: flops end <= budget, within two pairs.
@@ -302,7 +307,7 @@ KILL_AT = int(sys.argv[4])
 
 def report(event):
     # the event of step KILL_AT goes out before that step's checkpoint: step KILL_AT - 1's is the newest
-    if event["step"] == KILL_AT:
+    if event.step == KILL_AT:
         with open(os.path.join(sys.argv[2], "LATEST")) as f:
             assert f.read().strip() == f"step-{KILL_AT - 1:08d}", "not the checkpoint of the step before"
         os.kill(os.getpid(), signal.SIGKILL)
@@ -339,8 +344,8 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tiny_model, pairs_file, eva
     assert row["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-6)
     assert row["train_loss"] == pytest.approx(ref["train_loss"], abs=1e-6)
     # the first event after the resume: restart, and the history up to the checkpoint plus the new step
-    assert events[0]["restart"] and not any(e["restart"] for e in events[1:])
-    assert [r["step"] for r in events[0]["rows"]] == list(range(1, k + 2))
+    assert events[0].restart and not any(e.restart for e in events[1:])
+    assert [r["step"] for r in events[0].rows] == list(range(1, k + 2))
     rows, ref_rows = upsert(all_rows(events)), upsert(all_rows(ref_events))
     assert [r["step"] for r in rows] == list(range(1, ref["steps"] + 1))
     for r, q in zip(rows, ref_rows):
@@ -354,14 +359,15 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tiny_model, pairs_file, eva
     monkeypatch.setattr(trial_mod, "contrastive_backward", no_training)
     again = []
     assert run_trial(spec, report=again.append, checkpoint_uri=ckpt) == row
-    assert len(again) == 1 and again[0]["done"] and again[0]["restart"]
-    assert [r["step"] for r in again[0]["rows"]] == list(range(1, row["steps"] + 1))
+    assert len(again) == 1 and again[0].done and again[0].restart
+    assert [r["step"] for r in again[0].rows] == list(range(1, row["steps"] + 1))
 
 
 # --------------------------------------------------------------------------------------------------------
 # Data: bad lines, exhaustion
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_a_few_bad_lines_are_skipped(tiny_model, eval_file, tmp_path):
     lines = make_pairs(200, seed=5)
     lines[77] = '{"query": "no closing brace"'  # 1 of 200: 0.5 %, under the 1 % limit
@@ -370,6 +376,7 @@ def test_a_few_bad_lines_are_skipped(tiny_model, eval_file, tmp_path):
     assert row["bad_lines"] == 1 and row["steps"] >= 2 and math.isfinite(row["eval_loss"])
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_too_many_bad_lines_fail_naming_the_file(tiny_model, eval_file, tmp_path):
     lines = make_pairs(200, seed=5)
     for i in range(0, 200, 20):  # 10 of 200: 5 %
@@ -380,6 +387,7 @@ def test_too_many_bad_lines_fail_naming_the_file(tiny_model, eval_file, tmp_path
     assert str(tmp_path) in str(e.value) and "10 of 200" in str(e.value)
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_data_exhausted_before_the_budget(tiny_model, eval_file, tmp_path):
     train = write_jsonl(tmp_path / "small.jsonl", make_pairs(200, seed=6))
     events = []
@@ -399,6 +407,7 @@ def test_data_exhausted_before_the_budget(tiny_model, eval_file, tmp_path):
 # lr 'auto', precisions
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_lr_auto_needs_a_known_pretraining_lr(tiny_model, pairs_file, eval_file, tmp_path):
     mystery = tmp_path / "mystery-neox"
     shutil.copytree(tiny_model, mystery)
@@ -412,6 +421,7 @@ def test_lr_auto_needs_a_known_pretraining_lr(tiny_model, pairs_file, eval_file,
     assert row["steps"] >= 2
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_precisions_train(tiny_model, pairs_file, eval_file):
     rows, losses = {}, {}
     for precision in ("fp32", "bf16", "auto"):
@@ -430,6 +440,7 @@ def test_precisions_train(tiny_model, pairs_file, eval_file):
 # Half-precision checkpoints, the planner's plan
 
 
+@pytest.mark.slow  # trains the tiny model
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_checkpoints_load_in_fp32(tiny_model, tmp_path, dtype):
     """Pythia's config says float16, Qwen's and Llama's bfloat16; transformers 5 loads with dtype='auto'. The
@@ -451,6 +462,7 @@ def test_half_precision_checkpoints_load_in_fp32(tiny_model, tmp_path, dtype):
     assert {p.dtype for p in loaded.parameters()} == {torch.float32}
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_the_plan_is_the_planners_when_it_set_one(tiny_model, pairs_file, eval_file, monkeypatch):
     """planned_tokens / planned_steps from the spec (the planner's, core.flops) go to the trial row as they are;
     the worker neither recounts them nor measures the data's tokens per pair for them."""

@@ -23,6 +23,7 @@ def spec_for(tiny_model, pairs_file, eval_file, **kw) -> TrialSpec:
     return TrialSpec(**(args | kw))
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_retrieval_metrics_on_every_evaluation(tiny_model, pairs_file, eval_file):
     events = []
     row = run_trial(spec_for(tiny_model, pairs_file, eval_file), report=events.append)
@@ -31,7 +32,7 @@ def test_retrieval_metrics_on_every_evaluation(tiny_model, pairs_file, eval_file
     # with one relevant document: recall@1 <= MRR@10 <= nDCG@10 <= recall@10 (each positive's rank weighs
     # 1[r=1] <= 1/r <= 1/log2(r+1) <= 1[r<=10])
     assert row["recall_at_1"] <= row["mrr_at_10"] <= row["ndcg_at_10"] <= row["recall_at_10"]
-    rows = {r["step"]: r for e in events for r in e["rows"]}
+    rows = {r["step"]: r for e in events for r in e.rows}
     evaluated = [s for s, r in rows.items() if r["eval_loss"] is not None]
     assert evaluated and all(s % 4 == 0 for s in evaluated[:-1]) and evaluated[-1] == row["steps"]
     for step, r in rows.items():
@@ -39,6 +40,7 @@ def test_retrieval_metrics_on_every_evaluation(tiny_model, pairs_file, eval_file
     assert rows[row["steps"]]["ndcg_at_10"] == row["ndcg_at_10"]
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_last_token_pooling_appends_the_eos(tiny_model, pairs_file, eval_file):
     """`last`: every training and eval text ends in the tokenizer's EOS (truncated text, kept EOS), and the
     trial trains and evaluates with it."""
@@ -62,6 +64,7 @@ def test_last_token_pooling_appends_the_eos(tiny_model, pairs_file, eval_file):
     assert row["eval_loss"] is not None and 0 <= row["ndcg_at_10"] <= 1
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_weights_kept_once_and_served_as_the_trial_embeds(tiny_model, pairs_file, eval_file, tmp_path,
                                                           monkeypatch):
     """The trial keeps its adapter under <sweep>/models/<trial_id>; a crash after that save (before the done marker)
@@ -89,7 +92,7 @@ def test_weights_kept_once_and_served_as_the_trial_embeds(tiny_model, pairs_file
     from sentence_transformers import SentenceTransformer
 
     from workers.export import export_model
-    from workers.records import load_eval_pairs
+    from workers.pair_files import load_eval_pairs
     from workers.retrieval import retrieval_metrics
 
     out = str(tmp_path / "exported")
@@ -103,18 +106,24 @@ def test_weights_kept_once_and_served_as_the_trial_embeds(tiny_model, pairs_file
         assert value == pytest.approx(row[key], abs=1e-6), key
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_mfu_by_hand_on_a_cpu_trial(tiny_model, pairs_file, eval_file):
-    """mfu = hardware FLOP / (seconds in optimizer steps x the device's peak); on CPU the peak is the best bf16
-    matmul rate measured once per machine (workers/device_peak.py), the same one the trial read."""
+    """mfu = the paper's FLOP / (seconds in optimizer steps x the device's peak), hfu = the hardware FLOP over the
+    same; on CPU the peak is the best bf16 matmul rate measured once per machine (workers/device_peak.py), the same
+    one the trial read."""
     from workers.device_peak import device_peak
 
     events = []
     row = run_trial(spec_for(tiny_model, pairs_file, eval_file, eval_every=0), report=events.append)
     peak, source = device_peak(torch.device("cpu"))
     assert peak > 1e9 and "matmul" in source
-    assert row["mfu"] == pytest.approx(row["hardware_flops"] / (row["train_s"] * peak), rel=1e-12)
-    last = [r for e in events for r in e["rows"]][-1]
+    assert row["mfu"] == pytest.approx(row["flops"] / (row["train_s"] * peak), rel=1e-12)
+    assert row["hfu"] == pytest.approx(row["hardware_flops"] / (row["train_s"] * peak), rel=1e-12)
+    last = [r for e in events for r in e.rows][-1]
     assert 0 < last["mfu"] < 1 and 0 < row["mfu"] < 1
+    assert last["hfu"] == pytest.approx(last["hardware_flops"] / (row["train_s"] * peak), rel=1e-9)
+    # attention and padding run on top of the paper's 6·N per real token: hfu above mfu
+    assert row["hfu"] > row["mfu"] and last["hfu"] > last["mfu"]
 
 
 def test_auto_precision_ignores_emulated_bf16(monkeypatch):

@@ -15,7 +15,8 @@ import torch
 from core.spec import LORA_TARGETS
 from workers.methods import select_trainable
 from core.store import checkpoint_uri
-from workers.weights import (MANIFEST, WeightsError, load_trained, model_uri, model_uri_for_checkpoint, read_manifest,
+from core.store import model_uri, model_uri_for_checkpoint
+from workers.weights import (MANIFEST, WeightsError, load_trained, read_manifest,
                              read_tensors, save_trained, stored_bytes, total_bytes)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,4 @@
-"""workers/data.py (and the reading it re-exports from workers/records.py) on real files in tmp_path: formats,
+"""workers/pair_batches.py (and the reading it re-exports from workers/pair_files.py) on real files in tmp_path: formats,
 shuffling, random batches (the default) and length buckets (the opt-in), resumption, epochs, bad lines, the
 background thread and an s3:// source served by moto."""
 from __future__ import annotations
@@ -9,7 +9,6 @@ import json
 import os
 import random
 import re
-import socket
 import threading
 
 import pyarrow as pa
@@ -19,8 +18,8 @@ import torch
 from scipy.stats import spearmanr
 from support import build_tokenizer, make_pairs, write_jsonl
 
-from workers.data import (Batch, DataError, DataStats, PairStream, count_pairs, iter_pairs, load_eval_pairs,
-                          measure_tokens_per_pair)
+from workers.pair_batches import Batch, PairStream
+from workers.pair_files import DataError, DataStats, count_pairs, iter_pairs, load_eval_pairs, measure_tokens_per_pair
 
 
 class CharTokenizer:
@@ -361,32 +360,8 @@ def test_early_close_stops_the_thread(pairs_file, tokenizer):
 # ---------------------------------------------------------------------------------------------- s3 (moto)
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3_env(s3_endpoint, monkeypatch):
-    for k, v in dict(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1",
-                     AWS_ENDPOINT_URL_S3=s3_endpoint).items():
-        monkeypatch.setenv(k, v)
-    return s3_endpoint
-
-
-def test_s3_uri_reads_the_same_pairs(s3_env, pairs_file, tmp_path, tokenizer):
-    import boto3  # uploads: pyarrow's multipart upload trips on moto's CompleteMultipartUpload reply
-
-    s3 = boto3.client("s3", endpoint_url=s3_env)
-    s3.create_bucket(Bucket="bucket")
+def test_s3_uri_reads_the_same_pairs(moto_s3, pairs_file, tmp_path, tokenizer):
+    s3 = moto_s3.client()
     raw = open(pairs_file, "rb").read()
     for key, body in (("d/train-0.jsonl", raw), ("d/train-1.jsonl.gz", gzip.compress(raw)),
                       ("p/train.parquet", open(write_parquet(tmp_path / "t.parquet", make_pairs(2000)), "rb").read())):
@@ -395,20 +370,20 @@ def test_s3_uri_reads_the_same_pairs(s3_env, pairs_file, tmp_path, tokenizer):
     assert list(iter_pairs("s3://bucket/d/*.jsonl*")) == local + local  # glob, .gz, AWS_ENDPOINT_URL_S3
     assert list(iter_pairs("s3://bucket/p/train.parquet")) == local
     os.environ.pop("AWS_ENDPOINT_URL_S3")
-    uri = f"s3://bucket/d/train-0.jsonl?endpoint_override={s3_env}"  # or the endpoint in the URI
+    uri = f"s3://bucket/d/train-0.jsonl?endpoint_override={moto_s3.endpoint}"  # or the endpoint in the URI
     kw = dict(batch_size=64, max_length=16, seed=4, max_epochs=0.5)
     assert same_batches(collect(PairStream(uri, tokenizer, **kw)), collect(PairStream(pairs_file, tokenizer, **kw)))
     with pytest.raises(DataError, match=r"s3://bucket/d/none\.jsonl: no such file"):
-        count_pairs(f"s3://bucket/d/none.jsonl?endpoint_override={s3_env}")
+        count_pairs(f"s3://bucket/d/none.jsonl?endpoint_override={moto_s3.endpoint}")
 
 
 # ---------------------------------------------------------------------------------------------- random batches
-# The paper's batches are a random sample of the data, padded to their longest (PAPER.md "Training recipe");
-# length buckets (the opt-in) are not, and cost ~0.1 nats of eval loss (issue 12).
+# The paper's batches are a random sample of the data, padded to their longest (docs/study.md "Training recipe");
+# length buckets (the opt-in) are not, and cost ~0.1 nats of eval loss.
 
 
 def reference_sequence(files: list[str], seed: int, epochs: int, buffer: int) -> list[tuple[str, str]]:
-    """The pair sequence written again from its definition (workers/records.py, "The shuffle of one pass"), not
+    """The pair sequence written again from its definition (workers/pair_files.py, "The shuffle of one pass"), not
     by calling the code: per pass e, rng = Random(sha256("repurpose.data:{seed}:{e}")[:8]); the sorted files
     shuffled with rng; their pairs through a buffer (fill; then each new pair replaces buf[randrange(size)],
     which leaves; at the end the buffer is shuffled and leaves in order); passes back to back."""

@@ -1,19 +1,19 @@
 """Reading the data of a trial, without torch: BGE query/positive pairs, streamed and shuffled; their token counts.
 
 The driver plans with these (``count_pairs``, ``load_eval_pairs``, ``measure_tokens_per_pair``) and must not
-import torch or deepspeed to do so (issue 12; tests/orchestrator/test_plan_imports.py): this module imports
+import torch or deepspeed to do so (tests/orchestrator/test_plan_imports.py): this module imports
 pyarrow, ``core`` and the standard library, and, when it encodes, ``tokenizers`` (and
-``transformers.PreTrainedTokenizerFast`` to load one), neither of which imports torch. The torch side (padding into tensors, batching, the background thread) is workers/data.py.
+``transformers.PreTrainedTokenizerFast`` to load one), neither of which imports torch. The torch side (padding into tensors, batching, the background thread) is workers/pair_batches.py.
 
 Data: BAAI BGE JSONL lines ``{"query": str, "pos": [str, ...], "neg": [...]}``; only ``pos[0]`` is used,
-no hard negatives (PAPER.md, "Training recipe"). Parquet files with the same columns work too. A source is a
+no hard negatives (docs/study.md, "Training recipe"). Parquet files with the same columns work too. A source is a
 local path, a directory, a glob or an ``s3://`` / ``gs://`` URI, opened with ``fsio.resolve`` (the
 project's one URI -> filesystem function: it refuses credentials in a URI, and through
 ``pyarrow.fs.FileSystem.from_uri`` honours ``AWS_ENDPOINT_URL_S3`` -- pyarrow 26, apache/arrow#49643 -- and
 ``?endpoint_override=...``). Files are streamed: JSONL line by line, Parquet by ``iter_batches``; ``.gz`` /
 ``.bz2`` / ``.zst`` / ``.lz4`` JSONL is decompressed on the fly.
 
-The shuffle of one pass (``iter_pairs(seed=s)``), which random batches are cut from (workers/data.py):
+The shuffle of one pass (``iter_pairs(seed=s)``), which random batches are cut from (workers/pair_batches.py):
 1. ``rng = random.Random(s)``; the files, in sorted order, are shuffled with ``rng.shuffle``;
 2. their pairs, read file after file, go through a buffer of ``shuffle_buffer`` pairs: the first fill it;
    each later pair replaces ``buf[j]``, ``j = rng.randrange(shuffle_buffer)``, which leaves; at the end the
@@ -38,7 +38,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 import fsio as storage
-from core.errors import UserError
+from core.errors import UserError, one_line
+from core.flops import padding_fraction
 
 SHUFFLE_BUFFER = 16384  # pairs held for the streaming shuffle
 MAX_BAD_FRACTION = 0.01  # above 1 % unusable lines a file is rejected
@@ -74,9 +75,9 @@ class DataStats:
     batches: int = 0  # batches yielded (skipped ones excluded)
 
     @property
-    def padding_fraction(self) -> float:
-        """Padded-but-not-real tokens / padded tokens, over the batches yielded."""
-        return 1.0 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
+    def padding_fraction(self) -> float | None:
+        """Padded-but-not-real tokens / padded tokens, over the batches yielded (None before any)."""
+        return padding_fraction(self.real_tokens, self.padded_tokens)
 
     def reset(self) -> None:
         for name, value in DataStats().__dict__.items():
@@ -88,7 +89,7 @@ class DataStats:
 
 
 @dataclass(frozen=True)
-class _Source:
+class PairFile:
     fs: pafs.FileSystem
     path: str  # as the filesystem names it
     name: str  # as the user should read it in an error
@@ -125,7 +126,7 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str, Callable[[str], str]]:
     return fs, path, (lambda p: os.path.relpath(p)) if relative else (lambda p: p)
 
 
-def resolve_files(uri) -> list[_Source]:
+def resolve_files(uri) -> list[PairFile]:
     """The files a URI names, in sorted order: a file, a directory (its data files) or a glob."""
     uri = str(uri)
     fs, path, show = _filesystem(uri)
@@ -151,31 +152,27 @@ def resolve_files(uri) -> list[_Source]:
             else:
                 paths = [path]
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{show(path)}: cannot list: {_one_line(e)}") from None
+        raise DataError(f"{show(path)}: cannot list: {one_line(e)}") from None
     sources = []
     for p in paths:
         kind, compressed = _kind(p)
         if kind is None:
             raise DataError(f"{show(p)}: unsupported file type (expected .jsonl[.gz] or .parquet)")
-        sources.append(_Source(fs, p, show(p), kind, compressed))
+        sources.append(PairFile(fs, p, show(p), kind, compressed))
     return sources
 
 
-def _shown(uri) -> str:
+def shown_uri(uri) -> str:
     """A URI as errors show it: without its query string (an endpoint override is noise there)."""
     uri = str(uri)
     return uri.split("?", 1)[0] if "://" in uri else uri
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 # --------------------------------------------------------------------------------------------------------
 # Reading pairs
 
 
-def _pair(obj) -> tuple[str, str] | str:
+def query_and_positive(obj) -> tuple[str, str] | str:
     """(query, pos[0]) or the reason the record is unusable."""
     if not isinstance(obj, dict):
         return "not a JSON object"
@@ -207,7 +204,7 @@ def _pair_with_negatives(obj, k: int) -> tuple | str:
     """(query, pos[0], neg[0], ..., neg[k-1]), the reason the record is unusable, or _Short. Pairs with fewer than
     k usable negatives are skipped (not padded with in-batch negatives): every pair then costs the same k + 2
     texts, so the planner's tokens per pair and the loss's columns are the same for every batch."""
-    pair = _pair(obj)
+    pair = query_and_positive(obj)
     if isinstance(pair, str) or k == 0:
         return pair
     neg = obj.get("neg")
@@ -221,7 +218,7 @@ class _FileCheck:
     """Per-file bad-line policy: above max_bad of the lines read (checked every CHECK_EVERY lines and at the
     end of the file) the file is rejected."""
 
-    def __init__(self, src: _Source, stats: DataStats, max_bad: float):
+    def __init__(self, src: PairFile, stats: DataStats, max_bad: float):
         self.src, self.stats, self.max_bad = src, stats, max_bad
         self.lines = self.bad = 0
         self.first: str | None = None
@@ -248,18 +245,18 @@ class _FileCheck:
                             f"(> {self.max_bad * 100:g}%), first at {self.first}")
 
 
-class _Bad(str):
+class BadLine(str):
     """A reason a line is unusable (distinguished from a parsed JSON string)."""
 
 
-def _jsonl_records(src: _Source) -> Iterator[tuple[int, object]]:
-    """(line number, parsed object or _Bad reason) per non-blank line, streamed."""
+def _jsonl_records(src: PairFile) -> Iterator[tuple[int, object]]:
+    """(line number, parsed object or BadLine reason) per non-blank line, streamed."""
     with src.fs.open_input_stream(src.path, compression="detect" if src.compressed else None) as f:
         yield from jsonl_lines(f)
 
 
 def jsonl_lines(f, limit: int | None = None, tally: dict | None = None) -> Iterator[tuple[int, object]]:
-    """(line number, parsed object or _Bad reason) per non-blank line of an open file, read in chunks; ``limit``:
+    """(line number, parsed object or BadLine reason) per non-blank line of an open file, read in chunks; ``limit``:
     bytes to read at most (a shard's range: workers/token_cache.py); ``tally["lines"]``: the newline-ended lines
     read, set once the file is exhausted."""
     rest, line_no = b"", 0
@@ -285,10 +282,10 @@ def _parse(line: bytes):
     try:
         return json.loads(line)
     except ValueError:  # JSONDecodeError and UnicodeDecodeError
-        return _Bad("invalid JSON")
+        return BadLine("invalid JSON")
 
 
-def _parquet_records(src: _Source) -> Iterator[tuple[int, object]]:
+def _parquet_records(src: PairFile) -> Iterator[tuple[int, object]]:
     with src.fs.open_input_file(src.path) as f:
         pf = pq.ParquetFile(f)
         missing = [c for c in ("query", "pos") if c not in pf.schema_arrow.names]
@@ -303,12 +300,12 @@ def _parquet_records(src: _Source) -> Iterator[tuple[int, object]]:
                 yield row, {"query": q, "pos": pos, "neg": neg}
 
 
-def _file_pairs(src: _Source, stats: DataStats, max_bad: float, hard_negatives: int = 0) -> Iterator[tuple]:
+def _file_pairs(src: PairFile, stats: DataStats, max_bad: float, hard_negatives: int = 0) -> Iterator[tuple]:
     check = _FileCheck(src, stats, max_bad)
     records = _parquet_records(src) if src.kind == "parquet" else _jsonl_records(src)
     try:
         for line_no, obj in records:
-            pair = obj if isinstance(obj, _Bad) else _pair_with_negatives(obj, hard_negatives)
+            pair = obj if isinstance(obj, BadLine) else _pair_with_negatives(obj, hard_negatives)
             if isinstance(pair, _Short):
                 check.good()
                 stats.short_negatives += 1
@@ -322,7 +319,7 @@ def _file_pairs(src: _Source, stats: DataStats, max_bad: float, hard_negatives: 
     except DataError:
         raise
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{src.name}: cannot read: {_one_line(e)}") from None
+        raise DataError(f"{src.name}: cannot read: {one_line(e)}") from None
     finally:
         records.close()
     check.check()
@@ -371,7 +368,7 @@ def iter_pairs(uri, *, seed: int | None = None, stats: DataStats | None = None,
         detail = f"{bad} of {lines} lines unusable, first: {stats.first_bad}" if lines else "empty"
         if hard_negatives and stats.short_negatives:
             detail += f"; {stats.short_negatives} pairs with fewer than {hard_negatives} hard negatives skipped"
-        raise DataError(f"{_shown(uri)}: no usable pairs ({detail})")
+        raise DataError(f"{shown_uri(uri)}: no usable pairs ({detail})")
 
 
 def load_eval_pairs(uri, limit: int, *, max_bad_fraction: float = MAX_BAD_FRACTION,
@@ -431,7 +428,7 @@ def load_tokenizer(name_or_path: str):
     """A model's fast tokenizer without torch (``AutoTokenizer`` imports it): ``PreTrainedTokenizerFast`` reads
     ``tokenizer.json`` and ``tokenizer_config.json`` (added tokens, EOS) from a directory or the hub. Its backend
     is the Rust tokenizer the trial's ``AutoTokenizer`` wraps, and ``make_encoder`` encodes with that backend and
-    no special tokens in both, so the planner's counts equal the trial's (tests/workers/test_records.py)."""
+    no special tokens in both, so the planner's counts equal the trial's (tests/workers/test_pair_files.py)."""
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast.from_pretrained(name_or_path)
@@ -459,7 +456,7 @@ class Stopped(Exception):
 
 
 class BackgroundBatches:
-    """A batch iterator fed by a producer thread, shared by PairStream (workers/data.py) and workers/token_cache.py's
+    """A batch iterator fed by a producer thread, shared by PairStream (workers/pair_batches.py) and workers/token_cache.py's
     CachedPairs: the producer runs the subclass's ``_batches()`` (``(batch, passes done)`` pairs) into a bounded
     queue, the consumer yields them and counts them in ``self.stats``; an error in the producer is re-raised in the
     consumer. ``close`` stops the producer and waits for it (it checks at every pair and every queue put); a

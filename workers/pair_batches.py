@@ -1,4 +1,4 @@
-"""The torch side of a trial's data: shuffled pairs (workers/records.py) tokenised, cut into batches, padded into
+"""The torch side of a trial's data: shuffled pairs (workers/pair_files.py) tokenised, cut into batches, padded into
 tensors on a background thread.
 
 Reading -> shuffling -> tokenising -> batching -> padding, all deterministic given a seed, so a resumed trial
@@ -6,15 +6,15 @@ Reading -> shuffling -> tokenising -> batching -> padding, all deterministic giv
 
 Batching (``PairStream(batching=...)``, the trial's ``TrialSpec.batching``):
 - ``"random"`` (the default, the paper's): consecutive ``batch_size`` pairs of the shuffled pass
-  (workers/records.py, "The shuffle of one pass"), each side padded to its longest. The in-batch negatives of
+  (workers/pair_files.py, "The shuffle of one pass"), each side padded to its longest. The in-batch negatives of
   the contrastive loss are a random sample of the data.
 - ``"length_buckets"`` (opt-in): pools of ``bucket_batches`` batches' worth of pairs sorted by length, cut into
   batches whose order is shuffled. Less padding (stdlib pairs, batch 128: 32 % against 64 %), but each batch
   holds pairs of similar length, so the negatives are no longer a random sample: ~0.1 nats worse eval loss on
-  the mini suite (issue 12; benchmarks/README.md "Data").
+  the mini suite (benchmarks/README.md "Data").
 
-Reading, counting and token counts need no torch and live in workers/records.py (the driver plans with them);
-the names are re-exported here for the modules that imported them from workers.data.
+Reading, counting and token counts need no torch and live in workers/pair_files.py (the driver plans with them);
+the names are re-exported here for the modules that imported them from workers.pair_batches.
 """
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 from core.spec import BATCHING
-from workers.records import (MAX_BAD_FRACTION, SHUFFLE_BUFFER, BackgroundBatches, DataError, DataStats, Stopped,  # noqa: F401
-                             _shown, count_pairs, epoch_seed, iter_pairs, load_eval_pairs, make_encoder,
-                             measure_tokens_per_pair, pad_id_of, resolve_files, with_query_instruction)
+from workers.pair_files import (MAX_BAD_FRACTION, SHUFFLE_BUFFER, BackgroundBatches, DataError, DataStats, Stopped,
+                                epoch_seed, iter_pairs, make_encoder, pad_id_of, resolve_files, shown_uri,
+                                with_query_instruction)
 
 BUCKET_BATCHES = 16  # length_buckets: batches' worth of pairs sorted together by length
 PREFETCH = 4  # batches ready ahead of the training loop
@@ -183,7 +183,7 @@ class PairStream(BackgroundBatches):
         """(batch, passes completed when its pairs were drawn) from batch skip_batches on."""
         batches = self._random() if self.batching == "random" else self._length_buckets()
         if (yield from batches) == 0:  # batches in the sequence, skipped ones included
-            raise DataError(f"{_shown(self.uri)}: {self.stats.pairs_read} usable pairs over {self.max_epochs:g} epochs "
+            raise DataError(f"{shown_uri(self.uri)}: {self.stats.pairs_read} usable pairs over {self.max_epochs:g} epochs "
                             f"do not fill one batch of {self.batch_size}")
 
     def _random(self) -> Iterator[tuple[Batch, int]]:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from workers import pairs as P
+from workers.suite import stdlib_pairs as P
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +19,7 @@ def _rows(path):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow  # walks the whole standard library
 def test_two_builds_write_identical_files(two_builds):
     a, b = two_builds
     for split in ("train", "eval"):
@@ -28,6 +29,7 @@ def test_two_builds_write_identical_files(two_builds):
            {k: v for k, v in b.items() if k not in ("train", "eval")}
 
 
+@pytest.mark.slow  # walks the whole standard library
 def test_files_are_bge_jsonl_with_a_disjoint_eval_split(two_builds):
     info = two_builds[0]
     train, held = _rows(info["train"]), _rows(info["eval"])
@@ -47,6 +49,7 @@ def test_files_are_bge_jsonl_with_a_disjoint_eval_split(two_builds):
     assert sum(info["kinds"].values()) == len(train) + len(held)
 
 
+@pytest.mark.slow  # walks the whole standard library
 def test_no_doctest_survives(two_builds):
     for row in _rows(two_builds[0]["train"]):
         assert ">>>" not in row["query"] and ">>>" not in row["pos"][0]
@@ -78,6 +81,7 @@ def test_split_is_by_group_and_validated():
         P.split_pairs(pairs, 1.0)
 
 
+@pytest.mark.slow  # walks the whole standard library
 def test_corpus_has_topics_docstrings_and_source():
     texts = list(P.iter_corpus_texts())
     joined = "\n".join(texts[:200])

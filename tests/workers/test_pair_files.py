@@ -1,4 +1,4 @@
-"""workers/records.py: the reading and token counting the driver plans with, without torch, counting exactly
+"""workers/pair_files.py: the reading and token counting the driver plans with, without torch, counting exactly
 what the trial's tokenizer counts."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import pytest
 from support import build_tokenizer, make_pairs, write_jsonl
 
-from workers.records import load_tokenizer, make_encoder, measure_tokens_per_pair, pad_id_of
+from workers.pair_files import load_tokenizer, make_encoder, measure_tokens_per_pair, pad_id_of
 
 HEAVY = ("torch", "deepspeed", "transformers.modeling_utils")
 
@@ -43,7 +43,7 @@ def test_reading_and_counting_import_no_torch(tokenizer_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", make_pairs(50, seed=1))
     code = f"""
 import json, sys
-from workers.records import count_pairs, load_eval_pairs, load_tokenizer, measure_tokens_per_pair
+from workers.pair_files import count_pairs, load_eval_pairs, load_tokenizer, measure_tokens_per_pair
 tok = load_tokenizer({tokenizer_dir!r})
 tpp = measure_tokens_per_pair({data!r}, tok, 16, sample=20)
 print(json.dumps([count_pairs({data!r}), len(load_eval_pairs({data!r}, 7)), tpp,
@@ -56,9 +56,9 @@ print(json.dumps([count_pairs({data!r}), len(load_eval_pairs({data!r}, 7)), tpp,
 
 
 def test_a_uri_with_credentials_is_refused_before_any_io():
-    # fsio.resolve, the project's one URI -> filesystem function (data.py's own lacked this check)
+    # fsio.resolve, the project's one URI -> filesystem function (the reader's own lacked this check once)
     from core.uris import StorageError
-    from workers.records import count_pairs, iter_pairs
+    from workers.pair_files import count_pairs, iter_pairs
 
     for uri in ("s3://AKIAEXAMPLE:s3cr3t@bucket/train.jsonl", "s3://bucket/train.jsonl?secret_key=s3cr3t"):
         with pytest.raises(StorageError, match=r"credentials in a URI are refused") as e:

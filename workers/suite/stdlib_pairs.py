@@ -1,6 +1,6 @@
 """Contrastive pairs from text every CPython install carries: the standard library, offline.
 
-`repurpose demo` needs BGE-format pairs (PAPER.md: JSONL ``{"query", "pos", "neg"}``) without a network.
+`repurpose demo` needs BGE-format pairs (docs/study.md: JSONL ``{"query", "pos", "neg"}``) without a network.
 Every Python ships real, semantically related text pairs:
 
 - ``doc``:     a docstring's summary  -> the rest of that docstring (stdlib sources, C modules)
@@ -36,7 +36,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
-PAIRS_VERSION = 1  # bump when the extraction rules change (it keys the cache in workers/suite.py)
+PAIRS_VERSION = 1  # bump when the extraction rules change (it keys the cache in workers/suite/cache.py)
 
 # Split out of CPython by distributions (Debian: libpython3-testsuite, python3-tk, idle, python3-lib2to3,
 # python3-distutils, python3-venv), GUI/demo code, or generated per platform: not "in every Python".
