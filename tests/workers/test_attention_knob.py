@@ -9,7 +9,9 @@ import sys
 import pytest
 import torch
 
-from workers.packing import BIDIRECTIONAL_FAMILIES, attention_unsupported, make_bidirectional, pack, unpack
+from workers import attention as kernels
+from workers.packing import (BIDIRECTIONAL_FAMILIES, attention_unsupported, make_bidirectional, pack, pack_flat,
+                             unpack)
 
 sys.path.insert(0, os.path.dirname(__file__))  # `import test_packing` whatever pytest's import mode
 from test_packing import texts, tiny  # noqa: E402
@@ -38,6 +40,28 @@ def test_bidirectional_padded_equals_packed_and_differs_from_causal(family, atte
                                    causal(input_ids=one_ids, attention_mask=one_mask).last_hidden_state)
         # the other model in the process is still causal
         torch.testing.assert_close(causal(input_ids=ids, attention_mask=mask).last_hidden_state, plain)
+
+
+@pytest.mark.parametrize("family", BIDIRECTIONAL_FAMILIES)
+def test_bidirectional_flat_kernel_equals_padded(family):
+    """The flat kernels (varlen on CUDA; on a CPU its reference, segments, fed the same cu_seqlens) build no mask:
+    inside a bidirectional model's forward they drop causality, so a flat packed forward equals the padded
+    bidirectional one; a causal model in the same process keeps its causal flat forward."""
+    causal = tiny(family, "eager").eval()
+    bidi = make_bidirectional(tiny(family, "eager").eval())
+    ids, mask = texts([6, 1, 9, 4, 7, 2, 9, 3])
+    real = mask.bool()
+    with torch.no_grad():
+        padded = bidi(input_ids=ids, attention_mask=mask).last_hidden_state
+        plain = causal(input_ids=ids, attention_mask=mask).last_hidden_state
+        for model in (bidi, causal):
+            kernels.use(model, kernels.SEGMENTS)
+        for bucket in (False, True):
+            p = pack_flat(ids, mask, bucket=bucket, max_text=ids.shape[1])
+            flat = unpack(bidi(**p.model_kwargs()).last_hidden_state, p)
+            torch.testing.assert_close(flat[real], padded[real], atol=1e-5, rtol=1e-5)
+            flat_causal = unpack(causal(**p.model_kwargs()).last_hidden_state, p)
+            torch.testing.assert_close(flat_causal[real], plain[real], atol=1e-5, rtol=1e-5)
 
 
 def test_padding_is_still_masked():

@@ -125,17 +125,22 @@ def test_hardware_flops_match_torch_flop_counter(method, kw, checkpointing, chun
 
 
 @pytest.mark.parametrize("method,kw", [("full", {}), ("lora", {"lora_rank": 8})])
-@pytest.mark.parametrize("chunk,packing", [(None, False), (4, False), (4, True)])
+@pytest.mark.parametrize("chunk,packing", [(None, False), (4, False), (4, True), (4, "segments")])
 def test_hard_negative_flops_match_torch_flop_counter(method, kw, chunk, packing):
     """A step with 2 hard negatives per pair: the negatives' forwards and backwards and the extra logit columns
-    are counted (our count within 1 % of torch's; the paper-convention FLOP counts their real tokens)."""
+    are counted (our count within 1 % of torch's; the paper-convention FLOP counts their real tokens). Padded,
+    packed in rows (the mask kernel) and flat (``segments``, the varlen kernel's CPU reference: each text's own
+    square)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from workers import attention
     from workers.pair_batches import collate
     from workers.loss import contrastive_backward, step_shapes
 
     d, shape, model = pythia_14m_shaped(method, kw)
+    if isinstance(packing, str):
+        attention.use(model, packing)
     model.train()
     b, k = 8, 2
     g = torch.Generator().manual_seed(1)
