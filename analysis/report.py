@@ -205,7 +205,8 @@ def _no_fit_recipe(usable: pd.DataFrame, budget_flops: float, why: str, serve_to
     out = {"budget_flops": budget_flops, **{k: emp[k] for k in ("method", "model", "n_params", "tokens", "lora_rank",
                                                                  "trainable_fraction")},
            "predicted_loss": emp["eval_loss"], "predicted_loss_low": None, "predicted_loss_high": None,
-           "per_method": {}, "empirical": emp, "family": emp["family"], "pooling": emp["pooling"]}
+           "per_method": {}, "empirical": emp, "family": emp["family"], "pooling": emp["pooling"],
+           **{k: emp[k] for k in KNOB_KEYS if k in emp}}
     if serve_tokens is not None:
         row = at.set_index("trial_id").loc[emp["trial_id"]]
         out.update(serve_tokens=float(serve_tokens), train_flops=_num(float(row["flops"])),

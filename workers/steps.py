@@ -493,11 +493,19 @@ def start_step(batch, progress: Progress, plan: Plan, warmup_fraction: float, op
 
 
 def fit_budget(batch, cost: float, remaining: float):
-    """The first pairs of ``batch`` whose real tokens still fit ``remaining`` FLOP; None when fewer than two do."""
-    per_pair = (batch.q_mask.sum(1) + batch.d_mask.sum(1)).cumsum(0)  # (B,)
+    """The first pairs of ``batch`` whose real tokens (a pair's hard negatives' included) still fit ``remaining``
+    FLOP; None when fewer than two do."""
+    per_pair = pair_tokens(batch).cumsum(0)  # (B,)
     # float64: a long tensor times a float is float32, whose rounding could admit a pair past the budget
     n = int((per_pair.double() * cost <= remaining).sum())
     return batch.take(n) if n >= 2 else None
+
+
+def pair_tokens(batch) -> torch.Tensor:
+    """(B,) real tokens of each pair: its query, its document and its k hard negatives (rows i*k .. i*k + k - 1)."""
+    tokens = batch.q_mask.sum(1) + batch.d_mask.sum(1)
+    k = getattr(batch, "hard_negatives", 0)
+    return tokens + batch.n_mask.sum(1).view(-1, k).sum(1) if k else tokens
 
 
 def lr_factor(before: float, after: float, warmup_fraction: float) -> float:

@@ -163,3 +163,18 @@ def test_padding_fraction_by_hand():
 
     assert padding_fraction(60, 80) == 0.25 and padding_fraction(80, 80) == 0.0
     assert padding_fraction(0, 0) is None  # nothing processed: no fraction, not "no padding"
+
+
+def test_the_last_step_counts_the_hard_negatives_tokens():
+    """A trial's last batch is cut to the pairs whose real tokens fit the budget left: a pair's tokens include its
+    hard negatives (else the cut batch overshoots the budget by their tokens). Pairs of 2 + 3 tokens with one
+    negative of 4: 9 tokens each; at 1 FLOP per token, 20 FLOP left keep 2 pairs (18), not 4 (the 20 of their
+    queries and documents alone)."""
+    from workers.pair_batches import collate
+    from workers.steps import fit_budget
+
+    batch = collate([[5, 6]] * 4, [[7, 8, 9]] * 4, 0, 0, [[1, 2, 3, 4]] * 4)
+    assert batch.real_tokens == 36
+    cut = fit_budget(batch, 1.0, 20.0)
+    assert len(cut) == 2 and cut.real_tokens == 18 and cut.n_ids.shape[0] == 2
+    assert fit_budget(batch, 1.0, 17.0) is None  # one pair fits: fewer than two, no step
