@@ -22,6 +22,9 @@ chosen by device at runtime (``choose``):
 ``max_length_q`` / ``max_length_k`` (transformers' FlashAttentionKwargs names), which each family's forward hands
 down to its attention function untouched. Positions restart at 0 in every text, so RoPE (GPT-NeoX's partial rotary
 included) rotates each text as the padded forward does.
+
+A model that attends bidirectionally (train.attention; workers/packing.py ``make_bidirectional``) sets
+``BIDIRECTIONAL`` around its forward: the flat kernels, which build no mask, then attend over each whole text.
 """
 from __future__ import annotations
 

@@ -81,3 +81,18 @@ def test_unsupported_families_say_why():
     assert "gemma2" in attention_unsupported("gemma2")
     with pytest.raises(ValueError, match="phi3"):
         make_bidirectional(tiny("phi3", "eager"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or kernels.varlen_kernel() is None,
+                    reason="the varlen FlashAttention kernel runs on CUDA only")
+@pytest.mark.parametrize("family", ["gpt_neox", "qwen3"])
+def test_bidirectional_varlen_equals_padded_on_cuda(family):
+    """The real flat kernel drops causality inside a bidirectional model's forward as its reference does."""
+    bidi = make_bidirectional(tiny(family, "sdpa").cuda().eval())
+    ids, mask = (x.cuda() for x in texts([6, 1, 9, 4, 7, 2, 9, 3]))
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        padded = bidi(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        kernels.use(bidi, kernels.VARLEN)
+        p = pack_flat(ids, mask, bucket=True, max_text=ids.shape[1])
+        rows = bidi(**p.model_kwargs()).last_hidden_state.float()
+    torch.testing.assert_close(unpack(rows, p)[mask.bool()], padded[mask.bool()], atol=3e-2, rtol=3e-2)
