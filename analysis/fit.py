@@ -159,7 +159,76 @@ def split_usable(trials: pd.DataFrame) -> tuple[pd.DataFrame, Exclusions]:
     usable = usable.assign(family=family, pooling=pooling)
     varies = usable["family"].nunique() > 1 or set(usable["pooling"]) != {"mean"}
     usable["variant"] = [variant_of(f, p, varies) for f, p in zip(usable["family"], usable["pooling"])]
+    usable = with_knob_variants(usable)
+    usable, other_lrs = best_lr_per_cell(usable)
+    excluded = pd.concat([excluded, other_lrs], ignore_index=True) if len(other_lrs) else excluded
     return usable.reset_index(drop=True), Exclusions(excluded, len(df))
+
+
+# -- the knobs: negatives, attention and the query instruction split slices; the lr is tuned within a cell
+
+KNOB_DEFAULTS = {"negatives": 0, "attention": "causal", "query_instruction": ""}
+INSTRUCTION_LABEL_CHARS = 24
+
+
+def knob_label(negatives, attention, instruction, varying: tuple[str, ...]) -> str:
+    """A slice's knobs as words for its variant, only those the sweep varies: ``neg=4 bidirectional
+    instr='Find the passage'``."""
+    parts = []
+    if "negatives" in varying:
+        parts.append(f"neg={int(negatives)}")
+    if "attention" in varying:
+        parts.append(str(attention))
+    if "query_instruction" in varying:
+        text = str(instruction).strip()
+        parts.append(f"instr={text[:INSTRUCTION_LABEL_CHARS]!r}" if text else "no instr")
+    return " ".join(parts)
+
+
+def with_knob_variants(usable: pd.DataFrame) -> pd.DataFrame:
+    """The knob columns filled with their defaults (a store written before them: nulls), and each knob the sweep
+    varies, or sets away from its default, appended to the slice's ``variant``: a surface is fitted per knob
+    setting, as per family and pooling."""
+    out = usable.copy()
+    for name, value in KNOB_DEFAULTS.items():
+        column = out[name] if name in out else pd.Series(pd.NA, index=out.index, dtype=object)
+        out[name] = column.astype(object).where(column.notna(), value)
+    out["lr"] = pd.to_numeric(out["lr"], errors="coerce").astype(float) if "lr" in out else np.nan
+    varying = tuple(n for n, v in KNOB_DEFAULTS.items() if set(out[n]) - {v})
+    if varying:
+        labels = [knob_label(n, a, q, varying) for n, a, q in
+                  zip(out["negatives"], out["attention"], out["query_instruction"])]
+        out["variant"] = [" ".join(filter(None, (v, k))) for v, k in zip(out["variant"], labels)]
+    return out
+
+
+CELL = ["method", "hparam", "variant", "model", "budget_flops"]
+CELL_EXTRAS = ("seed", "replicate", "batching")
+
+
+def best_lr_per_cell(usable: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the lowest-``eval_loss`` trial of each cell = slice x model x budget, the other trials as exclusion rows).
+    The lr is a hyperparameter tuned within a cell, not an axis of the law: each point of a surface is the best
+    the sweep found at that (N, D), so the fitted optimum is the lr-tuned one, and a sweep over 3 lrs leaves
+    every slice as many points as without it. ``n_lr``: the lrs tried in the cell."""
+    if usable.empty:
+        return usable.assign(n_lr=pd.Series(dtype="int64")), pd.DataFrame()
+    keyed = usable.assign(_h=usable["hparam"].fillna(-1.0), _lr=usable["lr"].fillna(-1.0))
+    # what else may repeat a cell (a replicate's seed, the batching) stays apart: only the lr is tuned away
+    cell = ["_h" if c == "hparam" else c for c in CELL] + [c for c in CELL_EXTRAS if c in usable]
+    order = keyed.sort_values(["eval_loss", "trial_id"], kind="stable")
+    groups = order.groupby(cell, sort=False, dropna=False)
+    n_lr = groups["_lr"].transform("nunique")
+    first = order.index.isin(groups.head(1).index)
+    keep = (n_lr <= 1) | first  # a cell with one lr keeps all its trials, as before
+    best = order[keep].assign(n_lr=n_lr[keep].astype("int64")).drop(columns=["_h", "_lr"]).sort_index()
+    others = usable.loc[~usable.index.isin(best.index)]
+    dropped = pd.DataFrame({
+        "trial_id": others["trial_id"], "method": others["method"], "model": others["model"],
+        "budget_flops": others["budget_flops"], "status": COMPLETED,
+        "category": "another lr of its cell did better", "reason": [f"lr {x:g}" for x in others["lr"]],
+    }).reset_index(drop=True)
+    return best, dropped
 
 
 def require_usable(trials: pd.DataFrame, where: str = "the sweep") -> tuple[pd.DataFrame, Exclusions]:

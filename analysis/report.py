@@ -22,7 +22,7 @@ from core import methods
 
 from .findings import (Analysis, analyze, findings_markdown, model_label, recipe_markdown, recipe_table,
                        surfaces_table)
-from .fit import CI_LEVEL, N_BOOTSTRAP, FitError, fit_surfaces, hparam_of, require_usable, slice_label
+from .fit import CI_LEVEL, KNOB_DEFAULTS, N_BOOTSTRAP, FitError, fit_surfaces, hparam_of, require_usable, slice_label
 from .load import StoreError, load_data_cap, load_trials, open_uri
 from .confidence import confidence
 from .noise import noise_at
@@ -72,7 +72,31 @@ def _empirical_at(usable: pd.DataFrame, budget_flops: float) -> dict | None:
             "tokens": _num(r["tokens"]), "lora_rank": _num(r["lora_rank"]),
             "trainable_fraction": _num(r["trainable_fraction"]), "eval_loss": _num(r["eval_loss"]),
             "budget_flops": _num(r["budget_flops"]), "family": None if r["family"] == "?" else r["family"],
-            "pooling": r["pooling"], "variant": r["variant"]}
+            "pooling": r["pooling"], "variant": r["variant"], **_knobs(r)}
+
+
+KNOB_KEYS = ("lr", "negatives", "attention", "query_instruction")
+
+
+def _knobs(row) -> dict:
+    """A usable trial's knob columns, JSON-safe: the lr it trained with where the store knows it, the other knobs
+    where they are not at their defaults (a sweep without knobs answers with the keys it always had)."""
+    values = {"lr": _num(row["lr"]), "negatives": int(row["negatives"]), "attention": str(row["attention"]),
+              "query_instruction": str(row["query_instruction"])}
+    return {k: v for k, v in values.items() if v is not None and v != KNOB_DEFAULTS.get(k)}
+
+
+def knobs_of_choice(usable: pd.DataFrame, method: str, hparam, variant: str, model: str, budget_flops: float) -> dict:
+    """The knobs of a fitted choice: its slice fixes negatives, attention and instruction; the lr is the best
+    lr of the slice's trials of that model at the budget nearest (in log) to ``budget_flops`` (best_lr_per_cell
+    kept one trial per cell). Empty when the slice has no trial of that model."""
+    h = usable["hparam"].fillna(-1.0)
+    rows = usable[(usable["method"] == method) & (h == (-1.0 if hparam is None else hparam))
+                  & (usable["variant"] == variant) & (usable["model"] == model)]
+    if rows.empty:
+        return {}
+    distance = (np.log(rows["budget_flops"].astype(float)) - math.log(budget_flops)).abs()
+    return _knobs(rows.loc[distance.idxmin()])
 
 
 def recipe_at(sweep_uri: str, budget_flops: float, max_tokens: int | None = None, *, n_boot: int = N_BOOTSTRAP,
@@ -116,6 +140,7 @@ def recipe_at(sweep_uri: str, budget_flops: float, max_tokens: int | None = None
     out["per_method"] = per_method
     out["empirical"] = emp = _empirical_at(usable, budget_flops)
     out["family"], out["pooling"] = c.family, c.pooling
+    out.update(knobs_of_choice(usable, c.method, c.hparam, c.variant, c.model, budget_flops))
     if serve_tokens is not None:  # the trials spent the whole budget on training: no empirical answer to compare
         out.update(serve_tokens=float(serve_tokens), train_flops=_num(c.flops), serve_flops=_num(c.serve_flops))
         emp = None
@@ -129,7 +154,7 @@ def recipe_at(sweep_uri: str, budget_flops: float, max_tokens: int | None = None
             pred = _num(float(surface.predict(emp["n_params"], emp["tokens"])))
             low, high = (_num(float(x)) for x in surface.interval(emp["n_params"], emp["tokens"]))
         out.update({k: emp[k] for k in ("method", "model", "n_params", "tokens", "lora_rank", "trainable_fraction",
-                                        "family", "pooling")},
+                                        "family", "pooling", *KNOB_KEYS) if k in emp},
                    predicted_loss=pred, predicted_loss_low=low, predicted_loss_high=high, source="empirical")
     chosen = ((c.method, c.hparam, c.variant, c.model) if out["source"] == "fit"
               else (emp["method"], hparam_of(emp), emp["variant"], emp["model"]))
@@ -180,7 +205,8 @@ def _no_fit_recipe(usable: pd.DataFrame, budget_flops: float, why: str, serve_to
     out = {"budget_flops": budget_flops, **{k: emp[k] for k in ("method", "model", "n_params", "tokens", "lora_rank",
                                                                  "trainable_fraction")},
            "predicted_loss": emp["eval_loss"], "predicted_loss_low": None, "predicted_loss_high": None,
-           "per_method": {}, "empirical": emp, "family": emp["family"], "pooling": emp["pooling"]}
+           "per_method": {}, "empirical": emp, "family": emp["family"], "pooling": emp["pooling"],
+           **{k: emp[k] for k in KNOB_KEYS if k in emp}}
     if serve_tokens is not None:
         row = at.set_index("trial_id").loc[emp["trial_id"]]
         out.update(serve_tokens=float(serve_tokens), train_flops=_num(float(row["flops"])),
@@ -191,6 +217,18 @@ def _no_fit_recipe(usable: pd.DataFrame, budget_flops: float, why: str, serve_to
                     "trials"] if below else []
     out.update(source="empirical", no_fit=why)
     return out
+
+
+def knob_lines(d: dict) -> list[str]:
+    """The recipe's knobs for humans: the best lr always (when known), the others where they are not today's."""
+    lines = [f"  lr              {d['lr']:.3g}"] if d.get("lr") is not None else []
+    if d.get("negatives"):
+        lines.append(f"  negatives       {d['negatives']} hard negatives per pair")
+    if d.get("attention") not in (None, "causal"):
+        lines.append(f"  attention       {d['attention']}")
+    if d.get("query_instruction"):
+        lines.append(f"  instruction     {d['query_instruction']!r} before each query")
+    return lines
 
 
 def format_recipe(d: dict) -> str:
@@ -220,6 +258,7 @@ def format_recipe(d: dict) -> str:
              f"  method          {d['method']}{hp(d)}",
              f"  model           {model_label(d['model'])}  (N = {d['n_params']:,} non-embedding parameters)",
              f"  tokens          {d['tokens']:,}",
+             *knob_lines(d),
              *([f"  serving         {d['serve_tokens']:.3g} tokens embedded: {d['serve_flops']:.3g} FLOP "
                 f"(training {d['train_flops']:.3g} FLOP)"] if d.get("serve_tokens") is not None else []),
              f"  predicted loss  " + (f"{d['predicted_loss']:.4f}  {interval(d)} {level}% bootstrap CI"

@@ -43,9 +43,10 @@ def flops_for_tokens(tokens: int, cost: float) -> float:
     return float(tokens) * cost
 
 
-def loss_matmul_flops(pairs: int, hidden: int) -> float:
-    """The InfoNCE logits q @ d.T for one batch: forward and its two gradients."""
-    return 3 * 2.0 * pairs * pairs * hidden
+def loss_matmul_flops(pairs: int, hidden: int, hard_negatives: int = 0) -> float:
+    """The InfoNCE logits q @ d.T for one batch, and with ``hard_negatives`` k the queries against the batch's
+    pairs x k negatives too: forward and its two gradients."""
+    return 3 * 2.0 * pairs * pairs * (1 + hard_negatives) * hidden
 
 
 def sequence_hardware_flops(

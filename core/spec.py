@@ -24,7 +24,21 @@ KEEP_WEIGHTS = ("trainable", "none")
 POOLINGS = ("mean", "last", "weighted_mean")
 # texts packed in rows without padding (workers/packing.py): auto = where the family packs; speed, not results
 PACKINGS = ("auto", "on", "off")
+# causal: the family's own mask (the paper's); bidirectional: every token attends to every real token of its text
+# (LLM2Vec, NV-Embed), for the families whose attention takes a replaced mask (workers/packing.py "Attention")
+ATTENTIONS = ("causal", "bidirectional")
 TRIAL_ID_HEX = 16
+# the families whose every layer's mask comes from transformers' create_causal_mask, which the bidirectional
+# attention overlays (workers/packing.py "Attention"); the others' bidirectional cells are planned skipped
+BIDIRECTIONAL_FAMILIES = ("gpt_neox", "llama", "qwen2", "qwen3", "olmo2")
+
+
+def attention_unsupported(family: str, attention: str = "bidirectional") -> str | None:
+    """Why a model of ``family`` cannot train with ``attention``; None when it can."""
+    if attention == "causal" or family in BIDIRECTIONAL_FAMILIES:
+        return None
+    return (f"attention bidirectional: model_type {family!r} does not build its mask with create_causal_mask alone "
+            f"(sliding-window layers or a per-config mask; bidirectional: {', '.join(BIDIRECTIONAL_FAMILIES)})")
 
 # Defaults are the paper's (docs/study.md, "Training recipe").
 BATCH_SIZE = 1024
@@ -38,7 +52,7 @@ RUNTIME_FIELDS = ("chunk_size", "report_every", "report_every_s", "checkpoint_ev
                   "keep_weights", "weights_uri", "token_cache", "planned_tokens_per_pair", "planned_tokens", "planned_steps", "num_threads",
                   "prefetch_batches", "deepspeed_config", "device_share", "packing", "compile")
 # Identity fields added after sweeps existed: in the identity only when not at their default (ids stay stable).
-ADDED_FIELDS = ("batching", "pooling", "replicate")
+ADDED_FIELDS = ("batching", "pooling", "replicate", "query_instruction", "hard_negatives", "attention")
 # A DeepSpeed override may tune how the engine runs (ZeRO stage, offload, buckets, communication), not what the
 # trial computes: these keys are the trial's (its fields, or fixed by workers/distributed.py's loop).
 DEEPSPEED_TRIAL_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -67,6 +81,11 @@ class TrialSpec:
     temperature: float = TEMPERATURE
     max_length: int = MAX_LENGTH
     lr: float | None = None  # None: 'auto' = Pythia pretraining lr / 10
+    # the knobs of train.negatives / attention / query_instruction (docs/reference.md "Knobs"); each at its default
+    # is today's trial and stays out of the identity (ADDED_FIELDS)
+    hard_negatives: int = 0  # k mined negatives per pair from the data's `neg` lists; 0: in-batch negatives only
+    attention: str = "causal"
+    query_instruction: str = ""  # prepended to every query (never to documents); "": none
     warmup_fraction: float = WARMUP_FRACTION
     weight_decay: float = WEIGHT_DECAY
     seed: int = 0  # train.seed + replicate (``replicate_seed``): a replicate's own data order and initialisation
@@ -128,6 +147,10 @@ class TrialSpec:
             raise ValueError(f"keep_weights: {self.keep_weights!r} is not one of {', '.join(KEEP_WEIGHTS)}")
         if self.gradient_checkpointing not in (True, False, "auto"):
             raise ValueError(f"gradient_checkpointing: {self.gradient_checkpointing!r} is not auto, true or false")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention: {self.attention!r} is not one of {', '.join(ATTENTIONS)}")
+        if self.hard_negatives < 0:
+            raise ValueError(f"hard_negatives: must be >= 0, got {self.hard_negatives}")
         if isinstance(self.replicate, bool) or not isinstance(self.replicate, int) or self.replicate < 0:
             raise ValueError(f"replicate: a non-negative integer (got {self.replicate!r})")
         if self.compile not in (True, False, "auto"):

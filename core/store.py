@@ -57,6 +57,11 @@ TRIAL_COLUMNS = (
     ("replicate", "int64"),
     ("seed", "int64"),
     ("hfu", "float64"),  # hardware_flops / (train_s x the peak): recompute included, so hfu >= mfu
+    # the knobs (docs/reference.md "Knobs"), null in a store written before them (= their defaults)
+    ("lr", "float64"),  # the peak lr the trial used ('auto' resolved)
+    ("negatives", "int64"),  # hard negatives per pair (0: in-batch only)
+    ("attention", "string"),  # causal | bidirectional
+    ("query_instruction", "string"),  # prepended to queries ("": none)
 )
 METRIC_COLUMNS = (
     ("sweep", "string"), ("trial_id", "string"), ("step", "int64"), ("tokens", "int64"), ("flops", "float64"),

@@ -33,7 +33,7 @@ from core.uris import redact
 from orchestrator.errors import UserError
 from orchestrator.grid import Grid, GridError, check_mirrors, load_grid, parse_grid
 from orchestrator.lease import Lease
-from orchestrator.plan import Plan, PlannedTrial, plan_grid
+from orchestrator.plan import Plan, PlannedTrial, knob_columns, plan_grid
 from orchestrator.store import INTERRUPTED, Recorder, Store, StoreError
 
 # The store replaces Tune's per-trial JSON/CSV/TensorBoard files: turning them off cuts per-trial overhead.
@@ -185,10 +185,10 @@ def with_token_caches(todo: list[PlannedTrial], grid: Grid, store: Store) -> lis
     data. Length-bucketed trials read the raw data (the cache serves random batches)."""
     if not grid.run.token_cache or not any(t.spec.batching == "random" for t in todo):
         return todo
-    from orchestrator.prepare import caches_for_grid
+    from orchestrator.prepare import caches_for_grid, trial_cache
 
     caches = caches_for_grid(grid, store.storage_uri)
-    return [dataclasses.replace(t, spec=dataclasses.replace(t.spec, token_cache=caches[t.model]["uri"]))
+    return [dataclasses.replace(t, spec=dataclasses.replace(t.spec, token_cache=trial_cache(caches, t.model, t.spec)))
             if t.spec.batching == "random" else t for t in todo]
 
 
@@ -334,6 +334,7 @@ def initial_row(sweep: str, t: PlannedTrial) -> dict:
         "tokens": 0, "steps": 0, "flops": 0.0, "hardware_flops": 0.0, "eval_loss": None, "train_loss": None,
         "wall_s": 0.0, "planned_tokens": t.planned_tokens, "planned_steps": t.steps, "updated_at": time.time(),
         "batching": t.spec.batching, "family": t.family, "pooling": t.spec.pooling,
+        **knob_columns(t.spec, t.lr),
         "replicate": t.spec.replicate, "seed": t.spec.seed,
     }
 

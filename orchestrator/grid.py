@@ -31,7 +31,7 @@ from pydantic_core import PydanticCustomError
 
 from core import methods
 from core.models import ModelConfigError, auto_lr, model_shape, read_config
-from core.spec import BATCHING, KEEP_WEIGHTS, PACKINGS, POOLINGS, DeepSpeedConfigError, TrialSpec, default, parse_deepspeed_override
+from core.spec import ATTENTIONS, BATCHING, KEEP_WEIGHTS, PACKINGS, POOLINGS, DeepSpeedConfigError, TrialSpec, default, parse_deepspeed_override
 from core.spec import replicate_seed
 from core.spec import trial_id
 from core.strategy import STRATEGIES, AdaptiveConfig
@@ -114,6 +114,28 @@ def _auto_or_positive(what: str):
 
 _lr = _auto_or_positive("a number")
 _gpus = _auto_or(_int, lambda n: n >= 0, "an integer >= 0")
+
+
+def _lr_axis(v: Any) -> float | str | tuple:
+    """``lr: 1e-4`` or ``lr: auto`` as before; ``lr: [1e-4, 3e-4]`` a grid axis (a list of one is its item, so a
+    stored grid reads back the same)."""
+    if not isinstance(v, (list, tuple)):
+        return _lr(v)
+    if not v:
+        raise PydanticCustomError("too_short", "must not be empty")
+    values = _unique(tuple(_lr(x) for x in v))
+    return values if len(values) > 1 else values[0]
+
+
+def _instruction_axis(v: Any) -> tuple:
+    """``query_instruction: "..."`` or a list of them (a grid axis); "" is none (today's trials)."""
+    values = _listify(v)
+    if not isinstance(values, (list, tuple)) or not values:
+        raise PydanticCustomError("instruction", "must be a string or a non-empty list of strings")
+    for x in values:
+        if not isinstance(x, str):
+            raise PydanticCustomError("instruction", "must be a string or a list of strings, got {got}", _got(x))
+    return _unique(tuple(values))
 
 
 def _auto_bool(v: Any) -> bool | str:
@@ -241,13 +263,21 @@ class DataConfig(_Section):
     eval: DataURI | None = None  # held-out pairs for eval_loss
 
 
+class NegativesConfig(_Section):
+    """``train.negatives: {hard: k}``: k mined negatives per pair from the data's ``neg`` lists (a pair with fewer
+    is skipped and counted: workers/records.py)."""
+
+    hard: Annotated[Int, Field(ge=1)]
+
+
 class TrainConfig(_Optional):
     """Defaults are the paper's (docs/study.md "Training recipe"), read from core.spec.TrialSpec's fields."""
 
     batch_size: Annotated[Int, Field(ge=2)] = default("batch_size")  # in-batch negatives need 2
     temperature: Annotated[Number, Field(gt=0)] = default("temperature")
     max_length: Annotated[Int, Field(ge=1)] = default("max_length")
-    lr: Annotated[float | Literal["auto"], BeforeValidator(_lr)] = "auto"  # auto: pretraining lr / 10
+    # auto: pretraining lr / 10; a list is an axis
+    lr: Annotated[float | Literal["auto"] | tuple[float | Literal["auto"], ...], BeforeValidator(_lr_axis)] = "auto"
     warmup_fraction: Annotated[Number, Field(ge=0, lt=1)] = default("warmup_fraction")
     weight_decay: Annotated[Number, Field(ge=0)] = default("weight_decay")
     seed: Int = default("seed")
@@ -256,6 +286,24 @@ class TrainConfig(_Optional):
     gradient_checkpointing: Annotated[bool | Literal["auto"], BeforeValidator(_auto_bool)] = default(
         "gradient_checkpointing")
     batching: Literal[BATCHING] = default("batching")  # random (the paper's) | length_buckets (opt-in)
+    # the knobs (docs/reference.md "Knobs"): each a grid axis, absent = today's trials
+    lr_scale: _list_of(Annotated[Number, Field(gt=0)]) = (1.0,)  # factors around lr (auto or given)
+    negatives: NegativesConfig | None = None  # {hard: k}: k mined negatives per pair from the data's `neg`
+    attention: _list_of(Literal[ATTENTIONS]) = (default("attention"),)
+    query_instruction: Annotated[tuple[str, ...], BeforeValidator(_instruction_axis)] = (default("query_instruction"),)
+
+    @model_validator(mode="after")
+    def _one_lr_to_scale(self) -> "TrainConfig":
+        if isinstance(self.lr, tuple) and self.lr_scale != (1.0,):
+            raise PydanticCustomError("lr_scale", "lr_scale scales one lr; with a list of lr, list the lr instead")
+        return self
+
+    def lrs(self) -> tuple[float | str, ...]:
+        """The lr values of the grid as written (``auto`` or numbers)."""
+        return self.lr if isinstance(self.lr, tuple) else (self.lr,)
+
+    def hard_negatives(self) -> int:
+        return 0 if self.negatives is None else self.negatives.hard
     # torch.compile of the blocks: auto = on CUDA past the break-even (core/throughput.py); not in the trial id
     compile: Annotated[bool | Literal["auto"], BeforeValidator(_auto_bool)] = default("compile")
 
@@ -482,7 +530,7 @@ def _check_references(grid: Grid, source: str) -> None:
                     model_shape(path).check_lora_targets(grid.methods.config(m).targets, model)
                 except ModelConfigError as e:
                     raise GridError.at(source, f"methods.{m}.targets", str(e)) from None
-        if grid.train.lr == "auto":
+        if "auto" in grid.train.lrs():
             try:
                 auto_lr(path, config)
             except ModelConfigError:
@@ -499,7 +547,7 @@ def _check_references(grid: Grid, source: str) -> None:
 # --- pydantic errors -> one line ---------------------------------------------------------------------------
 _SECTIONS: dict[tuple, type[BaseModel]] = {
     (): Grid, ("methods",): Methods, **{("methods", m): c for m, c in METHOD_CONFIGS.items()}, ("data",): DataConfig,
-    ("train",): TrainConfig, ("plan",): PlanConfig, ("adaptive",): AdaptiveKnobs, ("resources",): ResourcesConfig,
+    ("train",): TrainConfig, ("train", "negatives"): NegativesConfig, ("plan",): PlanConfig, ("adaptive",): AdaptiveKnobs, ("resources",): ResourcesConfig,
     ("run",): RunConfig,
 }
 _TYPE_PROBLEMS = {
@@ -607,7 +655,7 @@ def trial_spec(grid: Grid, model: str, method: str, budget_flops: float,
         eval_data=grid.resolve(grid.data.eval) if grid.data.eval is not None else None,
         lora_rank=lora_rank, trainable_fraction=trainable_fraction, pooling=pooling, **lora_fields,
         batch_size=t.batch_size, temperature=t.temperature, max_length=t.max_length,
-        lr=None if t.lr == "auto" else float(t.lr), warmup_fraction=t.warmup_fraction,
+        lr=None if t.lrs()[0] == "auto" else float(t.lrs()[0]), warmup_fraction=t.warmup_fraction,
         weight_decay=t.weight_decay, seed=t.seed, max_epochs=grid.plan.max_epochs, batching=t.batching,
         gradient_checkpointing=t.gradient_checkpointing, precision=t.precision, compile=t.compile,
         eval_every=r.eval_every, eval_pairs=r.eval_pairs,
@@ -625,12 +673,45 @@ def replicate_of(grid: Grid, model: str, spec: TrialSpec, replicate: int) -> tup
 
 
 def expand(grid: Grid) -> tuple[Trial, ...]:
-    """model x method x (rank | fraction) x pooling x budget, in that nesting order."""
+    """model x method x (rank | fraction) x pooling x knobs (``knob_settings``) x budget, in that nesting order."""
     trials = []
     for model in grid.models:
+        knobs = knob_settings(grid, model)
         for method, rank, fraction in grid.methods.cells():
             for pooling in grid.pooling:
-                for budget in grid.budgets:
-                    spec = trial_spec(grid, model, method, budget, rank, fraction, pooling)
-                    trials.append(Trial(trial_id(trial_identity(grid, model, spec)), model, spec))
+                for knob in knobs:
+                    for budget in grid.budgets:
+                        spec = trial_spec(grid, model, method, budget, rank, fraction, pooling)
+                        spec = dataclasses.replace(spec, **knob)
+                        trials.append(Trial(trial_id(trial_identity(grid, model, spec)), model, spec))
     return tuple(trials)
+
+
+# --- the knobs: lr, query instruction, hard negatives, attention ---------------------------------------------
+def knob_settings(grid: Grid, model: str) -> list[dict]:
+    """The TrialSpec fields of each knob cell of ``model``: lr x query_instruction x attention (the negatives are
+    one setting). At their defaults the fields equal today's trial's, so its id stays."""
+    t = grid.train
+    return [{"lr": lr, "query_instruction": q, "attention": a, "hard_negatives": t.hard_negatives()}
+            for lr in lr_values(grid, model) for q in t.query_instruction for a in t.attention]
+
+
+def lr_values(grid: Grid, model: str) -> list[float | None]:
+    """The peak lrs ``model``'s trials train with: each listed lr times each ``lr_scale`` factor. ``auto`` at
+    factor 1 stays None (resolved by the trial, as before: the same id); any other factor resolves it here."""
+    out = []
+    for lr in grid.train.lrs():
+        for factor in grid.train.lr_scale:
+            if factor == 1.0:
+                out.append(None if lr == "auto" else float(lr))
+            else:
+                out.append(factor * (resolved_lr(grid, model) if lr == "auto" else float(lr)))
+    return out
+
+
+def resolved_lr(grid: Grid, model: str, lr: float | None = None) -> float:
+    """A trial's peak lr: ``lr``, or the model's 'auto' (pretraining lr / 10) when None."""
+    if lr is not None:
+        return float(lr)
+    path = grid.model_path(model)
+    return auto_lr(path, read_config(path))

@@ -30,9 +30,9 @@ from core import methods
 from core.flops import cost_per_token, planned_steps, sequence_hardware_flops, tokens_for_budget
 from core.methods import param_counts
 from core.models import ModelShape, model_shape, pythia_size
-from core.spec import TrialSpec
+from core.spec import TrialSpec, attention_unsupported, default
 from core.throughput import assumed_utilisation, share_for
-from orchestrator.grid import Grid, Trial, expand, replicate_of
+from orchestrator.grid import Grid, Trial, expand, replicate_of, resolved_lr
 
 # The authors planned every cell with 78 tokens per pair (14 query + 64 positive at max length 75; docs/study.md).
 # Used only when the data cannot be read here (e.g. `plan` on a laptop for an s3:// grid), with a warning.
@@ -58,6 +58,7 @@ class PlannedTrial:
     skip_reason: str | None  # None: runnable
     memory_bytes: int | None = None  # estimated peak on each of its GPUs (None: CPU, or the GPUs' memory unknown)
     checkpointing: bool | None = None  # gradient checkpointing as planned (None: the trial decides on its device)
+    lr: float | None = None  # the peak lr the trial will use ('auto' resolved; None: not resolvable here)
 
     @property
     def method(self) -> str:
@@ -92,7 +93,15 @@ class PlannedTrial:
             "skip_reason": self.skip_reason,
             "memory_gb": None if self.memory_bytes is None else round(self.memory_bytes / 1e9, 2),
             "gradient_checkpointing": self.checkpointing, "checkpoint_every_s": self.spec.checkpoint_every_s,
+            **self.knobs(),
         }
+
+    def knobs(self) -> dict:
+        """The knob columns (``knob_columns``) this trial sets away from their defaults (lr: a number given or
+        scaled, not 'auto'): what `plan` adds to its rows."""
+        defaults = knob_defaults()
+        return {k: v for k, v in knob_columns(self.spec, self.lr).items()
+                if (self.spec.lr is not None if k == "lr" else v != defaults[k])}
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,13 @@ class DataStats:
     tokens_per_pair: Mapping[str, float]
     train_pairs: int | None
     warnings: tuple[str, ...] = ()
+    # (model, query_instruction) -> tokens per pair, for the grid's text settings other than the first (the first
+    # is tokens_per_pair's: the grid's data cap and `plan`'s line stay one number per model)
+    by_texts: Mapping[tuple, float] = dataclasses.field(default_factory=dict)
+
+    def pair_tokens(self, model: str, spec: TrialSpec) -> float:
+        """The tokens per pair of a trial: its model's, measured with its query instruction."""
+        return self.by_texts.get((model, spec.query_instruction), self.tokens_per_pair[model])
 
 
 @dataclass(frozen=True)
@@ -134,6 +150,18 @@ class Plan:
         """`plan --json` (docs/reference.md)."""
         return {"trials": [t.to_json() for t in self.trials], "total_flops": self.total_flops,
                 "gpu_memory_gb": None if self.gpu_memory is None else self.gpu_memory / 1e9}
+
+
+def knob_columns(spec: TrialSpec, lr: float | None) -> dict:
+    """The store's knob columns of a trial (core/store.py): the lr it uses, its hard negatives per pair, its
+    attention, its query instruction."""
+    return {"lr": lr, "negatives": spec.hard_negatives, "attention": spec.attention,
+            "query_instruction": spec.query_instruction}
+
+
+def knob_defaults() -> dict:
+    return {"negatives": default("hard_negatives"), "attention": default("attention"),
+            "query_instruction": default("query_instruction")}
 
 
 # --- pure policy -------------------------------------------------------------------------------------------
@@ -288,6 +316,7 @@ def plan_trial(trial: Trial, shape: ModelShape, tokens_per_pair: float, train_pa
                          max_epochs=grid.plan.max_epochs, nothing_to_train=nothing_to_train)
     if sizing.problem and not nothing_to_train:
         reason = "; ".join(filter(None, (reason, sizing.problem)))
+    reason = attention_unsupported(family, spec.attention) or reason  # nothing else matters: it cannot run
     spec = dataclasses.replace(
         spec, planned_tokens_per_pair=tokens_per_pair, planned_tokens=tokens, planned_steps=steps,
         device_share=sizing.share,
@@ -301,7 +330,16 @@ def plan_trial(trial: Trial, shape: ModelShape, tokens_per_pair: float, train_pa
         steps=steps, planned_flops=tokens * cost, resources=sizing.resources, deepspeed_gpus=sizing.deepspeed_gpus,
         hardware_flops=tokens * hardware_flops_per_token(shape, spec, tokens_per_pair, bool(checkpointing)),
         skip_reason=reason, memory_bytes=sizing.memory, checkpointing=checkpointing,
+        lr=_trial_lr(grid, trial),
     )
+
+
+def _trial_lr(grid: Grid, trial: Trial) -> float | None:
+    """The trial's peak lr, 'auto' resolved from the model's config (None where it cannot be: a hub name)."""
+    try:
+        return resolved_lr(grid, trial.model, trial.spec.lr)
+    except Exception:  # noqa: BLE001 -- the trial resolves it from the loaded model
+        return None
 
 
 def replicates(cell: PlannedTrial, grid: Grid, numbers) -> list[PlannedTrial]:
@@ -317,8 +355,9 @@ def replicates(cell: PlannedTrial, grid: Grid, numbers) -> list[PlannedTrial]:
 def hardware_flops_per_token(shape: ModelShape, spec: TrialSpec, tokens_per_pair: float,
                              checkpointing: bool) -> float:
     """FLOP executed per real token of a trial (core.flops.sequence_hardware_flops at the mean text length, half
-    a pair; padding and the gradient cache's extra forward left out): what device-hours are estimated from."""
-    length = max(1, round(tokens_per_pair / 2))
+    a pair's texts: its query, its document and its hard negatives; padding and the gradient cache's extra forward
+    left out): what device-hours are estimated from."""
+    length = max(1, round(tokens_per_pair / (2 + spec.hard_negatives)))
     return sequence_hardware_flops(shape, spec.method, length, lora_rank=spec.lora_rank,
                                    trainable_fraction=spec.trainable_fraction, lora_targets=spec.lora_targets,
                                    checkpointing=checkpointing) / length
@@ -343,7 +382,7 @@ def plan_grid(grid: Grid, *, gpus_available: int | None = None, data: DataStats 
         gpu_memory = grid.resources.gpu_memory_gb * 1e9
     gpu_memory = gpu_memory if gpus else None
     shapes = {m: model_shape(grid.model_path(m)) for m in grid.models}
-    cells = (plan_trial(t, shapes[t.model], data.tokens_per_pair[t.model], data.train_pairs, gpus, grid,
+    cells = (plan_trial(t, shapes[t.model], data.pair_tokens(t.model, t.spec), data.train_pairs, gpus, grid,
                         gpu_memory=gpu_memory, nodes=nodes)
              for t in expand(grid))
     trials = tuple(r for cell in cells for r in replicates(cell, grid, range(grid.seeds)))
@@ -372,29 +411,67 @@ def measure_data(grid: Grid, *, strict: bool = False) -> DataStats:
         try:
             from workers.pair_files import count_pairs  # torch-free (workers.pair_batches imports torch)
 
-            train_pairs = count_pairs(uri)
+            train_pairs = count_pairs(uri, **negatives_kwargs(grid))
         except Exception as e:  # noqa: BLE001 -- classified below: bad input, or unreachable here
             _unreachable(e, uri, strict, "data.train")
             readable = False
             warnings.append(f"warning: cannot count the pairs in {uri} ({one_line(e)}); max_epochs not "
                             "checked (set plan.train_pairs)")
     tokens_per_pair: dict[str, float] = {}
-    measured: dict[str, tuple[float, str | None]] = {}  # tokenizer -> (tokens per pair, its warning)
+    by_texts: dict[tuple, float] = {}
+    measured: dict[tuple, tuple[float, str | None]] = {}  # (tokenizer, instruction) -> (tokens per pair, warning)
     concerns: dict[str, list[str]] = {}  # a warning -> the models it concerns: each is said once, naming them
+    first, *others = grid.train.query_instruction
     for model in grid.models:
-        if grid.plan.tokens_per_pair is not None:
-            tokens_per_pair[model] = grid.plan.tokens_per_pair
-            continue
-        key = tokenizer_key(grid, model)
-        if key not in measured:
-            measured[key] = _measure(grid, model, uri, readable, strict)
-        tokens_per_pair[model], warning = measured[key]
-        if warning is not None:
-            concerns.setdefault(warning, []).append(model)
+        check_instructions(grid, model, strict)
+        for instruction in (first, *others):
+            if grid.plan.tokens_per_pair is not None:
+                value = grid.plan.tokens_per_pair
+            else:
+                key = (tokenizer_key(grid, model), instruction)
+                if key not in measured:
+                    measured[key] = _measure(grid, model, uri, readable, strict, instruction)
+                value, warning = measured[key]
+                if warning is not None and model not in concerns.get(warning, []):
+                    concerns.setdefault(warning, []).append(model)
+            if instruction == first:
+                tokens_per_pair[model] = value
+            else:
+                by_texts[model, instruction] = value
     warnings += [warning.replace("{models}", ", ".join(models), 1) for warning, models in concerns.items()]
     if grid.data.eval is not None and (strict or "://" not in grid.data.eval):
         _check_eval(grid, strict)
-    return DataStats(tokens_per_pair, train_pairs, tuple(warnings))
+    return DataStats(tokens_per_pair, train_pairs, tuple(dict.fromkeys(warnings)), by_texts)
+
+
+def negatives_kwargs(grid: Grid) -> dict:
+    """The data readers' ``hard_negatives`` argument where the grid takes hard negatives (none: the readers'
+    default, the call it always was)."""
+    k = grid.train.hard_negatives()
+    return {"hard_negatives": k} if k else {}
+
+
+def check_instructions(grid: Grid, model: str, strict: bool) -> None:
+    """Each query instruction of the grid encodes to real tokens with ``model``'s tokenizer: one that gives no
+    token, or only the unknown token, would train on nothing the user meant (a UserError, exit 2). A tokenizer
+    that cannot be loaded here (a hub name offline) is checked by the driver (``strict``)."""
+    instructions = [q for q in grid.train.query_instruction if q]
+    if not instructions or not (strict or os.path.isdir(grid.model_path(model))):
+        return  # a hub name: `plan` stays offline, the driver's strict plan checks it
+    try:
+        tokenizer = _load_tokenizer(grid.model_path(model))
+    except Exception as e:  # noqa: BLE001 -- no tokenizer here; the driver's strict plan checks it
+        if strict:
+            raise UserError(f"{model}: cannot load its tokenizer ({one_line(e)})") from None
+        return
+    from workers.pair_files import make_encoder
+
+    encode, unk = make_encoder(tokenizer, grid.train.max_length), getattr(tokenizer, "unk_token_id", None)
+    for q in instructions:
+        ids = encode([q])[0]
+        if not ids or all(i == unk for i in ids):
+            what = "no token" if not ids else "only unknown tokens"
+            raise UserError(f"train.query_instruction: {q[:40]!r}: {model}'s tokenizer encodes it as {what}")
 
 
 def _check_eval(grid: Grid, strict: bool) -> None:
@@ -412,7 +489,8 @@ def _check_eval(grid: Grid, strict: bool) -> None:
         raise UserError(f"data.eval: {uri}: {len(pairs)} usable pair(s); evaluation needs at least 2")
 
 
-def _measure(grid: Grid, model: str, uri: str, readable: bool, strict: bool) -> tuple[float, str | None]:
+def _measure(grid: Grid, model: str, uri: str, readable: bool, strict: bool,
+             query_instruction: str = "") -> tuple[float, str | None]:
     """Tokens per pair with ``model``'s tokenizer, and the warning when it fell back to the authors' constant, with
     ``{models}`` where the caller names every model it concerns (unreadable data is one problem, not one per model;
     a tokenizer's is its models')."""
@@ -430,7 +508,9 @@ def _measure(grid: Grid, model: str, uri: str, readable: bool, strict: bool) -> 
         return FALLBACK_TOKENS_PER_PAIR, (f"warning: cannot load the tokenizer of {{models}} ({one_line(e)}): "
                                           f"planning {fallback}")
     try:
-        return measure_tokens_per_pair(uri, tokenizer, grid.train.max_length, sample=grid.plan.sample_pairs), None
+        texts = negatives_kwargs(grid) | ({"query_instruction": query_instruction} if query_instruction else {})
+        return measure_tokens_per_pair(uri, tokenizer, grid.train.max_length, sample=grid.plan.sample_pairs,
+                                       **texts), None
     except Exception as e:  # noqa: BLE001
         _unreachable(e, uri, strict, "data.train")
         return FALLBACK_TOKENS_PER_PAIR, f"warning: cannot read {uri} ({one_line(e)}): planning {{models}} {fallback}"

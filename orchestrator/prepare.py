@@ -28,21 +28,39 @@ def caches_for_grid(grid, storage_uri: str, *, address: str | None = None, log=N
     out = {}
     for model in grid.models:
         path = grid.model_path(model)
-        if path not in by_path:
-            try:
-                tokenizer = load_tokenizer(path)
-            except Exception as e:  # noqa: BLE001 -- no tokenizer there (offline hub, no tokenizer files)
-                raise UserError(f"{model}: cannot load its tokenizer ({' '.join(str(e).split())[:200]})") from None
-            built: list[str] = []
-            uri, manifest = cache_build.ensure(storage_uri, train_uri=train, eval_uri=eval_, tokenizer_path=path,
-                                               tokenizer=tokenizer, max_length=grid.train.max_length,
-                                               address=address, log=lambda line: (built.append(line), log(line)))
-            split = manifest["splits"]["train"]
-            by_path[path] = {"uri": uri, "key": manifest["key"], "pairs": split["pairs"],
-                             "real_tokens": split["real_tokens"], "bad_lines": split["bad_lines"],
-                             "built": bool(built)}
-        out[model] = by_path[path]
+        for texts in cache_texts(grid):
+            if (path, texts) not in by_path:
+                try:
+                    tokenizer = load_tokenizer(path)
+                except Exception as e:  # noqa: BLE001 -- no tokenizer there (offline hub, no tokenizer files)
+                    raise UserError(f"{model}: cannot load its tokenizer ({' '.join(str(e).split())[:200]})") from None
+                built: list[str] = []
+                uri, manifest = cache_build.ensure(storage_uri, train_uri=train, eval_uri=eval_, tokenizer_path=path,
+                                                   tokenizer=tokenizer, max_length=grid.train.max_length,
+                                                   address=address, log=lambda line: (built.append(line), log(line)),
+                                                   **dict(zip(TEXT_KNOBS, texts)))
+                split = manifest["splits"]["train"]
+                by_path[path, texts] = {"uri": uri, "key": manifest["key"], "pairs": split["pairs"],
+                                        "real_tokens": split["real_tokens"], "bad_lines": split["bad_lines"],
+                                        "built": bool(built)}
+            # the first text setting under the model's name (what `prepare` lists), every one under "variants"
+            entry = out.setdefault(model, {**by_path[path, texts], "variants": {}})
+            entry["variants"][texts] = by_path[path, texts]
     return out
+
+
+# The knobs that change the texts a cache holds (its key and content): a cache per setting and tokenizer.
+TEXT_KNOBS = ("query_instruction",)
+
+
+def cache_texts(grid) -> list[tuple]:
+    """The grid's settings of TEXT_KNOBS, each a tuple in that order."""
+    return [(q,) for q in grid.train.query_instruction]
+
+
+def trial_cache(caches: dict, model: str, spec) -> str:
+    """The URI of the cache a trial reads: its model's, for its setting of TEXT_KNOBS."""
+    return caches[model]["variants"][tuple(getattr(spec, k) for k in TEXT_KNOBS)]["uri"]
 
 
 def prepare_command(args) -> int:
@@ -53,7 +71,8 @@ def prepare_command(args) -> int:
     caches = caches_for_grid(grid, args.storage, address=args.address)
     rows: dict[str, dict] = {}
     for model, c in caches.items():
-        rows.setdefault(c["uri"], {**c, "models": []})["models"].append(model)
+        for v in c["variants"].values():
+            rows.setdefault(v["uri"], {**v, "models": []})["models"].append(model)
     if getattr(args, "json", False):
         print(json.dumps({"caches": list(rows.values())}))
         return 0

@@ -22,9 +22,13 @@ chosen by device at runtime (``choose``):
 ``max_length_q`` / ``max_length_k`` (transformers' FlashAttentionKwargs names), which each family's forward hands
 down to its attention function untouched. Positions restart at 0 in every text, so RoPE (GPT-NeoX's partial rotary
 included) rotates each text as the padded forward does.
+
+A model that attends bidirectionally (train.attention; workers/packing.py ``make_bidirectional``) sets
+``BIDIRECTIONAL`` around its forward: the flat kernels, which build no mask, then attend over each whole text.
 """
 from __future__ import annotations
 
+import contextvars
 import math
 
 import torch
@@ -35,6 +39,9 @@ KERNELS = (VARLEN, FLEX, SEGMENTS, MASK)
 REGISTERED = {VARLEN: "repurpose_varlen", SEGMENTS: "repurpose_segments"}
 FLAT = (VARLEN, SEGMENTS)  # kernels that take one flat sequence and cu_seqlens (the others: rows and a mask)
 NO_VARLEN = ("gemma2",)  # Gemma 2 soft-caps its attention logits: varlen_attn has no soft-cap
+# True inside the forward of a model that attends bidirectionally (train.attention; workers/packing.py
+# ``make_bidirectional``): the mask kernels get "every key" overlaid on their mask, the flat kernels drop causality
+BIDIRECTIONAL = contextvars.ContextVar("repurpose_bidirectional", default=False)
 
 
 def varlen_kernel():
@@ -95,6 +102,11 @@ def _boundaries(kwargs: dict) -> tuple[torch.Tensor, int]:
     return cu, int(kwargs.get("max_length_q"))
 
 
+def _causal(module, is_causal) -> bool:
+    """Whether a flat kernel masks the future: the layer's own say, unless its model attends bidirectionally."""
+    return (module.is_causal if is_causal is None else is_causal) and not BIDIRECTIONAL.get()
+
+
 def _window(sliding_window: int | None) -> tuple[int, int]:
     """transformers' sliding window of W: a token sees itself and the W - 1 before it (flash's left W - 1)."""
     return (sliding_window - 1, 0) if sliding_window else (-1, 0)
@@ -113,7 +125,7 @@ def varlen_forward(module, query, key, value, attention_mask, scaling=None, drop
     if q.dtype == torch.float32 and torch.is_autocast_enabled(q.device.type):  # RoPE may promote to fp32
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    causal = module.is_causal if is_causal is None else is_causal
+    causal = _causal(module, is_causal)
     window = _window(sliding_window) if causal else (-1, -1)
     out = varlen_kernel()(q, k, v, cu.to(torch.int32), cu.to(torch.int32), longest, longest, scale=scaling,
                           window_size=window, enable_gqa=q.shape[1] != k.shape[1])
@@ -125,7 +137,7 @@ def segments_forward(module, query, key, value, attention_mask, scaling=None, dr
     """The AttentionInterface function for ``segments`` (the reference): the same inputs and output as
     ``varlen_forward``, each text's attention computed on its own as eager attention computes it."""
     cu, _ = _boundaries(kwargs)
-    causal = module.is_causal if is_causal is None else is_causal
+    causal = _causal(module, is_causal)
     scale = scaling if scaling is not None else 1 / math.sqrt(query.shape[-1])
     groups = query.shape[1] // key.shape[1]
     outs = []

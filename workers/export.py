@@ -68,9 +68,12 @@ def export_command(args, row: dict, grid: dict) -> int:
     if read_manifest(weights) is None:
         raise ExportError(f"{args.name}: trial {row['trial_id']} kept no weights ({storage.redact(weights)} has no "
                           "finished save; run.keep_weights: none, or a sweep from before weights were kept)")
+    if (row.get("attention") or "causal") != "causal":
+        raise ExportError(f"{args.name}: trial {row['trial_id']} trained with {row['attention']} attention; the "
+                          "sentence-transformers folder would embed causally: not exported")
     max_length = int((grid.get("train") or {}).get("max_length") or default("max_length"))
     pooling = row.get("pooling") or "mean"  # a store from before the pooling axis: the study's mean
-    export_model(row["model"], weights, pooling, max_length, out)
+    export_model(row["model"], weights, pooling, max_length, out, query_instruction=row.get("query_instruction") or "")
     loss = "n/a" if row.get("eval_loss") is None else f"{row['eval_loss']:.4f}"
     print(f"exported trial {row['trial_id']} ({row['method']}, {row['model']}, pooling {pooling}, budget "
           f"{row['budget_flops']:.3g} FLOP, eval_loss {loss}) to {out}", file=sys.stderr)
@@ -100,15 +103,18 @@ def check_out(out: str) -> str:
 
 
 # --- building the folder ------------------------------------------------------------------------------------
-def export_model(base_model: str, weights_uri: str, pooling: str, max_length: int, out: str) -> None:
-    """Writes the sentence-transformers folder ``out`` (absent or empty) from ``base_model`` + the kept weights."""
+def export_model(base_model: str, weights_uri: str, pooling: str, max_length: int, out: str, *,
+                 query_instruction: str = "") -> None:
+    """Writes the sentence-transformers folder ``out`` (absent or empty) from ``base_model`` + the kept weights.
+    A trial's query instruction becomes the folder's prompt ``query``: ``encode(queries, prompt_name="query")``
+    prepends it to each query as the trial did (as text, then tokenised and truncated to max_length)."""
     if pooling not in ST_POOLING:
         raise ExportError(f"pooling {pooling!r}: no sentence-transformers mode for it ({', '.join(ST_POOLING)})")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
     try:
-        _build(base_model, weights_uri, pooling, max_length, tmp)
+        _build(base_model, weights_uri, pooling, max_length, tmp, query_prompts(query_instruction))
         if os.path.isdir(out):
             os.rmdir(out)  # empty (check_out); a file appearing in it since makes this fail, nothing replaced
         os.rename(tmp, out)
@@ -117,7 +123,12 @@ def export_model(base_model: str, weights_uri: str, pooling: str, max_length: in
         raise
 
 
-def _build(base_model: str, weights_uri: str, pooling: str, max_length: int, tmp: str) -> None:
+def query_prompts(query_instruction: str) -> dict:
+    """The sentence-transformers ``prompts`` of a trial: {"query": its instruction}, none without one."""
+    return {"query": query_instruction} if query_instruction else {}
+
+
+def _build(base_model: str, weights_uri: str, pooling: str, max_length: int, tmp: str, prompts: dict) -> None:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Pooling
     from sentence_transformers.base.modules import Normalize, Transformer
@@ -131,7 +142,7 @@ def _build(base_model: str, weights_uri: str, pooling: str, max_length: int, tmp
     del model
     transformer = Transformer(tmp, max_seq_length=max_length)
     st = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), ST_POOLING[pooling]),
-                                      Normalize()], device="cpu")
+                                      Normalize()], device="cpu", prompts=prompts or None)
     st.save(tmp)
     check_tokenizer(tmp, base_model, pooling, max_length)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from workers.packing import Packed, as_packer, lengths_of, unpack
+from workers.packing import Packed, Packer, as_packer, lengths_of, unpack
 from workers.pooling import assert_right_padded, pool
 
 
@@ -41,11 +41,16 @@ def embed(model, ids: torch.Tensor, mask: torch.Tensor, pooling: str = "mean",
     return F.normalize(pool(hidden, mask, pooling), dim=-1)
 
 
-def info_nce(q: torch.Tensor, d: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Symmetric InfoNCE: 1/2 [CE(q -> d) + CE(d -> q)], logits cos(q_i, d_j) / tau, positives on the diagonal."""
+def info_nce(q: torch.Tensor, d: torch.Tensor, temperature: float, negatives: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """Symmetric InfoNCE: 1/2 [CE(q -> d) + CE(d -> q)], logits cos(q_i, d_j) / tau, positives on the diagonal.
+    ``negatives`` (B * k, D): hard negatives, extra columns of the query -> document logits (every query
+    against every pair's negatives too, as in-batch negatives are shared); the document -> query direction is
+    unchanged (a negative is no query's positive)."""
     logits = q @ d.T / temperature  # (B, B)
     labels = torch.arange(q.shape[0], device=q.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    to_docs = logits if negatives is None else torch.cat([logits, q @ negatives.T / temperature], dim=1)
+    return 0.5 * (F.cross_entropy(to_docs, labels) + F.cross_entropy(logits.T, labels))
 
 
 class _RngFork:
@@ -97,15 +102,30 @@ def _forwards(batch, size: int, packing) -> list[_Forward]:
     q_parts = list(_chunks(batch.q_ids, batch.q_mask, size))
     d_parts = list(_chunks(batch.d_ids, batch.d_mask, size))
     starts = range(0, n, size)
+    negatives = _negative_forwards(batch, size, packer)
     if packer is None:
         return [_Forward(torch.arange(side + i, side + i + ids.shape[0], device=dev), ids, mask)
-                for side, parts in ((0, q_parts), (n, d_parts)) for i, (ids, mask) in zip(starts, parts)]
+                for side, parts in ((0, q_parts), (n, d_parts)) for i, (ids, mask) in zip(starts, parts)] + negatives
     out = []
     for i, (q_ids, q_mask), (d_ids, d_mask) in zip(starts, q_parts, d_parts):
         ids, mask = _stack(q_ids, d_ids), _stack(q_mask, d_mask)  # (2b, T)
         b = q_ids.shape[0]
         rows = torch.cat([torch.arange(i, i + b, device=dev), torch.arange(n + i, n + i + b, device=dev)])
         out.append(_Forward(rows, ids, mask, packer(ids, mask)))
+    return out + negatives
+
+
+def _negative_forwards(batch, size: int, packer: Packer | None) -> list[_Forward]:
+    """The hard negatives' forwards (rows 2n ... 2n + nk - 1 of the stacked [queries; documents; negatives]):
+    sub-batches of ``size`` pairs' negatives (size * k texts), packed alone when the step packs."""
+    k = getattr(batch, "hard_negatives", 0)
+    if not k:
+        return []
+    n, dev = batch.q_ids.shape[0], batch.q_ids.device
+    out = []
+    for i, (ids, mask) in zip(range(0, n * k, size * k), _chunks(batch.n_ids, batch.n_mask, size * k)):
+        rows = torch.arange(2 * n + i, 2 * n + i + ids.shape[0], device=dev)
+        out.append(_Forward(rows, ids, mask, None if packer is None else packer(ids, mask)))
     return out
 
 
@@ -116,10 +136,17 @@ def _stack(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _assemble(forwards: list[_Forward], outs: list[torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forwards' embeddings in the stacked order -> (n, D) queries and (n, D) documents."""
+    """The forwards' embeddings in the stacked order -> (n, D) queries and (n, D) documents (the hard negatives,
+    if any, left out: ``_assemble_all``)."""
+    q, d, _ = _assemble_all(forwards, outs, n)
+    return q, d
+
+
+def _assemble_all(forwards: list[_Forward], outs: list[torch.Tensor], n: int):
+    """-> (n, D) queries, (n, D) documents, (n k, D) hard negatives or None."""
     order = torch.cat([f.rows for f in forwards])
-    stacked = torch.cat(outs)[torch.argsort(order)]  # (2n, D)
-    return stacked[:n], stacked[n:]
+    stacked = torch.cat(outs)[torch.argsort(order)]  # (2n + nk, D)
+    return stacked[:n], stacked[n:2 * n], (stacked[2 * n:] if len(stacked) > 2 * n else None)
 
 
 def step_shapes(batch, chunk_size: int | None, packing=False) -> list[tuple[int, int]]:
@@ -128,13 +155,17 @@ def step_shapes(batch, chunk_size: int | None, packing=False) -> list[tuple[int,
     ``layout`` lays them out, a flat kernel each text on its own)."""
     n = batch.q_ids.shape[0]
     size = n if chunk_size is None else min(chunk_size, n)
+    k = getattr(batch, "hard_negatives", 0)
+    negatives = [(ids.shape[0], ids.shape[1]) for ids, _ in _chunks(batch.n_ids, batch.n_mask, size * k)] if k else []
     packer = as_packer(packing)
     if packer is None:
         sides = ((batch.q_ids, batch.q_mask), (batch.d_ids, batch.d_mask))
-        return [(ids.shape[0], ids.shape[1]) for side in sides for ids, _ in _chunks(*side, size)]
+        return [(ids.shape[0], ids.shape[1]) for side in sides for ids, _ in _chunks(*side, size)] + negatives
     shapes = []
     for i in range(0, n, size):
         shapes += packer.shapes(lengths_of(batch.q_mask[i:i + size]) + lengths_of(batch.d_mask[i:i + size]))
+    for i in range(0, n * k, size * k) if k else ():  # the hard negatives' forwards, packed alone
+        shapes += packer.shapes(lengths_of(batch.n_mask[i:i + size * k]))
     return shapes
 
 
@@ -163,8 +194,8 @@ def contrastive_backward(model, batch, temperature: float, chunk_size: int | Non
         for f in forwards:  # a region per forward, as the gradient cache's and DeepSpeed's: each its own bf16 weight
             with autocast():  # copies, whose gradients meet in fp32 (one shared cached copy would sum them in bf16)
                 outs.append(f.embed(model, pooling))
-        q, d = _assemble(forwards, outs, n)
-        loss = info_nce(gather(q), gather(d), temperature)
+        q, d, neg = _assemble_all(forwards, outs, n)
+        loss = info_nce(gather(q), gather(d), temperature, None if neg is None else gather(neg))
         backward(loss)
         return loss.item()
 
@@ -176,10 +207,10 @@ def contrastive_backward(model, batch, temperature: float, chunk_size: int | Non
             forks.append(_RngFork(device))
             with autocast():
                 outs.append(f.embed(model, pooling))
-    q, d = (e.detach().requires_grad_() for e in _assemble(forwards, outs, n))
-    loss = info_nce(gather(q), gather(d), temperature)
+    q, d, neg = (None if e is None else e.detach().requires_grad_() for e in _assemble_all(forwards, outs, n))
+    loss = info_nce(gather(q), gather(d), temperature, None if neg is None else gather(neg))
     loss.backward()  # gradients w.r.t. the (local) embeddings only: (n, D) each; no parameter is reached
-    grads = torch.cat([q.grad, d.grad])  # (2n, D), stacked as the forwards' rows
+    grads = torch.cat([q.grad, d.grad, *([] if neg is None else [neg.grad])])  # stacked as the forwards' rows
     for f, fork in zip(forwards, forks):
         with fork.replay(), autocast():
             e = f.embed(model, pooling)

@@ -29,12 +29,15 @@ numbers; without dropout packed and padded steps agree to float rounding.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
 
-from core.spec import PACKINGS
+from core.spec import BIDIRECTIONAL_FAMILIES, PACKINGS, attention_unsupported  # noqa: F401 (re-exported)
+from workers.attention import BIDIRECTIONAL
 from workers.pooling import assert_right_padded
 
 # model_type -> packs: verified against the padded forward (tests/workers/test_packing.py), eager and SDPA
@@ -263,3 +266,60 @@ def unpack(hidden: torch.Tensor, packed: Packed) -> torch.Tensor:
     """(R, L, D) hidden states of the rows -> (S, T, D), each text's right-padded as the padded forward's (its
     padding holds the text's first token's state: pooling weighs padding 0, workers/pooling.py)."""
     return hidden.reshape(-1, hidden.shape[-1])[packed.index]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Attention: the causal mask replaced (train.attention: bidirectional)
+#
+# transformers 5 builds each family's mask in its model's forward with masking_utils.create_causal_mask, whose
+# ``or_mask_function`` is overlaid on the causal one (Gemma 3 uses it for image tokens). Overlaid with "every key",
+# the causal part is gone while create_causal_mask still applies the padding mask (padded forwards) and the
+# block-diagonal packed-sequence mask (packed forwards, from the restarting position_ids) after it: every token then
+# attends to every real token of its own text, padded or packed alike, and no mask is left for SDPA to replace with
+# is_causal. The families below build all their layers' masks with create_causal_mask; Gemma 2 / 3 have
+# sliding-window layers (create_sliding_window_causal_mask: a bidirectional window is another model), and Phi-3 and
+# Mistral choose their mask function per config (sliding window): their bidirectional cells are planned skipped.
+# The flat kernels (workers/attention.py varlen, segments) build no mask: they read the same flag and drop causality.
+
+
+def _every_key(batch_idx, head_idx, q_idx, kv_idx):
+    return kv_idx >= 0
+
+
+def make_bidirectional(model):
+    """``model`` (an AutoModel backbone, before PEFT wraps it) attends bidirectionally: its forward runs with the
+    causal mask overlaid by "every key" (see above). Other models in the process are untouched: the family's
+    create_causal_mask is wrapped once and overlays only inside a bidirectional model's forward."""
+    family = model.config.model_type
+    reason = attention_unsupported(family)
+    if reason:
+        raise ValueError(reason)
+    module = sys.modules[type(model).__module__]  # transformers.models.<family>.modeling_<family>
+    if not getattr(module.create_causal_mask, "repurpose_bidirectional", False):
+        module.create_causal_mask = _overlaid(module.create_causal_mask)
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def bidirectional_forward(*args, **kwargs):
+        token = BIDIRECTIONAL.set(True)
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            BIDIRECTIONAL.reset(token)
+
+    model.forward = bidirectional_forward
+    return model
+
+
+def _overlaid(create_causal_mask):
+    @functools.wraps(create_causal_mask)
+    def create_mask(*args, **kwargs):
+        if BIDIRECTIONAL.get():
+            from transformers.masking_utils import or_masks
+
+            extra = kwargs.get("or_mask_function")
+            kwargs["or_mask_function"] = _every_key if extra is None else or_masks(extra, _every_key)
+        return create_causal_mask(*args, **kwargs)
+
+    create_mask.repurpose_bidirectional = True
+    return create_mask

@@ -31,7 +31,8 @@ import torch
 
 from core.spec import BATCHING
 from workers.pair_files import (MAX_BAD_FRACTION, SHUFFLE_BUFFER, BackgroundBatches, DataError, DataStats, Stopped,
-                                epoch_seed, iter_pairs, make_encoder, pad_id_of, resolve_files, shown_uri)
+                                epoch_seed, iter_pairs, make_encoder, pad_id_of, resolve_files, shown_uri,
+                                with_query_instruction)
 
 BUCKET_BATCHES = 16  # length_buckets: batches' worth of pairs sorted together by length
 PREFETCH = 4  # batches ready ahead of the training loop
@@ -44,8 +45,16 @@ class Batch:
     d_ids: torch.Tensor  # (B, Td)
     d_mask: torch.Tensor  # (B, Td)
     index: int  # ordinal in the stream, 0-based, counting skipped batches
-    real_tokens: int  # q_mask.sum() + d_mask.sum()
-    padded_tokens: int  # q_ids.numel() + d_ids.numel()
+    real_tokens: int  # q_mask.sum() + d_mask.sum() (+ n_mask.sum())
+    padded_tokens: int  # q_ids.numel() + d_ids.numel() (+ n_ids.numel())
+    # hard negatives (train.negatives): (B * k, Tn), pair i's k negatives at rows i*k .. i*k + k - 1; None: none
+    n_ids: torch.Tensor | None = None
+    n_mask: torch.Tensor | None = None
+
+    @property
+    def hard_negatives(self) -> int:
+        """k, the hard negatives per pair (0: in-batch negatives only)."""
+        return 0 if self.n_ids is None else self.n_ids.shape[0] // self.q_ids.shape[0]
 
     def __len__(self) -> int:
         return self.q_ids.shape[0]
@@ -57,8 +66,14 @@ class Batch:
         tq, td = int(self.q_mask[:n].sum(1).max()), int(self.d_mask[:n].sum(1).max())
         q_ids, q_mask = self.q_ids[:n, :tq], self.q_mask[:n, :tq]
         d_ids, d_mask = self.d_ids[:n, :td], self.d_mask[:n, :td]
-        return Batch(q_ids, q_mask, d_ids, d_mask, self.index, int(q_mask.sum() + d_mask.sum()),
-                     q_ids.numel() + d_ids.numel())
+        n_ids = n_mask = None
+        if self.n_ids is not None:  # the kept pairs' negatives
+            k = self.hard_negatives
+            tn = int(self.n_mask[:n * k].sum(1).max())
+            n_ids, n_mask = self.n_ids[:n * k, :tn], self.n_mask[:n * k, :tn]
+        return Batch(q_ids, q_mask, d_ids, d_mask, self.index,
+                     int(q_mask.sum() + d_mask.sum() + (0 if n_mask is None else n_mask.sum())),
+                     q_ids.numel() + d_ids.numel() + (0 if n_ids is None else n_ids.numel()), n_ids, n_mask)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -74,11 +89,22 @@ def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
     return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
 
 
-def collate(q: list[list[int]], d: list[list[int]], pad_id: int, index: int) -> Batch:
+def collate(q: list[list[int]], d: list[list[int]], pad_id: int, index: int,
+            negatives: list[list[int]] | None = None) -> Batch:
+    """``negatives``: the pairs' hard negatives, pair by pair (k per pair), or None."""
     q_ids, q_mask = _pad(q, pad_id)
     d_ids, d_mask = _pad(d, pad_id)
     real = sum(map(len, q)) + sum(map(len, d))
-    return Batch(q_ids, q_mask, d_ids, d_mask, index, real, q_ids.numel() + d_ids.numel())
+    if not negatives:
+        return Batch(q_ids, q_mask, d_ids, d_mask, index, real, q_ids.numel() + d_ids.numel())
+    n_ids, n_mask = _pad(negatives, pad_id)
+    return Batch(q_ids, q_mask, d_ids, d_mask, index, real + sum(map(len, negatives)),
+                 q_ids.numel() + d_ids.numel() + n_ids.numel(), n_ids, n_mask)
+
+
+def negatives_of(pairs: list[tuple]) -> list[str]:
+    """The hard negatives of pairs read with ``hard_negatives`` k (records.iter_pairs), pair by pair."""
+    return [text for p in pairs for text in p[2:]]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -99,7 +125,8 @@ class PairStream(BackgroundBatches):
                  max_epochs: float = 1.0, skip_batches: int = 0, batching: str = "random",
                  bucket_batches: int = BUCKET_BATCHES, shuffle_buffer: int = SHUFFLE_BUFFER,
                  prefetch: int = PREFETCH, max_bad_fraction: float = MAX_BAD_FRACTION,
-                 encode: Callable[[list[str]], list[list[int]]] | None = None):
+                 encode: Callable[[list[str]], list[list[int]]] | None = None, query_instruction: str = "",
+                 hard_negatives: int = 0):
         if batch_size < 1 or max_length < 1 or bucket_batches < 1 or shuffle_buffer < 1 or prefetch < 1:
             raise ValueError("batch_size, max_length, bucket_batches, shuffle_buffer, prefetch: must be >= 1")
         if not max_epochs > 0 or skip_batches < 0:
@@ -111,6 +138,8 @@ class PairStream(BackgroundBatches):
         self.max_epochs, self.skip_batches, self.bucket_batches = float(max_epochs), skip_batches, bucket_batches
         self.shuffle_buffer, self.prefetch, self.max_bad_fraction = shuffle_buffer, prefetch, max_bad_fraction
         self.pad_id = pad_id_of(tokenizer)
+        self.query_instruction = query_instruction  # prepended to every query (records.with_query_instruction)
+        self.hard_negatives = hard_negatives  # k negatives per pair from the data's `neg` (fewer: the pair skipped)
         # texts -> ids; ``encode`` overrides the plain truncation (last-token pooling appends the EOS: workers/steps.py)
         self._encode = encode or make_encoder(tokenizer, max_length)
         resolve_files(self.uri)  # a missing file or bad glob fails here, not on the thread
@@ -141,12 +170,12 @@ class PairStream(BackgroundBatches):
 
     def _pass(self, seed: int | None) -> Iterator[tuple[str, str]]:
         pairs = iter_pairs(self.uri, seed=seed, stats=self.stats, shuffle_buffer=self.shuffle_buffer,
-                           max_bad_fraction=self.max_bad_fraction)
+                           max_bad_fraction=self.max_bad_fraction, hard_negatives=self.hard_negatives)
         try:
             for pair in pairs:
                 if self._stop.is_set():
                     raise Stopped
-                yield pair
+                yield with_query_instruction(pair, self.query_instruction)
         finally:
             pairs.close()
 
@@ -164,7 +193,7 @@ class PairStream(BackgroundBatches):
         index = skipped // bsz
         while len(chunk := list(itertools.islice(pairs, bsz))) == bsz:  # a partial last batch is dropped
             q, d = self._encode([p[0] for p in chunk]), self._encode([p[1] for p in chunk])
-            yield collate(q, d, self.pad_id, index), self._epochs_done
+            yield collate(q, d, self.pad_id, index, self._negatives(chunk)), self._epochs_done
             index += 1
         return index
 
@@ -192,9 +221,13 @@ class PairStream(BackgroundBatches):
             rng.shuffle(groups)
             for g in groups:
                 if index >= self.skip_batches:
-                    yield collate([q[i] for i in g], [d[i] for i in g], self.pad_id, index), self._epochs_done
+                    yield (collate([q[i] for i in g], [d[i] for i in g], self.pad_id, index,
+                                   self._negatives([pool[i] for i in g])), self._epochs_done)
                 index += 1
         return index
+
+    def _negatives(self, pairs: list[tuple]) -> list[list[int]] | None:
+        return self._encode(negatives_of(pairs)) if self.hard_negatives else None
 
     # -- consumer --
 

@@ -71,6 +71,7 @@ class DataStats:
     padded_tokens: int = 0
     first_bad: str | None = None  # "FILE line N: reason"
     pairs_read: int = 0  # usable pairs read
+    short_negatives: int = 0  # usable pairs skipped for fewer hard negatives than the trial takes (train.negatives)
     batches: int = 0  # batches yielded (skipped ones excluded)
 
     @property
@@ -195,6 +196,24 @@ def query_and_positive(obj) -> tuple[str, str] | str:
     return q, pos[0]
 
 
+class _Short(str):
+    """A usable pair with fewer hard negatives than asked: skipped and counted, not a bad line."""
+
+
+def _pair_with_negatives(obj, k: int) -> tuple | str:
+    """(query, pos[0], neg[0], ..., neg[k-1]), the reason the record is unusable, or _Short. Pairs with fewer than
+    k usable negatives are skipped (not padded with in-batch negatives): every pair then costs the same k + 2
+    texts, so the planner's tokens per pair and the loss's columns are the same for every batch."""
+    pair = query_and_positive(obj)
+    if isinstance(pair, str) or k == 0:
+        return pair
+    neg = obj.get("neg")
+    negs = [n for n in neg if isinstance(n, str) and n.strip()] if isinstance(neg, list) else []
+    if len(negs) < k:
+        return _Short(f"{len(negs)} of {k} hard negatives")
+    return (*pair, *negs[:k])
+
+
 class _FileCheck:
     """Per-file bad-line policy: above max_bad of the lines read (checked every CHECK_EVERY lines and at the
     end of the file) the file is rejected."""
@@ -272,19 +291,25 @@ def _parquet_records(src: PairFile) -> Iterator[tuple[int, object]]:
         missing = [c for c in ("query", "pos") if c not in pf.schema_arrow.names]
         if missing:
             raise DataError(f"{src.name}: no column {', '.join(missing)} (has: {', '.join(pf.schema_arrow.names)})")
+        columns = ["query", "pos"] + (["neg"] if "neg" in pf.schema_arrow.names else [])
         row = 0
-        for rb in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=["query", "pos"]):
-            for q, pos in zip(rb.column("query").to_pylist(), rb.column("pos").to_pylist()):
+        for rb in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=columns):
+            negs = rb.column("neg").to_pylist() if "neg" in columns else [None] * rb.num_rows
+            for q, pos, neg in zip(rb.column("query").to_pylist(), rb.column("pos").to_pylist(), negs):
                 row += 1
-                yield row, {"query": q, "pos": pos}
+                yield row, {"query": q, "pos": pos, "neg": neg}
 
 
-def _file_pairs(src: PairFile, stats: DataStats, max_bad: float) -> Iterator[tuple[str, str]]:
+def _file_pairs(src: PairFile, stats: DataStats, max_bad: float, hard_negatives: int = 0) -> Iterator[tuple]:
     check = _FileCheck(src, stats, max_bad)
     records = _parquet_records(src) if src.kind == "parquet" else _jsonl_records(src)
     try:
         for line_no, obj in records:
-            pair = obj if isinstance(obj, BadLine) else query_and_positive(obj)
+            pair = obj if isinstance(obj, BadLine) else _pair_with_negatives(obj, hard_negatives)
+            if isinstance(pair, _Short):
+                check.good()
+                stats.short_negatives += 1
+                continue
             if isinstance(pair, str):
                 check.reject(line_no, pair)
                 continue
@@ -321,7 +346,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 def iter_pairs(uri, *, seed: int | None = None, stats: DataStats | None = None,
                shuffle_buffer: int = SHUFFLE_BUFFER, max_bad_fraction: float = MAX_BAD_FRACTION,
-               ) -> Iterator[tuple[str, str]]:
+               hard_negatives: int = 0) -> Iterator[tuple[str, str]]:
     """Usable (query, pos[0]) pairs of one pass, in file order, or shuffled when a seed is given (file order,
     then a bounded shuffle buffer). Bad lines are skipped and counted in ``stats``; DataError when a file has
     too many or the source has no usable pair at all."""
@@ -329,27 +354,30 @@ def iter_pairs(uri, *, seed: int | None = None, stats: DataStats | None = None,
     sources = resolve_files(uri)
     bad_before, lines_before, n = stats.bad_lines, stats.lines_read, 0
     if seed is None:
-        pairs = (p for src in sources for p in _file_pairs(src, stats, max_bad_fraction))
+        pairs = (p for src in sources for p in _file_pairs(src, stats, max_bad_fraction, hard_negatives))
     else:
         rng = random.Random(seed)
         rng.shuffle(sources)
-        pairs = _shuffled((p for src in sources for p in _file_pairs(src, stats, max_bad_fraction)), rng,
-                          shuffle_buffer)
+        pairs = _shuffled((p for src in sources for p in _file_pairs(src, stats, max_bad_fraction, hard_negatives)),
+                          rng, shuffle_buffer)
     for pair in pairs:
         n += 1
         yield pair
     if n == 0:
         lines, bad = stats.lines_read - lines_before, stats.bad_lines - bad_before
         detail = f"{bad} of {lines} lines unusable, first: {stats.first_bad}" if lines else "empty"
+        if hard_negatives and stats.short_negatives:
+            detail += f"; {stats.short_negatives} pairs with fewer than {hard_negatives} hard negatives skipped"
         raise DataError(f"{shown_uri(uri)}: no usable pairs ({detail})")
 
 
-def load_eval_pairs(uri, limit: int, *, max_bad_fraction: float = MAX_BAD_FRACTION) -> list[tuple[str, str]]:
+def load_eval_pairs(uri, limit: int, *, max_bad_fraction: float = MAX_BAD_FRACTION,
+                    hard_negatives: int = 0) -> list[tuple[str, str]]:
     """The first ``limit`` usable pairs in file order (fewer when the data holds fewer)."""
     if limit < 1:
         raise ValueError(f"limit: must be >= 1, got {limit}")
     out = []
-    pairs = iter_pairs(uri, max_bad_fraction=max_bad_fraction)
+    pairs = iter_pairs(uri, max_bad_fraction=max_bad_fraction, hard_negatives=hard_negatives)
     try:
         for pair in pairs:
             out.append(pair)
@@ -360,9 +388,9 @@ def load_eval_pairs(uri, limit: int, *, max_bad_fraction: float = MAX_BAD_FRACTI
     return out
 
 
-def count_pairs(uri, *, max_bad_fraction: float = MAX_BAD_FRACTION) -> int:
-    """Usable pairs in one pass (streamed)."""
-    return sum(1 for _ in iter_pairs(uri, max_bad_fraction=max_bad_fraction))
+def count_pairs(uri, *, max_bad_fraction: float = MAX_BAD_FRACTION, hard_negatives: int = 0) -> int:
+    """Usable pairs in one pass (streamed); with ``hard_negatives`` k, those with at least k negatives."""
+    return sum(1 for _ in iter_pairs(uri, max_bad_fraction=max_bad_fraction, hard_negatives=hard_negatives))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -406,12 +434,21 @@ def load_tokenizer(name_or_path: str):
     return PreTrainedTokenizerFast.from_pretrained(name_or_path)
 
 
-def measure_tokens_per_pair(uri, tokenizer, max_length: int, sample: int = 1024) -> float:
-    """Mean truncated query + document tokens over the first ``sample`` usable pairs (file order)."""
-    pairs = load_eval_pairs(uri, sample)
+def with_query_instruction(pair: tuple, instruction: str) -> tuple:
+    """The pair with ``instruction`` prepended to its query (never its documents), as text: the trial tokenises
+    instruction + query as one text and truncates it to max_length, as sentence-transformers does with a prompt."""
+    return (instruction + pair[0], *pair[1:]) if instruction else pair
+
+
+def measure_tokens_per_pair(uri, tokenizer, max_length: int, sample: int = 1024, query_instruction: str = "",
+                            hard_negatives: int = 0) -> float:
+    """Mean truncated query + document tokens over the first ``sample`` usable pairs (file order), the query
+    instruction and the ``hard_negatives`` documents of each pair counted."""
+    pairs = [with_query_instruction(p, query_instruction)
+             for p in load_eval_pairs(uri, sample, hard_negatives=hard_negatives)]
     encode = make_encoder(tokenizer, max_length)
-    q, d = encode([p[0] for p in pairs]), encode([p[1] for p in pairs])
-    return (sum(map(len, q)) + sum(map(len, d))) / len(pairs)
+    texts = [[p[i] for p in pairs] for i in range(2 + hard_negatives)]  # queries, documents, each negative
+    return sum(sum(map(len, encode(side))) for side in texts) / len(pairs)
 
 
 class Stopped(Exception):

@@ -46,7 +46,8 @@ from core.spec import TrialSpec
 from workers import checkpoint
 from workers.device_peak import has_bf16
 from workers.pair_batches import PairStream, collate
-from workers.pair_files import load_eval_pairs, make_encoder, measure_tokens_per_pair, pad_id_of
+from workers.pair_files import (load_eval_pairs, make_encoder, measure_tokens_per_pair, pad_id_of,
+                                with_query_instruction)
 from workers.loss import eval_embeddings, mean_info_nce, step_shapes
 from workers.methods import count_params, select_trainable
 from workers.pooling import eos_id_of, with_eos
@@ -80,6 +81,10 @@ def prepare(model, spec: TrialSpec):
     """The model to train: the method's trainable parameters (LoRA's initialisation seeded by the trial's seed,
     the same on every rank), gradient checkpointing when the spec asks."""
     torch.manual_seed(spec.seed)
+    if spec.attention == "bidirectional":  # the causal mask replaced (workers/packing.py "Attention")
+        from workers.packing import make_bidirectional
+
+        make_bidirectional(model)
     model = select_trainable(model, spec.method, lora_rank=spec.lora_rank, trainable_fraction=spec.trainable_fraction,
                              lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout, lora_targets=spec.lora_targets)
     if spec.gradient_checkpointing is True:  # "auto": decided by memory_plan before
@@ -125,8 +130,9 @@ def make_plan(spec: TrialSpec, model, tokenizer, device: torch.device | None = N
     tokens = spec.planned_tokens if spec.planned_tokens is not None else tokens_for_budget(spec.budget_flops, cost)
     n_steps = spec.planned_steps
     if n_steps is None:
-        per_pair = spec.planned_tokens_per_pair or measure_tokens_per_pair(spec.train_data, tokenizer,
-                                                                           spec.max_length)
+        per_pair = spec.planned_tokens_per_pair or measure_tokens_per_pair(
+            spec.train_data, tokenizer, spec.max_length, query_instruction=spec.query_instruction,
+            hard_negatives=spec.hard_negatives)
         _, n_steps = planned_steps(tokens, per_pair, spec.batch_size)
     peak = None
     if device is not None:
@@ -268,7 +274,7 @@ class HardwareFlops:
 
     def __call__(self, part, pairs: int) -> float:
         """``part``: the batch (or this rank's shard) run here; ``pairs``: the whole batch, whose loss it computes."""
-        s, total = self.spec, loss_matmul_flops(pairs, self.shape.hidden)
+        s, total = self.spec, loss_matmul_flops(pairs, self.shape.hidden, self.spec.hard_negatives)
         grad_cache = self.chunk < len(part)  # as workers/loss.py decides
         for b, t in step_shapes(part, self.chunk, self.packing):
             if (t, grad_cache) not in self.per_sequence:
@@ -291,7 +297,7 @@ def eval_batches(spec: TrialSpec, tokenizer, device) -> list:
         return [to_device(b, device) for b in token_cache.eval_batches(
             spec.token_cache, limit=spec.eval_pairs, batch_size=spec.batch_size, pooling_eos=_eos(spec, tokenizer),
             pad_id=pad_id_of(tokenizer))]
-    pairs = load_eval_pairs(spec.eval_data, spec.eval_pairs)
+    pairs = [with_query_instruction(p, spec.query_instruction) for p in load_eval_pairs(spec.eval_data, spec.eval_pairs)]
     encode, pad = encoder(spec, tokenizer), pad_id_of(tokenizer)
     batches = []
     for i in range(0, len(pairs), spec.batch_size):
@@ -334,7 +340,7 @@ def train_stream(spec: TrialSpec, tokenizer, skip_batches: int = 0):
     after every resume, batched as ``spec.batching`` says. From the token cache when the trial has one (random
     batches: the same pairs, padded the same, as the raw path's; O(1) resume), else the raw data
     (workers/pair_batches.py PairStream)."""
-    if spec.token_cache and spec.batching == "random":
+    if spec.token_cache and spec.batching == "random" and not spec.hard_negatives:  # the cache holds no negatives
         from workers.token_cache import CachedPairs
 
         return CachedPairs(spec.token_cache, spec.batch_size, spec.seed, spec.max_epochs, skip_batches,
@@ -342,14 +348,16 @@ def train_stream(spec: TrialSpec, tokenizer, skip_batches: int = 0):
                            prefetch=spec.prefetch_batches)
     return PairStream(spec.train_data, tokenizer, batch_size=spec.batch_size, max_length=spec.max_length,
                       seed=spec.seed, max_epochs=spec.max_epochs, skip_batches=skip_batches,
-                      batching=spec.batching, prefetch=spec.prefetch_batches, encode=encoder(spec, tokenizer))
+                      batching=spec.batching, prefetch=spec.prefetch_batches, encode=encoder(spec, tokenizer),
+                      query_instruction=spec.query_instruction, hard_negatives=spec.hard_negatives)
 
 
 def to_device(batch, device):
     if device.type == "cpu":
         return batch
-    for k in ("q_ids", "q_mask", "d_ids", "d_mask"):
-        setattr(batch, k, getattr(batch, k).to(device, non_blocking=True))
+    for k in ("q_ids", "q_mask", "d_ids", "d_mask", "n_ids", "n_mask"):
+        if getattr(batch, k, None) is not None:
+            setattr(batch, k, getattr(batch, k).to(device, non_blocking=True))
     return batch
 
 
@@ -485,11 +493,19 @@ def start_step(batch, progress: Progress, plan: Plan, warmup_fraction: float, op
 
 
 def fit_budget(batch, cost: float, remaining: float):
-    """The first pairs of ``batch`` whose real tokens still fit ``remaining`` FLOP; None when fewer than two do."""
-    per_pair = (batch.q_mask.sum(1) + batch.d_mask.sum(1)).cumsum(0)  # (B,)
+    """The first pairs of ``batch`` whose real tokens (a pair's hard negatives' included) still fit ``remaining``
+    FLOP; None when fewer than two do."""
+    per_pair = pair_tokens(batch).cumsum(0)  # (B,)
     # float64: a long tensor times a float is float32, whose rounding could admit a pair past the budget
     n = int((per_pair.double() * cost <= remaining).sum())
     return batch.take(n) if n >= 2 else None
+
+
+def pair_tokens(batch) -> torch.Tensor:
+    """(B,) real tokens of each pair: its query, its document and its k hard negatives (rows i*k .. i*k + k - 1)."""
+    tokens = batch.q_mask.sum(1) + batch.d_mask.sum(1)
+    k = getattr(batch, "hard_negatives", 0)
+    return tokens + batch.n_mask.sum(1).view(-1, k).sum(1) if k else tokens
 
 
 def lr_factor(before: float, after: float, warmup_fraction: float) -> float:
@@ -630,6 +646,7 @@ def trial_row(p: Progress, plan: Plan) -> dict:
             "flops": p.flops, "hardware_flops": p.hardware_flops, "eval_loss": p.eval_loss, **p.retrieval,
             "train_loss": p.train_loss, "wall_s": p.wall_s, "train_s": p.train_s, "reason": p.reason,
             "planned_tokens": plan.planned_tokens, "planned_steps": plan.planned_steps, "batching": plan.batching,
+            "lr": plan.lr,
             "mfu": mfu(p.flops, p.train_s, plan.peak_flops), "hfu": hfu(p.hardware_flops, p.train_s, plan.peak_flops),
             "bad_lines": p.bad_lines,
             "padding_fraction": padding_fraction(p.tokens, p.padded_tokens)}

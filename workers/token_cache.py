@@ -56,7 +56,8 @@ from core.store import CACHE_DIR
 from core.uris import join
 from workers.pair_files import (CHECK_EVERY, MAX_BAD_FRACTION, SHUFFLE_BUFFER, BackgroundBatches, BadLine, DataError,
                                 DataStats, PairFile, Stopped, epoch_seed, jsonl_lines, make_encoder, pad_id_of,
-                                query_and_positive, resolve_files, shown_uri)
+                                query_and_positive, resolve_files, shown_uri,
+                                with_query_instruction)
 
 FORMAT_VERSION = 1
 SHARD_BYTES = 64 << 20  # JSONL bytes per shard (a compressed file is one shard)
@@ -108,11 +109,16 @@ def tokenizer_sha256(name_or_path: str, tokenizer) -> str:
     return content_hash(_backend(tokenizer).to_str())
 
 
-def cache_inputs(train_uri, eval_uri, tokenizer_hash: str, max_length: int, shard_bytes: int = SHARD_BYTES) -> dict:
-    """What the key hashes (and the manifest records)."""
-    return {"format": FORMAT_VERSION, "train": file_identity(train_uri),
-            "eval": file_identity(eval_uri) if eval_uri else None, "tokenizer_sha256": tokenizer_hash,
-            "max_length": int(max_length), "shard_bytes": int(shard_bytes), "shard_rows": SHARD_ROWS}
+def cache_inputs(train_uri, eval_uri, tokenizer_hash: str, max_length: int, shard_bytes: int = SHARD_BYTES,
+                 query_instruction: str = "") -> dict:
+    """What the key hashes (and the manifest records). A query instruction changes the queries' tokens: it is an
+    input only when set, so the caches built before it keep their keys."""
+    inputs = {"format": FORMAT_VERSION, "train": file_identity(train_uri),
+              "eval": file_identity(eval_uri) if eval_uri else None, "tokenizer_sha256": tokenizer_hash,
+              "max_length": int(max_length), "shard_bytes": int(shard_bytes), "shard_rows": SHARD_ROWS}
+    if query_instruction:
+        inputs["query_instruction"] = query_instruction
+    return inputs
 
 
 def cache_key(inputs: dict) -> str:
@@ -243,11 +249,12 @@ def _records(task: dict) -> Iterator[tuple[int, object]]:
 _TOKENIZERS: dict[str, object] = {}  # per worker process: tokenizer.json text -> its encoder's Tokenizer
 
 
-def build_shard(task: dict, *, cache: str, tokenizer_json: str, max_length: int, dtype: str) -> dict:
+def build_shard(task: dict, *, cache: str, tokenizer_json: str, max_length: int, dtype: str,
+                query_instruction: str = "") -> dict:
     """One Ray Data task: read the range, keep the usable pairs, tokenise, write the shard whole. Returns
     {"split", "index", "record": the shard's JSON record, "error": "" or a DataError's one line}."""
     try:
-        record = _build_shard(task, cache, tokenizer_json, max_length, dtype)
+        record = _build_shard(task, cache, tokenizer_json, max_length, dtype, query_instruction)
         return {"split": task["split"], "index": task["index"], "record": json.dumps(record), "error": ""}
     except DataError as e:
         error = str(e)
@@ -256,7 +263,8 @@ def build_shard(task: dict, *, cache: str, tokenizer_json: str, max_length: int,
     return {"split": task["split"], "index": task["index"], "record": "", "error": error}
 
 
-def _build_shard(task: dict, cache: str, tokenizer_json: str, max_length: int, dtype: str) -> dict:
+def _build_shard(task: dict, cache: str, tokenizer_json: str, max_length: int, dtype: str,
+                 query_instruction: str = "") -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -293,7 +301,7 @@ def _build_shard(task: dict, cache: str, tokenizer_json: str, max_length: int, d
             if first_bad is None:
                 first_bad = [number, str(pair)]
             continue
-        pending.append(pair)
+        pending.append(with_query_instruction(pair, query_instruction))
         if len(pending) == ENCODE_ROWS:
             flush()
     if pending:
@@ -404,7 +412,8 @@ def task_kwargs(uri: str, inputs: dict, tokenizer) -> dict:
     """``build_shard``'s keyword arguments for the cache at ``uri``: the tokenizer travels as its JSON text."""
     backend = _backend(tokenizer)
     return dict(cache=uri, tokenizer_json=backend.to_str(), max_length=inputs["max_length"],
-                dtype=_dtype(backend.get_vocab_size(with_added_tokens=True)))
+                dtype=_dtype(backend.get_vocab_size(with_added_tokens=True)),
+                query_instruction=inputs.get("query_instruction", ""))
 
 
 def write_manifest(uri: str, inputs: dict, tokenizer, splits: dict[str, str], plans: dict,

@@ -70,6 +70,23 @@ def test_lr_auto_from_name_and_metadata(tiny_model):
     assert set(PYTHIA_SHAPES) == set(PAPER_N)
 
 
+def pythia_14m_shaped(method: str, kw: dict):
+    """(hidden, shape, model): a randomly initialised Pythia-14m-shaped model (eager attention), ``method``'s
+    parameters trainable."""
+    import torch
+    from transformers import AutoModel, GPTNeoXConfig
+
+    from workers.methods import select_trainable
+
+    d, layers, heads = PYTHIA_SHAPES["14m"]
+    cfg = GPTNeoXConfig(vocab_size=512, hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=4 * d, rotary_pct=0.25, use_cache=False)
+    torch.manual_seed(0)
+    model = select_trainable(AutoModel.from_config(cfg, attn_implementation="eager"), method, **kw,
+                             lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"))
+    return d, ModelShape.from_config(cfg.to_dict()), model
+
+
 METHODS = [("full", {}), ("freeze", {"trainable_fraction": 0.5}), ("bias", {}), ("lora", {"lora_rank": 8})]
 
 
@@ -79,19 +96,12 @@ def test_hardware_flops_match_torch_flop_counter(method, kw, checkpointing, chun
     """One training step of a Pythia-14m-shaped model (eager attention): our count equals torch's (within 0.1 %)'s."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
-    from transformers import AutoModel, GPTNeoXConfig
 
     from workers.loss import contrastive_backward, step_shapes
-    from workers.methods import count_params, select_trainable
+    from workers.methods import count_params
     from workers.steps import enable_checkpointing
 
-    d, layers, heads = PYTHIA_SHAPES["14m"]
-    cfg = GPTNeoXConfig(vocab_size=512, hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=4 * d, rotary_pct=0.25, use_cache=False)
-    shape = ModelShape.from_config(cfg.to_dict())
-    torch.manual_seed(0)
-    model = select_trainable(AutoModel.from_config(cfg, attn_implementation="eager"), method, **kw,
-                             lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"))
+    d, shape, model = pythia_14m_shaped(method, kw)
     if checkpointing:
         enable_checkpointing(model)
     model.train()
@@ -114,8 +124,57 @@ def test_hardware_flops_match_torch_flop_counter(method, kw, checkpointing, chun
     assert abs(ratio - 1) < 1e-3  # exact up to float rounding: the lora_B recompute error was 0.4 %
 
 
+@pytest.mark.parametrize("method,kw", [("full", {}), ("lora", {"lora_rank": 8})])
+@pytest.mark.parametrize("chunk,packing", [(None, False), (4, False), (4, True), (4, "segments")])
+def test_hard_negative_flops_match_torch_flop_counter(method, kw, chunk, packing):
+    """A step with 2 hard negatives per pair: the negatives' forwards and backwards and the extra logit columns
+    are counted (our count within 1 % of torch's; the paper-convention FLOP counts their real tokens). Padded,
+    packed in rows (the mask kernel) and flat (``segments``, the varlen kernel's CPU reference: each text's own
+    square)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from workers import attention
+    from workers.pair_batches import collate
+    from workers.loss import contrastive_backward, step_shapes
+
+    d, shape, model = pythia_14m_shaped(method, kw)
+    if isinstance(packing, str):
+        attention.use(model, packing)
+    model.train()
+    b, k = 8, 2
+    g = torch.Generator().manual_seed(1)
+    seq = lambda n, lo, hi: [torch.randint(2, 512, (int(torch.randint(lo, hi, (1,), generator=g)),),  # noqa: E731
+                                           generator=g).tolist() for _ in range(n)]
+    batch = collate(seq(b, 5, 12), seq(b, 20, 40), 0, 0, seq(b * k, 20, 40))
+    assert batch.hard_negatives == k and batch.n_ids.shape[0] == b * k
+    assert batch.real_tokens == int(batch.q_mask.sum() + batch.d_mask.sum() + batch.n_mask.sum())
+    with FlopCounterMode(display=False) as counter:
+        contrastive_backward(model, batch, 0.025, chunk, contextlib.nullcontext, packing=packing)
+    ours = loss_matmul_flops(b, d, k) + sum(
+        n * sequence_hardware_flops(shape, method, t, lora_rank=kw.get("lora_rank"), checkpointing=False,
+                                    grad_cache=chunk is not None)
+        for n, t in step_shapes(batch, chunk, packing))
+    ratio = ours / counter.get_total_flops()
+    print(f"{method} chunk={chunk} packing={packing}: ours/torch = {ratio:.4f}")
+    assert abs(ratio - 1) < 0.01
 def test_padding_fraction_by_hand():
     from core.flops import padding_fraction
 
     assert padding_fraction(60, 80) == 0.25 and padding_fraction(80, 80) == 0.0
     assert padding_fraction(0, 0) is None  # nothing processed: no fraction, not "no padding"
+
+
+def test_the_last_step_counts_the_hard_negatives_tokens():
+    """A trial's last batch is cut to the pairs whose real tokens fit the budget left: a pair's tokens include its
+    hard negatives (else the cut batch overshoots the budget by their tokens). Pairs of 2 + 3 tokens with one
+    negative of 4: 9 tokens each; at 1 FLOP per token, 20 FLOP left keep 2 pairs (18), not 4 (the 20 of their
+    queries and documents alone)."""
+    from workers.pair_batches import collate
+    from workers.steps import fit_budget
+
+    batch = collate([[5, 6]] * 4, [[7, 8, 9]] * 4, 0, 0, [[1, 2, 3, 4]] * 4)
+    assert batch.real_tokens == 36
+    cut = fit_budget(batch, 1.0, 20.0)
+    assert len(cut) == 2 and cut.real_tokens == 18 and cut.n_ids.shape[0] == 2
+    assert fit_budget(batch, 1.0, 17.0) is None  # one pair fits: fewer than two, no step
