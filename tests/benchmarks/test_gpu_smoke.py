@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -19,9 +21,13 @@ pytestmark = pytest.mark.slow  # runs every path of the GPU check (trainings, Ze
 def test_gpu_smoke_runs_every_path(tmp_path):
     out = tmp_path / "gpu.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "OUT")}
-    env.update(PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false", RAY_TMPDIR=str(tmp_path), REPURPOSE_CACHE=str(tmp_path))
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu.py"), "--smoke", "--out", str(out)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)
+    ray_tmp = tempfile.mkdtemp(prefix="rp", dir="/tmp")  # Ray's unix socket paths must stay under 107 characters
+    env.update(PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false", RAY_TMPDIR=ray_tmp, REPURPOSE_CACHE=str(tmp_path))
+    try:
+        proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu.py"), "--smoke", "--out", str(out)],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["smoke"] and result["device"] == "cpu" and result["peak_flops"] > 0
