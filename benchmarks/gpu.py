@@ -584,7 +584,7 @@ def readme_table(out: dict) -> str:
 
     peak = f(out["peak_flops"] and out["peak_flops"] / 1e12, ".2f")
     lines = [f"\n## GPU check, {out['date']} ({out['device']}, peak {peak}"
-             f" TFLOP/s bf16: {out['peak_source']})\n",
+             f" TFLOP/s: {out['peak_source']})\n",
              "`python benchmarks/gpu.py`: random-weight Pythia shapes, batch 1024 x max length 75, bf16. MFU: the "
              "paper's FLOP, HFU: the hardware FLOP, both over the datasheet's dense bf16 peak.\n",
              "| path | status | kernel | steps | tokens/s | MFU (target) | HFU | peak memory GB | predicted GB (chunk, ckpt) "
