@@ -42,7 +42,7 @@ def test_the_allocator_is_capped_at_the_share():
 
 def test_memory_plan_caps_a_shared_gpu_trial(monkeypatch, tiny_model):
     """memory_plan on a (faked) 24 GB GPU for a 0.25 trial: its budget is 6 GB, and the allocator gets 0.25."""
-    from core.flops import NeoxShape
+    from core.models import ModelShape
     from core.spec import TrialSpec
     from transformers import AutoConfig
 
@@ -50,7 +50,7 @@ def test_memory_plan_caps_a_shared_gpu_trial(monkeypatch, tiny_model):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=24e9))
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, str(d))))
-    shape = NeoxShape.from_config(AutoConfig.from_pretrained(tiny_model).to_dict())
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(tiny_model).to_dict())
     spec = TrialSpec(model=tiny_model, method="full", budget_flops=1e9, train_data="x", batch_size=16,
                      device_share=0.25)
     planned = steps.memory_plan(shape, spec, torch.device("cuda", 0))
