@@ -9,6 +9,7 @@ manifest, shard format, order and reader stay in workers/token_cache.py (the tri
 from __future__ import annotations
 
 import json
+import os
 import logging
 import sys
 import time
@@ -71,7 +72,7 @@ def run_tasks(tasks: list[dict], kwargs: dict, address: str | None = None) -> It
 
     quiet = logging.getLogger("ray.data")  # "Progress bars disabled", "execution finished": our lines say it
     level = quiet.level
-    with driver.ray_session(address):
+    with driver.ray_session(address or os.environ.get("RAY_ADDRESS")):  # as the CLI's --address default
         import ray.data
 
         quiet.setLevel(logging.ERROR)
