@@ -23,6 +23,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -61,25 +62,18 @@ def _as_job(args, command: str) -> bool:
     return is_job_server(args.address)
 
 
-def _status(args):
-    from orchestrator.driver import status
-    return status(args)
+def _lazy(target: str, job: str | None = None):
+    """The handler ``module:function``, imported only when its command runs (the CLI starts without torch, Ray or
+    pandas); ``job``: the command may run as a Ray Job (the address rules checked first)."""
+    module, function = target.split(":")
 
+    def handler(args):
+        if job:
+            _as_job(args, job)
+        return getattr(importlib.import_module(module), function)(args)
 
-def _fit(args):
-    from orchestrator.reporting import fit_command
-    return fit_command(args)
-
-
-def _recipe(args):
-    from orchestrator.reporting import recipe_command
-    return recipe_command(args)
-
-
-def _demo(args):
-    _as_job(args, "demo")
-    from orchestrator.demo import run
-    return run(args)
+    handler.target = (module, function)
+    return handler
 
 
 def _export(args):
@@ -95,30 +89,15 @@ def _export(args):
     return export_command(args, row, grid)
 
 
-def _replay(args):
-    from orchestrator.reporting import replay_command
-    return replay_command(args)
-
-
-def _prepare(args):
-    _as_job(args, "prepare")
-    from orchestrator.prepare import prepare_command
-    return prepare_command(args)
-
-
-def _suite_build(args):
-    from orchestrator.suite_commands import build_command
-    return build_command(args)
-
-
-def _suite_list(args):
-    from orchestrator.suite_commands import list_command
-    return list_command(args)
-
-
-COMMANDS = {"submit": _submit, "resume": _resume, "status": _status, "fit": _fit, "recipe": _recipe,
-            "demo": _demo, "suite build": _suite_build, "suite list": _suite_list, "export": _export,
-            "replay": _replay, "prepare": _prepare}
+COMMANDS = {"submit": _submit, "resume": _resume, "export": _export,
+            "status": _lazy("orchestrator.driver:status"),
+            "fit": _lazy("orchestrator.reporting:fit_command"),
+            "recipe": _lazy("orchestrator.reporting:recipe_command"),
+            "replay": _lazy("orchestrator.reporting:replay_command"),
+            "demo": _lazy("orchestrator.demo:run", job="demo"),
+            "prepare": _lazy("orchestrator.prepare:prepare_command", job="prepare"),
+            "suite build": _lazy("orchestrator.suite_commands:build_command"),
+            "suite list": _lazy("orchestrator.suite_commands:list_command")}
 
 
 class _Parser(argparse.ArgumentParser):

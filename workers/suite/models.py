@@ -3,6 +3,7 @@ a built model records (``SuiteModel``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from core.errors import UserError
 from core.models import ModelShape
@@ -13,17 +14,18 @@ MAX_POSITIONS = 2048  # Pythia's; rotary has no position table, so this only bou
 
 
 @dataclass(frozen=True)
-class MiniPythia:
-    """One model of the suite: its shape and pretraining lr."""
+class _MiniModel:
+    """A mini model's width, depth, heads and pretraining lr, and what follows from its shape: N and the name it is
+    published under."""
 
+    prefix: ClassVar[str]
     hidden: int
     layers: int
     heads: int
     pretrain_lr: float
 
     def shape(self, vocab: int = VOCAB_SIZE) -> ModelShape:
-        return ModelShape(hidden=self.hidden, layers=self.layers, heads=self.heads,
-                         intermediate=4 * self.hidden, vocab=vocab, parallel_residual=True)
+        raise NotImplementedError
 
     @property
     def n_params(self) -> int:
@@ -32,7 +34,18 @@ class MiniPythia:
 
     @property
     def name(self) -> str:
-        return f"mini-pythia-{self.n_params / 1e6:.2g}m"
+        return f"{self.prefix}-{self.n_params / 1e6:.2g}m"
+
+
+@dataclass(frozen=True)
+class MiniPythia(_MiniModel):
+    """One model of the suite: its shape and pretraining lr."""
+
+    prefix: ClassVar[str] = "mini-pythia"
+
+    def shape(self, vocab: int = VOCAB_SIZE) -> ModelShape:
+        return ModelShape(hidden=self.hidden, layers=self.layers, heads=self.heads,
+                         intermediate=4 * self.hidden, vocab=vocab, parallel_residual=True)
 
     def config(self, vocab: int = VOCAB_SIZE):
         from transformers import GPTNeoXConfig
@@ -60,26 +73,16 @@ SUITE: tuple[MiniPythia, ...] = (
 
 
 @dataclass(frozen=True)
-class MiniLlama:
+class MiniLlama(_MiniModel):
     """One model of the Llama-architecture series: its shape and pretraining lr."""
 
-    hidden: int
-    layers: int
-    heads: int
+    prefix: ClassVar[str] = "mini-llama"
+
     kv_heads: int
     intermediate: int
-    pretrain_lr: float
 
     def shape(self, vocab: int = VOCAB_SIZE) -> ModelShape:
         return ModelShape.from_config(self.config(vocab).to_dict())
-
-    @property
-    def n_params(self) -> int:
-        return self.shape().n_params()
-
-    @property
-    def name(self) -> str:
-        return f"mini-llama-{self.n_params / 1e6:.2g}m"
 
     def config(self, vocab: int = VOCAB_SIZE):
         from transformers import LlamaConfig
