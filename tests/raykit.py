@@ -157,7 +157,9 @@ def ray_start(args: list[str], env: dict) -> None:
     """`ray start ARGS`: it daemonises its processes (logs in the temp dir) and returns; they inherit ``env``'s
     marker. Every port a node binds is a free one: two nodes share this machine, other sessions may run Ray."""
     ports = ["--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
-             "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+             "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    if "--num-cpus" not in args:  # one logical CPU per node unless the test says how many
+        ports += ["--num-cpus", "1"]
     proc = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", *args, *ports], env=env,
                           capture_output=True, text=True, timeout=180, start_new_session=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
