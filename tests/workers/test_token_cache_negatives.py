@@ -163,3 +163,18 @@ def test_a_trial_with_another_k_refuses_the_cache(built):
         tc.CachedPairs(built["uri"], 16, hard_negatives=1)
     with pytest.raises(DataError, match="token cache of 0 hard negatives per pair, the trial takes 2"):
         tc.CachedPairs(built["plain_uri"], 16, hard_negatives=K)
+
+
+def test_a_hard_negative_trial_streams_from_its_cache(built, data, tiny_model):
+    """workers/steps.py ``train_stream``: a trial with a token cache and k negatives reads the cache (its batches
+    carry the k negatives), not the raw data."""
+    from core.spec import TrialSpec
+    from workers.steps import train_stream
+
+    spec = TrialSpec(tiny_model, "full", 1e9, data["uri"], batch_size=16, max_length=24, hard_negatives=K,
+                     token_cache=built["uri"])
+    stream = train_stream(spec, load_tokenizer(tiny_model))
+    assert isinstance(stream, tc.CachedPairs)
+    first = next(iter(stream))
+    stream.close()
+    assert first.hard_negatives == K and first.n_ids.shape[0] == 16 * K
