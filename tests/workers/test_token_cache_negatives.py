@@ -59,7 +59,7 @@ def data(tmp_path_factory):
     for r in c:  # as written: a non-string negative became ""
         r["neg"] = [n if isinstance(n, str) else "" for n in r["neg"]]
     short = sum(_usable_negatives(p) < K for p in a + b + c)
-    return {"uri": str(d), "short": short, "pairs": len(a) + len(b) + len(c) - short, "lines": 901}
+    return {"uri": str(d), "short": short, "pairs": len(a) + len(b) + len(c) - short, "lines": 901, "a": a}
 
 
 def _build(storage: str, data_uri: str, model: str, eval_uri=None, k: int = K) -> tuple[str, dict]:
@@ -178,3 +178,22 @@ def test_a_hard_negative_trial_streams_from_its_cache(built, data, tiny_model):
     first = next(iter(stream))
     stream.close()
     assert first.hard_negatives == K and first.n_ids.shape[0] == 16 * K
+
+
+def test_the_planners_tokens_per_pair_count_the_negatives(built, data, tiny_model):
+    """pair_files.measure_tokens_per_pair (the planner's): the query, the positive and the first K usable negatives
+    of each pair that has K, counted here text by text from the records written; over the whole data it is the
+    cache's real tokens per pair."""
+    from workers.pair_files import measure_tokens_per_pair
+
+    tok = load_tokenizer(tiny_model)
+    count = lambda text: len(tok(text, add_special_tokens=False, truncation=True, max_length=24)["input_ids"])
+    kept = [p for p in data["a"] if _usable_negatives(p) >= K]
+    negs = [[n for n in p["neg"] if isinstance(n, str) and n.strip()][:K] for p in kept]
+    hand = sum(count(p["query"]) + count(p["pos"][0]) + sum(map(count, n)) for p, n in zip(kept, negs)) / len(kept)
+    a_file = f"{data['uri']}/a.jsonl"
+    assert measure_tokens_per_pair(a_file, tok, 24, sample=10_000, hard_negatives=K) == pytest.approx(hand, rel=1e-12)
+    assert measure_tokens_per_pair(a_file, tok, 24, sample=10_000) < hand  # without them: fewer
+    train = built["manifest"]["splits"]["train"]
+    assert measure_tokens_per_pair(data["uri"], tok, 24, sample=10_000, hard_negatives=K) == \
+        pytest.approx(train["real_tokens"] / train["pairs"], rel=1e-12)
