@@ -15,6 +15,12 @@ Padding is on the right, as in training; ``max_seq_length`` is the sweep's ``tra
 takes its name, the export reloads it and checks that its tokenizer gives the trial's token ids on sample texts
 (the one part a family's tokenizer could get wrong: a BOS it adds, a post-processor it rebuilds).
 
+A trial trained with ``train.attention: bidirectional``: the folder also holds workers/st_bidirectional.py as
+``modeling_bidirectional.py``, and config.json names its classes (``auto_map``) under a ``model_type`` of its own,
+so ``SentenceTransformer(DIR, trust_remote_code=True)`` embeds bidirectionally, as the trial did, and without
+``trust_remote_code`` the folder refuses to load rather than embed causally (``add_bidirectional``; the README says
+so).
+
 Which trial: the one named, or at ``--budget C`` the empirical best (analysis/trial_choice.py; the CLI asks
 analysis and passes the row here: workers never import analysis). Bad input is one line and exit 2 with nothing
 written: an unknown sweep or trial, a trial that did not complete or kept no weights, a budget not in the grid, an
