@@ -21,16 +21,19 @@ from workers.pair_files import MAX_BAD_FRACTION, DataError
 
 def ensure(storage_uri: str, *, train_uri: str, eval_uri: str | None, tokenizer_path: str, max_length: int,
            shard_bytes: int = tc.SHARD_BYTES, max_bad_fraction: float = MAX_BAD_FRACTION, log=None,
-           address: str | None = None, tokenizer=None, query_instruction: str = "") -> tuple[str, dict]:
+           address: str | None = None, tokenizer=None, query_instruction: str = "",
+           hard_negatives: int = 0) -> tuple[str, dict]:
     """(cache URI, manifest): the cache of (data, tokenizer, max_length), built if it is not there yet (on the
     initialised Ray, else ``ray_session(address)``: the cluster at ``address``, else an embedded local Ray).
     ``tokenizer``: the one at ``tokenizer_path`` if the caller has loaded it (``workers.pair_files.load_tokenizer``).
-    ``query_instruction``: prepended to every query before tokenizing (a cache of its own: it is in the key)."""
+    ``query_instruction``: prepended to every query before tokenizing; ``hard_negatives`` k: the train split keeps
+    the pairs with k negatives and their ids (workers/token_cache.py). Each, when set, is in the key: a cache of
+    its own."""
     from workers.pair_files import load_tokenizer
 
     tokenizer = tokenizer or load_tokenizer(tokenizer_path)
     inputs = tc.cache_inputs(train_uri, eval_uri, tc.tokenizer_sha256(tokenizer_path, tokenizer), max_length,
-                             shard_bytes, query_instruction)
+                             shard_bytes, query_instruction, hard_negatives)
     uri = tc.cache_uri(storage_uri, tc.cache_key(inputs))
     manifest = tc.read_manifest(uri)
     if manifest is None:

@@ -50,12 +50,12 @@ def caches_for_grid(grid, storage_uri: str, *, address: str | None = None, log=N
 
 
 # The knobs that change the texts a cache holds (its key and content): a cache per setting and tokenizer.
-TEXT_KNOBS = ("query_instruction",)
+TEXT_KNOBS = ("query_instruction", "hard_negatives")
 
 
 def cache_texts(grid) -> list[tuple]:
-    """The grid's settings of TEXT_KNOBS, each a tuple in that order."""
-    return [(q,) for q in grid.train.query_instruction]
+    """The grid's settings of TEXT_KNOBS, each a tuple in that order (the negatives are one setting per grid)."""
+    return [(q, grid.train.hard_negatives()) for q in grid.train.query_instruction]
 
 
 def trial_cache(caches: dict, model: str, spec) -> str:

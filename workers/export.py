@@ -15,6 +15,12 @@ Padding is on the right, as in training; ``max_seq_length`` is the sweep's ``tra
 takes its name, the export reloads it and checks that its tokenizer gives the trial's token ids on sample texts
 (the one part a family's tokenizer could get wrong: a BOS it adds, a post-processor it rebuilds).
 
+A trial trained with ``train.attention: bidirectional``: the folder also holds workers/st_bidirectional.py as
+``modeling_bidirectional.py``, and config.json names its classes (``auto_map``) under a ``model_type`` of its own,
+so ``SentenceTransformer(DIR, trust_remote_code=True)`` embeds bidirectionally, as the trial did, and without
+``trust_remote_code`` the folder refuses to load rather than embed causally (``add_bidirectional``; the README says
+so).
+
 Which trial: the one named, or at ``--budget C`` the empirical best (analysis/trial_choice.py; the CLI asks
 analysis and passes the row here: workers never import analysis). Bad input is one line and exit 2 with nothing
 written: an unknown sweep or trial, a trial that did not complete or kept no weights, a budget not in the grid, an
@@ -23,6 +29,7 @@ renamed into place: it appears whole or not at all.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -68,15 +75,17 @@ def export_command(args, row: dict, grid: dict) -> int:
     if read_manifest(weights) is None:
         raise ExportError(f"{args.name}: trial {row['trial_id']} kept no weights ({storage.redact(weights)} has no "
                           "finished save; run.keep_weights: none, or a sweep from before weights were kept)")
-    if (row.get("attention") or "causal") != "causal":
-        raise ExportError(f"{args.name}: trial {row['trial_id']} trained with {row['attention']} attention; the "
-                          "sentence-transformers folder would embed causally: not exported")
     max_length = int((grid.get("train") or {}).get("max_length") or default("max_length"))
     pooling = row.get("pooling") or "mean"  # a store from before the pooling axis: the study's mean
-    export_model(row["model"], weights, pooling, max_length, out, query_instruction=row.get("query_instruction") or "")
+    attention = row.get("attention") or "causal"  # a store from before the attention axis: causal
+    export_model(row["model"], weights, pooling, max_length, out, query_instruction=row.get("query_instruction") or "",
+                 attention=attention)
     loss = "n/a" if row.get("eval_loss") is None else f"{row['eval_loss']:.4f}"
     print(f"exported trial {row['trial_id']} ({row['method']}, {row['model']}, pooling {pooling}, budget "
           f"{row['budget_flops']:.3g} FLOP, eval_loss {loss}) to {out}", file=sys.stderr)
+    if attention == "bidirectional":
+        print(f"it attends bidirectionally: load it with SentenceTransformer({out!r}, trust_remote_code=True)",
+              file=sys.stderr)
     return 0
 
 
@@ -104,17 +113,21 @@ def check_out(out: str) -> str:
 
 # --- building the folder ------------------------------------------------------------------------------------
 def export_model(base_model: str, weights_uri: str, pooling: str, max_length: int, out: str, *,
-                 query_instruction: str = "") -> None:
+                 query_instruction: str = "", attention: str = "causal") -> None:
     """Writes the sentence-transformers folder ``out`` (absent or empty) from ``base_model`` + the kept weights.
     A trial's query instruction becomes the folder's prompt ``query``: ``encode(queries, prompt_name="query")``
-    prepends it to each query as the trial did (as text, then tokenised and truncated to max_length)."""
+    prepends it to each query as the trial did (as text, then tokenised and truncated to max_length).
+    ``attention="bidirectional"``: the folder's model attends bidirectionally (``add_bidirectional``), loaded with
+    ``trust_remote_code=True``."""
     if pooling not in ST_POOLING:
         raise ExportError(f"pooling {pooling!r}: no sentence-transformers mode for it ({', '.join(ST_POOLING)})")
+    if attention not in ("causal", "bidirectional"):
+        raise ExportError(f"attention {attention!r}: not causal or bidirectional")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
     try:
-        _build(base_model, weights_uri, pooling, max_length, tmp, query_prompts(query_instruction))
+        _build(base_model, weights_uri, pooling, max_length, tmp, query_prompts(query_instruction), attention)
         if os.path.isdir(out):
             os.rmdir(out)  # empty (check_out); a file appearing in it since makes this fail, nothing replaced
         os.rename(tmp, out)
@@ -128,14 +141,20 @@ def query_prompts(query_instruction: str) -> dict:
     return {"query": query_instruction} if query_instruction else {}
 
 
-def _build(base_model: str, weights_uri: str, pooling: str, max_length: int, tmp: str, prompts: dict) -> None:
+def _build(base_model: str, weights_uri: str, pooling: str, max_length: int, tmp: str, prompts: dict,
+           attention: str = "causal") -> None:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Pooling
     from sentence_transformers.base.modules import Normalize, Transformer
 
+    from workers import st_bidirectional
     from workers.weights import load_trained
 
     model = load_trained(base_model, weights_uri)
+    family = model.config.model_type
+    if attention == "bidirectional" and family not in st_bidirectional.CLASSES:
+        raise ExportError(f"{base_model}: model_type {family!r} has no bidirectional export "
+                          f"({', '.join(st_bidirectional.CLASSES)})")
     tokenizer = trial_tokenizer(base_model, pooling, max_length)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -144,7 +163,51 @@ def _build(base_model: str, weights_uri: str, pooling: str, max_length: int, tmp
     st = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), ST_POOLING[pooling]),
                                       Normalize()], device="cpu", prompts=prompts or None)
     st.save(tmp)
+    if attention == "bidirectional":
+        add_bidirectional(tmp, family)
     check_tokenizer(tmp, base_model, pooling, max_length)
+
+
+# --- bidirectional attention --------------------------------------------------------------------------------
+# The file copied into a bidirectional trial's folder, and the name config.json's auto_map gives it there.
+REMOTE_MODULE = "modeling_bidirectional"
+LOADING_NOTE = """
+## Bidirectional attention
+
+This model was trained with bidirectional attention (every token attends to every real token of its text, as
+LLM2Vec and NV-Embed embed). The folder's `modeling_bidirectional.py`, named in `config.json`'s `auto_map`, builds
+the model so; load it with `trust_remote_code=True`:
+
+```python
+from sentence_transformers import SentenceTransformer
+
+model = SentenceTransformer("path/to/this/folder", trust_remote_code=True)
+```
+
+Without it, transformers refuses to load the folder (its `model_type` is the file's own), rather than build the
+family's causal model from it.
+"""
+
+
+def add_bidirectional(folder: str, family: str) -> None:
+    """Make the saved folder's model attend bidirectionally when loaded with ``trust_remote_code=True``: the
+    module workers/st_bidirectional.py copied in (it imports no repurpose code), config.json's ``model_type`` made
+    its own (transformers then refuses the folder without ``trust_remote_code=True`` rather than build the family's
+    causal model) and ``auto_map`` naming its classes, and the loading note appended to the model card."""
+    from workers import st_bidirectional
+
+    shutil.copyfile(st_bidirectional.__file__, os.path.join(folder, f"{REMOTE_MODULE}.py"))
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config_class, model_class = st_bidirectional.CLASSES[family]
+    config["model_type"] = st_bidirectional.model_type(family)
+    config["auto_map"] = {"AutoConfig": f"{REMOTE_MODULE}.{config_class}", "AutoModel": f"{REMOTE_MODULE}.{model_class}"}
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    card = os.path.join(folder, "README.md")
+    with open(card, "a") as f:
+        f.write(LOADING_NOTE)
 
 
 def trial_tokenizer(base_model: str, pooling: str, max_length: int):
@@ -196,7 +259,7 @@ def check_tokenizer(folder: str, base_model: str, pooling: str, max_length: int)
     """The saved folder, reloaded, tokenises sample texts as the trial did (else a bug: nothing is published)."""
     from sentence_transformers import SentenceTransformer
 
-    st = SentenceTransformer(folder, device="cpu", local_files_only=True)
+    st = SentenceTransformer(folder, device="cpu", local_files_only=True, trust_remote_code=True)
     features = st.preprocess(list(CHECK_TEXTS))
     got = [ids[mask.bool()].tolist() for ids, mask in zip(features["input_ids"], features["attention_mask"])]
     want = trial_ids(base_model, pooling, max_length, CHECK_TEXTS)

@@ -282,10 +282,6 @@ def unpack(hidden: torch.Tensor, packed: Packed) -> torch.Tensor:
 # The flat kernels (workers/attention.py varlen, segments) build no mask: they read the same flag and drop causality.
 
 
-def _every_key(batch_idx, head_idx, q_idx, kv_idx):
-    return kv_idx >= 0
-
-
 def make_bidirectional(model):
     """``model`` (an AutoModel backbone, before PEFT wraps it) attends bidirectionally: its forward runs with the
     causal mask overlaid by "every key" (see above). Other models in the process are untouched: the family's
@@ -294,9 +290,9 @@ def make_bidirectional(model):
     reason = attention_unsupported(family)
     if reason:
         raise ValueError(reason)
-    module = sys.modules[type(model).__module__]  # transformers.models.<family>.modeling_<family>
-    if not getattr(module.create_causal_mask, "repurpose_bidirectional", False):
-        module.create_causal_mask = _overlaid(module.create_causal_mask)
+    from workers.st_bidirectional import overlay  # the exported folder's own copy overlays the same way
+
+    overlay(sys.modules[type(model).__module__], BIDIRECTIONAL)  # transformers.models.<family>.modeling_<family>
     forward = model.forward
 
     @functools.wraps(forward)
@@ -309,17 +305,3 @@ def make_bidirectional(model):
 
     model.forward = bidirectional_forward
     return model
-
-
-def _overlaid(create_causal_mask):
-    @functools.wraps(create_causal_mask)
-    def create_mask(*args, **kwargs):
-        if BIDIRECTIONAL.get():
-            from transformers.masking_utils import or_masks
-
-            extra = kwargs.get("or_mask_function")
-            kwargs["or_mask_function"] = _every_key if extra is None else or_masks(extra, _every_key)
-        return create_causal_mask(*args, **kwargs)
-
-    create_mask.repurpose_bidirectional = True
-    return create_mask

@@ -5,8 +5,8 @@ import torch or deepspeed to do so (tests/orchestrator/test_plan_imports.py): th
 pyarrow, ``core`` and the standard library, and, when it encodes, ``tokenizers`` (and
 ``transformers.PreTrainedTokenizerFast`` to load one), neither of which imports torch. The torch side (padding into tensors, batching, the background thread) is workers/pair_batches.py.
 
-Data: BAAI BGE JSONL lines ``{"query": str, "pos": [str, ...], "neg": [...]}``; only ``pos[0]`` is used,
-no hard negatives (docs/study.md, "Training recipe"). Parquet files with the same columns work too. A source is a
+Data: BAAI BGE JSONL lines ``{"query": str, "pos": [str, ...], "neg": [...]}``; only ``pos[0]`` is used
+(docs/study.md, "Training recipe"), and ``neg[:k]`` when a trial takes k hard negatives (``pair_with_negatives``). Parquet files with the same columns work too. A source is a
 local path, a directory, a glob or an ``s3://`` / ``gs://`` URI, opened with ``fsio.resolve`` (the
 project's one URI -> filesystem function: it refuses credentials in a URI, and through
 ``pyarrow.fs.FileSystem.from_uri`` honours ``AWS_ENDPOINT_URL_S3`` -- pyarrow 26, apache/arrow#49643 -- and
@@ -196,21 +196,22 @@ def query_and_positive(obj) -> tuple[str, str] | str:
     return q, pos[0]
 
 
-class _Short(str):
+class ShortNegatives(str):
     """A usable pair with fewer hard negatives than asked: skipped and counted, not a bad line."""
 
 
-def _pair_with_negatives(obj, k: int) -> tuple | str:
-    """(query, pos[0], neg[0], ..., neg[k-1]), the reason the record is unusable, or _Short. Pairs with fewer than
-    k usable negatives are skipped (not padded with in-batch negatives): every pair then costs the same k + 2
-    texts, so the planner's tokens per pair and the loss's columns are the same for every batch."""
+def pair_with_negatives(obj, k: int) -> tuple | str:
+    """(query, pos[0], neg[0], ..., neg[k-1]), the reason the record is unusable, or ShortNegatives. Pairs with
+    fewer than k usable negatives are skipped (not padded with in-batch negatives): every pair then costs the same k + 2
+    texts, so the planner's tokens per pair and the loss's columns are the same for every batch. The token cache
+    (workers/token_cache.py) judges its records with this same function."""
     pair = query_and_positive(obj)
     if isinstance(pair, str) or k == 0:
         return pair
     neg = obj.get("neg")
     negs = [n for n in neg if isinstance(n, str) and n.strip()] if isinstance(neg, list) else []
     if len(negs) < k:
-        return _Short(f"{len(negs)} of {k} hard negatives")
+        return ShortNegatives(f"{len(negs)} of {k} hard negatives")
     return (*pair, *negs[:k])
 
 
@@ -305,8 +306,8 @@ def _file_pairs(src: PairFile, stats: DataStats, max_bad: float, hard_negatives:
     records = _parquet_records(src) if src.kind == "parquet" else _jsonl_records(src)
     try:
         for line_no, obj in records:
-            pair = obj if isinstance(obj, BadLine) else _pair_with_negatives(obj, hard_negatives)
-            if isinstance(pair, _Short):
+            pair = obj if isinstance(obj, BadLine) else pair_with_negatives(obj, hard_negatives)
+            if isinstance(pair, ShortNegatives):
                 check.good()
                 stats.short_negatives += 1
                 continue

@@ -340,12 +340,12 @@ def train_stream(spec: TrialSpec, tokenizer, skip_batches: int = 0):
     after every resume, batched as ``spec.batching`` says. From the token cache when the trial has one (random
     batches: the same pairs, padded the same, as the raw path's; O(1) resume), else the raw data
     (workers/pair_batches.py PairStream)."""
-    if spec.token_cache and spec.batching == "random" and not spec.hard_negatives:  # the cache holds no negatives
+    if spec.token_cache and spec.batching == "random":  # a hard-negative trial's cache holds its negatives
         from workers.token_cache import CachedPairs
 
         return CachedPairs(spec.token_cache, spec.batch_size, spec.seed, spec.max_epochs, skip_batches,
                            pooling_eos=_eos(spec, tokenizer), pad_id=pad_id_of(tokenizer),
-                           prefetch=spec.prefetch_batches)
+                           prefetch=spec.prefetch_batches, hard_negatives=spec.hard_negatives)
     return PairStream(spec.train_data, tokenizer, batch_size=spec.batch_size, max_length=spec.max_length,
                       seed=spec.seed, max_epochs=spec.max_epochs, skip_batches=skip_batches,
                       batching=spec.batching, prefetch=spec.prefetch_batches, encode=encoder(spec, tokenizer),

@@ -8,13 +8,22 @@ Layout, ``<storage>/_cache/tokens/<key>/`` (core.store.CACHE_DIR):
 
     train/00000.parquet ...   shards: columns q_ids, d_ids, list<uint16> (uint32 when the vocabulary does not
                               fit), rows = the usable pairs of one byte range of one data file, in file order;
-                              the shard's bad-line record in the Parquet key-value metadata
+                              the shard's bad-line record in the Parquet key-value metadata; with hard negatives
+                              (k > 0) also n_ids, list<list<uint16>>: each pair's k negatives' ids
     eval/00000.parquet ...    the same for the eval data (absent without it)
     manifest.json             written last: pairs, real tokens, bad lines, lines, the key's inputs, the shards
 
 The key is a content hash (``cache_key``) of the data files' identity (path, size, mtime), the tokenizer's
 tokenizer.json (sha256), max_length, the shard size and FORMAT_VERSION: same data and tokenizer -> the same key
-(sweeps and the Pythia models share it); a changed file, tokenizer or max_length -> a new key.
+(sweeps and the Pythia models share it); a changed file, tokenizer or max_length -> a new key. The texts' knobs
+enter the key only when set (a query instruction; k hard negatives per pair), so the caches without them keep
+their keys.
+
+Hard negatives (``train.negatives: {hard: k}``): a cache of its own per k. Its train shards hold only the pairs with
+at least k negatives, as the raw path keeps them (``pair_files.pair_with_negatives``: the others are skipped and
+counted in ``short_negatives``, per shard and in the manifest), with ``neg[:k]`` tokenised in column n_ids; so the
+pass order over its rows is the raw path's over its pairs. Its eval split has no negatives (evaluation ranks against
+the in-batch documents only, as the raw path's does).
 
 Building runs one Ray Data task (``build_shard``) per shard across the cluster's CPUs, driven from the driver's
 side (orchestrator/cache_build.py, on the driver's Ray); this module plans the shards (``shard_plans``), builds one
@@ -23,7 +32,7 @@ name (temp + rename, fsio.write_bytes), a rebuild skips the shards present, the 
 deterministic, so a resumed cache is byte-identical to an uninterrupted one, and two builders of one key write
 the same bytes. No torch.
 
-Bad lines are judged by workers/pair_files.py's own functions (``_parse``, ``query_and_positive``) and the per-file policy
+Bad lines are judged by workers/pair_files.py's own functions (``_parse``, ``pair_with_negatives``) and the per-file policy
 (> 1 % unusable rejects the file, checked every CHECK_EVERY lines and at its end) is replayed on the shards'
 records, so the cache fails where the raw path fails, with the same message, and counts the same bad lines.
 
@@ -55,9 +64,8 @@ from core.hashing import content_hash, json_hash
 from core.store import CACHE_DIR
 from core.uris import join
 from workers.pair_files import (CHECK_EVERY, MAX_BAD_FRACTION, SHUFFLE_BUFFER, BackgroundBatches, BadLine, DataError,
-                                DataStats, PairFile, Stopped, epoch_seed, jsonl_lines, make_encoder, pad_id_of,
-                                query_and_positive, resolve_files, shown_uri,
-                                with_query_instruction)
+                                DataStats, PairFile, ShortNegatives, Stopped, epoch_seed, jsonl_lines, make_encoder,
+                                pad_id_of, pair_with_negatives, resolve_files, shown_uri, with_query_instruction)
 
 FORMAT_VERSION = 1
 SHARD_BYTES = 64 << 20  # JSONL bytes per shard (a compressed file is one shard)
@@ -110,14 +118,17 @@ def tokenizer_sha256(name_or_path: str, tokenizer) -> str:
 
 
 def cache_inputs(train_uri, eval_uri, tokenizer_hash: str, max_length: int, shard_bytes: int = SHARD_BYTES,
-                 query_instruction: str = "") -> dict:
-    """What the key hashes (and the manifest records). A query instruction changes the queries' tokens: it is an
-    input only when set, so the caches built before it keep their keys."""
+                 query_instruction: str = "", hard_negatives: int = 0) -> dict:
+    """What the key hashes (and the manifest records). A query instruction changes the queries' tokens, k hard
+    negatives add texts and drop the pairs with fewer: each is an input only when set, so the caches built before
+    them keep their keys."""
     inputs = {"format": FORMAT_VERSION, "train": file_identity(train_uri),
               "eval": file_identity(eval_uri) if eval_uri else None, "tokenizer_sha256": tokenizer_hash,
               "max_length": int(max_length), "shard_bytes": int(shard_bytes), "shard_rows": SHARD_ROWS}
     if query_instruction:
         inputs["query_instruction"] = query_instruction
+    if hard_negatives:
+        inputs["hard_negatives"] = int(hard_negatives)
     return inputs
 
 
@@ -228,11 +239,12 @@ def _records(task: dict) -> Iterator[tuple[int, object]]:
                                 f"(has: {', '.join(pf.schema_arrow.names)})")
             row = 0
             groups = list(range(task["start"], task["stop"]))
-            for rb in (pf.iter_batches(batch_size=8192, row_groups=groups, columns=["query", "pos"])
-                       if groups else ()):
-                for q, pos in zip(rb.column("query").to_pylist(), rb.column("pos").to_pylist()):
+            columns = ["query", "pos"] + (["neg"] if "neg" in pf.schema_arrow.names else [])
+            for rb in (pf.iter_batches(batch_size=8192, row_groups=groups, columns=columns) if groups else ()):
+                negs = rb.column("neg").to_pylist() if "neg" in columns else [None] * rb.num_rows
+                for q, pos, neg in zip(rb.column("query").to_pylist(), rb.column("pos").to_pylist(), negs):
                     row += 1
-                    yield row, {"query": q, "pos": pos}
+                    yield row, {"query": q, "pos": pos, "neg": neg}
         return
     if task["compressed"]:
         stream, left = fs.open_input_stream(task["path"], compression="detect"), None
@@ -250,11 +262,13 @@ _TOKENIZERS: dict[str, object] = {}  # per worker process: tokenizer.json text -
 
 
 def build_shard(task: dict, *, cache: str, tokenizer_json: str, max_length: int, dtype: str,
-                query_instruction: str = "") -> dict:
+                query_instruction: str = "", hard_negatives: int = 0) -> dict:
     """One Ray Data task: read the range, keep the usable pairs, tokenise, write the shard whole. Returns
-    {"split", "index", "record": the shard's JSON record, "error": "" or a DataError's one line}."""
+    {"split", "index", "record": the shard's JSON record, "error": "" or a DataError's one line}.
+    ``hard_negatives`` k: the train split keeps the pairs with k negatives and their ids (eval: none)."""
     try:
-        record = _build_shard(task, cache, tokenizer_json, max_length, dtype, query_instruction)
+        k = hard_negatives if task["split"] == "train" else 0
+        record = _build_shard(task, cache, tokenizer_json, max_length, dtype, query_instruction, k)
         return {"split": task["split"], "index": task["index"], "record": json.dumps(record), "error": ""}
     except DataError as e:
         error = str(e)
@@ -264,7 +278,7 @@ def build_shard(task: dict, *, cache: str, tokenizer_json: str, max_length: int,
 
 
 def _build_shard(task: dict, cache: str, tokenizer_json: str, max_length: int, dtype: str,
-                 query_instruction: str = "") -> dict:
+                 query_instruction: str = "", k: int = 0) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -275,16 +289,20 @@ def _build_shard(task: dict, cache: str, tokenizer_json: str, max_length: int, d
 
         _TOKENIZERS[key] = Tokenizer.from_str(tokenizer_json)
     encode = make_encoder(_TOKENIZERS[key], max_length)
-    lines = bad_count = 0
+    lines = bad_count = short = 0
     bad: list[int] = []  # ordinals (1-based, non-blank lines / rows) of the unusable ones
     first_bad = None  # [line or row number within the shard, reason]
-    columns: dict[str, list] = {"q_ids": [], "d_ids": []}
-    pending: list[tuple[str, str]] = []
+    names = ("q_ids", "d_ids") + (("n_ids",) if k else ())
+    columns: dict[str, list] = {name: [] for name in names}
+    pending: list[tuple] = []
     real = 0
 
     def flush():
         nonlocal real
-        for name, texts in (("q_ids", [p[0] for p in pending]), ("d_ids", [p[1] for p in pending])):
+        # the negatives pair by pair, k each (pair_batches.negatives_of's order)
+        sides = (("q_ids", [p[0] for p in pending]), ("d_ids", [p[1] for p in pending]),
+                 ("n_ids", [n for p in pending for n in p[2:]]))
+        for name, texts in sides[:len(names)]:
             ids = encode(texts)
             lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
             flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lens.sum()))
@@ -294,7 +312,10 @@ def _build_shard(task: dict, cache: str, tokenizer_json: str, max_length: int, d
 
     for number, obj in _records(task):
         lines += 1
-        pair = obj if isinstance(obj, BadLine) else query_and_positive(obj)
+        pair = obj if isinstance(obj, BadLine) else pair_with_negatives(obj, k)
+        if isinstance(pair, ShortNegatives):  # usable, too few negatives: skipped, not bad
+            short += 1
+            continue
         if isinstance(pair, str):
             bad_count += 1
             bad.append(lines)
@@ -307,17 +328,21 @@ def _build_shard(task: dict, cache: str, tokenizer_json: str, max_length: int, d
     if pending:
         flush()
     arrays = []
-    for name in ("q_ids", "d_ids"):
+    for name in names:
         parts = columns[name]
         lens = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
         flat = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, dtype)
         offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
         arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)))
     rows = len(arrays[0])
+    if k:  # row i: negatives i*k .. i*k + k - 1
+        arrays[2] = pa.ListArray.from_arrays(pa.array(np.arange(0, rows * k + 1, k, dtype=np.int32)), arrays[2])
     record = {"index": task["index"], "file": task["file"], "rows": rows, "real_tokens": real, "lines": lines,
               "bad": bad, "first_bad": first_bad, "physical_lines": task.get("_physical", 0),
               "rows_before": task["rows_before"]}
-    table = pa.table(arrays, names=["q_ids", "d_ids"]).replace_schema_metadata({_META: json.dumps(record)})
+    if k:
+        record["short_negatives"] = short
+    table = pa.table(arrays, names=list(names)).replace_schema_metadata({_META: json.dumps(record)})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd", row_group_size=1 << 20)
     delay = float(os.environ.get(DELAY_ENV) or 0)
@@ -370,7 +395,8 @@ def _check_file(name: str, kind: str, records: list[dict], max_bad: float) -> st
     return where
 
 
-def _split_summary(uri: str, tasks: list[dict], records: list[dict], max_bad: float) -> dict:
+def _split_summary(uri: str, tasks: list[dict], records: list[dict], max_bad: float, hard_negatives: int = 0) -> dict:
+    """The split's manifest entry; ``hard_negatives`` k: the split's rows hold k negatives each (train only)."""
     files: list[dict] = []
     for t, r in zip(tasks, records):
         if not files or files[-1]["file"] != t["file"]:
@@ -383,13 +409,19 @@ def _split_summary(uri: str, tasks: list[dict], records: list[dict], max_bad: fl
             first_bad = f"{f['name']} {where}"
     pairs = sum(r["rows"] for r in records)
     lines, bad = sum(r["lines"] for r in records), sum(len(r["bad"]) for r in records)
-    if pairs == 0:
+    short = sum(r.get("short_negatives", 0) for r in records)
+    if pairs == 0:  # pair_files.iter_pairs's words
         detail = f"{bad} of {lines} lines unusable, first: {first_bad}" if lines else "empty"
+        if short:
+            detail += f"; {short} pairs with fewer than {hard_negatives} hard negatives skipped"
         raise DataError(f"{shown_uri(uri)}: no usable pairs ({detail})")
     file_rows = [sum(r["rows"] for r in f["records"]) for f in files]
-    return {"pairs": pairs, "real_tokens": sum(r["real_tokens"] for r in records), "bad_lines": bad,
-            "lines": lines, "first_bad": first_bad, "file_rows": file_rows, "files": [f["name"] for f in files],
-            "shards": [{"name": _shard_name(r["index"]), "rows": r["rows"]} for r in records]}
+    summary = {"pairs": pairs, "real_tokens": sum(r["real_tokens"] for r in records), "bad_lines": bad,
+               "lines": lines, "first_bad": first_bad, "file_rows": file_rows, "files": [f["name"] for f in files],
+               "shards": [{"name": _shard_name(r["index"]), "rows": r["rows"]} for r in records]}
+    if hard_negatives:
+        summary |= {"hard_negatives": hard_negatives, "short_negatives": short}
+    return summary
 
 
 def shard_plans(uri: str, splits: dict[str, str], shard_bytes: int) -> tuple[dict, dict, list[dict]]:
@@ -413,7 +445,7 @@ def task_kwargs(uri: str, inputs: dict, tokenizer) -> dict:
     backend = _backend(tokenizer)
     return dict(cache=uri, tokenizer_json=backend.to_str(), max_length=inputs["max_length"],
                 dtype=_dtype(backend.get_vocab_size(with_added_tokens=True)),
-                query_instruction=inputs.get("query_instruction", ""))
+                query_instruction=inputs.get("query_instruction", ""), hard_negatives=inputs.get("hard_negatives", 0))
 
 
 def write_manifest(uri: str, inputs: dict, tokenizer, splits: dict[str, str], plans: dict,
@@ -425,7 +457,8 @@ def write_manifest(uri: str, inputs: dict, tokenizer, splits: dict[str, str], pl
                 "pad_id": pad_id_of(tokenizer), "eos_id": getattr(tokenizer, "eos_token_id", None),
                 "shuffle_buffer": SHUFFLE_BUFFER,
                 "splits": {s: _split_summary(u, plans[s], [records[s, t["index"]] for t in plans[s]],
-                                             max_bad_fraction) for s, u in splits.items()}}
+                                             max_bad_fraction, inputs.get("hard_negatives", 0) if s == "train" else 0)
+                           for s, u in splits.items()}}
     _remove_temps(uri, list(splits))
     storage.write_bytes(join(uri, MANIFEST), json.dumps(manifest, sort_keys=True, indent=1).encode())
     return manifest
@@ -544,10 +577,19 @@ class _Shard:
     q_val: np.ndarray  # (tokens,) uint16 / uint32
     d_off: np.ndarray
     d_val: np.ndarray
+    n_off: np.ndarray | None = None  # (rows * k + 1,): the negatives, pair i's at i*k .. i*k + k - 1; None: k = 0
+    n_val: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:
-        return self.q_off.nbytes + self.q_val.nbytes + self.d_off.nbytes + self.d_val.nbytes
+        arrays = (self.q_off, self.q_val, self.d_off, self.d_val, self.n_off, self.n_val)
+        return sum(a.nbytes for a in arrays if a is not None)
+
+
+def _list_arrays(arr) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets from 0, values) of a list<int> array."""
+    offsets = np.asarray(arr.offsets).astype(np.int64)
+    return offsets - offsets[0], np.asarray(arr.values)[offsets[0]:]
 
 
 def _read_shard(uri: str) -> _Shard:
@@ -558,9 +600,9 @@ def _read_shard(uri: str) -> _Shard:
         table = pq.read_table(f)
     cols = []
     for name in ("q_ids", "d_ids"):
-        arr = table.column(name).combine_chunks()
-        offsets = np.asarray(arr.offsets).astype(np.int64)
-        cols += [offsets - offsets[0], np.asarray(arr.values)]
+        cols += _list_arrays(table.column(name).combine_chunks())
+    if "n_ids" in table.column_names:  # list<list<int>>: the pairs' negatives, flattened pair by pair
+        cols += _list_arrays(table.column("n_ids").combine_chunks().flatten())
     return _Shard(*cols)
 
 
@@ -583,15 +625,18 @@ class _Rows:
             self.bytes -= self.cache.popitem(last=False)[1].nbytes
         return sh
 
-    def gather(self, rows: np.ndarray, side: str) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """[(positions in ``rows``, their token-start offsets, lengths, values array)] per shard touched."""
+    def gather(self, rows: np.ndarray, side: str, k: int = 1) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """[(positions in ``rows``, their token-start offsets, lengths, values array)] per shard touched. Side "n":
+        the rows' k negatives each, at positions i*k .. i*k + k - 1 of row i (``Batch.n_ids``'s layout)."""
         which = np.searchsorted(self.starts, rows, side="right") - 1
         out = []
         for s in np.unique(which):
             pos = np.flatnonzero(which == s)
             sh = self.shard(int(s))
             local = rows[pos] - self.starts[s]
-            off, val = (sh.q_off, sh.q_val) if side == "q" else (sh.d_off, sh.d_val)
+            off, val = {"q": (sh.q_off, sh.q_val), "d": (sh.d_off, sh.d_val), "n": (sh.n_off, sh.n_val)}[side]
+            if side == "n":  # each row -> its k negatives
+                pos, local = ((x[:, None] * k + np.arange(k)).ravel() for x in (pos, local))
             out.append((pos, off[local], off[local + 1] - off[local], val))
         return out
 
@@ -626,17 +671,23 @@ def _padded(parts, count: int, pad_id: int, eos: int | None, max_length: int):
     return ids, (np.arange(width) < (keep + 1)[:, None]).astype(np.int64)
 
 
-def collate_rows(rows_reader: _Rows, rows: np.ndarray, index: int, pad_id: int, eos: int | None, max_length: int):
-    """The Batch of the given global rows, in that order (workers.pair_batches.collate's tensors)."""
+def collate_rows(rows_reader: _Rows, rows: np.ndarray, index: int, pad_id: int, eos: int | None, max_length: int,
+                 negatives: int = 0):
+    """The Batch of the given global rows, in that order (workers.pair_batches.collate's tensors); ``negatives``
+    k: with the rows' k hard negatives each."""
     import torch
 
     from workers.pair_batches import Batch
 
     q_ids, q_mask = _padded(rows_reader.gather(rows, "q"), len(rows), pad_id, eos, max_length)
     d_ids, d_mask = _padded(rows_reader.gather(rows, "d"), len(rows), pad_id, eos, max_length)
-    real = int(q_mask.sum() + d_mask.sum())
-    return Batch(torch.from_numpy(q_ids), torch.from_numpy(q_mask), torch.from_numpy(d_ids), torch.from_numpy(d_mask),
-                 index, real, q_ids.size + d_ids.size)
+    tensors = [torch.from_numpy(a) for a in (q_ids, q_mask, d_ids, d_mask)]
+    real, padded = int(q_mask.sum() + d_mask.sum()), q_ids.size + d_ids.size
+    if not negatives:
+        return Batch(*tensors, index, real, padded)
+    n_ids, n_mask = _padded(rows_reader.gather(rows, "n", negatives), len(rows) * negatives, pad_id, eos, max_length)
+    return Batch(*tensors, index, real + int(n_mask.sum()), padded + n_ids.size, torch.from_numpy(n_ids),
+                 torch.from_numpy(n_mask))
 
 
 class CachedPairs(BackgroundBatches):
@@ -648,11 +699,14 @@ class CachedPairs(BackgroundBatches):
     is computed (seed and row counts), no shard before it is read. ``pooling_eos``: the EOS id to append to
     every text (``pooling="last"``), None for none; ``pad_id`` None: the tokenizer's, from the manifest;
     ``shuffle_buffer`` None: pair_files.SHUFFLE_BUFFER, as the raw path's default. ``prefetch=0``: batches are made
-    on the consumer's thread when asked for (no thread; ~3 ms per batch of 1024, benchmarks/cache.py)."""
+    on the consumer's thread when asked for (no thread; ~3 ms per batch of 1024, benchmarks/cache.py).
+    A cache built with k hard negatives yields them (``Batch.n_ids``) and counts the pairs it skipped for fewer in
+    ``stats.short_negatives``, as PairStream(hard_negatives=k); ``hard_negatives`` given: the k the trial takes,
+    checked against the cache's."""
 
     def __init__(self, cache_uri: str, batch_size: int, seed: int = 0, max_epochs: float = 1.0,
                  skip_batches: int = 0, pooling_eos: int | None = None, *, pad_id: int | None = None,
-                 prefetch: int = PREFETCH, shuffle_buffer: int | None = None):
+                 prefetch: int = PREFETCH, shuffle_buffer: int | None = None, hard_negatives: int | None = None):
         if batch_size < 1 or prefetch < 0:
             raise ValueError("batch_size must be >= 1, prefetch >= 0")
         if not max_epochs > 0 or skip_batches < 0:
@@ -663,6 +717,10 @@ class CachedPairs(BackgroundBatches):
                             "interrupted; run `repurpose prepare`)")
         self.uri, self.manifest = cache_uri, manifest
         self.split = manifest["splits"]["train"]
+        self.negatives = int(self.split.get("hard_negatives", 0))
+        if hard_negatives is not None and hard_negatives != self.negatives:
+            raise DataError(f"{cache_uri}: token cache of {self.negatives} hard negatives per pair, the trial takes "
+                            f"{hard_negatives}")
         self.batch_size, self.seed, self.skip_batches = batch_size, seed, skip_batches
         self.max_epochs = float(max_epochs)
         self.eos, self.max_length = pooling_eos, int(manifest["max_length"])
@@ -687,6 +745,7 @@ class CachedPairs(BackgroundBatches):
         every pass it touches, skipped batches included, and a fraction-only run reads one more to size it."""
         s, sp = self.stats, self.split
         s.bad_lines, s.lines_read, s.pairs_read = passes * sp["bad_lines"], passes * sp["lines"], pairs_read
+        s.short_negatives = passes * sp.get("short_negatives", 0)
         s.first_bad = sp.get("first_bad")
 
     def _sequence(self, at: int) -> Iterator[np.ndarray]:
@@ -728,7 +787,7 @@ class CachedPairs(BackgroundBatches):
             # passes completed when the raw producer drew this batch (PairStream._pairs: a pass counts as done
             # once the pair after its last is asked for); the fraction pass never counts
             done = min(whole, (end - 1) // n)
-            yield collate_rows(rows, batch_rows, k, self.pad_id, self.eos, self.max_length), done
+            yield collate_rows(rows, batch_rows, k, self.pad_id, self.eos, self.max_length, self.negatives), done
         n_passes = whole + (total > whole * n) + (1 if whole == 0 else 0)
         self._count_read(n_passes, total)
 
