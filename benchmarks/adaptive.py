@@ -301,7 +301,28 @@ def summarise_rows(path: str) -> str:
     """The table of the JSON lines ``--rows`` wrote (a run stopped early still reports what it finished)."""
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return trust_table(trust_summary(rows))
+    return f"{trust_table(trust_summary(rows))}\n{pooled_line(trust_pooled(rows))}"
+
+
+def trust_pooled(rows: list[dict]) -> dict:
+    """Over every store: the FLOP fraction's median and worst, p_best's calibration (of the adaptive choices
+    reported with p_best >= 0.8, the share truly best) and, per kind, how many single budget choices have regret
+    within the target."""
+    sure = [b for r in rows for b in r["adaptive"] if b["p_best"] is not None and b["p_best"] >= 0.8]
+    fractions = [r["flops_fraction"] for r in rows]
+    per_budget = {kind: (sum(b["regret"] <= REGRET_TARGET for r in rows for b in r[kind]),
+                         sum(len(r[kind]) for r in rows)) for kind in ("adaptive", "grid_fit", "grid_trial")}
+    return {"stores": len(rows), "flops_median": statistics.median(fractions), "flops_worst": max(fractions),
+            "sure_choices": len(sure), "sure_truly_best": sum(b["best"] for b in sure) / len(sure) if sure else None,
+            "per_budget_within": per_budget}
+
+
+def pooled_line(p: dict) -> str:
+    within = ", ".join(f"{k} {a} of {n}" for k, (a, n) in p["per_budget_within"].items())
+    sure = "n/a" if p["sure_truly_best"] is None else f"{p['sure_truly_best']:.0%}"
+    return (f"pooled over {p['stores']} stores: FLOP fraction median {p['flops_median']:.3f}, worst "
+            f"{p['flops_worst']:.3f}; p_best >= 0.8 on {p['sure_choices']} choices, {sure} truly best; "
+            f"budget choices with regret <= {REGRET_TARGET:.1%}: {within}")
 
 
 def trust_summary(rows: list[dict]) -> list[dict]:
@@ -334,14 +355,14 @@ def trust_summary(rows: list[dict]) -> list[dict]:
 def trust_table(summary: list[dict]) -> str:
     lines = [f"{'truth':<24} {'noise':>5} {'seeds':>5} {'adaptive<=0.5%':>14} {'worst':>6} {'grid fit':>8} "
              f"{'worst':>6} {'grid trial':>10} {'worst':>6} {'FLOP med':>8} {'worst':>6} {'reps':>5} "
-             f"{'p>=.8':>6} {'truly best':>10} {'replay s':>8}"]
+             f"{'p>=.8':>6} {'truly best':>10} {'replay s, loaded':>16}"]
     for s in summary:
         lines.append(
             f"{s['truth']:<24} {s['noise']:>5.1%} {s['seeds']:>5} {s['adaptive_within']:>14.0%} "
             f"{s['adaptive_worst']:>6.2%} {s['grid_fit_within']:>8.0%} {s['grid_fit_worst']:>6.2%} "
             f"{s['grid_trial_within']:>10.0%} {s['grid_trial_worst']:>6.2%} {s['flops_median']:>8.3f} "
             f"{s['flops_worst']:>6.3f} {s['replicates_median']:>5.0f} {s['sure_choices']:>3}/{s['choices']:<3}"
-            f"{s['sure_truly_best']:>9.0%} {s['replay_s_median']:>8.1f}")
+            f"{s['sure_truly_best']:>9.0%} {s['replay_s_median']:>16.1f}")
     return "\n".join(lines)
 
 
@@ -353,9 +374,10 @@ def _finished(rows_path: str | None) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def run_trust(seeds: int, jobs: int, truths, noises, as_json: bool, rows_path: str | None = None) -> int:
+def run_trust(seeds: int, jobs: int, truths, noises, as_json: bool, rows_path: str | None = None,
+              first_seed: int = 0) -> int:
     # seed by seed over every setting: a run stopped early has every setting at fewer seeds
-    work = [(t, noise, seed) for seed in range(seeds) for t in truths for noise in noises]
+    work = [(t, noise, seed) for seed in range(first_seed, first_seed + seeds) for t in truths for noise in noises]
     rows = [r for r in _finished(rows_path) if (r["truth"], r["noise"], r["seed"]) in
             {(TRUTHS[t].name, noise, seed) for t, noise, seed in work}]
     done = {(r["truth"], r["noise"], r["seed"]) for r in rows}
@@ -370,9 +392,11 @@ def run_trust(seeds: int, jobs: int, truths, noises, as_json: bool, rows_path: s
     wall_s = time.perf_counter() - start
     summary = trust_summary(rows)
     if as_json:
-        print(json.dumps({"config": TRUST_CONFIG.__dict__, "wall_s": wall_s, "summary": summary}))
+        print(json.dumps({"config": TRUST_CONFIG.__dict__, "wall_s": wall_s, "summary": summary,
+                          "pooled": trust_pooled(rows)}))
     else:
-        print(f"config: {TRUST_CONFIG}\n{trust_table(summary)}\n{len(work)} stores in {wall_s:.1f} s "
+        print(f"config: {TRUST_CONFIG}\n{trust_table(summary)}\n{pooled_line(trust_pooled(rows))}\n"
+              f"{len(work)} stores in {wall_s:.1f} s "
               f"({jobs} processes; {len(done)} more read back from {rows_path})")
     return 0
 
@@ -380,6 +404,9 @@ def run_trust(seeds: int, jobs: int, truths, noises, as_json: bool, rows_path: s
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="--trust: seeds first-seed .. first-seed+seeds-1 (two runs can split the seeds)")
+    parser.add_argument("--summarise", metavar="ROWS", help="--trust: print the tables of a --rows file and exit")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--noise", type=float, nargs="*", default=list(NOISES))
     parser.add_argument("--truth", type=int, nargs="*", default=list(range(len(TRUTHS))))
@@ -398,9 +425,12 @@ def main(argv=None) -> int:
     if args.truths:
         print(truths_report())
         return 0
+    if args.summarise:
+        print(summarise_rows(args.summarise))
+        return 0
     if args.trust:
         noises = [n for n in args.noise if n > 0] if args.noise != list(NOISES) else list(TRUST_NOISES)
-        return run_trust(args.seeds, args.jobs, args.truth, noises, args.json, args.rows)
+        return run_trust(args.seeds, args.jobs, args.truth, noises, args.json, args.rows, args.first_seed)
     config = AdaptiveConfig(margin=args.margin, neighbours=args.neighbours, full_rungs=args.full_rungs,
                             dominated_rungs=args.dominated_rungs, n_boot=args.n_boot)
     jobs = [(t, noise, seed if noise > 0 else 0, config) for t in args.truth for noise in args.noise
