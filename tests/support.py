@@ -215,3 +215,25 @@ def _fix_moto_complete_multipart() -> None:
 
     S3Response._key_response_post = patched
     S3Response._repurpose_patched = True
+
+
+# --- a trained tiny model per method ---------------------------------------------------------------------------
+METHOD_KW = {"full": {}, "freeze": {"trainable_fraction": 0.5}, "bias": {}, "lora": {"lora_rank": 4}}
+
+
+def trained(tiny_model: str, method: str, seed: int = 0):
+    """The tiny model prepared for ``method``, its trainable parameters moved as training would move them."""
+    import torch
+    from transformers import AutoModel
+
+    from core.spec import LORA_TARGETS
+    from workers.methods import select_trainable
+
+    model = AutoModel.from_pretrained(tiny_model, attn_implementation="eager", dtype=torch.float32)
+    torch.manual_seed(seed)
+    model = select_trainable(model, method, lora_targets=LORA_TARGETS, **METHOD_KW[method])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    return model.eval()

@@ -21,12 +21,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from core.spec import LORA_TARGETS
+from support import METHOD_KW, trained
 from fsio import arrow_schema
 from core.store import TRIAL_COLUMNS
 from orchestrator.cli import main
 from analysis.trial_choice import TrialChoiceError, select_trial
-from workers.methods import select_trainable
 from workers.pair_files import load_eval_pairs, make_encoder
 from core.store import model_uri
 from workers.weights import save_trained
@@ -34,21 +33,9 @@ from workers.weights import save_trained
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MAX_LENGTH = 24  # short enough that some eval texts are truncated
-METHOD_KW = {"full": {}, "freeze": {"trainable_fraction": 0.5}, "bias": {}, "lora": {"lora_rank": 4}}
 BUDGET = 1e9
 
 
-def trained(tiny_model, method: str, seed: int = 0):
-    from transformers import AutoModel
-
-    model = AutoModel.from_pretrained(tiny_model, attn_implementation="eager", dtype=torch.float32)
-    torch.manual_seed(seed)
-    model = select_trainable(model, method, lora_targets=LORA_TARGETS, **METHOD_KW[method])
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
 
 
 def trial_embeddings(model, tokenizer, texts, pooling: str) -> torch.Tensor:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from core.spec import LORA_TARGETS
-from workers.methods import select_trainable
+from support import trained
 from core.store import checkpoint_uri
 from core.store import model_uri, model_uri_for_checkpoint
 from workers.weights import (MANIFEST, WeightsError, load_trained, read_manifest,
@@ -21,21 +21,8 @@ from workers.weights import (MANIFEST, WeightsError, load_trained, read_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-METHOD_KW = {"full": {}, "freeze": {"trainable_fraction": 0.5}, "bias": {}, "lora": {"lora_rank": 4}}
 
 
-def trained(tiny_model, method: str, seed: int = 0):
-    """The tiny model prepared for ``method``, its trainable parameters moved as training would move them."""
-    from transformers import AutoModel
-
-    model = AutoModel.from_pretrained(tiny_model, attn_implementation="eager", dtype=torch.float32)
-    torch.manual_seed(seed)
-    model = select_trainable(model, method, lora_targets=LORA_TARGETS, **METHOD_KW[method])
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
 
 
 def hidden(model, ids) -> torch.Tensor:
