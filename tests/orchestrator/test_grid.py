@@ -19,7 +19,14 @@ from core import spec as spec_defaults
 TINY_CONFIG = {"model_type": "gpt_neox", "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
                "intermediate_size": 256, "vocab_size": 512, "use_parallel_residual": True,
                "repurpose_pretrain_lr": 1e-3}
-DELETE = object()
+class _Delete:
+    """The key removed from the grid (a stable repr: test ids must be the same in every process)."""
+
+    def __repr__(self) -> str:
+        return "<deleted>"
+
+
+DELETE = _Delete()
 
 
 def make_workspace(root, config=TINY_CONFIG) -> None:
