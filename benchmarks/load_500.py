@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -57,6 +56,16 @@ def trivial_event(trial: dict, step: int, rows: int) -> dict:
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """This process's own peak RSS (VmHWM, per address space). Not getrusage's ru_maxrss: Linux keeps that across
+    exec, so a driver started from a large process (a test runner's worker) would report its parent's size."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def make_fixture(root: str, n: int) -> dict:
@@ -130,7 +139,7 @@ def run(n: int, rows: int, early: int, root: str) -> dict:
         "trials": n, "completed": completed, "rows_per_trial": rows, "wall_s": round(wall, 2),
         "trials_per_s": round(n / wall, 2),
         "rows_exactly_once": bool(len(metrics) == n * rows and not metrics.duplicated(["trial_id", "step"]).any()),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(peak_rss_bytes() / 2 ** 20, 1),
         "rss_early_mb": round(samples["early"][1] / 2 ** 20, 1), "rss_end_mb": round(samples["end"][1] / 2 ** 20, 1),
         "rss_growth_kb_per_trial": round((samples["end"][1] - samples["early"][1]) / 1024
                                          / max(samples["end"][0] - samples["early"][0], 1), 1),
