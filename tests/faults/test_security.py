@@ -37,7 +37,7 @@ def listeners(pids: list[int]) -> list[tuple[str, int, str]]:
                 except OSError:
                     continue
                 if link.startswith("socket:["):
-                    inodes[link[8:-1]] = cmdline_of(pid)[:300]
+                    inodes[link[8:-1]] = cmdline_of(pid)
         except OSError:
             continue
     out = []
@@ -57,6 +57,19 @@ def _address(hex_addr: str) -> str:
         return socket.inet_ntop(socket.AF_INET, raw[::-1])
     words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))  # /proc writes each 32-bit word little-endian
     return socket.inet_ntop(socket.AF_INET6, words)
+
+
+def serves_dashboard(cmdline: str) -> bool:
+    """Whether a listening process serves Ray's dashboard (its UI or its modules). Ray starts its API server
+    (ray/dashboard/dashboard.py) even with ``include_dashboard=False``, then with no frontend and only the usage-stats
+    module; and with ray[default] installed (Ray Jobs) each node runs its dashboard agent (ray::DashboardAgent). Both
+    listen on loopback like everything else; neither serves the dashboard."""
+    words = cmdline.split()
+    program = words[1] if len(words) > 1 and os.path.basename(words[0]).startswith("python") else words[0]
+    if program.endswith("dashboard/dashboard.py"):
+        return "--disable-frontend" not in words or "--modules-to-load=UsageStatsHead" not in words
+    agent = program == "ray::DashboardAgent" or program.endswith("dashboard/agent.py")
+    return "dashboard" in program.lower() and not agent
 
 
 def is_loopback(address: str) -> bool:
@@ -88,12 +101,7 @@ def test_s3_sweep_keeps_no_pickle_no_secret_and_ray_on_loopback(make_grid, ray_e
 
     assert ears, "found no listening socket of the embedded Ray"
     assert all(is_loopback(addr) for addr, _, _ in ears), [e for e in ears if not is_loopback(e[0])]
-    # No dashboard: neither its port nor its server. Each node's agent (ray::DashboardAgent, ray/dashboard/agent.py:
-    # full-featured since ray[default] is installed for Ray Jobs) listens too, on loopback like everything above.
-    def agent(name: str) -> bool:
-        return "DashboardAgent" in name or "dashboard/agent.py" in name
-
-    assert not [e for e in ears if e[1] == 8265 or ("dashboard" in e[2].lower() and not agent(e[2]))], ears
+    assert not [e for e in ears if e[1] == 8265 or serves_dashboard(e[2])], ears  # no dashboard
     assert raylets and auth_modes == {"token"}, auth_modes  # Ray's token auth on for the embedded node too
 
     # The store: every object, no pickle, no secret.
