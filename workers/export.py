@@ -37,7 +37,7 @@ import tempfile
 
 import fsio as storage
 from core.errors import UserError
-from core.spec import default
+from core.spec import ATTENTIONS, default
 from core.store import GRID_FILE, StoreError, sweep_uri
 from core.store import model_uri
 from workers.weights import read_manifest
@@ -121,8 +121,8 @@ def export_model(base_model: str, weights_uri: str, pooling: str, max_length: in
     ``trust_remote_code=True``."""
     if pooling not in ST_POOLING:
         raise ExportError(f"pooling {pooling!r}: no sentence-transformers mode for it ({', '.join(ST_POOLING)})")
-    if attention not in ("causal", "bidirectional"):
-        raise ExportError(f"attention {attention!r}: not causal or bidirectional")
+    if attention not in ATTENTIONS:
+        raise ExportError(f"attention {attention!r}: not one of {', '.join(ATTENTIONS)}")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
