@@ -4,12 +4,13 @@ no completed trial run again.
 One sweep lives through a chain of runs, each a real process killed by the product's own test hook
 (``orchestrator.store.fault_point``, armed by ``REPURPOSE_FAULT=<point>:<n>``; the seed picks n):
 
-    submit  --kill before the first report-->  resume --kill mid-trial-->
+    submit  --kill before the first report-->  resume --kill mid-trial, once a checkpoint is on disk-->
     resume  --kill during a store flush-->     resume --kill inside a store write (temp written, not renamed)-->
     resume  --kill right after a trial completes-->  resume (clean) -> every trial completed
 
-After the first kill that leaves an interrupted trial with a checkpoint, that checkpoint's tensors file is cut
-in half: the trial falls back to the checkpoint before it (or restarts from scratch) and says so.
+The mid-trial kill is the test's own SIGKILL, sent once an unfinished trial has written its n-th checkpoint (the
+seed picks n): so some kill always leaves an interrupted trial with a checkpoint, however fast or slow the trials
+run on the machine. After the first kill that does, that checkpoint's tensors file is cut in half: the trial falls back to the checkpoint before it (or restarts from scratch) and says so.
 
 After every kill the store is checked as it stands (no row twice; every completed trial whole), and the next run
 must leave every trial completed before it untouched. At the end every trial is complete and whole, and the rows
@@ -20,10 +21,12 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+from subprocess import CompletedProcess
 
 import pytest
 
-from faultkit import Counts, Snapshot, check, checkpoint_dirs, checkpoint_progress, latest_checkpoint
+from faultkit import Counts, Snapshot, check, checkpoint_dirs, checkpoint_progress, latest_checkpoint, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +39,7 @@ def chain(seed: int) -> list[tuple[str, str, str | None]]:
     rng = random.Random(seed)
     return [
         ("driver SIGKILL before the first report", "submit", "report:1"),
-        ("driver SIGKILL mid-trial", "resume", f"report:{rng.randint(4, 10)}"),
+        ("driver SIGKILL mid-trial", "resume", f"checkpoints:{rng.randint(1, 2)}"),  # sent by the test
         ("driver SIGKILL during a store flush", "resume", f"mid_flush:{rng.randint(2, 3)}"),
         ("driver SIGKILL inside a store write", "resume", f"in_write:{rng.randint(2, 5)}"),
         ("driver SIGKILL right after a trial completes", "resume", "after_complete:1"),
@@ -58,7 +61,11 @@ def test_driver_killed_at_seeded_moments(seed, make_grid, ray_env, tmp_path, fau
     for label, command, fault in chain(seed):
         args = ["submit", grid] if command == "submit" else ["resume", name]
         extra = {"REPURPOSE_FAULT": fault} if fault else {}
-        proc = ray_env.run([*args, "--storage", storage], **extra)
+        if fault and fault.startswith("checkpoints:"):
+            proc = kill_once_checkpointed(ray_env, [*args, "--storage", storage], sweep_dir,
+                                          int(fault.partition(":")[2]), tmp_path / f"{command}.log")
+        else:
+            proc = ray_env.run([*args, "--storage", storage], **extra)
         ray_env.stop()  # what a killed driver leaves (its raylet's agents) goes before the next run starts
         now = Snapshot.take(sweep_dir)
         log = f"{label} ({fault}): rc={proc.returncode}\n{proc.stderr[-3000:]}"
@@ -99,6 +106,37 @@ def test_driver_killed_at_seeded_moments(seed, make_grid, ray_env, tmp_path, fau
         assert (c.lost, c.duplicated, c.rerun) == (0, 0, 0), (label, c)
     with open(fault_table.path) as f:  # the table on disk says the same
         assert all(line.split()[-3:] == ["0", "0", "0"] for line in f.read().splitlines()[1:])
+
+
+def kill_once_checkpointed(ray_env, args: list[str], sweep_dir: str, n: int, log_path) -> CompletedProcess:
+    """``repurpose ARGS``, SIGKILLed (the driver only, as the fault hook kills it) as soon as a trial that has not
+    finished has n checkpoints on disk; its exit code and output."""
+    def checkpointed() -> bool:
+        root = os.path.join(sweep_dir, "checkpoints")
+        return any(len(checkpoint_dirs(sweep_dir, t)) >= n and latest_checkpoint(sweep_dir, t)
+                   and not checkpoint_progress(latest_checkpoint(sweep_dir, t))["done"]
+                   for t in (os.listdir(root) if os.path.isdir(root) else []))
+
+    proc = ray_env.start(args, str(log_path))
+    try:
+        wait_for(lambda: _quietly(checkpointed), timeout_s=240, what=f"a trial's checkpoint #{n}", alive=proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    with open(log_path) as f:
+        return CompletedProcess(proc.args, proc.returncode, "", f.read())
+
+
+def _quietly(condition) -> bool:
+    """``condition()``, False while a file it reads is still being written (a checkpoint folder appears before its
+    state.json)."""
+    try:
+        return condition()
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def truncate_latest_checkpoint(sweep_dir: str, unfinished: set[str]) -> dict[str, str]:
