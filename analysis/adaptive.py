@@ -391,7 +391,7 @@ def replicate_requests(done: pd.DataFrame, budget_flops: float,
                        config: AdaptiveConfig = AdaptiveConfig()) -> list[ReplicateRequest]:
     """After the rung at ``budget_flops`` ran (``done``: the sweep's trials, store columns with ``replicate``): the
     cells of that rung that get one more run, each at most ``config.replicates`` runs in all. At the first
-    ``config.noise_rungs`` rungs every cell runs twice (cheap: what measures the noise); later, a cell whose mean
+    ``config.noise_rungs`` rungs every cell runs ``config.noise_runs`` times (cheap: what measures the noise); later, a cell whose mean
     loss lies within NOISE_Z standard errors of the rung's best cell (per family and pooling; sigma from
     ``noise.noise_at``) runs again, so that a close call is not decided by one run's luck. The driver runs the
     requests and asks again until none is left. Pure and in trial-id order."""
@@ -428,11 +428,11 @@ def replicate_requests(done: pd.DataFrame, budget_flops: float,
     for cell in cells:
         key = _cell_key(cell, keys)
         size, last = tried[key]
-        if size >= config.replicates:
-            continue
         if rung <= config.noise_rungs:
-            if size < 2:
+            if size < config.noise_runs:
                 out.append(ReplicateRequest(first_id[key], last + 1, f"replicate at rung {rung}: measures the noise"))
+            continue
+        if size >= config.replicates:
             continue
         top = best[_cell_key(cell, variant)]
         band = NOISE_Z * sigma * math.sqrt(1.0 / cell["runs"] + 1.0 / top["runs"])

@@ -260,7 +260,8 @@ def surfaces_table(a: Analysis) -> pd.DataFrame:
             lo, hi = s.param_interval(name)
             row.update({name: getattr(s, name), f"{name}_low": lo, f"{name}_high": hi})
         row.update(rmse_log=s.rmse_log, r2_log=s.r2_log, max_rel_err=s.max_rel_err,
-                   best_slice=a.best_slices.get(s.method) is s, warnings="; ".join(s.warnings), refused="")
+                   best_slice=a.best_slices.get(s.method) is s, warnings="; ".join(s.warnings), refused="",
+                   shared_with=", ".join(s.shared))
         rows.append(row)
     for (method, h, v), why in a.surfaces.refused.items():
         rows.append({"method": method, "slice": slice_label(method, h, v), "refused": why})
@@ -428,10 +429,14 @@ def findings_markdown(a: Analysis) -> str:
                                                 f"{_f(ci['alpha'][1], '{:.3f}')}]",
                      "β": f"{s.beta:.3f} [{_f(ci['beta'][0], '{:.3f}')}, {_f(ci['beta'][1], '{:.3f}')}]",
                      "points": s.n_points, "models": s.n_models, "rmse (log)": f"{s.rmse_log:.4f}",
-                     "R² (log)": _f(s.r2_log, "{:.3f}")})
+                     "R² (log)": _f(s.r2_log, "{:.3f}"), "fit": "shared" if s.shared else "own"})
     rows += [{"slice": slice_label(m, h, v), "E": "refused", "α": why, "β": "", "points": "", "models": "",
-              "rmse (log)": "", "R² (log)": ""} for (m, h, v), why in a.surfaces.refused.items()]
+              "rmse (log)": "", "R² (log)": "", "fit": ""} for (m, h, v), why in a.surfaces.refused.items()]
     out += [_md(pd.DataFrame(rows)), ""]
+    shared = {s.shared: s for s in a.surfaces.surfaces.values() if s.shared}
+    out += [f"Shared fit: {', '.join(labels)} have one E, A, α and β and a B each ({s.fit_parameters} parameters "
+            f"from {s.fit_points} trials), kept because its BIC is no higher than their separate fits'." for
+            labels, s in shared.items()] + ([""] if shared else [])
     from .agreement import agreement, render_markdown
 
     out += [render_markdown(agreement(a.trials)).replace("### ", "## ", 1), ""]

@@ -431,6 +431,10 @@ class Surface(Slice):
     family: str | None = None  # the slice's model family (model_type); None: not known to the store
     pooling: str = "mean"
     variant: str = ""  # "" unless the sweep varies family or pooling (then "<family> <pooling>")
+    # the fit this surface comes from: its own slice's, or (``shared``) one fit over the method's slices
+    fit_points: int = 0
+    fit_parameters: int = 0
+    shared: tuple[str, ...] = ()  # the slices (labels) sharing E, A, alpha, beta with this one; () when alone
 
     @property
     def params(self) -> np.ndarray:
@@ -523,21 +527,26 @@ def _objective(x, terms, logl, weight, delta):
     """Huber(delta) of log-loss residuals, divided by delta (same minimiser; keeps L-BFGS's gradient tests
     meaningful when delta = 1e-3), weighted by bootstrap counts. Returns (value, gradient)."""
     t = [np.full_like(logl, x[0])] + [x[c] - x[k] * v for c, k, v in terms]  # each (n,)
-    t = np.stack(t)  # (terms, n)
+    value, dr, share = _huber_logsumexp(np.stack(t), logl, weight, delta)
+    grad = np.zeros_like(x)
+    grad[0] = (dr * share[0]).sum()
+    for j, (c, k, v) in enumerate(terms, start=1):
+        grad[c] = (dr * share[j]).sum()
+        grad[k] = -(dr * share[j] * v).sum()
+    return value, grad
+
+
+def _huber_logsumexp(t, logl, weight, delta):
+    """log L_hat = logsumexp of the terms ``t`` (terms, n): (the weighted Huber value, d(value)/d(residual) per
+    point, d(log L_hat)/d(term) per term and point)."""
     top = t.max(axis=0)
     ex = np.exp(t - top)
     total = ex.sum(axis=0)
     r = top + np.log(total) - logl
     absr = np.abs(r)
     h = np.where(absr <= delta, 0.5 * r * r, delta * (absr - 0.5 * delta)) / delta
-    dr = weight * np.clip(r, -delta, delta) / delta  # d(objective)/d(residual), (n,)
-    share = ex / total  # d(log L_hat)/d(term), (terms, n)
-    grad = np.zeros_like(x)
-    grad[0] = (dr * share[0]).sum()
-    for j, (c, k, v) in enumerate(terms, start=1):
-        grad[c] = (dr * share[j]).sum()
-        grad[k] = -(dr * share[j] * v).sum()
-    return float((weight * h).sum()), grad
+    dr = weight * np.clip(r, -delta, delta) / delta
+    return float((weight * h).sum()), dr, ex / total
 
 
 def _grid_values(starts, terms, logl, delta):
@@ -665,14 +674,8 @@ def _bootstrap(best_x, form_nd, terms, centres, logl, delta, bounds, n_boot: int
     return boot
 
 
-def fit_surface(points: pd.DataFrame, *, method: str = "?", hparam: float | None = None,
-                n_boot: int = N_BOOTSTRAP, seed: int = 0, delta: float = HUBER_DELTA, variant: str = "",
-                start=None) -> Surface:
-    """Fit one slice. ``points``: usable trials (``N``, ``D``, ``eval_loss``, ``budget_flops``, ``model``,
-    ``n_trainable``; ``family``, ``pooling`` when split_usable made them). Raises FitError when the slice has too
-    few points, model sizes or budgets. ``start``: natural parameters of a nearby fit (the adaptive policy's
-    previous rung) to start from in place of the full grid of starts (``_fit_warm``)."""
-    label = slice_label(method, hparam, variant)
+def _check_enough(points: pd.DataFrame, label: str) -> bool:
+    """``form_nd`` of the slice's fit; FitError when it has too few points, model sizes or budgets."""
     n_models = points["N"].nunique()
     n_budgets = points["budget_flops"].nunique()
     form_nd = n_models >= 2
@@ -682,29 +685,54 @@ def fit_surface(points: pd.DataFrame, *, method: str = "?", hparam: float | None
         raise FitError(f"{label}: too few points for {FORM_ND if form_nd else 'E + B/D^beta'}: "
                        f"{len(points)} trial(s) at {n_budgets} budget(s) over {n_models} model(s); "
                        f"need >= {need} trials at >= {need_budgets} budgets")
-    logn, logd = np.log(points["N"].to_numpy(float)), np.log(points["D"].to_numpy(float))
-    logl = np.log(points["eval_loss"].to_numpy(float))
-    terms = _terms(form_nd, logn, logd)
-    bounds = _bounds(form_nd)
+    return form_nd
 
-    centres = _centres(form_nd, logn, logd)
+
+def _log_points(points: pd.DataFrame):
+    return (np.log(points["N"].to_numpy(float)), np.log(points["D"].to_numpy(float)),
+            np.log(points["eval_loss"].to_numpy(float)))
+
+
+def _point_fit(points: pd.DataFrame, form_nd: bool, delta: float, start=None):
+    """The slice's optimum: (natural params, centred x, terms, centres, logl, bounds)."""
+    logn, logd, logl = _log_points(points)
+    terms, centres, bounds = _terms(form_nd, logn, logd), _centres(form_nd, logn, logd), _bounds(form_nd)
     with _one_blas_thread():
         if start is None:
             best_x = _fit_from_grid(form_nd, terms, centres, logl, delta, bounds)
         else:
             best_x = _fit_warm(start, form_nd, terms, centres, logl, delta, bounds)
-        boot = _bootstrap(best_x, form_nd, terms, centres, logl, delta, bounds, n_boot, seed)
+    return _to_natural(best_x, form_nd, centres), best_x, terms, centres, logl, bounds
 
-    params = _to_natural(best_x, form_nd, centres)
+
+def fit_surface(points: pd.DataFrame, *, method: str = "?", hparam: float | None = None,
+                n_boot: int = N_BOOTSTRAP, seed: int = 0, delta: float = HUBER_DELTA, variant: str = "",
+                start=None) -> Surface:
+    """Fit one slice. ``points``: usable trials (``N``, ``D``, ``eval_loss``, ``budget_flops``, ``model``,
+    ``n_trainable``; ``family``, ``pooling`` when split_usable made them). Raises FitError when the slice has too
+    few points, model sizes or budgets. ``start``: natural parameters of a nearby fit (the adaptive policy's
+    previous rung) to start from in place of the full grid of starts (``_fit_warm``)."""
+    form_nd = _check_enough(points, slice_label(method, hparam, variant))
+    params, best_x, terms, centres, logl, bounds = _point_fit(points, form_nd, delta, start)
+    with _one_blas_thread():
+        boot = _bootstrap(best_x, form_nd, terms, centres, logl, delta, bounds, n_boot, seed)
+    return _make_surface(points, params, boot, form_nd, method, hparam, variant,
+                         warnings=_fit_warnings(best_x, bounds, form_nd, points["N"].nunique()))
+
+
+def _make_surface(points: pd.DataFrame, params, boot, form_nd: bool, method: str, hparam, variant: str, *,
+                  warnings, form: str | None = None, fit_points: int | None = None,
+                  fit_parameters: int | None = None, shared: tuple[str, ...] = ()) -> Surface:
+    logl = np.log(points["eval_loss"].to_numpy(float))
     pred = _surface(params, points["N"].to_numpy(float), points["D"].to_numpy(float))
     resid = np.log(pred) - logl
     ss_tot = float(((logl - logl.mean()) ** 2).sum())
     models = (points.groupby("model", sort=False)[["N", "n_trainable"]].median().sort_values("N"))
-    warnings = _fit_warnings(best_x, bounds, form_nd, n_models)
     return Surface(
-        method=method, hparam=hparam, form=FORM_ND if form_nd else FORM_D,
+        method=method, hparam=hparam, form=form or (FORM_ND if form_nd else FORM_D),
         E=float(params[0]), A=float(params[1]), alpha=float(params[2]), B=float(params[3]), beta=float(params[4]),
-        boot=boot, n_points=len(points), n_models=int(n_models), n_budgets=int(n_budgets),
+        boot=boot, n_points=len(points), n_models=int(points["N"].nunique()),
+        n_budgets=int(points["budget_flops"].nunique()),
         n_range=(float(points["N"].min()), float(points["N"].max())),
         d_range=(float(points["D"].min()), float(points["D"].max())),
         budget_range=(float(points["budget_flops"].min()), float(points["budget_flops"].max())),
@@ -714,6 +742,8 @@ def fit_surface(points: pd.DataFrame, *, method: str = "?", hparam: float | None
         models=tuple((str(m), float(r["N"]), float(r["n_trainable"])) for m, r in models.iterrows()),
         warnings=tuple(warnings),
         family=_only(points, "family"), pooling=_only(points, "pooling") or "mean", variant=variant,
+        fit_points=len(points) if fit_points is None else fit_points,
+        fit_parameters=(5 if form_nd else 3) if fit_parameters is None else fit_parameters, shared=shared,
     )
 
 
@@ -732,24 +762,228 @@ def _fit_warnings(x, bounds, form_nd: bool, n_models: int) -> list[str]:
     return out
 
 
-def fit_surfaces(usable: pd.DataFrame, *, n_boot: int = N_BOOTSTRAP, seed: int = 0) -> SurfaceFits:
-    """Every (method, hparam, variant) slice of the usable trials (split_usable's ``variant``: family and pooling
-    where the sweep varies them); slices with too few points go to ``refused``."""
-    surfaces, refused = {}, {}
-    keyed = usable.assign(_h=usable["hparam"].fillna(-1.0))
-    if "variant" not in keyed:
-        keyed = keyed.assign(variant="")
-    groups = keyed.groupby(["method", "_h", "variant"], sort=True) if len(keyed) else []
-    for (method, h, variant), points in groups:
+# -- one fit over a method's slices: E, A, alpha, beta shared, B per hyperparameter ---------------------------
+#
+# A method's slices (LoRA's ranks, freeze's fractions) differ in how fast they learn per token more than in the
+# floor they reach or in how the model's size pays: one surface per slice fits 5 parameters to the few cells each
+# slice ran at the large budgets, and follows their noise there. The shared form fits E, A, alpha, beta once over
+# every slice of the method and one B per slice (4 + R parameters in place of 5 R), and is kept where the data
+# back it: a lower BIC than the separate fits (Gaussian on the log residuals, over the points both describe). A
+# sweep whose ranks reach different floors keeps its separate fits.
+
+FORM_SHARED = "E + A/N^alpha + B_h/D^beta (E, A, alpha, beta shared by the method's slices)"
+FORM_SHARED_D = "E + B_h/D^beta (one model; E, beta shared by the method's slices)"
+JOINT_MIN_SLICE_POINTS = 2  # a slice joins the shared fit with >= 2 trials (its B needs one; one of slack)
+BIC_FLOOR = 1e-12  # mean squared log residual below which two fits are equally exact (noise-free stores)
+
+
+def _joint_x(start, form_nd: bool, n_slices: int) -> np.ndarray:
+    """A one-slice start (e, a', alpha, b', beta) or (e, b', beta) -> the shared layout (e, a', alpha, beta,
+    b'_1..b'_R) or (e, beta, b'_1..b'_R), every slice at b'."""
+    if form_nd:
+        return np.concatenate([start[[0, 1, 2, 4]], np.full(n_slices, start[3])])
+    return np.concatenate([start[[0, 2]], np.full(n_slices, start[1])])
+
+
+def _joint_objective(x, form_nd, ln, ld, group, n_slices, logl, weight, delta):
+    """``_objective`` for the shared layout: ``group`` maps each point to its slice's b'."""
+    shared = 4 if form_nd else 2
+    beta = x[3] if form_nd else x[1]
+    b = x[shared:]
+    t = [np.full_like(logl, x[0])]
+    if form_nd:
+        t.append(x[1] - x[2] * ln)
+    t.append(b[group] - beta * ld)
+    value, dr, share = _huber_logsumexp(np.stack(t), logl, weight, delta)
+    grad = np.zeros_like(x)
+    grad[0] = (dr * share[0]).sum()
+    if form_nd:
+        grad[1] = (dr * share[1]).sum()
+        grad[2] = -(dr * share[1] * ln).sum()
+    d_b = dr * share[-1]
+    grad[3 if form_nd else 1] = -(d_b * ld).sum()
+    grad[shared:] = np.bincount(group, weights=d_b, minlength=n_slices)
+    return value, grad
+
+
+def _joint_minimize(x0, args, bounds, maxiter: int = 2000):
+    from scipy.optimize import minimize
+
+    res = minimize(_joint_objective, x0, args=args, jac=True, method="L-BFGS-B", bounds=bounds,
+                   options={"maxiter": maxiter, "ftol": 1e-13, "gtol": 1e-9})
+    return res.x, float(res.fun)
+
+
+def _joint_bounds(form_nd: bool, n_slices: int):
+    return ([LOG_E_BOUNDS, LOG_COEF_BOUNDS, EXPONENT_BOUNDS, EXPONENT_BOUNDS] if form_nd
+            else [LOG_E_BOUNDS, EXPONENT_BOUNDS]) + [LOG_COEF_BOUNDS] * n_slices
+
+
+def _joint_natural(x, form_nd: bool, mean_ln: float, mean_ld: float, n_slices: int) -> np.ndarray:
+    """Centred shared x -> (R, 5) natural (E, A, alpha, B_h, beta) per slice."""
+    out = np.empty((n_slices, 5))
+    if form_nd:
+        e, a, alpha, beta = x[:4]
+        out[:, 1], out[:, 2] = math.exp(a + alpha * mean_ln), alpha
+    else:
+        (e, beta), out[:, 1], out[:, 2] = x[:2], 0.0, 0.0
+    out[:, 0], out[:, 4] = math.exp(e), beta
+    out[:, 3] = np.exp(x[4 if form_nd else 2:] + beta * mean_ld)
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class _Joint:
+    """A shared fit's optimum (``x``, centred) and what its bootstrap needs."""
+
+    x: np.ndarray
+    form_nd: bool
+    args: tuple  # _joint_objective's arguments after x, weight and delta excluded: (form_nd, ln, ld, group, R, logl)
+    means: tuple[float, float]
+    bounds: list
+    delta: float
+    pred_log: np.ndarray  # the fitted log loss of each point, in the points' order
+
+    @property
+    def n_slices(self) -> int:
+        return self.args[4]
+
+    @property
+    def n_parameters(self) -> int:
+        return (4 if self.form_nd else 2) + self.n_slices
+
+    @property
+    def residuals(self) -> np.ndarray:
+        return self.pred_log - self.args[5]
+
+    def natural(self, x) -> np.ndarray:
+        return _joint_natural(x, self.form_nd, *self.means, self.n_slices)
+
+    def bootstrap(self, n_boot: int, seed: int) -> np.ndarray:
+        """(n_boot, R, 5): refits on the points resampled with replacement, each from the optimum; seeded."""
+        rng = np.random.default_rng(seed)
+        logl = self.args[5]
+        boot = np.empty((n_boot, self.n_slices, 5))
+        with _one_blas_thread():
+            for k in range(n_boot):
+                weight = np.bincount(rng.integers(0, len(logl), len(logl)), minlength=len(logl)).astype(float)
+                x, _ = _joint_minimize(self.x, (*self.args, weight, self.delta), self.bounds)
+                boot[k] = self.natural(x)
+        return boot
+
+    def warnings(self) -> tuple[str, ...]:
+        names = ("log E", "log A", "alpha", "beta") if self.form_nd else ("log E", "beta")
+        return tuple(f"{name} at its bound {v:g}" for name, v, (lo, hi) in zip(names, self.x, self.bounds)
+                     if min(abs(v - lo), abs(v - hi)) < 1e-6 and name in ("log E", "alpha", "beta"))
+
+
+def _fit_joint(points: pd.DataFrame, hparams: list, delta: float) -> _Joint:
+    """One shared fit over ``points`` (one method's slices, each hparam in ``hparams``): B per hparam."""
+    group = pd.Categorical(points["hparam"].astype(float), categories=[float(h) for h in hparams]).codes
+    group = np.asarray(group, dtype=np.intp)
+    n_slices = len(hparams)
+    form_nd = points["N"].nunique() >= 2
+    logn, logd, logl = _log_points(points)
+    means = float(logn.mean()), float(logd.mean())
+    args = (form_nd, logn - means[0], logd - means[1], group, n_slices, logl)
+    bounds = _joint_bounds(form_nd, n_slices)
+    ones = np.ones_like(logl)
+    # the one-slice grid of starts, every slice at the same B: the shared optimum's basin is the pooled one's
+    terms, centres = _terms(form_nd, logn, logd), _centres(form_nd, logn, logd)
+    starts = _centre(_start_grid(form_nd), centres)
+    values = _grid_values(starts, terms, logl, delta)
+    with _one_blas_thread():
+        scouts = [_joint_minimize(_joint_x(starts[i], form_nd, n_slices), (*args, ones, delta), bounds,
+                                  SCOUT_ITERATIONS) for i in _diverse_starts(starts, values, form_nd)]
+        scouts.sort(key=lambda xf: xf[1])
+        best_x, best_f = None, np.inf
+        for x0, _ in scouts[:N_CONVERGED_STARTS]:
+            x, f = _joint_minimize(x0, (*args, ones, delta), bounds)
+            if f < best_f - 1e-12:
+                best_x, best_f = x, f
+    params = _joint_natural(best_x, form_nd, *means, n_slices)
+    pred = _surface(params[group].T, points["N"].to_numpy(float), points["D"].to_numpy(float))
+    return _Joint(best_x, form_nd, args, means, bounds, delta, np.log(pred))
+
+
+def _bic(sq_residuals_sum: float, n: int, k: int) -> float:
+    return n * math.log(max(sq_residuals_sum / n, BIC_FLOOR)) + k * math.log(n)
+
+
+def _fit_method(points: pd.DataFrame, method: str, variant: str, n_boot: int, seed: int, delta: float):
+    """One method's slices (a variant of it): {key: Surface}, {key: refusal}. Separate fits per slice, or one
+    shared fit where the method has >= 2 slices and the shared form's BIC is no higher."""
+    slices = {}
+    for h, sub in points.groupby(points["hparam"].fillna(-1.0), sort=True):
         hparam = None if h == -1.0 else float(h)
-        key = (str(method), hparam, str(variant))
-        # a per-slice seed: the same slice gets the same resamples whatever else the sweep holds
-        slice_seed = seed + zlib.crc32(slice_label(*key).encode())
+        slices[(method, hparam, variant)] = sub
+    separate, refused, fits = {}, {}, {}
+    for key, sub in slices.items():
         try:
-            surfaces[key] = fit_surface(points, method=str(method), hparam=hparam, n_boot=n_boot, seed=slice_seed,
-                                        variant=str(variant))
+            form_nd = _check_enough(sub, slice_label(*key))
         except FitError as e:
             refused[key] = str(e)
+            continue
+        fits[key] = form_nd, _point_fit(sub, form_nd, delta)
+        separate[key] = _make_surface(sub, fits[key][1][0], np.empty((0, 5)), form_nd, method, key[1], variant,
+                                      warnings=())
+
+    def bootstrapped(keys):
+        """The separate fits of ``keys`` with their bootstrap (the point fits above: no refit)."""
+        for key in keys:
+            form_nd, (params, best_x, terms, centres, logl, bounds) = fits[key]
+            # a per-slice seed: the same slice gets the same resamples whatever else the sweep holds
+            with _one_blas_thread():
+                boot = _bootstrap(best_x, form_nd, terms, centres, logl, delta, bounds, n_boot,
+                                  seed + zlib.crc32(slice_label(*key).encode()))
+            separate[key] = _make_surface(slices[key], params, boot, form_nd, method, key[1], variant,
+                                          warnings=_fit_warnings(best_x, bounds, form_nd, slices[key]["N"].nunique()))
+        return separate, refused
+
+    joinable = [k for k, sub in slices.items() if k[1] is not None and len(sub) >= JOINT_MIN_SLICE_POINTS]
+    if len(joinable) < 2:
+        return bootstrapped(fits)
+    pooled = pd.concat([slices[k] for k in joinable])
+    hparams = [k[1] for k in joinable]
+    shared_parameters = (4 if pooled["N"].nunique() >= 2 else 2) + len(joinable)
+    if len(pooled) < shared_parameters + 2 or pooled["budget_flops"].nunique() < 2:
+        return bootstrapped(fits)
+    joint = _fit_joint(pooled, hparams, delta)
+    # BIC over the points both forms describe: the slices that have a separate fit
+    compared = [k for k in joinable if k in separate]
+    if compared:
+        rows = np.concatenate([np.full(len(slices[k]), k in separate) for k in joinable])
+        n = int(rows.sum())
+        sep_sq = sum(float(separate[k].rmse_log ** 2 * separate[k].n_points) for k in compared)
+        sep_k = sum(separate[k].fit_parameters for k in compared)
+        joint_k = (4 if joint.form_nd else 2) + len(compared)
+        if _bic(float((joint.residuals[rows] ** 2).sum()), n, joint_k) > _bic(sep_sq, n, sep_k):
+            return bootstrapped(fits)
+    bootstrapped([k for k in fits if k not in joinable])  # a method's slice without a hyperparameter, if any
+    labels = tuple(slice_label(*k) for k in joinable)
+    params = joint.natural(joint.x)
+    boot = joint.bootstrap(n_boot, seed + zlib.crc32(f"{method} shared [{variant}]".encode()))
+    for i, key in enumerate(joinable):
+        refused.pop(key, None)
+        separate[key] = _make_surface(
+            slices[key], params[i], boot[:, i, :], joint.form_nd, method, key[1], variant,
+            warnings=joint.warnings(), form=FORM_SHARED if joint.form_nd else FORM_SHARED_D,
+            fit_points=len(pooled), fit_parameters=joint.n_parameters, shared=labels)
+    return separate, refused
+
+
+def fit_surfaces(usable: pd.DataFrame, *, n_boot: int = N_BOOTSTRAP, seed: int = 0,
+                 delta: float = HUBER_DELTA) -> SurfaceFits:
+    """Every (method, hparam, variant) slice of the usable trials (split_usable's ``variant``: family and pooling
+    where the sweep varies them); slices with too few points go to ``refused``. A method's slices share E, A,
+    alpha and beta where that form fits them as well (``_fit_method``)."""
+    surfaces, refused = {}, {}
+    keyed = usable if "variant" in usable else usable.assign(variant="")
+    groups = keyed.groupby(["method", "variant"], sort=True) if len(keyed) else []
+    for (method, variant), points in groups:
+        fitted, why = _fit_method(points, str(method), str(variant), n_boot, seed, delta)
+        surfaces.update(fitted)
+        refused.update(why)
     order = {m: i for i, m in enumerate(methods.names())}
     sort = lambda kv: (order.get(kv[0][0], 99), -1 if kv[0][1] is None else kv[0][1], kv[0][2])  # noqa: E731
     return SurfaceFits(dict(sorted(surfaces.items(), key=sort)), dict(sorted(refused.items(), key=sort)), n_boot)

@@ -18,7 +18,7 @@ import numpy as np
 from core import methods
 from core.flops import tokens_for_budget
 
-from .fit import CI_LEVEL, FORM_ND, FitError, Slice, SurfaceFits, cost_per_token
+from .fit import CI_LEVEL, FitError, Slice, SurfaceFits, cost_per_token
 
 
 class NoSurface(FitError):
@@ -178,10 +178,11 @@ def fit_doubts(fits: SurfaceFits, choice: Choice, empirical_loss: float | None) 
     trial or the trial lies above what the fit promises — each beyond the fit's interval widened by two residuals. Where there is doubt at a grid budget, the recipe table
     and `recipe` answer with the empirical best (analysis/findings.py recipe_table, analysis/report.py)."""
     surface = fits.surfaces[choice.key]
-    k = 5 if surface.form == FORM_ND else 3
+    k, n = surface.fit_parameters, surface.fit_points  # a shared fit: the method's points and parameters
     notes = []
-    if surface.n_points < MIN_POINTS_PER_PARAMETER * k:
-        notes.append(f"thin fit: {surface.label} from {surface.n_points} trials for {k} parameters")
+    if n < MIN_POINTS_PER_PARAMETER * k:
+        notes.append(f"thin fit: {surface.label} from {n} trials for {k} parameters"
+                     + (f" (shared by {', '.join(surface.shared)})" if surface.shared else ""))
     if empirical_loss is not None and math.isfinite(empirical_loss):
         # The interval is the fitted loss's, not one run's: a trial scatters about the surface by its residual
         # (rmse on log loss), so the comparison allows two of those on either side.

@@ -367,7 +367,8 @@ def _summary(a: Analysis, sweep_uri: str, out_dir: str, files: dict[str, str], n
         "trends": {m: {"slope": t.slope, "intercept_log10": t.intercept, "r2": _num(t.r2), "n_points": t.n_points}
                    for m, t in a.trends.trends.items()},
         "surfaces": {s.label: {"E": s.E, "A": s.A, "alpha": s.alpha, "B": s.B, "beta": s.beta,
-                               "n_points": s.n_points, "rmse_log": s.rmse_log, "r2_log": _num(s.r2_log)}
+                               "n_points": s.n_points, "rmse_log": s.rmse_log, "r2_log": _num(s.r2_log),
+                               "form": s.form, "shared_with": list(s.shared)}
                      for s in a.surfaces.surfaces.values()},
         "refused": {"trends": dict(a.trends.refused),
                     "surfaces": {slice_label(m, h, v): why for (m, h, v), why in a.surfaces.refused.items()}},

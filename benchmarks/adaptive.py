@@ -17,6 +17,7 @@ noise, the noise-free top-budget optimum never pruned.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -215,7 +216,9 @@ def truths_report() -> str:
 # An answer you can trust: replicates drawn on demand, regret and p_best against the truth
 
 TRUST_NOISES = (0.01, 0.02)
-TRUST_CONFIG = AdaptiveConfig(noise_rungs=1)
+# the first two rungs run every cell 4 times (0.4 % of the grid's FLOP per run): the noise and the small budgets'
+# fits measured sharply; later rungs give a close cell one more run (benchmarks/README.md)
+TRUST_CONFIG = AdaptiveConfig(noise_rungs=2, noise_runs=4)
 REGRET_TARGET = 0.005  # the recipe's true loss within 0.5 % of the true optimum
 TRUST_N_BOOT = 40  # bootstrap refits behind p_best (the reports use fit.N_BOOTSTRAP = 100)
 
@@ -276,12 +279,12 @@ def _judged(truth: Truth, cells: pd.DataFrame, choices: dict) -> list[dict]:
 
 
 def trust_one(job) -> dict:
-    truth_i, noise, seed = job
+    truth_i, noise, seed, config = job
     truth, cells = TRUTHS[truth_i], grid_cells()
     store = make_store(truth, noise, seed, cells).assign(replicate=0)
     drawn: list = []
     start = time.perf_counter()
-    result = replay(store, TRUST_CONFIG, draw=replicate_draw(truth, noise, seed, drawn))
+    result = replay(store, config, draw=replicate_draw(truth, noise, seed, drawn))
     replay_s = time.perf_counter() - start
     ran = pd.concat([store[store["trial_id"].isin(result.trial_ids)], pd.DataFrame(drawn)], ignore_index=True)
     adaptive = _judged(truth, cells, recipe_choices(ran))
@@ -292,7 +295,8 @@ def trust_one(job) -> dict:
             row = store[store["trial_id"] == b.full.trial_id].iloc[0]
             empirical[b.budget_flops] = (row["method"], hparam_of(row), row["model"], None)
     grid_best_trial = _judged(truth, cells, empirical)
-    return {"truth": truth.name, "noise": noise, "seed": seed, "flops_fraction": result.flops_fraction,
+    return {"truth": truth.name, "noise": noise, "seed": seed, "config": dataclasses.asdict(config),
+            "flops_fraction": result.flops_fraction,
             "replicates": len(drawn), "replay_s": replay_s, "adaptive": adaptive, "grid_fit": grid,
             "grid_trial": grid_best_trial}
 
@@ -375,11 +379,14 @@ def _finished(rows_path: str | None) -> list[dict]:
 
 
 def run_trust(seeds: int, jobs: int, truths, noises, as_json: bool, rows_path: str | None = None,
-              first_seed: int = 0) -> int:
+              first_seed: int = 0, config: AdaptiveConfig = TRUST_CONFIG) -> int:
     # seed by seed over every setting: a run stopped early has every setting at fewer seeds
-    work = [(t, noise, seed) for seed in range(first_seed, first_seed + seeds) for t in truths for noise in noises]
-    rows = [r for r in _finished(rows_path) if (r["truth"], r["noise"], r["seed"]) in
-            {(TRUTHS[t].name, noise, seed) for t, noise, seed in work}]
+    work = [(t, noise, seed, config) for seed in range(first_seed, first_seed + seeds) for t in truths
+            for noise in noises]
+    wanted = {(TRUTHS[t].name, noise, seed) for t, noise, seed, _ in work}
+    # rows of another config (or from before rows named theirs) are not this run's
+    rows = [r for r in _finished(rows_path) if (r["truth"], r["noise"], r["seed"]) in wanted
+            and r.get("config") == dataclasses.asdict(config)]
     done = {(r["truth"], r["noise"], r["seed"]) for r in rows}
     work = [w for w in work if (TRUTHS[w[0]].name, w[1], w[2]) not in done]
     start = time.perf_counter()
@@ -392,10 +399,10 @@ def run_trust(seeds: int, jobs: int, truths, noises, as_json: bool, rows_path: s
     wall_s = time.perf_counter() - start
     summary = trust_summary(rows)
     if as_json:
-        print(json.dumps({"config": TRUST_CONFIG.__dict__, "wall_s": wall_s, "summary": summary,
+        print(json.dumps({"config": dataclasses.asdict(config), "wall_s": wall_s, "summary": summary,
                           "pooled": trust_pooled(rows)}))
     else:
-        print(f"config: {TRUST_CONFIG}\n{trust_table(summary)}\n{pooled_line(trust_pooled(rows))}\n"
+        print(f"config: {config}\n{trust_table(summary)}\n{pooled_line(trust_pooled(rows))}\n"
               f"{len(work)} stores in {wall_s:.1f} s "
               f"({jobs} processes; {len(done)} more read back from {rows_path})")
     return 0
@@ -415,6 +422,9 @@ def main(argv=None) -> int:
     parser.add_argument("--full-rungs", type=int, default=AdaptiveConfig.full_rungs)
     parser.add_argument("--dominated-rungs", type=int, default=AdaptiveConfig.dominated_rungs)
     parser.add_argument("--n-boot", type=int, default=AdaptiveConfig.n_boot)
+    parser.add_argument("--replicates", type=int, help=f"--trust: (default {TRUST_CONFIG.replicates})")
+    parser.add_argument("--noise-rungs", type=int, help=f"--trust: (default {TRUST_CONFIG.noise_rungs})")
+    parser.add_argument("--noise-runs", type=int, help=f"--trust: (default {TRUST_CONFIG.noise_runs})")
     parser.add_argument("--truths", action="store_true", help="print each truth's optimum per budget and exit")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--rows", help="--trust: append each store's result to this file as a JSON line; the "
@@ -430,7 +440,10 @@ def main(argv=None) -> int:
         return 0
     if args.trust:
         noises = [n for n in args.noise if n > 0] if args.noise != list(NOISES) else list(TRUST_NOISES)
-        return run_trust(args.seeds, args.jobs, args.truth, noises, args.json, args.rows, args.first_seed)
+        given = {k: v for k, v in (("replicates", args.replicates), ("noise_rungs", args.noise_rungs),
+                                   ("noise_runs", args.noise_runs)) if v is not None}
+        return run_trust(args.seeds, args.jobs, args.truth, noises, args.json, args.rows, args.first_seed,
+                         dataclasses.replace(TRUST_CONFIG, **given))
     config = AdaptiveConfig(margin=args.margin, neighbours=args.neighbours, full_rungs=args.full_rungs,
                             dominated_rungs=args.dominated_rungs, n_boot=args.n_boot)
     jobs = [(t, noise, seed if noise > 0 else 0, config) for t in args.truth for noise in args.noise

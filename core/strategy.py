@@ -28,11 +28,14 @@ class AdaptiveConfig:
     # twice (cheap; benchmarks/adaptive.py runs 1). 0 by default: a one-seed sweep decides as it always did.
     replicates: int = 2
     noise_rungs: int = 0
+    noise_runs: int = 2  # runs of every cell at the noise rungs (their FLOP is small: the paper grid's first two
+    # rungs are 0.4 % of it)
 
     def __post_init__(self):
         if not (0.0 <= self.margin < 1.0):
             raise ValueError(f"strategy.margin: a relative loss in [0, 1) (got {self.margin})")
-        for name in ("neighbours", "full_rungs", "dominated_rungs", "n_boot", "replicates", "noise_rungs"):
+        for name in ("neighbours", "full_rungs", "dominated_rungs", "n_boot", "replicates", "noise_rungs",
+                     "noise_runs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"strategy.{name}: a non-negative integer (got {value!r})")
@@ -41,5 +44,7 @@ class AdaptiveConfig:
                              f"(got {self.full_rungs})")
         if self.replicates < 1:
             raise ValueError(f"strategy.replicates: at least 1, a cell's first run (got {self.replicates})")
+        if self.noise_runs < 2:
+            raise ValueError(f"strategy.noise_runs: at least 2, what measures the noise (got {self.noise_runs})")
         if self.dominated_rungs < 1:
             raise ValueError(f"strategy.dominated_rungs: at least 1 (got {self.dominated_rungs})")

@@ -393,7 +393,8 @@ class AdaptiveKnobs(_Optional):
     dominated_rungs: Annotated[Int, Field(ge=1)] = _knob("dominated_rungs")  # before a method is pruned
     n_boot: Annotated[Int, Field(ge=0)] = _knob("n_boot")  # bootstrap refits behind each decision's interval
     replicates: Annotated[Int, Field(ge=1)] = _knob("replicates")  # most runs of a close cell (1: no replicates)
-    noise_rungs: Annotated[Int, Field(ge=0)] = _knob("noise_rungs")  # first rungs run twice to measure the noise
+    noise_rungs: Annotated[Int, Field(ge=0)] = _knob("noise_rungs")  # first rungs run every cell several times
+    noise_runs: Annotated[Int, Field(ge=2)] = _knob("noise_runs")  # how many: what measures the noise
 
     def config(self) -> AdaptiveConfig:
         return AdaptiveConfig(**self.model_dump())

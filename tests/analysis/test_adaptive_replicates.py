@@ -47,6 +47,17 @@ def test_the_cheap_first_rung_runs_every_cell_twice_and_no_noise_means_no_replic
     assert replicate_requests(_store(RUNG1), 1e15, AdaptiveConfig(noise_rungs=1)) == []  # already twice each
 
 
+def test_the_noise_rungs_run_every_cell_noise_runs_times_whatever_the_close_cell_cap():
+    twice = _store(RUNG1)
+    config = AdaptiveConfig(noise_rungs=1, noise_runs=4, replicates=2)
+    asked = replicate_requests(twice, 1e15, config)
+    assert [(q.trial_id, q.replicate) for q in asked] == [("a-1e+15-0", 2), ("b-1e+15-0", 2), ("c-1e+15-0", 2)]
+    four = _store({k: v * 2 for k, v in RUNG1.items()})  # replicates 0..3
+    assert replicate_requests(four, 1e15, config) == []
+    with pytest.raises(ValueError, match="noise_runs"):
+        AdaptiveConfig(noise_runs=1)
+
+
 def test_the_margin_follows_the_measured_noise():
     sigma = math.sqrt(2e-4)
     assert noise_margin(_store(RUNG1), AdaptiveConfig()) == pytest.approx(NOISE_Z * math.sqrt(2) * sigma)

@@ -2,6 +2,8 @@
 back the stores its --rows file holds instead of running them again. Quick: no replay."""
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import json
 
 import pytest
@@ -12,7 +14,8 @@ from benchmarks import adaptive
 def _row(truth: str, seed: int, fraction: float, adaptive_rows: list, grid_rows: list) -> dict:
     judged = lambda pairs: [{"budget": 1e15 * (i + 1), "regret": r, "best": r == 0.0, "p_best": p}  # noqa: E731
                             for i, (r, p) in enumerate(pairs)]
-    return {"truth": truth, "noise": 0.01, "seed": seed, "flops_fraction": fraction, "replicates": 3,
+    return {"truth": truth, "noise": 0.01, "seed": seed, "config": dataclasses.asdict(adaptive.TRUST_CONFIG),
+            "flops_fraction": fraction, "replicates": 3,
             "replay_s": 1.0, "adaptive": judged(adaptive_rows), "grid_fit": judged(grid_rows),
             "grid_trial": judged(grid_rows)}
 
@@ -49,3 +52,14 @@ def test_a_resumed_run_reads_back_the_stores_its_rows_file_holds(tmp_path, capsy
     assert out["pooled"]["stores"] == 2 and out["pooled"]["flops_worst"] == pytest.approx(0.30)
     assert out["pooled"]["flops_median"] == pytest.approx(0.25)
     assert len(rows.read_text().splitlines()) == 3  # nothing appended
+
+
+def test_a_run_with_another_config_does_not_read_back_these_rows(tmp_path, capsys, monkeypatch):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    ran = []
+    monkeypatch.setattr(adaptive, "ProcessPoolExecutor", concurrent.futures.ThreadPoolExecutor)
+    monkeypatch.setattr(adaptive, "trust_one", lambda job: ran.append(job) or ROWS[0] | {"seed": job[2]})
+    other = dataclasses.replace(adaptive.TRUST_CONFIG, noise_runs=adaptive.TRUST_CONFIG.noise_runs + 1)
+    assert adaptive.run_trust(2, 1, [0], [0.01], True, str(rows), first_seed=1, config=other) == 0
+    assert [(job[2], job[3]) for job in ran] == [(1, other), (2, other)]
