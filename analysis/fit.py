@@ -882,7 +882,7 @@ def _fit_joint(points: pd.DataFrame, hparams: list, delta: float) -> _Joint:
     group = pd.Categorical(points["hparam"].astype(float), categories=[float(h) for h in hparams]).codes
     group = np.asarray(group, dtype=np.intp)
     n_slices = len(hparams)
-    form_nd = points["N"].nunique() >= 2
+    form_nd = points["N"].nunique() >= 2  # as a slice's: LoRA's ranks of one model differ in N by their adapters
     logn, logd, logl = _log_points(points)
     means = float(logn.mean()), float(logd.mean())
     args = (form_nd, logn - means[0], logd - means[1], group, n_slices, logl)

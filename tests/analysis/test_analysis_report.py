@@ -51,6 +51,13 @@ def test_fit_writes_every_figure_table_and_summary(outputs):
     assert summary["excluded"]["completed with NaN/missing eval_loss"] == 1
     assert any("status failed" in w for w in summary["warnings"])
     assert summary["n_usable"] + sum(summary["excluded"].values()) == summary["n_trials"]
+    # storegen's ranks and fractions differ in B only: each method's slices share one fit, and the reports say so
+    lora8 = summary["surfaces"]["lora r=8"]
+    assert lora8["shared_with"] == ["lora r=8", "lora r=128"] and "shared" in lora8["form"]
+    assert summary["surfaces"]["full"]["shared_with"] == []
+    assert "Shared fit: lora r=8, lora r=128 have one E, A, α and β and a B each (6 parameters" in findings
+    table = pd.read_csv(out / "surfaces.csv").set_index("slice")
+    assert table.loc["freeze f=0.25", "shared_with"] == "freeze f=0.25, freeze f=0.5"
 
 
 def test_recipe_json_has_the_contract_keys(sweep):

@@ -89,3 +89,4 @@ def test_shared_objective_gradient_matches_finite_differences(form_nd):
     args = (form_nd, ln, ld, group, 3, logl, weight, 1.0)
     err = check_grad(lambda v: _joint_objective(v, *args)[0], lambda v: _joint_objective(v, *args)[1], x)
     assert err < 1e-5
+
