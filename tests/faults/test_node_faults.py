@@ -30,7 +30,10 @@ def test_worker_node_killed_mid_trial(make_grid, ray_env, tmp_path, fault_table)
                "--dashboard-port", str(free_port())], env)
     ray_start(["--address", f"127.0.0.1:{port}"], {**env, NODE: "worker"})
 
-    grid = make_grid("node", methods={"bias": {}}, budgets=[3.0e10, 4.0e10],
+    # batches of 4 pairs: 4x the steps of the fixture's 16 for the same tokens (the data hold ~4e10 FLOP of them),
+    # so both trials are under way at once even on a loaded machine; with batches of 16 one trial could end
+    # before the other, started later, wrote its first checkpoint
+    grid = make_grid("node", methods={"bias": {}}, budgets=[3.0e10, 4.0e10], train={"batch_size": 4},
                      run={"checkpoint_every_s": 0.3, "max_failures": 3})
     storage = str(tmp_path / "store")
     sweep_dir = os.path.join(storage, "node")

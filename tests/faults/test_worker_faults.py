@@ -72,8 +72,10 @@ def test_worker_killed_and_store_unwritable_mid_run(make_grid, ray_env, tmp_path
     why = can_freeze()
     if why:
         pytest.skip(why)
+    # batches of 4 pairs: 4x the fixture's steps for the same tokens, so the two concurrent trials overlap with a
+    # checkpoint each even when one starts late on a loaded machine
     grid = make_grid("live", methods={"bias": {}, "lora": {"rank": [4]}}, budgets=[2.0e10, 3.0e10],
-                     run={"checkpoint_every_s": 0.3, "max_concurrent_trials": 2})
+                     train={"batch_size": 4}, run={"checkpoint_every_s": 0.3, "max_concurrent_trials": 2})
     storage = str(tmp_path / "store")
     sweep_dir = os.path.join(storage, "live")
     log_path = str(tmp_path / "submit.log")
