@@ -910,7 +910,7 @@ def _bic(sq_residuals_sum: float, n: int, k: int) -> float:
     return n * math.log(max(sq_residuals_sum / n, BIC_FLOOR)) + k * math.log(n)
 
 
-def _fit_method(points: pd.DataFrame, method: str, variant: str, n_boot: int, seed: int, delta: float):
+def fit_method(points: pd.DataFrame, method: str, variant: str, n_boot: int, seed: int, delta: float):
     """One method's slices (a variant of it): {key: Surface}, {key: refusal}. Separate fits per slice, or one
     shared fit where the method has >= 2 slices and the shared form's BIC is no higher."""
     slices = {}
@@ -976,12 +976,12 @@ def fit_surfaces(usable: pd.DataFrame, *, n_boot: int = N_BOOTSTRAP, seed: int =
                  delta: float = HUBER_DELTA) -> SurfaceFits:
     """Every (method, hparam, variant) slice of the usable trials (split_usable's ``variant``: family and pooling
     where the sweep varies them); slices with too few points go to ``refused``. A method's slices share E, A,
-    alpha and beta where that form fits them as well (``_fit_method``)."""
+    alpha and beta where that form fits them as well (``fit_method``)."""
     surfaces, refused = {}, {}
     keyed = usable if "variant" in usable else usable.assign(variant="")
     groups = keyed.groupby(["method", "variant"], sort=True) if len(keyed) else []
     for (method, variant), points in groups:
-        fitted, why = _fit_method(points, str(method), str(variant), n_boot, seed, delta)
+        fitted, why = fit_method(points, str(method), str(variant), n_boot, seed, delta)
         surfaces.update(fitted)
         refused.update(why)
     order = {m: i for i, m in enumerate(methods.names())}
