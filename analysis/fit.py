@@ -604,10 +604,15 @@ def _one_blas_thread():
 
 
 def _minimize(x0, terms, logl, weight, delta, bounds, maxiter: int = 2000):
+    return _lbfgs(_objective, x0, (terms, logl, weight, delta), bounds, maxiter)
+
+
+def _lbfgs(objective, x0, args, bounds, maxiter: int):
+    """(x, value) of L-BFGS-B on ``objective(x, *args) -> (value, gradient)``."""
     from scipy.optimize import minimize  # lazy: `import analysis` stays light for readers
 
-    res = minimize(_objective, x0, args=(terms, logl, weight, delta), jac=True, method="L-BFGS-B",
-                   bounds=bounds, options={"maxiter": maxiter, "ftol": 1e-13, "gtol": 1e-9})
+    res = minimize(objective, x0, args=args, jac=True, method="L-BFGS-B", bounds=bounds,
+                   options={"maxiter": maxiter, "ftol": 1e-13, "gtol": 1e-9})
     return res.x, float(res.fun)
 
 
@@ -754,12 +759,17 @@ def _only(points: pd.DataFrame, column: str) -> str | None:
 
 def _fit_warnings(x, bounds, form_nd: bool, n_models: int) -> list[str]:
     names = ("log E", "log A", "alpha", "log B", "beta") if form_nd else ("log E", "log B", "beta")
-    out = [f"{name} at its bound {v:g}" for name, v, (lo, hi) in zip(names, x, bounds)
-           if min(abs(v - lo), abs(v - hi)) < 1e-6 and name in ("log E", "alpha", "beta")]
+    out = _bound_warnings(names, x, bounds)
     if form_nd and n_models == 2:
         out.append("2 model sizes: A and alpha are not separately identified (predictions at the sweep's "
                    "models still are)")
     return out
+
+
+def _bound_warnings(names, x, bounds) -> list[str]:
+    """A fit whose floor or exponent ended on its bound (the coefficients' wide bounds are never meaningful)."""
+    return [f"{name} at its bound {v:g}" for name, v, (lo, hi) in zip(names, x, bounds)
+            if min(abs(v - lo), abs(v - hi)) < 1e-6 and name in ("log E", "alpha", "beta")]
 
 
 # -- one fit over a method's slices: E, A, alpha, beta shared, B per hyperparameter ---------------------------
@@ -807,11 +817,7 @@ def _joint_objective(x, form_nd, ln, ld, group, n_slices, logl, weight, delta):
 
 
 def _joint_minimize(x0, args, bounds, maxiter: int = 2000):
-    from scipy.optimize import minimize
-
-    res = minimize(_joint_objective, x0, args=args, jac=True, method="L-BFGS-B", bounds=bounds,
-                   options={"maxiter": maxiter, "ftol": 1e-13, "gtol": 1e-9})
-    return res.x, float(res.fun)
+    return _lbfgs(_joint_objective, x0, args, bounds, maxiter)
 
 
 def _joint_bounds(form_nd: bool, n_slices: int):
@@ -873,8 +879,7 @@ class _Joint:
 
     def warnings(self) -> tuple[str, ...]:
         names = ("log E", "log A", "alpha", "beta") if self.form_nd else ("log E", "beta")
-        return tuple(f"{name} at its bound {v:g}" for name, v, (lo, hi) in zip(names, self.x, self.bounds)
-                     if min(abs(v - lo), abs(v - hi)) < 1e-6 and name in ("log E", "alpha", "beta"))
+        return tuple(_bound_warnings(names, self.x, self.bounds))
 
 
 def _fit_joint(points: pd.DataFrame, hparams: list, delta: float) -> _Joint:
