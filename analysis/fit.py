@@ -449,6 +449,13 @@ class Surface(Slice):
         p = self.boot.reshape(self.boot.shape + (1,) * np.broadcast(n, d).ndim)
         return _surface(np.moveaxis(p, 1, 0), n, d)
 
+    def predict_bagged(self, n_params, tokens):
+        """The loss the recipe goes by: the median of the bootstrap refits' predictions (bagging: one fit's optimum
+        follows a few noisy points, the median of many refits does not), the point fit's without a bootstrap."""
+        if len(self.boot) == 0:
+            return self.predict(n_params, tokens)
+        return np.median(self.predict_boot(n_params, tokens), axis=0)
+
     def interval(self, n_params, tokens, level: float = CI_LEVEL) -> tuple[np.ndarray, np.ndarray]:
         """Percentile bootstrap interval of the fitted loss (not of one noisy run); NaN without bootstrap."""
         if len(self.boot) == 0:
@@ -752,6 +759,12 @@ def _make_surface(points: pd.DataFrame, params, boot, form_nd: bool, method: str
     )
 
 
+def _squared_log_residuals(points: pd.DataFrame, params) -> float:
+    """The sum of squared log residuals of ``params`` on ``points`` (a Surface's rmse_log squared times its points)."""
+    pred = _surface(params, points["N"].to_numpy(float), points["D"].to_numpy(float))
+    return float(((np.log(pred) - np.log(points["eval_loss"].to_numpy(float))) ** 2).sum())
+
+
 def _only(points: pd.DataFrame, column: str) -> str | None:
     values = set(points[column].dropna()) - {"?"} if column in points else set()
     return str(values.pop()) if len(values) == 1 else None
@@ -930,8 +943,6 @@ def fit_method(points: pd.DataFrame, method: str, variant: str, n_boot: int, see
             refused[key] = str(e)
             continue
         fits[key] = form_nd, _point_fit(sub, form_nd, delta)
-        separate[key] = _make_surface(sub, fits[key][1][0], np.empty((0, 5)), form_nd, method, key[1], variant,
-                                      warnings=())
 
     def bootstrapped(keys):
         """The separate fits of ``keys`` with their bootstrap (the point fits above: no refit)."""
@@ -955,12 +966,12 @@ def fit_method(points: pd.DataFrame, method: str, variant: str, n_boot: int, see
         return bootstrapped(fits)
     joint = _fit_joint(pooled, hparams, delta)
     # BIC over the points both forms describe: the slices that have a separate fit
-    compared = [k for k in joinable if k in separate]
+    compared = [k for k in joinable if k in fits]
     if compared:
-        rows = np.concatenate([np.full(len(slices[k]), k in separate) for k in joinable])
+        rows = np.concatenate([np.full(len(slices[k]), k in fits) for k in joinable])
         n = int(rows.sum())
-        sep_sq = sum(float(separate[k].rmse_log ** 2 * separate[k].n_points) for k in compared)
-        sep_k = sum(separate[k].fit_parameters for k in compared)
+        sep_sq = sum(_squared_log_residuals(slices[k], fits[k][1][0]) for k in compared)
+        sep_k = sum(5 if fits[k][0] else 3 for k in compared)
         joint_k = (4 if joint.form_nd else 2) + len(compared)
         if _bic(float((joint.residuals[rows] ** 2).sum()), n, joint_k) > _bic(sep_sq, n, sep_k):
             return bootstrapped(fits)
