@@ -100,7 +100,7 @@ def candidates(fits: SurfaceFits, budget_flops: float, max_tokens: int | None = 
         if not ok.any():
             continue
         d = np.maximum(tokens, 1.0)
-        pred = surface.predict(n, d)
+        pred = surface.predict_bagged(n, d)
         boot = surface.predict_boot(n, d) if len(surface.boot) else None  # (n_boot, k)
         for i in np.flatnonzero(ok):
             found.append(Candidate(surface.method, surface.hparam, surface.variant, surface.family, surface.pooling,

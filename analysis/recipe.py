@@ -3,8 +3,9 @@
 Per method: over its slices (LoRA rank, trainable fraction) and the sweep's models (discrete: a recipe names a
 model that exists), tokens D = C / cost-per-token (core.flops.tokens_for_budget), capped by the data available
 (``max_tokens``: the sweep's one data cap, analysis.load.load_data_cap; training on fewer tokens than the budget
-allows beats recommending data that does not exist: such a choice is ``data_limited``); the minimum fitted loss
-wins.
+allows beats recommending data that does not exist: such a choice is ``data_limited``); the minimum predicted loss
+wins, the prediction being the median of the surface's bootstrap refits (``Surface.predict_bagged``; the point fit's
+without a bootstrap).
 The best method overall is the minimum over methods; its interval is the bootstrap percentile interval of the
 fitted loss at the chosen (N, D), and ``win_fraction`` says how often each method wins over bootstrap refits.
 """
@@ -109,7 +110,7 @@ def best_in_slice(surface, budget_flops: float, max_tokens: int | None = None, s
     if not ok.any():
         return None
     d = np.maximum(tokens, 1.0)
-    pred = np.where(ok, surface.predict(n, d), np.inf)  # (k,)
+    pred = np.where(ok, surface.predict_bagged(n, d), np.inf)  # (k,)
     i = int(np.argmin(pred))
     low, high = surface.interval(n[i], d[i])
     # A percentile interval can sit beside a skewed point estimate; reported intervals always contain it.

@@ -83,6 +83,38 @@ def test_a_clear_choice_is_decisive_and_asks_for_nothing():
     assert sure.to_json()["to_decide"] is None
 
 
+def test_the_recipe_goes_by_the_median_of_its_refits():
+    """At 1.5e18 FLOP the point fit (the noise-free law) prefers the largest model; two of three refits are
+    data-hungry and prefer the smallest: the recipe chooses the smallest, and its predicted loss is the median of
+    the three refits' predictions."""
+    from dataclasses import replace
+
+    import storegen
+
+    from analysis import compute_recipe, fit_surfaces, split_usable
+
+    trials = storegen.make_trials(slices={"full": (None,)}, models=tuple(storegen.PYTHIA)[:4], noise=0.0)
+    surface = fit_surfaces(split_usable(trials)[0], n_boot=0).surfaces[("full", None, "")]
+    names = [m for m, _, _ in surface.models]
+    n = np.array([x for _, x, _ in surface.models], dtype=float)
+    budget = 1.5e18
+    d = np.floor(budget / (6.0 * n))
+    # three hand-made refits (E, A, alpha, B, beta): two data-hungry (small models win), one size-hungry
+    boot = np.array([[0.5, 10.0, 0.3, 5e3, 0.4], [0.5, 12.0, 0.3, 5.5e3, 0.4], [0.5, 4e3, 0.6, 10.0, 0.3]])
+    law = lambda p: p[0] + p[1] / n ** p[2] + p[3] / d ** p[4]  # noqa: E731
+    by_hand = np.median(np.stack([law(p) for p in boot]), axis=0)
+    bagged = replace(surface, boot=boot)
+    assert bagged.predict_bagged(n, d) == pytest.approx(by_hand, rel=1e-12)
+    assert surface.predict_bagged(n, d) == pytest.approx(surface.predict(n, d))  # no refits: the point fit
+    point_choice = names[int(np.argmin(surface.predict(n, d)))]
+    bagged_choice = names[int(np.argmin(by_hand))]
+    assert (point_choice, bagged_choice) == ("EleutherAI/pythia-160m", "EleutherAI/pythia-14m")
+    fits = fit_surfaces(split_usable(trials)[0], n_boot=0)
+    fits.surfaces[("full", None, "")] = bagged
+    best = compute_recipe(fits, budget).best
+    assert best.model == bagged_choice and best.predicted_loss == pytest.approx(by_hand.min(), rel=1e-12)
+
+
 def test_without_a_bootstrap_there_is_no_p_best():
     found = [_cand("a", 2.0), _cand("b", 2.1)]
     sure = judge(found, None, found[0].key, 1e15)
