@@ -36,7 +36,8 @@ import pandas as pd
 from core.strategy import AdaptiveConfig
 
 from . import noise
-from .fit import FitError, fit_surface, hparam_of, slice_label, split_usable
+from .confidence import DECISIVE, SETTLED_WITHIN, candidates, supported, unsettled
+from .fit import FitError, fit_surface, fit_surfaces, hparam_of, slice_label, split_usable
 from .recipe import best_in_slice
 
 SKIPPED = "skipped"
@@ -49,6 +50,7 @@ AGREEMENT_LOSS = 0.01  # the adaptive recipe's empirical loss within 1 % of the 
 # single runs is NOISE_Z * sqrt(2) * sigma, never below MIN_MARGIN (a noise-free store still has a fit's error)
 NOISE_Z = 1.0
 MIN_MARGIN = 0.005
+DECIDE_N_BOOT = 40  # bootstrap refits behind a rung's p_best (``decide_runs``; the reports use fit.N_BOOTSTRAP)
 
 
 @dataclass(frozen=True)
@@ -387,13 +389,16 @@ def _variant_keys(rows: pd.DataFrame) -> list[str]:
     return [k for k in ("family", "pooling") if k in rows.columns]
 
 
-def replicate_requests(done: pd.DataFrame, budget_flops: float,
-                       config: AdaptiveConfig = AdaptiveConfig()) -> list[ReplicateRequest]:
+def replicate_requests(done: pd.DataFrame, budget_flops: float, config: AdaptiveConfig = AdaptiveConfig(),
+                       final: bool = False) -> list[ReplicateRequest]:
     """After the rung at ``budget_flops`` ran (``done``: the sweep's trials, store columns with ``replicate``): the
     cells of that rung that get one more run, each at most ``config.replicates`` runs in all. At the first
-    ``config.noise_rungs`` rungs every cell runs ``config.noise_runs`` times (cheap: what measures the noise); later, a cell whose mean
-    loss lies within NOISE_Z standard errors of the rung's best cell (per family and pooling; sigma from
-    ``noise.noise_at``) runs again, so that a close call is not decided by one run's luck. The driver runs the
+    ``config.noise_rungs`` rungs every cell runs ``config.noise_runs`` times (cheap: what measures the noise);
+    later, a cell whose mean loss lies within NOISE_Z standard errors of the rung's best cell (per family and
+    pooling; sigma from ``noise.noise_at``) runs again, so that a close call is not decided by one run's luck; once
+    that asks for nothing, the cells of a recipe that is not settled at the rung (``_to_decide``) run again, up to
+    ``config.decide_runs`` runs. At the ``final`` rung (the sweep's largest budget) nothing is pruned any more, so
+    its runs serve the recipe alone: with ``decide_runs`` > 1 only the recipe asks there. The driver runs the
     requests and asks again until none is left. Pure and in trial-id order."""
     if done.empty:
         return []
@@ -432,7 +437,7 @@ def replicate_requests(done: pd.DataFrame, budget_flops: float,
             if size < config.noise_runs:
                 out.append(ReplicateRequest(first_id[key], last + 1, f"replicate at rung {rung}: measures the noise"))
             continue
-        if size >= config.replicates:
+        if size >= config.replicates or (final and config.decide_runs > 1):
             continue
         top = best[_cell_key(cell, variant)]
         band = NOISE_Z * sigma * math.sqrt(1.0 / cell["runs"] + 1.0 / top["runs"])
@@ -440,7 +445,44 @@ def replicate_requests(done: pd.DataFrame, budget_flops: float,
         if gap <= band:
             out.append(ReplicateRequest(first_id[key], last + 1, f"replicate at rung {rung}: {gap:.2%} from the "
                                         f"rung's best, within the noise band {band:.2%}"))
+    if rung > config.noise_rungs and config.decide_runs > 1 and not out:
+        out = _to_decide(done, at, float(budget_flops), rung, config, tried, first_id, keys)
     return sorted(out, key=lambda r: r.trial_id)
+
+
+def _to_decide(done: pd.DataFrame, at: pd.DataFrame, budget: float, rung: int, config: AdaptiveConfig, tried: dict,
+               first_id: dict, keys: list[str]) -> list[ReplicateRequest]:
+    """Once the noise band asks for nothing more: where the recipe at ``budget`` (fitted on the trials up to it, on
+    the slices that ran there, as ``repurpose recipe`` answers) is not settled -- more than SETTLED_WITHIN behind
+    the best candidate in more than 1 - DECISIVE of the bootstrap draws (``confidence.unsettled``) -- the choice
+    and the cells that beat it by that much get one more run each (those that ran at this budget), up to
+    ``config.decide_runs`` runs. The recipe follows its own advice on what would decide it."""
+    usable, _ = split_usable(_canonical(done[done["budget_flops"].astype(float) <= budget]))
+    if usable.empty:
+        return []
+    found, draws = candidates(supported(fit_surfaces(_canonical(usable), n_boot=DECIDE_N_BOOT), budget), budget)
+    if not found or draws is None:
+        return []
+    me = min(range(len(found)), key=lambda i: (found[i].predicted_loss, i))
+    behind, rivals = unsettled(draws, me)
+    if behind <= 1 - DECISIVE:
+        return []
+    contenders = {found[i].key for i in [me, *rivals]}
+    here = usable[usable["budget_flops"].astype(float) == budget]
+    slice_of = {str(t): (m, None if pd.isna(h) else float(h), v, str(model))
+                for t, m, h, v, model in zip(here["trial_id"], here["method"], here["hparam"], here["variant"],
+                                             here["model"])}
+    out = []
+    for row in at.to_dict("records"):  # the store's rows: their cell keys are the ones ``tried`` holds
+        key = _cell_key(row, keys)
+        if slice_of.get(str(row["trial_id"])) not in contenders or key not in tried:
+            continue
+        size, last = tried[key]
+        if size < config.decide_runs and all(q.trial_id != first_id[key] for q in out):
+            out.append(ReplicateRequest(first_id[key], last + 1, f"replicate at rung {rung}: the recipe here is "
+                                        f"more than {SETTLED_WITHIN:.1%} behind the best in {behind:.0%} of the "
+                                        f"bootstrap draws; this cell is a contender"))
+    return out
 
 
 def _cell_key(row: dict, keys: list[str]) -> tuple:
@@ -482,13 +524,14 @@ def replay(full_trials: pd.DataFrame, config: AdaptiveConfig = AdaptiveConfig(),
     draw = draw or _stored_replicates(runnable)
     cache, ran, decisions = _Cache(), [], []
     by_id = {str(t): r for t, r in zip(firsts["trial_id"], firsts.to_dict("records"))}
-    for budget in sorted(firsts["budget_flops"].astype(float).unique()):
+    budgets = sorted(firsts["budget_flops"].astype(float).unique())
+    for budget in budgets:
         done = _frame(ran, runnable)
         rung_decisions = _decide(done, firsts[firsts["budget_flops"] == budget], config, cache)
         decisions += rung_decisions
         ran += [by_id[d.trial_id] for d in rung_decisions if d.run]
         while True:
-            drawn = [row for q in replicate_requests(_frame(ran, runnable), budget, config)
+            drawn = [row for q in replicate_requests(_frame(ran, runnable), budget, config, budget == budgets[-1])
                      if (row := draw(by_id[q.trial_id], q.replicate)) is not None]
             if not drawn:
                 break

@@ -29,6 +29,7 @@ from .recipe import _candidates
 
 DECISIVE = 0.8  # p_best below it: the recipe says "not decisive"
 CONTENDER_SHARE = 0.05  # a candidate winning this share of draws is worth a replicate
+SETTLED_WITHIN = 0.005  # a choice within 0.5 % of the best candidate's loss is close enough (``unsettled``)
 
 
 @dataclass(frozen=True)
@@ -151,3 +152,14 @@ def judge(found: list[Candidate], draws: np.ndarray | None, chosen: tuple, budge
         contenders = tuple(found[i] for i in [me, *rivals])
     return Confidence(float(budget_flops), p_best, found[runner] if runner is not None else None, gap, contenders,
                       wins)
+
+
+def unsettled(draws: np.ndarray, me: int, within: float = SETTLED_WITHIN) -> tuple[float, list[int]]:
+    """How far a choice is from settled, on its candidates' bootstrap draws (n_candidates, n_boot): (the share of
+    draws in which candidate ``me`` is more than ``within`` behind the draw's best, the candidates that beat it by
+    that much in at least CONTENDER_SHARE of the draws). A near-tie (every draw within ``within``) is settled
+    however low its p_best: choosing either costs less than ``within``, and no replicate would tell them apart."""
+    draws = np.where(np.isfinite(draws), draws, np.inf)
+    behind = draws[me] > draws.min(axis=0) * (1 + within)
+    beats = (draws * (1 + within) < draws[me]).mean(axis=1) >= CONTENDER_SHARE
+    return float(behind.mean()), [int(i) for i in np.flatnonzero(beats)]

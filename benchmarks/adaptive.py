@@ -425,6 +425,7 @@ def main(argv=None) -> int:
     parser.add_argument("--replicates", type=int, help=f"--trust: (default {TRUST_CONFIG.replicates})")
     parser.add_argument("--noise-rungs", type=int, help=f"--trust: (default {TRUST_CONFIG.noise_rungs})")
     parser.add_argument("--noise-runs", type=int, help=f"--trust: (default {TRUST_CONFIG.noise_runs})")
+    parser.add_argument("--decide-runs", type=int, help=f"--trust: (default {TRUST_CONFIG.decide_runs})")
     parser.add_argument("--truths", action="store_true", help="print each truth's optimum per budget and exit")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--rows", help="--trust: append each store's result to this file as a JSON line; the "
@@ -441,7 +442,8 @@ def main(argv=None) -> int:
     if args.trust:
         noises = [n for n in args.noise if n > 0] if args.noise != list(NOISES) else list(TRUST_NOISES)
         given = {k: v for k, v in (("replicates", args.replicates), ("noise_rungs", args.noise_rungs),
-                                   ("noise_runs", args.noise_runs)) if v is not None}
+                                   ("noise_runs", args.noise_runs), ("decide_runs", args.decide_runs))
+                 if v is not None}
         return run_trust(args.seeds, args.jobs, args.truth, noises, args.json, args.rows, args.first_seed,
                          dataclasses.replace(TRUST_CONFIG, **given))
     config = AdaptiveConfig(margin=args.margin, neighbours=args.neighbours, full_rungs=args.full_rungs,

@@ -30,12 +30,16 @@ class AdaptiveConfig:
     noise_rungs: int = 0
     noise_runs: int = 2  # runs of every cell at the noise rungs (their FLOP is small: the paper grid's first two
     # rungs are 0.4 % of it)
+    # most runs of a cell the recipe at its rung is not settled on (analysis/adaptive.py ``_to_decide``: its choice
+    # there more than 0.5 % behind another cell in over 20 % of the bootstrap draws), once the noise band asks for
+    # nothing more; 1: no such runs
+    decide_runs: int = 1
 
     def __post_init__(self):
         if not (0.0 <= self.margin < 1.0):
             raise ValueError(f"strategy.margin: a relative loss in [0, 1) (got {self.margin})")
         for name in ("neighbours", "full_rungs", "dominated_rungs", "n_boot", "replicates", "noise_rungs",
-                     "noise_runs"):
+                     "noise_runs", "decide_runs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"strategy.{name}: a non-negative integer (got {value!r})")
@@ -44,6 +48,8 @@ class AdaptiveConfig:
                              f"(got {self.full_rungs})")
         if self.replicates < 1:
             raise ValueError(f"strategy.replicates: at least 1, a cell's first run (got {self.replicates})")
+        if self.decide_runs < 1:
+            raise ValueError(f"strategy.decide_runs: at least 1, a cell's first run (got {self.decide_runs})")
         if self.noise_runs < 2:
             raise ValueError(f"strategy.noise_runs: at least 2, what measures the noise (got {self.noise_runs})")
         if self.dominated_rungs < 1:

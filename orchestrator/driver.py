@@ -239,6 +239,7 @@ def _replicates(grid: Grid, budget: float, cells: list[PlannedTrial], recorder: 
     from orchestrator.plan import replicates
 
     by_id = {t.trial_id: t for t in cells}
+    final = budget == max(float(b) for b in grid.budgets)  # the last rung: its runs serve the recipe alone
     while True:
         done = pd.DataFrame([r for r in recorder.trials.values() if r.get("sweep", store.sweep) == store.sweep])
         done = done.assign(family=done.get("family"), pooling=done.get("pooling"))
@@ -246,7 +247,7 @@ def _replicates(grid: Grid, budget: float, cells: list[PlannedTrial], recorder: 
         for family, pooling in {(t.family, t.spec.pooling) for t in cells if t.budget_flops == budget}:
             mine = done[(done["family"].fillna(family) == family) & (done["pooling"].fillna("mean") == pooling)]
             asked += [replicates(by_id[q.trial_id], grid, [q.replicate])[0]
-                      for q in replicate_requests(mine, budget, config) if q.trial_id in by_id]
+                      for q in replicate_requests(mine, budget, config, final) if q.trial_id in by_id]
         if not asked:
             return
         for t in asked:

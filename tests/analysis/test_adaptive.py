@@ -171,6 +171,8 @@ def test_config_validates():
         AdaptiveConfig(margin=-0.1)
     with pytest.raises(ValueError, match="full_rungs"):
         AdaptiveConfig(full_rungs=0)
+    with pytest.raises(ValueError, match="decide_runs"):
+        AdaptiveConfig(decide_runs=0)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -86,3 +86,63 @@ def test_replay_draws_the_replicates_it_asks_for_and_counts_their_flop():
     assert result.flops_fraction == pytest.approx((one_seed + 2 * 1e15 + 2 * 4e15) / one_seed)
     # the adaptive pick is the best cell by its mean: x (2.0, 2.0/e^0.01) vs y (2.0 e^0.01, 2.0)
     assert result.per_budget[1].adaptive.eval_loss == pytest.approx(2.0 * E ** -0.005)
+
+
+def _close_store(noise: float, seed: int = 0) -> pd.DataFrame:
+    """full and freeze nearly alike (freeze's B 61 against 60: 0.1-0.2 % behind), five models, six budgets, one
+    run each at `noise`; the first budget's cells run twice (1 % apart: the noise is measured)."""
+    import storegen
+
+    from analysis.fit import Law
+
+    laws = storegen.LAWS | {"freeze": Law(E=0.50, A=40.0, alpha=0.32, B=61.0, beta=0.28)}
+    trials = storegen.make_trials(laws=laws, slices={"full": (None,), "freeze": (0.5,)},
+                                  models=tuple(storegen.PYTHIA)[:5], noise=noise, seed=seed).assign(replicate=0)
+    trials = trials[trials["status"] == "completed"]
+    first = trials[trials["budget_flops"] == 1.5e15]
+    again = first.assign(trial_id=first["trial_id"] + "~1", replicate=1, eval_loss=first["eval_loss"] * 1.01)
+    return pd.concat([trials, again], ignore_index=True)
+
+
+def test_a_recipe_that_is_not_settled_asks_for_its_contenders_up_to_decide_runs():
+    """The noise band asks for nothing (replicates 1), so what is asked at the top budget is the recipe's: at 2 %
+    noise its choice there is more than 0.5 % behind another cell in over 20 % of the draws."""
+    from analysis import compute_recipe, fit_surfaces, split_usable
+    from analysis.adaptive import DECIDE_N_BOOT
+    from analysis.confidence import supported
+
+    top = 1.5e18
+    done = _close_store(noise=0.02)
+    config = AdaptiveConfig(replicates=1, decide_runs=2)
+    asked = replicate_requests(done, top, config)
+    at_top = set(done.loc[done["budget_flops"] == top, "trial_id"])
+    assert asked and {q.trial_id for q in asked} <= at_top and {q.replicate for q in asked} == {1}
+    assert all("this cell is a contender" in q.reason for q in asked)
+    # the recipe's own choice at the top budget is among them
+    fits = supported(fit_surfaces(split_usable(done)[0], n_boot=DECIDE_N_BOOT), top)
+    best = compute_recipe(fits, top).best
+    assert f"{best.method}-{best.hparam}-{best.model.split('-')[-1]}-1.5e+18" in {q.trial_id for q in asked}
+    # off by default; the cap: cells with decide_runs runs are not asked again
+    assert replicate_requests(done, top, AdaptiveConfig(replicates=1)) == []
+    rows = done.set_index("trial_id")
+    seconds = pd.DataFrame([rows.loc[q.trial_id].to_dict() | {"trial_id": f"{q.trial_id}~1", "replicate": 1}
+                            for q in asked])
+    again = replicate_requests(pd.concat([done, seconds], ignore_index=True), top, config)
+    assert not {q.trial_id for q in asked} & {q.trial_id for q in again}
+
+
+def test_a_noise_free_recipe_is_settled_and_asks_for_nothing():
+    assert replicate_requests(_close_store(noise=0.0), 1.5e18, AdaptiveConfig(replicates=1, decide_runs=3)) == []
+
+
+def test_at_the_final_rung_only_the_recipe_asks():
+    """Nothing is pruned after the last rung, so its runs serve the recipe alone: with decide_runs the noise band's
+    requests give way there to the recipe's contenders (and without decide_runs, the band asks as before)."""
+    top = 1.5e18
+    done = _close_store(noise=0.02)
+    band = replicate_requests(done, top, AdaptiveConfig(replicates=2))
+    assert band and all("within the noise band" in q.reason for q in band)
+    assert replicate_requests(done, top, AdaptiveConfig(replicates=2), final=True) == band
+    recipe = replicate_requests(done, top, AdaptiveConfig(replicates=2, decide_runs=2), final=True)
+    assert recipe == replicate_requests(done, top, AdaptiveConfig(replicates=1, decide_runs=2))
+    assert recipe and all("this cell is a contender" in q.reason for q in recipe)

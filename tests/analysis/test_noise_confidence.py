@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from analysis import noise
-from analysis.confidence import DECISIVE, Candidate, judge
+from analysis.confidence import DECISIVE, Candidate, judge, unsettled
 
 
 def _rows(cells: dict) -> pd.DataFrame:
@@ -81,6 +81,22 @@ def test_a_clear_choice_is_decisive_and_asks_for_nothing():
     sure = judge(found, draws, found[0].key, 1e15)
     assert sure.p_best == pytest.approx(0.95) and sure.decisive is True and sure.contenders == ()
     assert sure.to_json()["to_decide"] is None
+
+
+def test_a_choice_is_unsettled_where_it_is_clearly_behind_in_enough_draws():
+    # 10 draws of three candidates; the choice a is > 0.5 % behind b in draws 0-2 (2.02 vs 2.00: 1 %), within
+    # 0.5 % of it in draws 3-4 (2.005 vs 2.00: 0.25 %), ahead of it in 5-9; c beats a by > 0.5 % in draw 9 only
+    a = np.array([2.02] * 3 + [2.005] * 2 + [2.0] * 5)
+    b = np.array([2.00] * 3 + [2.000] * 2 + [2.1] * 5)
+    c = np.array([2.5] * 9 + [1.9])
+    behind, rivals = unsettled(np.stack([a, b, c]), 0)
+    assert behind == pytest.approx(0.4) and rivals == [1, 2]
+    # a near-tie -- b ahead in every draw, but by 0.25 % -- is settled: either choice costs less than 0.5 %
+    behind, rivals = unsettled(np.stack([np.full(10, 2.005), np.full(10, 2.0)]), 0)
+    assert behind == 0.0 and rivals == []
+    # a non-finite draw (a refit that failed) never wins
+    behind, rivals = unsettled(np.stack([np.full(4, 2.0), np.array([np.nan, np.inf, 1.0, 2.5])]), 0)
+    assert behind == pytest.approx(0.25) and rivals == [1]
 
 
 def test_the_recipe_goes_by_the_median_of_its_refits():

@@ -96,3 +96,33 @@ def test_status_shows_the_noise_measured_from_replicates():
     assert measured_noise(two) == pytest.approx(math.sqrt(2e-4))
     summary = summarize("s", two) | {"noise_sd": measured_noise(two)}
     assert "run-to-run noise 1.4 %" in render_status(summary, two).replace("1.4%", "1.4 %")
+
+
+def test_the_driver_tells_the_policy_which_rung_is_the_last(ws, monkeypatch):  # noqa: F811
+    """``_replicates`` asks the policy after each rung with ``final`` true only at the grid's largest budget (its
+    runs serve the recipe alone), per family and pooling, and stops when nothing is asked."""
+    import analysis.adaptive
+    from orchestrator.driver import _replicates, initial_row
+
+    grid = load(ws, strategy="adaptive", adaptive={"decide_runs": 2})
+    cells = _plan(grid).trials
+    asked = []
+
+    def spy(done, budget, config, final=False):
+        asked.append((budget, final, config.decide_runs))
+        return []
+
+    monkeypatch.setattr(analysis.adaptive, "replicate_requests", spy)
+
+    class Recorder:
+        trials = {t.trial_id: initial_row("t", t) for t in cells}
+
+        def flush(self):
+            pass
+
+    class Store:
+        sweep = "t"
+
+    for budget in (1e9, 4e9):
+        assert list(_replicates(grid, budget, cells, Recorder(), Store(), grid.adaptive.config())) == []
+    assert asked == [(1e9, False, 2), (4e9, True, 2)]
