@@ -474,9 +474,9 @@ def _to_decide(done: pd.DataFrame, at: pd.DataFrame, budget: float, rung: int, c
                                              here["model"])}
     out = []
     for row in at.to_dict("records"):  # the store's rows: their cell keys are the ones ``tried`` holds
-        key = _cell_key(row, keys)
-        if slice_of.get(str(row["trial_id"])) not in contenders or key not in tried:
+        if slice_of.get(str(row["trial_id"])) not in contenders:  # a usable row: completed, so its cell is tried
             continue
+        key = _cell_key(row, keys)
         size, last = tried[key]
         if size < config.decide_runs and all(q.trial_id != first_id[key] for q in out):
             out.append(ReplicateRequest(first_id[key], last + 1, f"replicate at rung {rung}: the recipe here is "
