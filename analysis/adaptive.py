@@ -37,7 +37,7 @@ from core.strategy import AdaptiveConfig
 
 from . import noise
 from .confidence import DECISIVE, SETTLED_WITHIN, candidates, supported, unsettled
-from .fit import FitError, fit_surface, fit_surfaces, hparam_of, slice_label, split_usable
+from .fit import KNOB_DEFAULTS, FitError, fit_surface, fit_surfaces, hparam_of, slice_label, split_usable
 from .recipe import best_in_slice
 
 SKIPPED = "skipped"
@@ -390,7 +390,7 @@ def _variant_keys(rows: pd.DataFrame) -> list[str]:
 
 
 def replicate_requests(done: pd.DataFrame, budget_flops: float, config: AdaptiveConfig = AdaptiveConfig(),
-                       final: bool = False) -> list[ReplicateRequest]:
+                       final: bool = False, room: float = 0.0) -> list[ReplicateRequest]:
     """After the rung at ``budget_flops`` ran (``done``: the sweep's trials, store columns with ``replicate``): the
     cells of that rung that get one more run, each at most ``config.replicates`` runs in all. At the first
     ``config.noise_rungs`` rungs every cell runs ``config.noise_runs`` times (cheap: what measures the noise);
@@ -398,8 +398,11 @@ def replicate_requests(done: pd.DataFrame, budget_flops: float, config: Adaptive
     pooling; sigma from ``noise.noise_at``) runs again, so that a close call is not decided by one run's luck; once
     that asks for nothing, the cells of a recipe that is not settled at the rung (``_to_decide``) run again, up to
     ``config.decide_runs`` runs. At the ``final`` rung (the sweep's largest budget) nothing is pruned any more, so
-    its runs serve the recipe alone: with ``decide_runs`` > 1 only the recipe asks there. The driver runs the
-    requests and asks again until none is left. Pure and in trial-id order."""
+    its runs serve the recipe alone: with ``decide_runs`` > 1 only the recipe asks there; with
+    ``config.decide_flops``, once the band asks for nothing there, the recipe's choice and its strongest rival run
+    while it is not settled and their FLOP fits in ``room`` (``_to_settle``; ``decide_room`` says what is left).
+    ``done`` may hold the rung's pruned rows (status skipped): such a rival's cell is asked for as replicate 0, its
+    first run. The driver runs the requests and asks again until none is left. Pure and in trial-id order."""
     if done.empty:
         return []
     done = done.assign(replicate=done["replicate"].fillna(0).astype(int)) if "replicate" in done else \
@@ -410,7 +413,8 @@ def replicate_requests(done: pd.DataFrame, budget_flops: float, config: Adaptive
         return []
     rung = int((done["budget_flops"].astype(float).unique() <= float(budget_flops)).sum())
     sigma = noise.noise_at(done, float(budget_flops))
-    if rung > config.noise_rungs and sigma is None:
+    settle = final and config.decide_flops > 0
+    if rung > config.noise_rungs and sigma is None and not settle:
         return []
     keys = noise.cell_keys(at)
     # cell -> (runs that ended, completed or failed: a failed one counts against the cap; the highest replicate
@@ -437,7 +441,7 @@ def replicate_requests(done: pd.DataFrame, budget_flops: float, config: Adaptive
             if size < config.noise_runs:
                 out.append(ReplicateRequest(first_id[key], last + 1, f"replicate at rung {rung}: measures the noise"))
             continue
-        if size >= config.replicates or (final and config.decide_runs > 1):
+        if sigma is None or size >= config.replicates or (final and config.decide_runs > 1 and not settle):
             continue
         top = best[_cell_key(cell, variant)]
         band = NOISE_Z * sigma * math.sqrt(1.0 / cell["runs"] + 1.0 / top["runs"])
@@ -445,9 +449,17 @@ def replicate_requests(done: pd.DataFrame, budget_flops: float, config: Adaptive
         if gap <= band:
             out.append(ReplicateRequest(first_id[key], last + 1, f"replicate at rung {rung}: {gap:.2%} from the "
                                         f"rung's best, within the noise band {band:.2%}"))
-    if rung > config.noise_rungs and config.decide_runs > 1 and not out:
+    if settle and not out:
+        out = _to_settle(done, at, float(budget_flops), rung, room, tried, first_id, keys)
+    elif rung > config.noise_rungs and config.decide_runs > 1 and not out:
         out = _to_decide(done, at, float(budget_flops), rung, config, tried, first_id, keys)
     return sorted(out, key=lambda r: r.trial_id)
+
+
+def decide_room(config: AdaptiveConfig, grid_flops: float, spent_flops: float) -> float:
+    """FLOP the last rung's decide runs may still spend: ``config.decide_flops`` of the one-seed full grid's FLOP
+    (every runnable cell's first run) less what the sweep has spent, replicates included."""
+    return max(0.0, config.decide_flops * float(grid_flops) - float(spent_flops))
 
 
 def _to_decide(done: pd.DataFrame, at: pd.DataFrame, budget: float, rung: int, config: AdaptiveConfig, tried: dict,
@@ -485,6 +497,71 @@ def _to_decide(done: pd.DataFrame, at: pd.DataFrame, budget: float, rung: int, c
     return out
 
 
+def _to_settle(done: pd.DataFrame, at: pd.DataFrame, budget: float, rung: int, room: float, tried: dict,
+               first_id: dict, keys: list[str]) -> list[ReplicateRequest]:
+    """At the last rung (``config.decide_flops``), once the noise band asks for nothing: while the recipe at
+    ``budget`` (as ``repurpose recipe`` chooses it, among the slices that ran there) is not settled
+    (``confidence.unsettled``), its choice and its strongest rival -- the candidate that beats it by SETTLED_WITHIN
+    in the most bootstrap draws, among every slice the fits place at the budget, one pruned before this rung
+    included -- run once more each, in that order, while their FLOP fits in ``room``. A rival whose cell has not run
+    at this budget (its row pruned) runs for the first time. The FLOP goes where the recipe's own uncertainty says
+    it decides something: two cells run again and again, not every close one once."""
+    usable, _ = split_usable(_canonical(done[done["budget_flops"].astype(float) <= budget]))
+    if usable.empty:
+        return []
+    fits = fit_surfaces(_canonical(usable), n_boot=DECIDE_N_BOOT)
+    found, draws = candidates(fits, budget)
+    ran = {(s.method, s.hparam, s.variant) for s in supported(fits, budget).surfaces.values()}
+    choosable = [i for i, c in enumerate(found) if (c.method, c.hparam, c.variant) in ran]
+    if not choosable or draws is None:
+        return []
+    me = min(choosable, key=lambda i: (found[i].predicted_loss, i))
+    behind, rivals = unsettled(draws, me)
+    if behind <= 1 - DECISIVE or not rivals:
+        return []
+    out = []
+    for i in (me, rivals[0]):
+        row = _cell_at(usable, at, budget, found[i].key)
+        if row is None or found[i].flops > room:
+            continue
+        room -= found[i].flops
+        key = _cell_key(row, keys)
+        replicate = tried[key][1] + 1 if key in tried else 0
+        out.append(ReplicateRequest(first_id.get(key, str(row["trial_id"])), replicate,
+                                    f"replicate at rung {rung}: the recipe here is more than {SETTLED_WITHIN:.1%} "
+                                    f"behind the best in {behind:.0%} of the bootstrap draws; "
+                                    f"{'its choice' if i == me else 'its strongest rival'}"))
+    return out
+
+
+def _cell_at(usable: pd.DataFrame, at: pd.DataFrame, budget: float, key: tuple) -> dict | None:
+    """The store's row of candidate ``key`` = (method, hparam, variant, model)'s cell at ``budget``: a completed run
+    of it, else its row pruned at this rung (found by the slice's other trials' cell columns); None where the grid
+    has no such cell there."""
+    method, hparam, variant, model = key
+    h = -1.0 if hparam is None else float(hparam)
+    mine = usable[(usable["method"] == method) & (usable["hparam"].fillna(-1.0) == h) & (usable["variant"] == variant)]
+    here = mine[(mine["budget_flops"].astype(float) == budget) & (mine["model"].astype(str) == model)]
+    ids = set(here["trial_id"].astype(str))
+    rows = at[at["trial_id"].astype(str).isin(ids)] if ids else at.iloc[:0]
+    if rows.empty and len(mine):
+        columns = [k for k in (*noise.CELL_KEYS, *KNOB_DEFAULTS) if k in at and k not in ("model", "budget_flops")]
+        like = _slice_columns(mine.iloc[0].to_dict(), columns)
+        reason = at["reason"].astype("string").fillna("") if "reason" in at else pd.Series("", index=at.index)
+        pruned = at[(at["status"].astype("string") == SKIPPED) & (at["model"].astype(str) == model)
+                    & reason.str.startswith(PRUNED_PREFIX)]
+        rows = pruned[[_slice_columns(r, columns) == like for r in pruned.to_dict("records")]]
+    return None if rows.empty else rows.sort_values("trial_id").iloc[0].to_dict()
+
+
+def _slice_columns(row: dict, columns: list[str]) -> tuple:
+    """A row's slice-defining values, missing ones read as ``split_usable`` reads them (a store written before a
+    column: its default)."""
+    defaults = {"family": "?", "pooling": "mean", **KNOB_DEFAULTS}
+    filled = {k: defaults[k] if k in defaults and _cell_key(row, [k]) == ("-",) else row.get(k) for k in columns}
+    return _cell_key(filled, columns)
+
+
 def _cell_key(row: dict, keys: list[str]) -> tuple:
     """A cell's key from a row: missing values (no rank, no fraction) as one placeholder, numbers as floats."""
     out = []
@@ -514,8 +591,9 @@ def replay(full_trials: pd.DataFrame, config: AdaptiveConfig = AdaptiveConfig(),
     are asked for (``replicate_requests``) until none is left. ``draw(first_row, replicate)`` gives a requested
     replicate's row (a dict of store columns, its own ``trial_id``), or None where there is none; by default the
     store's own rows of that replicate (a sweep run with ``seeds``). Skipped (infeasible) rows are run by neither;
-    failed rows count as run (their FLOP too) but feed no fit, as live. The FLOP fraction is over the one-seed
-    full grid (every runnable cell's first run)."""
+    failed rows count as run (their FLOP too) but feed no fit, as live. A pruned cell the last rung's decide runs
+    ask for (``config.decide_flops``) runs its store row. The FLOP fraction is over the one-seed full grid (every
+    runnable cell's first run)."""
     rows = _canonical(full_trials)
     runnable = _runnable(rows)
     replicate = runnable["replicate"].fillna(0).astype(int) if "replicate" in runnable else 0
@@ -525,20 +603,27 @@ def replay(full_trials: pd.DataFrame, config: AdaptiveConfig = AdaptiveConfig(),
     cache, ran, decisions = _Cache(), [], []
     by_id = {str(t): r for t, r in zip(firsts["trial_id"], firsts.to_dict("records"))}
     budgets = sorted(firsts["budget_flops"].astype(float).unique())
+    flops = lambda t: float(pd.to_numeric(t["flops"], errors="coerce").fillna(0.0).sum())  # noqa: E731
+    total = flops(firsts)
     for budget in budgets:
         done = _frame(ran, runnable)
         rung_decisions = _decide(done, firsts[firsts["budget_flops"] == budget], config, cache)
         decisions += rung_decisions
         ran += [by_id[d.trial_id] for d in rung_decisions if d.run]
         while True:
-            drawn = [row for q in replicate_requests(_frame(ran, runnable), budget, config, budget == budgets[-1])
-                     if (row := draw(by_id[q.trial_id], q.replicate)) is not None]
+            # as the live store holds them: the rung's pruned cells as skipped rows (one may yet run, see
+            # ``_to_settle``), a cell's first run from the store, later ones drawn
+            ran_ids = {str(r["trial_id"]) for r in ran}
+            pruned = [by_id[d.trial_id] | {"status": SKIPPED, "reason": d.reason, "eval_loss": np.nan, "flops": 0.0,
+                                           "tokens": 0} for d in rung_decisions if d.trial_id not in ran_ids]
+            room = decide_room(config, total, flops(_frame(ran, runnable)))
+            asked = replicate_requests(_frame(ran + pruned, runnable), budget, config, budget == budgets[-1], room)
+            drawn = [row for q in asked if (row := by_id[q.trial_id] if q.replicate == 0 else
+                                            draw(by_id[q.trial_id], q.replicate)) is not None]
             if not drawn:
                 break
             ran += drawn
     ran_frame = _frame(ran, runnable)
-    flops = lambda t: float(pd.to_numeric(t["flops"], errors="coerce").fillna(0.0).sum())  # noqa: E731
-    total = flops(firsts)
     per_budget = tuple(
         BudgetComparison(float(b), _best(firsts[firsts["budget_flops"] == b]),
                          _best_cell(ran_frame[ran_frame["budget_flops"] == b]))

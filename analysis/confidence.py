@@ -157,9 +157,11 @@ def judge(found: list[Candidate], draws: np.ndarray | None, chosen: tuple, budge
 def unsettled(draws: np.ndarray, me: int, within: float = SETTLED_WITHIN) -> tuple[float, list[int]]:
     """How far a choice is from settled, on its candidates' bootstrap draws (n_candidates, n_boot): (the share of
     draws in which candidate ``me`` is more than ``within`` behind the draw's best, the candidates that beat it by
-    that much in at least CONTENDER_SHARE of the draws). A near-tie (every draw within ``within``) is settled
-    however low its p_best: choosing either costs less than ``within``, and no replicate would tell them apart."""
+    that much in at least CONTENDER_SHARE of the draws, the most often first). A near-tie (every draw within
+    ``within``) is settled however low its p_best: choosing either costs less than ``within``, and no replicate
+    would tell them apart."""
     draws = np.where(np.isfinite(draws), draws, np.inf)
     behind = draws[me] > draws.min(axis=0) * (1 + within)
-    beats = (draws * (1 + within) < draws[me]).mean(axis=1) >= CONTENDER_SHARE
-    return float(behind.mean()), [int(i) for i in np.flatnonzero(beats)]
+    share = (draws * (1 + within) < draws[me]).mean(axis=1)
+    beats = np.flatnonzero(share >= CONTENDER_SHARE)
+    return float(behind.mean()), sorted((int(i) for i in beats), key=lambda i: (-share[i], i))

@@ -218,7 +218,9 @@ def truths_report() -> str:
 TRUST_NOISES = (0.01, 0.02)
 # the first two rungs run every cell 4 times (0.4 % of the grid's FLOP per run): the noise and the small budgets'
 # fits measured sharply; later rungs give a close cell one more run (benchmarks/README.md)
-TRUST_CONFIG = AdaptiveConfig(noise_rungs=2, noise_runs=4)
+# and at the last rung, while the recipe is not settled, its choice and strongest rival run within 0.30 of the grid's
+# FLOP in all (``decide_flops``)
+TRUST_CONFIG = AdaptiveConfig(noise_rungs=2, noise_runs=4, decide_flops=0.30)
 REGRET_TARGET = 0.005  # the recipe's true loss within 0.5 % of the true optimum
 TRUST_N_BOOT = 40  # bootstrap refits behind p_best (the reports use fit.N_BOOTSTRAP = 100)
 
@@ -426,6 +428,7 @@ def main(argv=None) -> int:
     parser.add_argument("--noise-rungs", type=int, help=f"--trust: (default {TRUST_CONFIG.noise_rungs})")
     parser.add_argument("--noise-runs", type=int, help=f"--trust: (default {TRUST_CONFIG.noise_runs})")
     parser.add_argument("--decide-runs", type=int, help=f"--trust: (default {TRUST_CONFIG.decide_runs})")
+    parser.add_argument("--decide-flops", type=float, help=f"--trust: (default {TRUST_CONFIG.decide_flops})")
     parser.add_argument("--truths", action="store_true", help="print each truth's optimum per budget and exit")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--rows", help="--trust: append each store's result to this file as a JSON line; the "
@@ -442,7 +445,8 @@ def main(argv=None) -> int:
     if args.trust:
         noises = [n for n in args.noise if n > 0] if args.noise != list(NOISES) else list(TRUST_NOISES)
         given = {k: v for k, v in (("replicates", args.replicates), ("noise_rungs", args.noise_rungs),
-                                   ("noise_runs", args.noise_runs), ("decide_runs", args.decide_runs))
+                                   ("noise_runs", args.noise_runs), ("decide_runs", args.decide_runs),
+                                   ("decide_flops", args.decide_flops))
                  if v is not None}
         return run_trust(args.seeds, args.jobs, args.truth, noises, args.json, args.rows, args.first_seed,
                          dataclasses.replace(TRUST_CONFIG, **given))

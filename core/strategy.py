@@ -34,10 +34,18 @@ class AdaptiveConfig:
     # there more than 0.5 % behind another cell in over 20 % of the bootstrap draws), once the noise band asks for
     # nothing more; 1: no such runs
     decide_runs: int = 1
+    # the last rung's decide runs (analysis/adaptive.py ``_to_settle``): while the recipe at the largest budget is not
+    # settled, its choice and its strongest rival (a pruned cell too) run again, as long as the sweep's FLOP stays
+    # within this fraction of the one-seed full grid's; 0: no such runs. Set, it decides the last rung in place of
+    # ``decide_runs`` (which then serves the rungs below)
+    decide_flops: float = 0.0
 
     def __post_init__(self):
         if not (0.0 <= self.margin < 1.0):
             raise ValueError(f"strategy.margin: a relative loss in [0, 1) (got {self.margin})")
+        if not (isinstance(self.decide_flops, (int, float)) and self.decide_flops >= 0.0):
+            raise ValueError(f"strategy.decide_flops: a non-negative fraction of the grid's FLOP "
+                             f"(got {self.decide_flops!r})")
         for name in ("neighbours", "full_rungs", "dominated_rungs", "n_boot", "replicates", "noise_rungs",
                      "noise_runs", "decide_runs"):
             value = getattr(self, name)

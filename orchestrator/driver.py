@@ -232,22 +232,28 @@ def rungs(grid: Grid, todo: list[PlannedTrial], recorder: Recorder, store: Store
 
 def _replicates(grid: Grid, budget: float, cells: list[PlannedTrial], recorder: Recorder, store: Store, config):
     """The rung's replicates (analysis/adaptive.py ``replicate_requests``, per family and pooling), one group per
-    round, each new replicate a row of the store before it runs."""
+    round, each new replicate a row of the store before it runs. At the last rung, ``decide_flops`` lets the recipe
+    spend up to that fraction of the one-seed grid's FLOP (the runnable cells' first runs, as planned) in all; a
+    pruned cell it asks for (replicate 0) runs as planned."""
     import pandas as pd
 
-    from analysis.adaptive import replicate_requests
+    from analysis.adaptive import decide_room, replicate_requests
     from orchestrator.plan import replicates
 
     by_id = {t.trial_id: t for t in cells}
     final = budget == max(float(b) for b in grid.budgets)  # the last rung: its runs serve the recipe alone
+    grid_flops = sum(t.planned_flops for t in by_id.values() if t.spec.replicate == 0)
     while True:
         done = pd.DataFrame([r for r in recorder.trials.values() if r.get("sweep", store.sweep) == store.sweep])
         done = done.assign(family=done.get("family"), pooling=done.get("pooling"))
+        room = decide_room(config, grid_flops, spent_flops(done))
         asked = []
-        for family, pooling in {(t.family, t.spec.pooling) for t in cells if t.budget_flops == budget}:
+        for family, pooling in sorted({(t.family, t.spec.pooling) for t in cells if t.budget_flops == budget}):
             mine = done[(done["family"].fillna(family) == family) & (done["pooling"].fillna("mean") == pooling)]
-            asked += [replicates(by_id[q.trial_id], grid, [q.replicate])[0]
-                      for q in replicate_requests(mine, budget, config, final) if q.trial_id in by_id]
+            mine_asked = [replicates(by_id[q.trial_id], grid, [q.replicate])[0]
+                          for q in replicate_requests(mine, budget, config, final, room) if q.trial_id in by_id]
+            room -= sum(t.planned_flops for t in mine_asked)  # the families and poolings share the room
+            asked += mine_asked
         if not asked:
             return
         for t in asked:
@@ -255,6 +261,19 @@ def _replicates(grid: Grid, budget: float, cells: list[PlannedTrial], recorder: 
         recorder.flush()
         print(f"rung {budget:.2g} FLOP: {len(asked)} replicate(s) of close cells", file=sys.stderr)
         yield asked
+
+
+def spent_flops(trials) -> float:
+    """The FLOP a sweep's trials spent (store rows, a DataFrame): the completed ones' count, a failed one's budget
+    where it counted none (it may have spent up to it)."""
+    import pandas as pd
+
+    if trials.empty:
+        return 0.0
+    ended = trials[trials["status"].isin(["completed", "failed"])]
+    flops = pd.to_numeric(ended["flops"], errors="coerce")
+    budget = pd.to_numeric(ended["budget_flops"], errors="coerce")
+    return float(flops.where(flops > 0, budget).fillna(0.0).sum())
 
 
 def _by_variant(cells: list[PlannedTrial]) -> dict[tuple[str, str], list[PlannedTrial]]:

@@ -396,6 +396,7 @@ class AdaptiveKnobs(_Optional):
     noise_rungs: Annotated[Int, Field(ge=0)] = _knob("noise_rungs")  # first rungs run every cell several times
     noise_runs: Annotated[Int, Field(ge=2)] = _knob("noise_runs")  # how many: what measures the noise
     decide_runs: Annotated[Int, Field(ge=1)] = _knob("decide_runs")  # most runs of an unsettled recipe's cells
+    decide_flops: Annotated[Number, Field(ge=0)] = _knob("decide_flops")  # last rung: settle the recipe within it
 
     def config(self) -> AdaptiveConfig:
         return AdaptiveConfig(**self.model_dump())

@@ -173,6 +173,8 @@ def test_config_validates():
         AdaptiveConfig(full_rungs=0)
     with pytest.raises(ValueError, match="decide_runs"):
         AdaptiveConfig(decide_runs=0)
+    with pytest.raises(ValueError, match="decide_flops"):
+        AdaptiveConfig(decide_flops=-0.1)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The adaptive policy's replicates: where a decision is close, and not where it is not (hand-built stores)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pandas as pd
@@ -146,3 +147,90 @@ def test_at_the_final_rung_only_the_recipe_asks():
     recipe = replicate_requests(done, top, AdaptiveConfig(replicates=2, decide_runs=2), final=True)
     assert recipe == replicate_requests(done, top, AdaptiveConfig(replicates=1, decide_runs=2))
     assert recipe and all("this cell is a contender" in q.reason for q in recipe)
+
+
+def _freeze_pruned_at_top(noise: float, seed: int = 0) -> pd.DataFrame:
+    """``_close_store`` with freeze's cells at the top budget pruned (skipped rows, as the driver writes them):
+    freeze ran up to 3.8e17, its fit places it at 1.5e18 all the same."""
+    from analysis.adaptive import PRUNED_PREFIX
+
+    done = _close_store(noise, seed).assign(reason=None)
+    pruned = (done["budget_flops"] == 1.5e18) & (done["method"] == "freeze")
+    done.loc[pruned, ["status", "reason", "eval_loss", "flops", "tokens"]] = \
+        ["skipped", f"{PRUNED_PREFIX}6: test", float("nan"), 0.0, 0]
+    return done
+
+
+def test_at_the_last_rung_decide_flops_runs_the_choice_and_its_strongest_rival_a_pruned_one_for_the_first_time():
+    """At 2 % noise the recipe at the top budget (full: the only slice that ran there) is not settled against
+    freeze's extrapolation. The choice runs again, and freeze's cell at the same model -- pruned, never run at this
+    budget -- runs its first run (replicate 0, its own id), each while its FLOP fits in the room."""
+    from analysis import compute_recipe, fit_surfaces, split_usable
+    from analysis.adaptive import DECIDE_N_BOOT
+    from analysis.confidence import supported
+
+    top = 1.5e18
+    done = _freeze_pruned_at_top(noise=0.02)
+    config = AdaptiveConfig(replicates=1, decide_flops=0.3)
+    best = compute_recipe(supported(fit_surfaces(split_usable(done)[0], n_boot=DECIDE_N_BOOT), top), top).best
+    size = best.model.split("-")[-1]
+    assert best.method == "full"
+    runs = int((done["trial_id"].str.startswith(f"full-None-{size}-1.5e+18")).sum())
+    asked = replicate_requests(done, top, config, final=True, room=2 * top)
+    assert [(q.trial_id, q.replicate) for q in asked] == [(f"freeze-0.5-{size}-1.5e+18", 0),
+                                                          (f"full-None-{size}-1.5e+18", runs)]
+    assert "its strongest rival" in asked[0].reason and "its choice" in asked[1].reason
+    # the room: one run's FLOP (at most the budget) pays for the choice alone; less than a run, for nothing
+    assert [q.trial_id for q in replicate_requests(done, top, config, final=True, room=top)] == \
+        [f"full-None-{size}-1.5e+18"]
+    assert replicate_requests(done, top, config, final=True, room=0.5 * top) == []
+    # only at the last rung, and only with decide_flops
+    assert replicate_requests(done, top, config, final=False, room=2 * top) == []
+    assert replicate_requests(done, top, AdaptiveConfig(replicates=1), final=True, room=2 * top) == []
+
+
+def test_a_settled_last_rung_spends_nothing_of_its_room_and_a_noise_free_pruned_winner_still_runs():
+    """Noise-free, every refit agrees: the recipe is settled and the room stays unspent. With freeze pruned at the
+    top, the recipe (full, the only slice that ran there) is behind freeze's extrapolation in every refit --
+    freeze trains half the blocks, so it reads 1.5x the tokens of full for the FLOP -- and freeze's cell runs."""
+    config = AdaptiveConfig(replicates=1, decide_flops=0.3)
+    assert replicate_requests(_close_store(noise=0.0), 1.5e18, config, final=True, room=100 * 1.5e18) == []
+    asked = replicate_requests(_freeze_pruned_at_top(noise=0.0), 1.5e18, config, final=True, room=100 * 1.5e18)
+    assert [q.replicate for q in asked if q.trial_id.startswith("freeze-")] == [0]
+    assert "behind the best in 100% of the bootstrap draws" in asked[0].reason
+
+
+def test_replay_runs_a_pruned_cell_from_the_store_and_stays_within_decide_flops():
+    """The close store, one run per cell, margin 0: freeze is pruned at the top rung, and the recipe there is not
+    settled. With decide_flops 0.9 the replay runs freeze's cell at the top from the store's own row (no draw for
+    replicate 0) and replicates after it, never past 0.9 of the one-seed grid's FLOP; with decide_flops 0 it runs
+    exactly what it ran before."""
+    import zlib
+
+    import numpy as np
+
+    full = _close_store(noise=0.02, seed=5)
+    full = full[full["replicate"] == 0]
+    drawn = []
+
+    def draw(first: dict, replicate: int):
+        drawn.append((first["trial_id"], replicate))
+        z = np.random.default_rng([zlib.crc32(first["trial_id"].encode()), replicate]).standard_normal()
+        return first | {"trial_id": f"{first['trial_id']}~{replicate}", "replicate": replicate,
+                        "eval_loss": first["eval_loss"] * math.exp(0.02 * z)}
+
+    config = AdaptiveConfig(margin=0.0, dominated_rungs=1)
+    before = replay(full, config, draw=draw)
+    assert drawn == []  # one run per cell, no noise measured: nothing asked without decide_flops
+    after = replay(full, dataclasses.replace(config, decide_flops=0.9), draw=draw)
+    pruned_top = {d.trial_id for d in after.decisions if not d.run and "1.5e+18" in d.trial_id}
+    assert {d.trial_id for d in before.decisions if not d.run} == {d.trial_id for d in after.decisions if not d.run}
+    revived = pruned_top & set(after.trial_ids)
+    assert revived and not revived & set(before.trial_ids)
+    assert all(r > 0 for _, r in drawn) and {t for t, _ in drawn} & revived  # first runs from the store
+    added = set(after.trial_ids) - set(before.trial_ids)
+    one_seed = float(full["flops"].sum())
+    by_id = full.set_index("trial_id")["flops"]
+    extra = sum(float(by_id[t.split("~")[0]]) for t in added)  # a replicate spends its cell's FLOP
+    assert after.flops_fraction == pytest.approx(before.flops_fraction + extra / one_seed)
+    assert before.flops_fraction < after.flops_fraction <= 0.9

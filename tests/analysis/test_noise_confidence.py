@@ -97,6 +97,9 @@ def test_a_choice_is_unsettled_where_it_is_clearly_behind_in_enough_draws():
     # a non-finite draw (a refit that failed) never wins
     behind, rivals = unsettled(np.stack([np.full(4, 2.0), np.array([np.nan, np.inf, 1.0, 2.5])]), 0)
     assert behind == pytest.approx(0.25) and rivals == [1]
+    # the rivals come the most often first: c beats a in 4 draws of 10, b in 2
+    a, b, c = np.full(10, 2.0), np.r_[[1.9] * 2, [2.1] * 8], np.r_[[2.1] * 6, [1.9] * 4]
+    assert unsettled(np.stack([a, b, c]), 0) == (pytest.approx(0.6), [2, 1])
 
 
 def test_the_recipe_goes_by_the_median_of_its_refits():

@@ -300,6 +300,7 @@ BAD_GRIDS = [
     ("run.report_every", 0, "run.report_every: must be >= 1"),
     ("adaptive.noise_runs", 1, "adaptive.noise_runs: must be >= 2"),
     ("adaptive.decide_runs", 0, "adaptive.decide_runs: must be >= 1"),
+    ("adaptive.decide_flops", -0.1, "adaptive.decide_flops: must be >= 0"),
     ("run.eval_every", -1, "run.eval_every: must be >= 0"),
     ("run.eval_pairs", 0, "run.eval_pairs: must be >= 1"),
     ("run.max_concurrent_trials", 0, "run.max_concurrent_trials: must be >= 1"),

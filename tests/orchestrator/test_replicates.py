@@ -108,7 +108,7 @@ def test_the_driver_tells_the_policy_which_rung_is_the_last(ws, monkeypatch):  #
     cells = _plan(grid).trials
     asked = []
 
-    def spy(done, budget, config, final=False):
+    def spy(done, budget, config, final=False, room=0.0):
         asked.append((budget, final, config.decide_runs))
         return []
 
@@ -126,3 +126,58 @@ def test_the_driver_tells_the_policy_which_rung_is_the_last(ws, monkeypatch):  #
     for budget in (1e9, 4e9):
         assert list(_replicates(grid, budget, cells, Recorder(), Store(), grid.adaptive.config())) == []
     assert asked == [(1e9, False, 2), (4e9, True, 2)]
+
+
+def test_the_last_rung_spends_what_decide_flops_leaves_and_runs_a_pruned_cell_as_planned(ws, monkeypatch):  # noqa: F811
+    """With ``decide_flops``, the policy is told the FLOP left: that fraction of the one-seed grid's planned FLOP
+    less what the sweep spent (a completed run's FLOP, a failed one's budget); a pruned cell it asks for as
+    replicate 0 becomes a pending row of its own id and runs in the next group."""
+    import analysis.adaptive
+    from analysis.adaptive import PRUNED_PREFIX, ReplicateRequest
+    from orchestrator.driver import _replicates, initial_row
+
+    grid = load(ws, strategy="adaptive", adaptive={"decide_flops": 0.5}, plan__min_steps=1, train__batch_size=4)
+    cells = [t for t in _plan(grid).trials if t.runnable]
+    top = max(t.budget_flops for t in cells)
+    done, failed, pruned = cells[0], cells[1], [t for t in cells if t.budget_flops == top][-1]
+    rows = {t.trial_id: initial_row("t", t) for t in cells}
+    rows[done.trial_id] |= {"status": "completed", "flops": 3e8, "eval_loss": 2.0}
+    rows[failed.trial_id] |= {"status": "failed", "flops": 0.0}
+    rows[pruned.trial_id] |= {"status": "skipped", "reason": f"{PRUNED_PREFIX}2: test"}
+    rooms = []
+
+    def spy(done, budget, config, final=False, room=0.0):
+        rooms.append(room)
+        return [ReplicateRequest(pruned.trial_id, 0, "test")] if len(rooms) == 1 else []
+
+    monkeypatch.setattr(analysis.adaptive, "replicate_requests", spy)
+
+    class Recorder:
+        trials = rows
+
+        def flush(self):
+            pass
+
+    class Store:
+        sweep = "t"
+
+    groups = list(_replicates(grid, top, cells, Recorder(), Store(), grid.adaptive.config()))
+    one_seed = sum(t.planned_flops for t in cells)  # no seeds: every runnable cell is a first run
+    assert rooms[0] == pytest.approx(0.5 * one_seed - 3e8 - failed.budget_flops)
+    assert [[t.trial_id for t in g] for g in groups] == [[pruned.trial_id]]
+    assert groups[0][0].spec.replicate == 0 and rows[pruned.trial_id]["status"] == "pending"
+
+
+def test_plan_says_what_decide_flops_may_bring_the_sweep_to(ws):  # noqa: F811
+    """`repurpose plan` of an adaptive grid with decide_flops names the FLOP the sweep stops at: that fraction of the
+    one-seed grid's planned FLOP (with seeds 2, the replicates are not counted in the base)."""
+    from orchestrator.plan_view import render_plan, sci
+
+    grid = load(ws, strategy="adaptive", adaptive={"decide_flops": 0.25}, seeds=2, plan__min_steps=1,
+                train__batch_size=4)
+    plan = _plan(grid)
+    firsts = sum(t.planned_flops for t in plan.runnable) / 2  # two runs of every cell, alike
+    assert (f"the last rung settles the recipe within {sci(0.25 * firsts)} FLOP in all (adaptive.decide_flops 0.25"
+            in render_plan(plan))
+    assert "settles the recipe" not in render_plan(_plan(load(ws, strategy="adaptive", plan__min_steps=1,
+                                                              train__batch_size=4)))
