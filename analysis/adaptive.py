@@ -503,9 +503,10 @@ def _to_settle(done: pd.DataFrame, at: pd.DataFrame, budget: float, rung: int, r
     ``budget`` (as ``repurpose recipe`` chooses it, among the slices that ran there) is not settled
     (``confidence.unsettled``), its choice and its strongest rival -- the candidate that beats it by SETTLED_WITHIN
     in the most bootstrap draws, among every slice the fits place at the budget, one pruned before this rung
-    included -- run once more each, in that order, while their FLOP fits in ``room``. A rival whose cell has not run
-    at this budget (its row pruned) runs for the first time. The FLOP goes where the recipe's own uncertainty says
-    it decides something: two cells run again and again, not every close one once."""
+    included, whose cell the grid has at this budget -- run once more each, in that order, while their FLOP fits in
+    ``room``. A rival whose cell has not run at this budget (its row pruned) runs for the first time; without a
+    rival to run nothing is asked. The FLOP goes where the recipe's own uncertainty says it decides something: two
+    cells run again and again, not every close one once."""
     usable, _ = split_usable(_canonical(done[done["budget_flops"].astype(float) <= budget]))
     if usable.empty:
         return []
@@ -519,9 +520,15 @@ def _to_settle(done: pd.DataFrame, at: pd.DataFrame, budget: float, rung: int, r
     behind, rivals = unsettled(draws, me)
     if behind <= 1 - DECISIVE or not rivals:
         return []
+    rows = {me: _cell_at(usable, at, budget, found[me].key)}
+    for i in rivals:  # the strongest rival the grid can run here
+        if (row := _cell_at(usable, at, budget, found[i].key)) is not None:
+            rows[i] = row
+            break
+    if len(rows) < 2:
+        return []
     out = []
-    for i in (me, rivals[0]):
-        row = _cell_at(usable, at, budget, found[i].key)
+    for i, row in rows.items():
         if row is None or found[i].flops > room:
             continue
         room -= found[i].flops

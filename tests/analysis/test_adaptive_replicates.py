@@ -184,6 +184,9 @@ def test_at_the_last_rung_decide_flops_runs_the_choice_and_its_strongest_rival_a
     assert [q.trial_id for q in replicate_requests(done, top, config, final=True, room=top)] == \
         [f"full-None-{size}-1.5e+18"]
     assert replicate_requests(done, top, config, final=True, room=0.5 * top) == []
+    # no rival the grid can run at this budget (freeze has no cell there at all): nothing would decide it
+    no_rival = done[~((done["budget_flops"] == top) & (done["method"] == "freeze"))]
+    assert replicate_requests(no_rival, top, config, final=True, room=2 * top) == []
     # only at the last rung, and only with decide_flops
     assert replicate_requests(done, top, config, final=False, room=2 * top) == []
     assert replicate_requests(done, top, AdaptiveConfig(replicates=1), final=True, room=2 * top) == []
