@@ -246,7 +246,7 @@ def _replicates(grid: Grid, budget: float, cells: list[PlannedTrial], recorder: 
     while True:
         done = pd.DataFrame([r for r in recorder.trials.values() if r.get("sweep", store.sweep) == store.sweep])
         done = done.assign(family=done.get("family"), pooling=done.get("pooling"))
-        room = decide_room(config, grid_flops, spent_flops(done))
+        room = decide_room(config, grid_flops, _spent_flops(done))
         asked = []
         for family, pooling in sorted({(t.family, t.spec.pooling) for t in cells if t.budget_flops == budget}):
             mine = done[(done["family"].fillna(family) == family) & (done["pooling"].fillna("mean") == pooling)]
@@ -263,7 +263,7 @@ def _replicates(grid: Grid, budget: float, cells: list[PlannedTrial], recorder: 
         yield asked
 
 
-def spent_flops(trials) -> float:
+def _spent_flops(trials) -> float:
     """The FLOP a sweep's trials spent (store rows, a DataFrame): the completed ones' count, a failed one's budget
     where it counted none (it may have spent up to it)."""
     import pandas as pd
