@@ -302,7 +302,9 @@ def _decide(done: pd.DataFrame, cells: pd.DataFrame, config: AdaptiveConfig, cac
     if len(budgets) != 1:
         raise ValueError(f"decide: the cells of one rung share one budget (got {sorted(budgets)})")
     budget = float(budgets[0])
-    past_budgets = sorted(float(b) for b in done["budget_flops"].unique() if b < budget) if len(done) else []
+    # the rungs below alone: a resumed driver decides a rung again with its own runs already in the store
+    done = done[done["budget_flops"].astype(float) < budget] if len(done) else done
+    past_budgets = sorted(float(b) for b in done["budget_flops"].unique()) if len(done) else []
     rung = len(past_budgets) + 1
     if rung <= config.full_rungs:
         return [Decision(t, True, rung, f"run at rung {rung}: rungs 1-{config.full_rungs} run in full")

@@ -237,3 +237,19 @@ def test_replay_runs_a_pruned_cell_from_the_store_and_stays_within_decide_flops(
     extra = sum(float(by_id[t.split("~")[0]]) for t in added)  # a replicate spends its cell's FLOP
     assert after.flops_fraction == pytest.approx(before.flops_fraction + extra / one_seed)
     assert before.flops_fraction < after.flops_fraction <= 0.9
+
+
+def test_a_rung_is_decided_on_the_rungs_below_it_alone():
+    """A resumed driver decides a rung again with that rung's own runs, replicates included, in the store. They
+    must change nothing: here they would widen the noise margin from 1 % to 19 %."""
+    from analysis.adaptive import decide
+
+    top = 1.5e18
+    full = _close_store(noise=0.02, seed=1)
+    below = full[full["budget_flops"] < top]
+    cells = full[(full["budget_flops"] == top) & (full["replicate"] == 0)].assign(status="pending", eval_loss=None)
+    ran = full[full["budget_flops"] == top]
+    again = ran.assign(trial_id=ran["trial_id"] + "~1", replicate=1, eval_loss=ran["eval_loss"] * 1.3)
+    config = AdaptiveConfig(dominated_rungs=1, margin=0.0)
+    assert noise_margin(pd.concat([below, ran, again]), config) > 10 * noise_margin(below, config)
+    assert decide(pd.concat([below, ran, again]), cells, config) == decide(below, cells, config)
