@@ -464,6 +464,28 @@ def decide_room(config: AdaptiveConfig, grid_flops: float, spent_flops: float) -
     return max(0.0, config.decide_flops * float(grid_flops) - float(spent_flops))
 
 
+def _unsettled_recipe(done: pd.DataFrame, budget: float, pruned_too: bool):
+    """The recipe at ``budget``, fitted on the trials up to it with DECIDE_N_BOOT bootstrap draws, where it is not
+    settled (its choice more than SETTLED_WITHIN behind the best candidate in more than 1 - DECISIVE of the draws,
+    ``confidence.unsettled``): (usable trials, candidates, the choice's index, that share, the rivals' indices,
+    most often ahead first); None where it is settled or nothing fits. The choice is among the slices that ran at
+    the budget, as ``repurpose recipe`` chooses; with ``pruned_too`` the candidates, rivals included, are every
+    slice the fits place there."""
+    usable, _ = split_usable(_canonical(done[done["budget_flops"].astype(float) <= budget]))
+    if usable.empty:
+        return None
+    fits = fit_surfaces(_canonical(usable), n_boot=DECIDE_N_BOOT)
+    ran = supported(fits, budget)
+    found, draws = candidates(fits if pruned_too else ran, budget)
+    slices = {(s.method, s.hparam, s.variant) for s in ran.surfaces.values()}
+    choosable = [i for i, c in enumerate(found) if (c.method, c.hparam, c.variant) in slices]
+    if not choosable or draws is None:
+        return None
+    me = min(choosable, key=lambda i: (found[i].predicted_loss, i))
+    behind, rivals = unsettled(draws, me)
+    return None if behind <= 1 - DECISIVE else (usable, found, me, behind, rivals)
+
+
 def _to_decide(done: pd.DataFrame, at: pd.DataFrame, budget: float, rung: int, config: AdaptiveConfig, tried: dict,
                first_id: dict, keys: list[str]) -> list[ReplicateRequest]:
     """Once the noise band asks for nothing more: where the recipe at ``budget`` (fitted on the trials up to it, on
@@ -471,16 +493,10 @@ def _to_decide(done: pd.DataFrame, at: pd.DataFrame, budget: float, rung: int, c
     the best candidate in more than 1 - DECISIVE of the bootstrap draws (``confidence.unsettled``) -- the choice
     and the cells that beat it by that much get one more run each (those that ran at this budget), up to
     ``config.decide_runs`` runs. The recipe follows its own advice on what would decide it."""
-    usable, _ = split_usable(_canonical(done[done["budget_flops"].astype(float) <= budget]))
-    if usable.empty:
+    recipe = _unsettled_recipe(done, budget, pruned_too=False)
+    if recipe is None:
         return []
-    found, draws = candidates(supported(fit_surfaces(_canonical(usable), n_boot=DECIDE_N_BOOT), budget), budget)
-    if not found or draws is None:
-        return []
-    me = min(range(len(found)), key=lambda i: (found[i].predicted_loss, i))
-    behind, rivals = unsettled(draws, me)
-    if behind <= 1 - DECISIVE:
-        return []
+    usable, found, me, behind, rivals = recipe
     contenders = {found[i].key for i in [me, *rivals]}
     here = usable[usable["budget_flops"].astype(float) == budget]
     slice_of = {str(t): (m, None if pd.isna(h) else float(h), v, str(model))
@@ -509,19 +525,10 @@ def _to_settle(done: pd.DataFrame, at: pd.DataFrame, budget: float, rung: int, r
     ``room``. A rival whose cell has not run at this budget (its row pruned) runs for the first time; without a
     rival to run nothing is asked. The FLOP goes where the recipe's own uncertainty says it decides something: two
     cells run again and again, not every close one once."""
-    usable, _ = split_usable(_canonical(done[done["budget_flops"].astype(float) <= budget]))
-    if usable.empty:
+    recipe = _unsettled_recipe(done, budget, pruned_too=True)
+    if recipe is None:
         return []
-    fits = fit_surfaces(_canonical(usable), n_boot=DECIDE_N_BOOT)
-    found, draws = candidates(fits, budget)
-    ran = {(s.method, s.hparam, s.variant) for s in supported(fits, budget).surfaces.values()}
-    choosable = [i for i, c in enumerate(found) if (c.method, c.hparam, c.variant) in ran]
-    if not choosable or draws is None:
-        return []
-    me = min(choosable, key=lambda i: (found[i].predicted_loss, i))
-    behind, rivals = unsettled(draws, me)
-    if behind <= 1 - DECISIVE or not rivals:
-        return []
+    usable, found, me, behind, rivals = recipe
     rows = {me: _cell_at(usable, at, budget, found[me].key)}
     for i in rivals:  # the strongest rival the grid can run here
         if (row := _cell_at(usable, at, budget, found[i].key)) is not None:
