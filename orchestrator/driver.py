@@ -238,11 +238,11 @@ def _replicates(grid: Grid, budget: float, cells: list[PlannedTrial], recorder: 
     import pandas as pd
 
     from analysis.adaptive import decide_room, replicate_requests
-    from orchestrator.plan import replicates
+    from orchestrator.plan import first_run_flops, replicates
 
     by_id = {t.trial_id: t for t in cells}
     final = budget == max(float(b) for b in grid.budgets)  # the last rung: its runs serve the recipe alone
-    grid_flops = sum(t.planned_flops for t in by_id.values() if t.spec.replicate == 0)
+    grid_flops = first_run_flops(by_id.values())
     while True:
         done = pd.DataFrame([r for r in recorder.trials.values() if r.get("sweep", store.sweep) == store.sweep])
         done = done.assign(family=done.get("family"), pooling=done.get("pooling"))

@@ -342,6 +342,11 @@ def _trial_lr(grid: Grid, trial: Trial) -> float | None:
         return None
 
 
+def first_run_flops(trials) -> float:
+    """Planned FLOP of the runnable trials' first runs (replicate 0): the one-seed grid's, however many seeds."""
+    return float(sum(t.planned_flops for t in trials if t.runnable and t.spec.replicate == 0))
+
+
 def replicates(cell: PlannedTrial, grid: Grid, numbers) -> list[PlannedTrial]:
     """Replicates ``numbers`` of a planned cell: the same plan, each with its own seed and id (replicate 0 is the
     cell as planned). The adaptive driver asks for further ones where a decision is close."""

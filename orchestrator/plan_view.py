@@ -107,7 +107,9 @@ def render_plan(plan, device=("H100 SXM", 989e12, ""), mfu: float | None = None)
                      f"{sci(TYPICAL_FLOP_FRACTION * plan.total_flops)} ({TYPICAL_FLOP_FRACTION:.0%}, the simulation's "
                      "typical fraction: benchmarks/adaptive.py)")
         if g.adaptive.decide_flops > 0:
-            one_seed = sum(t.planned_flops for t in plan.runnable if t.spec.replicate == 0)
-            lines.append(f"the last rung settles the recipe within {sci(g.adaptive.decide_flops * one_seed)} FLOP in "
-                         f"all (adaptive.decide_flops {g.adaptive.decide_flops:g} of the one-seed grid's)")
+            from orchestrator.plan import first_run_flops
+
+            cap = g.adaptive.decide_flops * first_run_flops(plan.runnable)
+            lines.append(f"the last rung settles the recipe within {sci(cap)} FLOP in all (adaptive.decide_flops "
+                         f"{g.adaptive.decide_flops:g} of the one-seed grid's)")
     return "\n".join(lines)
